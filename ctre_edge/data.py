@@ -1,0 +1,195 @@
+"""Data sets: loading (.npz, builtin:NAME), label coding, stratified splits and input scaling.
+
+Features keep a compact dtype where they can: integer-valued features in [0, 255] are held as uint8
+and scaled per batch inside the kernels, so MNIST takes 47 MB instead of 188 MB. Scaling is fitted
+on the training split only and travels with the model.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+BUILTIN = ("digits",)
+SCALINGS = ("minmax", "standard", "none")
+_CHUNK = 8192
+
+
+@dataclass
+class Dataset:
+    """Features and integer-coded labels; ``classes[code]`` is the original label.
+
+    ``X_test``/``y_test`` are None when the source has no test split.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    classes: list
+    X_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+    name: str = ""
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.X, self.y, self.X_test, self.y_test) if a is not None)
+
+
+def load_data(spec: str) -> Dataset:
+    """Load ``builtin:NAME`` or an ``.npz`` file with ``X``, ``y`` and optional ``X_test``, ``y_test``."""
+    spec = str(spec)
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN:
+            raise DataError(f"unknown built-in data set {name!r}; choose one of: "
+                            + ", ".join(f"builtin:{n}" for n in BUILTIN))
+        with resources.as_file(resources.files("ctre_edge") / "datasets" / f"{name}.npz") as p:
+            return _load_npz(Path(p), spec)
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"data file {path} not found; give an .npz file with X and y, or builtin:digits")
+    if path.suffix.lower() != ".npz":
+        raise DataError(f"{path}: unsupported data format {path.suffix or '(no extension)'!r}; "
+                        "use an .npz file with arrays X and y")
+    return _load_npz(path, path.name)
+
+
+def _load_npz(path: Path, name: str) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            missing = {"X", "y"} - keys
+            if missing:
+                raise DataError(f"{path}: missing array(s) {', '.join(sorted(missing))}; "
+                                "an .npz data file needs X (samples x features) and y (labels)")
+            X, y = _compact(z["X"], path, "X"), z["y"]
+            X_test = _compact(z["X_test"], path, "X_test") if "X_test" in keys else None
+            y_test = z["y_test"] if "y_test" in keys else None
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        raise DataError(f"{path}: cannot read as .npz ({e})") from None
+    if (X_test is None) != (y_test is None):
+        raise DataError(f"{path}: X_test and y_test must come together")
+    return make_dataset(X, y, X_test, y_test, name=name, source=str(path))
+
+
+def make_dataset(X, y, X_test=None, y_test=None, *, name: str = "", source: str = "data") -> Dataset:
+    """Validate arrays and code labels as 0..C-1 (classes sorted). Used by the loaders and the API."""
+    X = _check_X(np.asarray(X), source, "X")
+    y = _check_y(np.asarray(y), X.shape[0], source, "y")
+    classes, codes = np.unique(y, return_inverse=True)
+    if classes.shape[0] < 2:
+        raise DataError(f"{source}: y has a single class ({classes[0]!r}); a classifier needs at least two")
+    if X_test is not None:
+        X_test = _check_X(np.asarray(X_test), source, "X_test")
+        y_test = _check_y(np.asarray(y_test), X_test.shape[0], source, "y_test")
+        if X_test.shape[1] != X.shape[1]:
+            raise DataError(f"{source}: X_test has {X_test.shape[1]} features but X has {X.shape[1]}")
+        unseen = np.setdiff1d(np.unique(y_test), classes)
+        if unseen.size:
+            raise DataError(f"{source}: y_test has label(s) {unseen[:5].tolist()} that y never has")
+        y_test = np.searchsorted(classes, y_test).astype(np.int64)
+    return Dataset(X, codes.astype(np.int64).reshape(-1), [c.item() for c in classes], X_test, y_test, name)
+
+
+def _check_X(X: np.ndarray, source: str, what: str) -> np.ndarray:
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise DataError(f"{source}: {what} must be a non-empty 2-d array (samples x features), got shape {X.shape}")
+    if X.dtype.kind not in "uifb":
+        raise DataError(f"{source}: {what} must be numeric, got dtype {X.dtype}")
+    if X.dtype.kind == "f":
+        bad = _count_nonfinite(X)
+        if bad:
+            raise DataError(f"{source}: {what} has {bad} NaN/Inf value(s); clean or impute them first")
+        if X.dtype != np.float32:
+            X = X.astype(np.float32)
+    elif X.dtype.kind == "b":
+        X = X.astype(np.uint8)
+    return np.ascontiguousarray(X)
+
+
+def _check_y(y: np.ndarray, n: int, source: str, what: str) -> np.ndarray:
+    y = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y
+    if y.ndim != 1 or y.shape[0] != n:
+        raise DataError(f"{source}: {what} must hold one label per sample ({n}), got shape {y.shape}")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise DataError(f"{source}: {what} must hold integer or string class labels")
+        y = y.astype(np.int64)
+    if y.dtype.kind not in "iuUSb":
+        raise DataError(f"{source}: {what} must hold integer or string class labels, got dtype {y.dtype}")
+    return y
+
+
+def _count_nonfinite(X: np.ndarray) -> int:
+    return sum(int(np.count_nonzero(~np.isfinite(X[s:s + _CHUNK]))) for s in range(0, X.shape[0], _CHUNK))
+
+
+def _compact(X: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """uint8 for float features that are all integers in [0, 255] (exactly representable)."""
+    if X.dtype.kind != "f" or X.ndim != 2:
+        return X
+    for s in range(0, X.shape[0], _CHUNK):
+        c = X[s:s + _CHUNK]
+        if not (np.all(c >= 0) and np.all(c <= 255) and np.all(c == np.floor(c))):
+            return X
+    return X.astype(np.uint8)
+
+
+def stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator, what: str = "validation"):
+    """Split sample indices into (rest, held) with ``round(fraction * count)`` held per class.
+
+    Every class keeps at least one sample on each side; a class with fewer than two samples is an
+    error. Both outputs are sorted.
+    """
+    held = []
+    n_classes = int(y.max()) + 1
+    for c in range(n_classes):
+        idx = np.flatnonzero(y == c)
+        if idx.shape[0] < 2:
+            raise DataError(f"class {c} has {idx.shape[0]} sample(s); the stratified {what} split needs "
+                            "at least 2 per class")
+        n_held = min(idx.shape[0] - 1, max(1, int(round(fraction * idx.shape[0]))))
+        held.append(rng.permutation(idx)[:n_held])
+    held = np.sort(np.concatenate(held))
+    mask = np.ones(y.shape[0], dtype=bool)
+    mask[held] = False
+    return np.flatnonzero(mask), held
+
+
+def fit_scaling(X: np.ndarray, rows: np.ndarray, method: str):
+    """(shift, scale) float32 such that (x - shift) * scale is min-max to [0, 1] or standardised.
+
+    Fitted on ``X[rows]`` in chunks (no float copy of the whole set). Constant features get
+    scale 1, so they map to 0.
+    """
+    n_features = X.shape[1]
+    if method == "none":
+        return np.zeros(n_features, np.float32), np.ones(n_features, np.float32)
+    lo = np.full(n_features, np.inf)
+    hi = np.full(n_features, -np.inf)
+    s1 = np.zeros(n_features)
+    s2 = np.zeros(n_features)
+    for s in range(0, rows.shape[0], _CHUNK):
+        c = X[rows[s:s + _CHUNK]].astype(np.float64)
+        lo = np.minimum(lo, c.min(axis=0))
+        hi = np.maximum(hi, c.max(axis=0))
+        s1 += c.sum(axis=0)
+        s2 += (c * c).sum(axis=0)
+    if method == "minmax":
+        shift, span = lo, hi - lo
+    else:
+        shift = s1 / rows.shape[0]
+        span = np.sqrt(np.maximum(s2 / rows.shape[0] - shift * shift, 0.0))
+    scale = np.where(span > 0, 1.0 / np.where(span > 0, span, 1.0), 1.0)
+    return shift.astype(np.float32), scale.astype(np.float32)

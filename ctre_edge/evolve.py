@@ -1,0 +1,145 @@
+"""Topology policies, run once per epoch per layer: static, set, ctre-sim, ctre-seq.
+
+All four share the drop step (remove the ``floor(zeta*nnz)`` weakest connections) and differ only
+in where the new ones go: nowhere (static), uniformly at random (set), by cosine similarity of
+activations with re-added picks replaced at random (ctre-sim), or by cosine similarity until
+validation stalls and at random after (ctre-seq). One class with a mode, not a hierarchy.
+
+References
+----------
+ALGORITHM.md, "Topology update, once per epoch, per layer".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layers import csr_from_positions, linear_positions, sample_positions
+
+
+def make_policy(config, net, X, train_rows, shift, scale) -> "TopologyPolicy":
+    return TopologyPolicy(config, X, train_rows, shift, scale)
+
+
+class TopologyPolicy:
+    """Drop-and-grow for every layer of a ``train.PackedNet``, in place.
+
+    ``update`` returns (connections changed, grown by cosine, grown at random), summed over layers.
+    """
+
+    def __init__(self, config, X, train_rows, shift, scale):
+        self.mode = config.method
+        self.zeta = config.zeta
+        self.patience = config.patience
+        self.samples = config.similarity_samples
+        self.X, self.train_rows, self.shift, self.scale = X, train_rows, shift, scale
+        self.best_val = -1.0
+        self.stale = 0
+        self.random_from_now = config.method == "set"
+
+    def update(self, net, epoch: int, val_acc: float, rng: np.random.Generator) -> tuple[int, int, int]:
+        if self.mode == "static":
+            return 0, 0, 0
+        if self.mode == "ctre-seq" and not self.random_from_now:
+            # Strict improvement resets the count; `patience` epochs without it switch to random growth.
+            if val_acc > self.best_val:
+                self.best_val, self.stale = val_acc, 0
+            else:
+                self.stale += 1
+                if self.stale >= self.patience:
+                    self.random_from_now = True
+        levels = None if self.random_from_now else sample_activations(net, self.X, self.train_rows, self.shift,
+                                                                      self.scale, self.samples, rng)
+        totals = np.zeros(3, dtype=np.int64)
+        for l in range(net.n_layers):
+            pair = None if levels is None else (levels[l], levels[l + 1])
+            totals += update_layer(net, l, self.zeta, rng, pair, readd=self.mode == "ctre-seq")
+        return tuple(int(t) for t in totals)
+
+
+def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator) -> list:
+    """Activations of every level over S = min(N, samples) training rows chosen by ``rng``.
+
+    Returns feature-major float32 arrays (n_l, S): scaled inputs, ReLU hidden layers, softmax
+    output, i.e. exactly the pairs the cosine scoring needs (ALGORITHM.md, step 2).
+    """
+    from . import kernels
+
+    s = min(train_rows.shape[0], samples)
+    rows = np.sort(rng.choice(train_rows, size=s, replace=False))
+    act = np.empty(int(net.sizes.sum()) * s, np.float32)
+    kernels.forward_all(X, rows, shift, scale, *net.kernel_args(), net.bias, act)
+    bounds = np.concatenate([[0], np.cumsum(net.sizes)]) * s
+    return [act[bounds[l]:bounds[l + 1]].reshape(int(net.sizes[l]), s) for l in range(net.sizes.shape[0])]
+
+
+def drop_weakest(values: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of the connections to keep: all but the k smallest |w|, ties broken by ``rng``."""
+    keep = np.ones(values.shape[0], dtype=bool)
+    if k:
+        order = np.lexsort((rng.random(values.shape[0]), np.abs(values)))
+        keep[order[:k]] = False
+    return keep
+
+
+def update_layer(net, l: int, zeta: float, rng, pair=None, readd: bool = False) -> np.ndarray:
+    """Drop ``floor(zeta*nnz)`` weakest connections of layer ``l`` and grow as many, in place.
+
+    ``pair`` None grows at random (SET). Otherwise ``pair = (a_in, a_out)`` activations and the k
+    best-|cosine| positions not kept are grown; picks that were just removed are replaced by random
+    positions (CTRE_sim) or, with ``readd``, get their old weight and momentum back (CTRE_seq).
+    Returns [changed, grown by cosine, grown at random].
+    """
+    layer = net.layer(l)
+    velocity = net.layer_velocity(l)
+    nnz = layer.nnz
+    k = int(np.floor(zeta * nnz))
+    total = layer.n_in * layer.n_out
+    k = min(k, total - nnz + k)  # a (nearly) dense layer can only regrow where it dropped
+    if k <= 0:
+        return np.zeros(3, dtype=np.int64)
+    positions = linear_positions(layer)
+    keep = drop_weakest(layer.values, k, rng)
+    kept_pos, removed_pos = positions[keep], positions[~keep]  # both sorted
+    old_vals, old_vel = layer.values[~keep], velocity[~keep]
+
+    n_cos = 0
+    new_vals = np.empty(k, np.float32)
+    new_vel = np.zeros(k, np.float32)
+    bound = np.sqrt(6.0 / layer.n_in)
+    if pair is None:
+        new_pos = sample_positions(total, k, kept_pos, rng)
+        new_vals[:] = rng.uniform(-bound, bound, size=k)
+    else:
+        from .similarity import topk_cosine
+
+        kept_indptr, kept_indices, _ = csr_from_positions(layer.n_in, layer.n_out, kept_pos)
+        rows, cols, _ = topk_cosine(pair[0], pair[1], kept_indptr, kept_indices, k)
+        picks = rows * layer.n_out + cols.astype(np.int64)
+        where = np.searchsorted(removed_pos, picks)
+        where[where == removed_pos.shape[0]] = 0
+        readded = removed_pos[where] == picks
+        fresh = picks[~readded]
+        n_cos = int(fresh.shape[0])
+        if readd:
+            # CTRE_seq: a re-added connection keeps its old weight and momentum.
+            new_pos = picks
+            n_cos = k
+            new_vals[:] = rng.uniform(-bound, bound, size=k)
+            new_vals[readded] = old_vals[where[readded]]
+            new_vel[readded] = old_vel[where[readded]]
+        else:
+            # CTRE_sim: replace re-added picks by random positions that are neither kept, nor
+            # picked by cosine, nor just removed (the authors' draw forgot the last two).
+            excluded = np.unique(np.concatenate([kept_pos, picks, removed_pos]))
+            extra = sample_positions(total, k - n_cos, excluded, rng)
+            new_pos = np.concatenate([fresh, extra])
+            new_vals[:] = rng.uniform(-bound, bound, size=k)
+
+    all_pos = np.concatenate([kept_pos, new_pos])
+    indptr, indices, order = csr_from_positions(layer.n_in, layer.n_out, all_pos)
+    layer.indptr[:] = indptr
+    layer.indices[:] = indices
+    layer.values[:] = np.concatenate([layer.values[keep], new_vals])[order]
+    velocity[:] = np.concatenate([velocity[keep], new_vel])[order]
+    return np.array([k, n_cos, k - n_cos], dtype=np.int64)

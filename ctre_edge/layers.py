@@ -1,0 +1,165 @@
+"""Sparse layers in sparse form: CSR arrays of length nnz, Erdos-Renyi initialisation, structure checks.
+
+A layer maps ``n_in`` inputs to ``n_out`` outputs, ``y = x @ W + b``. ``W`` is stored as CSR over
+input rows: the connections of input ``i`` are ``indices[indptr[i]:indptr[i+1]]`` (output columns,
+strictly ascending) with weights ``values[indptr[i]:indptr[i+1]]``. Nothing here ever allocates an
+``n_in x n_out`` array. This module imports numpy only.
+
+References
+----------
+Atashgahi et al., "A Brain-inspired Algorithm for Training Highly Sparse Neural Networks",
+Machine Learning 111, 2022. ALGORITHM.md, "Initial topology".
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class SparseLayer(NamedTuple):
+    """One sparse weight layer. The arrays may be views into a trainer's packed buffers.
+
+    Attributes
+    ----------
+    n_in, n_out : int
+    indptr : ndarray of int64, shape (n_in + 1,)
+    indices : ndarray of int32, shape (nnz,)  -- output neuron of each connection
+    values : ndarray of float32, shape (nnz,)
+    bias : ndarray of float32, shape (n_out,)
+    """
+
+    n_in: int
+    n_out: int
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+    bias: np.ndarray
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.n_in * self.n_out)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.indptr.nbytes + self.indices.nbytes + self.values.nbytes + self.bias.nbytes)
+
+    def rows(self) -> np.ndarray:
+        """Input neuron of each connection (int64, shape (nnz,)): COO rows from the CSR pointer."""
+        return np.repeat(np.arange(self.n_in, dtype=np.int64), np.diff(self.indptr))
+
+
+def er_nnz(n_in: int, n_out: int, epsilon: float) -> int:
+    """Connections of an Erdos-Renyi layer: ``min(n_in*n_out, round(epsilon*(n_in+n_out)))``."""
+    return int(min(n_in * n_out, max(1, round(epsilon * (n_in + n_out)))))
+
+
+def sample_positions(total: int, k: int, excluded: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``k`` distinct linear positions uniformly from ``[0, total)`` minus ``excluded``.
+
+    ``excluded`` is a sorted int64 array of distinct positions. The result (int64, in draw order)
+    depends only on the arguments and the generator state. Memory is O(k + len(excluded)): when the
+    free positions are plentiful we draw with rejection; only when ``total`` itself is of that
+    order do we enumerate the free positions.
+    """
+    n_excl = int(excluded.shape[0])
+    free = total - n_excl
+    if k > free:
+        raise ValueError(f"cannot draw {k} positions: only {free} of {total} are free")
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    if total <= 4 * (k + n_excl) + 1024:
+        # Dense enough that rejection would stall; total is O(k + n_excl) here, so enumerating is cheap.
+        mask = np.ones(total, dtype=bool)
+        mask[excluded] = False
+        candidates = np.flatnonzero(mask)
+        return candidates[rng.choice(candidates.shape[0], size=k, replace=False)].astype(np.int64)
+    chosen = np.empty(0, dtype=np.int64)
+    while chosen.shape[0] < k:
+        need = k - chosen.shape[0]
+        draw = rng.integers(0, total, size=int(need * total / free * 1.1) + 16, dtype=np.int64)
+        if n_excl:
+            pos = np.searchsorted(excluded, draw)
+            pos[pos == n_excl] = n_excl - 1
+            draw = draw[excluded[pos] != draw]
+        pool = np.concatenate([chosen, draw])
+        _, first = np.unique(pool, return_index=True)
+        chosen = pool[np.sort(first)][:k]
+    return chosen
+
+
+def csr_from_positions(n_in: int, n_out: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR pointer and column indices for linear positions ``i*n_out + j``.
+
+    Returns ``(indptr, indices, order)`` where ``order`` sorts ``positions`` into CSR order, so the
+    caller can permute per-connection arrays (weights, momentum) the same way.
+    """
+    order = np.argsort(positions, kind="stable")
+    sorted_pos = positions[order]
+    rows = sorted_pos // n_out
+    indices = (sorted_pos - rows * n_out).astype(np.int32)
+    indptr = np.zeros(n_in + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_in), out=indptr[1:])
+    return indptr, indices, order
+
+
+def linear_positions(layer: SparseLayer) -> np.ndarray:
+    """Sorted int64 linear positions ``i*n_out + j`` of the layer's connections (CSR order is sorted)."""
+    return layer.rows() * layer.n_out + layer.indices.astype(np.int64)
+
+
+def erdos_renyi_layer(n_in: int, n_out: int, epsilon: float, rng: np.random.Generator) -> SparseLayer:
+    """A layer with exactly ``er_nnz(n_in, n_out, epsilon)`` connections placed uniformly at random.
+
+    Weights are Glorot uniform, U(-a, a) with a = sqrt(6/(n_in+n_out)), drawn for existing
+    connections only; the bias is zero.
+    """
+    nnz = er_nnz(n_in, n_out, epsilon)
+    positions = sample_positions(n_in * n_out, nnz, np.empty(0, dtype=np.int64), rng)
+    indptr, indices, order = csr_from_positions(n_in, n_out, positions)
+    limit = np.sqrt(6.0 / (n_in + n_out))
+    values = rng.uniform(-limit, limit, size=nnz).astype(np.float32)[order]
+    return SparseLayer(n_in, n_out, indptr, indices, values, np.zeros(n_out, dtype=np.float32))
+
+
+def check_layer(layer: SparseLayer, name: str = "layer") -> None:
+    """Raise ValueError unless the layer's structure is valid CSR.
+
+    Checked: dtypes and shapes, ``indptr`` starting at 0, non-decreasing, ending at nnz; column
+    indices in ``[0, n_out)`` and strictly ascending within each row (sorted, no duplicate (i, j)).
+    """
+    n_in, n_out = int(layer.n_in), int(layer.n_out)
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"{name}: n_in and n_out must be >= 1, got {n_in} x {n_out}")
+    expected = {"indptr": (np.int64, (n_in + 1,)), "indices": (np.int32, None),
+                "values": (np.float32, None), "bias": (np.float32, (n_out,))}
+    for field, (dtype, shape) in expected.items():
+        arr = getattr(layer, field)
+        if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.ndim != 1:
+            raise ValueError(f"{name}.{field} must be a 1-d {np.dtype(dtype).name} array")
+        if shape is not None and arr.shape != shape:
+            raise ValueError(f"{name}.{field} has shape {arr.shape}, expected {shape}")
+    nnz = layer.indices.shape[0]
+    if layer.values.shape[0] != nnz:
+        raise ValueError(f"{name}: {layer.values.shape[0]} values for {nnz} indices")
+    indptr = layer.indptr
+    if indptr[0] != 0 or indptr[-1] != nnz:
+        raise ValueError(f"{name}.indptr must start at 0 and end at nnz={nnz}")
+    counts = np.diff(indptr)
+    if np.any(counts < 0):
+        raise ValueError(f"{name}.indptr must be non-decreasing")
+    if nnz == 0:
+        return
+    if layer.indices.min() < 0 or layer.indices.max() >= n_out:
+        raise ValueError(f"{name}.indices must lie in [0, {n_out})")
+    # Within a row the columns must strictly increase; across a row boundary anything goes.
+    step = np.diff(layer.indices.astype(np.int64))
+    row_start = np.zeros(nnz, dtype=bool)
+    row_start[indptr[:-1][counts > 0]] = True
+    if np.any(step[~row_start[1:]] <= 0):
+        raise ValueError(f"{name}.indices must be strictly ascending within each row (sorted, no duplicates)")

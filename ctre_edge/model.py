@@ -1,0 +1,216 @@
+"""SparseMLP: a trained network in sparse form, its forward pass, and its one-file saved format.
+
+The saved model is an uncompressed zip of ``.npy`` members (readable with ``numpy.load`` and no
+pickle) plus a JSON header ``meta.json``: format name and version, layer sizes, class labels,
+input scaling, the training configuration and metrics, and a SHA-256 over every array so a
+corrupt file is never loaded as valid. Zip timestamps are fixed, so the same model gives the same
+bytes. numba is imported only when a prediction is computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelFileError
+from .fileio import atomic_write
+from .layers import SparseLayer, check_layer
+
+FORMAT = "ctre-edge-model"
+FORMAT_VERSION = 1
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+@dataclass
+class SparseMLP:
+    """A sparse multilayer perceptron: ReLU hidden layers, softmax output.
+
+    Attributes
+    ----------
+    layers : list of SparseLayer
+    shift, scale : ndarray of float32, shape (n_features,)
+        Input scaling, x' = (x - shift) * scale, fitted on the training split.
+    classes : list
+        Class label of each output unit (ints or strings), in output order.
+    config : dict
+        The training configuration that produced the model.
+    metrics : dict
+        Results worth keeping with the model (test accuracy, best epoch, ...).
+    """
+
+    layers: list[SparseLayer]
+    shift: np.ndarray
+    scale: np.ndarray
+    classes: list
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.layers[0].n_in] + [layer.n_out for layer in self.layers]
+
+    @property
+    def n_features(self) -> int:
+        return self.layers[0].n_in
+
+    @property
+    def nnz(self) -> list[int]:
+        return [layer.nnz for layer in self.layers]
+
+    @property
+    def density(self) -> float:
+        """Connections over the dense count, over all layers (from the real counts)."""
+        return sum(self.nnz) / sum(layer.n_in * layer.n_out for layer in self.layers)
+
+    def packed(self) -> dict:
+        """The layers concatenated into flat arrays with offsets, the form the kernels take."""
+        return pack_layers(self.layers)
+
+    # -- inference --------------------------------------------------------------------------------
+    def predict_proba(self, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities, shape (n_samples, n_classes), float32."""
+        from . import kernels
+
+        X = _as_2d_features(X, self.n_features)
+        p = self.packed()
+        sizes = p["sizes"]
+        bs = max(1, min(batch_size, X.shape[0]))
+        act = np.empty(int(sizes.sum()) * bs, dtype=np.float32)
+        proba = np.empty((X.shape[0], int(sizes[-1])), dtype=np.float32)
+        if X.shape[0]:
+            kernels.predict_batches(X, np.arange(X.shape[0]), self.shift, self.scale, sizes, p["ptr_off"], p["nz_off"],
+                                    p["unit_off"], p["indptr"], p["indices"], p["values"], p["bias"],
+                                    bs, act, proba)
+        return proba
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Predicted class labels."""
+        return np.asarray(self.classes)[np.argmax(self.predict_proba(X), axis=1)]
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path, *, force: bool = False) -> Path:
+        """Write the model atomically to ``path`` (refuses to overwrite unless ``force``)."""
+        arrays = {"scaling.shift": self.shift, "scaling.scale": self.scale}
+        for l, layer in enumerate(self.layers):
+            for name in ("indptr", "indices", "values", "bias"):
+                arrays[f"layer{l}.{name}"] = np.ascontiguousarray(getattr(layer, name))
+        from . import __version__
+
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "ctre_edge_version": __version__,
+            "sizes": self.sizes,
+            "classes": [_jsonable(c) for c in self.classes],
+            "config": self.config,
+            "metrics": self.metrics,
+            "sha256": _digest(arrays),
+        }
+        meta_bytes = json.dumps(meta, sort_keys=True, indent=1).encode()
+
+        def write(f):
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
+                z.writestr(zipfile.ZipInfo("meta.json", _ZIP_TIME), meta_bytes)
+                for name, arr in arrays.items():
+                    buf = io.BytesIO()
+                    np.lib.format.write_array(buf, arr, allow_pickle=False)
+                    z.writestr(zipfile.ZipInfo(name + ".npy", _ZIP_TIME), buf.getvalue())
+
+        return atomic_write(path, write, force=force)
+
+    @classmethod
+    def load(cls, path) -> "SparseMLP":
+        """Read and validate a saved model; any defect raises ModelFileError with one line."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"model file {path} not found")
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = set(z.namelist())
+                if "meta.json" not in names:
+                    raise ModelFileError(f"{path} is not a ctre-edge model (no meta.json)")
+                meta = json.loads(z.read("meta.json"))
+                _check_meta(meta, path)
+                arrays = {}
+                for name in sorted(names - {"meta.json"}):
+                    with z.open(name) as f:
+                        arrays[name[:-4]] = np.lib.format.read_array(io.BytesIO(f.read()), allow_pickle=False)
+        except ModelFileError:
+            raise
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, KeyError, OSError, EOFError) as e:
+            raise ModelFileError(f"{path} is not a valid ctre-edge model or is corrupt ({e})") from None
+        if _digest(arrays) != meta.get("sha256"):
+            raise ModelFileError(f"{path} is corrupt: its arrays do not match the stored checksum")
+        try:
+            sizes = [int(s) for s in meta["sizes"]]
+            layers = [SparseLayer(sizes[l], sizes[l + 1], arrays[f"layer{l}.indptr"], arrays[f"layer{l}.indices"],
+                                  arrays[f"layer{l}.values"], arrays[f"layer{l}.bias"]) for l in range(len(sizes) - 1)]
+            for l, layer in enumerate(layers):
+                check_layer(layer, f"layer{l}")
+            shift, scale = arrays["scaling.shift"], arrays["scaling.scale"]
+            if shift.shape != (sizes[0],) or scale.shape != (sizes[0],) or len(meta["classes"]) != sizes[-1]:
+                raise ValueError("scaling or class list does not match the layer sizes")
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise ModelFileError(f"{path} has an invalid structure: {e}") from None
+        return cls(layers, shift.astype(np.float32), scale.astype(np.float32), list(meta["classes"]),
+                   dict(meta.get("config", {})), dict(meta.get("metrics", {})))
+
+
+def pack_layers(layers: list[SparseLayer]) -> dict:
+    """Concatenate layers into the packed form of ``kernels.py`` (copies; see ``PackedNet`` in train)."""
+    sizes = np.array([layers[0].n_in] + [layer.n_out for layer in layers], dtype=np.int64)
+    return {
+        "sizes": sizes,
+        "ptr_off": np.concatenate([[0], np.cumsum([layer.n_in + 1 for layer in layers])]).astype(np.int64),
+        "nz_off": np.concatenate([[0], np.cumsum([layer.nnz for layer in layers])]).astype(np.int64),
+        "unit_off": np.concatenate([[0], np.cumsum(sizes[1:])]).astype(np.int64),
+        "indptr": np.concatenate([layer.indptr for layer in layers]),
+        "indices": np.concatenate([layer.indices for layer in layers]),
+        "values": np.concatenate([layer.values for layer in layers]),
+        "bias": np.concatenate([layer.bias for layer in layers]),
+    }
+
+
+def _as_2d_features(X, n_features: int) -> np.ndarray:
+    X = np.asarray(X)
+    if X.ndim == 1:
+        X = X.reshape(1, -1)
+    if X.ndim != 2 or X.shape[1] != n_features:
+        raise ValueError(f"X has shape {X.shape}; the model expects {n_features} features per sample")
+    if X.dtype.kind not in "uif":
+        raise ValueError(f"X must be numeric, got dtype {X.dtype}")
+    if X.dtype.kind == "f" and X.dtype != np.float32:
+        X = X.astype(np.float32)
+    return np.ascontiguousarray(X)
+
+
+def _digest(arrays: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(str(arr.dtype.str).encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _check_meta(meta, path: Path) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path} is not a ctre-edge model")
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise ModelFileError(f"{path} has no valid format version")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(f"{path} uses model format {version}, newer than this ctre-edge reads "
+                             f"({FORMAT_VERSION}); upgrade ctre-edge")
+
+
+def _jsonable(c):
+    return c.item() if isinstance(c, np.generic) else c

@@ -1,0 +1,263 @@
+"""The training loop: configuration, packed network state, epochs, best-validation snapshot.
+
+One epoch is one call into ``kernels.train_batches`` over a shuffled index array (the data is never
+copied or reordered), then a validation pass, then the topology update of the chosen policy
+(``evolve.py``). All buffers are allocated once per run; nothing is allocated per batch.
+
+References
+----------
+ALGORITHM.md, "Training"; scikit-learn's ``_fit_stochastic`` for the loop's shape.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import numpy as np
+
+from .data import SCALINGS, Dataset, fit_scaling, stratified_split
+from .errors import ConfigError, DivergedError
+from .layers import SparseLayer, erdos_renyi_layer
+from .model import SparseMLP, pack_layers
+
+METHODS = ("static", "set", "ctre-sim", "ctre-seq")
+SIMILARITIES = ("exact", "sketch")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Defaults follow the paper where it has one.
+
+    ``lr_drop_epoch`` None keeps the learning rate constant; otherwise lr is divided by 3 at that
+    epoch and by 9 twenty epochs later. ``similarity_samples`` is the S of the cosine scoring.
+    """
+
+    hidden: tuple = (1000, 1000, 1000)
+    method: str = "set"
+    epsilon: float = 1.0
+    zeta: float = 0.2
+    epochs: int = 300
+    batch_size: int = 100
+    lr: float = 0.05
+    momentum: float = 0.9
+    l2: float = 1e-4
+    lr_drop_epoch: int | None = None
+    seed: int = 0
+    scaling: str = "minmax"
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.2
+    patience: int = 40
+    similarity: str = "exact"
+    similarity_samples: int = 2000
+    eval_batch_size: int = 1000
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; raise ConfigError naming the argument, the allowed range and the value."""
+        hidden = tuple(self.hidden)
+        if not hidden or not all(isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h >= 1
+                                 for h in hidden):
+            raise ConfigError(f"'hidden' must be a non-empty list of positive ints, e.g. 1000,1000,1000; got {self.hidden!r}")
+        self.hidden = tuple(int(h) for h in hidden)
+        for name, kind, lo, hi in _RANGES:
+            value = getattr(self, name)
+            if value is None and name == "lr_drop_epoch":
+                continue
+            ok_type = (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) if kind is int \
+                else isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+            if not ok_type or not (lo <= value <= hi) or (kind is float and not math.isfinite(value)):
+                raise ConfigError(f"'{name}' must be {'an int' if kind is int else 'a number'} in "
+                                  f"[{lo}, {hi}]; got {value!r}")
+        for name, choices in (("method", METHODS), ("scaling", SCALINGS), ("similarity", SIMILARITIES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"'{name}' must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "hidden" else v) for k, v in d.items() if k in known})
+
+
+_RANGES = [  # (field, type, low, high): one table, one message format
+    ("epsilon", float, 1e-9, 1e9),
+    ("zeta", float, 0.0, 1.0),
+    ("epochs", int, 1, 10**7),
+    ("batch_size", int, 1, 10**7),
+    ("lr", float, 0.0, 1e6),
+    ("momentum", float, 0.0, 1.0),
+    ("l2", float, 0.0, 1e6),
+    ("lr_drop_epoch", int, 0, 10**7),
+    ("seed", int, 0, 2**63 - 1),
+    ("validation_fraction", float, 1e-9, 0.9),
+    ("test_fraction", float, 1e-9, 0.9),
+    ("patience", int, 1, 10**7),
+    ("similarity_samples", int, 1, 10**9),
+    ("eval_batch_size", int, 1, 10**7),
+]
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """lr until ``lr_drop_epoch``, lr/3 for the next 20 epochs, lr/9 after (ALGORITHM.md)."""
+    if config.lr_drop_epoch is None or epoch < config.lr_drop_epoch:
+        return config.lr
+    return config.lr / 3 if epoch < config.lr_drop_epoch + 20 else config.lr / 9
+
+
+class PackedNet:
+    """Training state: the network packed into flat arrays (see ``kernels.py``) plus momentum.
+
+    ``layer(l)`` returns a SparseLayer of views into the packed arrays, so a topology update
+    writes straight into them. A layer's connection count never changes, so offsets are fixed.
+    """
+
+    def __init__(self, layers: list[SparseLayer]):
+        p = pack_layers(layers)
+        self.sizes, self.ptr_off, self.nz_off, self.unit_off = p["sizes"], p["ptr_off"], p["nz_off"], p["unit_off"]
+        self.indptr, self.indices, self.values, self.bias = p["indptr"], p["indices"], p["values"], p["bias"]
+        self.velocity = np.zeros_like(self.values)
+        self.bias_velocity = np.zeros_like(self.bias)
+
+    @property
+    def n_layers(self) -> int:
+        return self.sizes.shape[0] - 1
+
+    def layer(self, l: int) -> SparseLayer:
+        p, z, u = slice(self.ptr_off[l], self.ptr_off[l + 1]), slice(self.nz_off[l], self.nz_off[l + 1]), \
+            slice(self.unit_off[l], self.unit_off[l + 1])
+        return SparseLayer(int(self.sizes[l]), int(self.sizes[l + 1]), self.indptr[p], self.indices[z],
+                           self.values[z], self.bias[u])
+
+    def layer_velocity(self, l: int) -> np.ndarray:
+        return self.velocity[self.nz_off[l]:self.nz_off[l + 1]]
+
+    def kernel_args(self) -> tuple:
+        return (self.sizes, self.ptr_off, self.nz_off, self.unit_off, self.indptr, self.indices, self.values)
+
+    def snapshot(self) -> list[SparseLayer]:
+        """Copies of the current layers (indices too: the topology moves every epoch)."""
+        return [SparseLayer(*(a.copy() if isinstance(a, np.ndarray) else a for a in self.layer(l)))
+                for l in range(self.n_layers)]
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    loss: float
+    train_accuracy: float
+    val_accuracy: float
+    seconds: float
+    lr: float
+    changed: int = 0
+    grown_cosine: int = 0
+    grown_random: int = 0
+    update_seconds: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    model: SparseMLP
+    history: list[EpochStats] = field(default_factory=list)
+    best_epoch: int = 0
+    test_accuracy: float | None = None
+
+
+def split_data(data: Dataset, config: TrainConfig, rng_split: np.random.Generator):
+    """(train rows, validation rows, X_test, y_test): the test part comes from the file or a split."""
+    if data.X_test is not None:
+        rest = np.arange(data.X.shape[0])
+        X_test, y_test = data.X_test, data.y_test
+    else:
+        rest, test = stratified_split(data.y, config.test_fraction, rng_split, "test")
+        X_test, y_test = data.X[test], data.y[test]
+    train_sub, val_sub = stratified_split(data.y[rest], config.validation_fraction, rng_split, "validation")
+    return rest[train_sub], rest[val_sub], X_test, y_test
+
+
+def init_layers(sizes: list[int], epsilon: float, rng: np.random.Generator) -> list[SparseLayer]:
+    return [erdos_renyi_layer(sizes[l], sizes[l + 1], epsilon, rng) for l in range(len(sizes) - 1)]
+
+
+def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], None] | None = None) -> TrainResult:
+    """Train a sparse MLP on ``data``; returns the best-validation model and the per-epoch history."""
+    from . import kernels
+    from .evolve import make_policy
+
+    config.validate()
+    seeds = np.random.SeedSequence(config.seed).spawn(4)
+    rng_split, rng_init, rng_shuffle, rng_evolve = (np.random.default_rng(s) for s in seeds)
+    train_rows, val_rows, X_test, y_test = split_data(data, config, rng_split)
+    shift, scale = fit_scaling(data.X, train_rows, config.scaling)
+    sizes = [data.n_features, *config.hidden, len(data.classes)]
+    net = PackedNet(init_layers(sizes, config.epsilon, rng_init))
+    policy = make_policy(config, net, data.X, train_rows, shift, scale)
+
+    bs = min(config.batch_size, train_rows.shape[0])
+    max_nnz = int(np.diff(net.nz_off).max())
+    act = np.empty(int(net.sizes.sum()) * bs, np.float32)
+    delta_a = np.empty(int(net.sizes.max()) * bs, np.float32)
+    delta_b = np.empty_like(delta_a)
+    grad = np.empty(max_nnz, np.float32)
+    bias_grad = np.empty(int(net.sizes[1:].max()), np.float32)
+    evaluator = Evaluator(net, shift, scale, config.eval_batch_size)
+
+    history: list[EpochStats] = []
+    best_acc, best_epoch, best_layers = -1.0, 0, net.snapshot()
+    for epoch in range(config.epochs):
+        t0 = time.perf_counter()
+        lr = learning_rate(config, epoch)
+        order = rng_shuffle.permutation(train_rows)
+        loss, correct = kernels.train_batches(
+            data.X, data.y, order, bs, shift, scale, *net.kernel_args(), net.velocity, net.bias,
+            net.bias_velocity, act, delta_a, delta_b, grad, bias_grad,
+            np.float32(lr), np.float32(config.momentum), np.float32(config.l2))
+        loss /= order.shape[0]
+        if not math.isfinite(loss):
+            raise DivergedError(f"training diverged at epoch {epoch + 1} (loss is {loss}); "
+                                f"try a lower learning rate than --lr {config.lr:g}")
+        val_acc = evaluator.accuracy(data.X, val_rows, data.y)
+        if val_acc > best_acc:
+            best_acc, best_epoch, best_layers = val_acc, epoch + 1, net.snapshot()
+        stats = EpochStats(epoch + 1, float(loss), correct / order.shape[0], val_acc, 0.0, lr)
+        if epoch < config.epochs - 1:  # an update after the last epoch would only add untrained weights
+            t1 = time.perf_counter()
+            changed = policy.update(net, epoch, val_acc, rng_evolve)
+            stats.changed, stats.grown_cosine, stats.grown_random = changed
+            stats.update_seconds = time.perf_counter() - t1
+        stats.seconds = time.perf_counter() - t0
+        history.append(stats)
+        if progress is not None:
+            progress(stats)
+
+    model = SparseMLP(best_layers, shift, scale, list(data.classes), config.to_dict())
+    test_acc = None
+    if X_test is not None and X_test.shape[0]:
+        test_acc = float(np.mean(np.argmax(model.predict_proba(X_test, config.eval_batch_size), axis=1) == y_test))
+    model.metrics = {"test_accuracy": test_acc, "best_epoch": best_epoch, "best_val_accuracy": best_acc,
+                     "epochs": config.epochs, "train_samples": int(train_rows.shape[0])}
+    return TrainResult(model, history, best_epoch, test_acc)
+
+
+class Evaluator:
+    """Validation accuracy of the packed network with one preallocated activation buffer."""
+
+    def __init__(self, net: PackedNet, shift, scale, batch_size: int):
+        self.net, self.shift, self.scale, self.bs = net, shift, scale, batch_size
+        self.act = np.empty(int(net.sizes.sum()) * batch_size, np.float32)
+
+    def accuracy(self, X, rows, y) -> float:
+        from . import kernels
+
+        if rows.shape[0] == 0:
+            return 0.0
+        n = self.net
+        proba = np.empty((rows.shape[0], int(n.sizes[-1])), np.float32)
+        kernels.predict_batches(X, rows, self.shift, self.scale, *n.kernel_args(), n.bias, self.bs, self.act, proba)
+        return float(np.mean(np.argmax(proba, axis=1) == y[rows]))
