@@ -97,7 +97,7 @@ _RANGES = [  # (field, type, low, high): one table, one message format
     ("lr_drop_epoch", int, 0, 10**7),
     ("seed", int, 0, 2**63 - 1),
     ("validation_fraction", float, 1e-9, 0.9),
-    ("test_fraction", float, 1e-9, 0.9),
+    ("test_fraction", float, 0.0, 0.9),
     ("patience", int, 1, 10**7),
     ("similarity_samples", int, 1, 10**9),
     ("eval_batch_size", int, 1, 10**7),
@@ -171,7 +171,7 @@ class TrainResult:
 
 def split_data(data: Dataset, config: TrainConfig, rng_split: np.random.Generator):
     """(train rows, validation rows, X_test, y_test): the test part comes from the file or a split."""
-    if data.X_test is not None:
+    if data.X_test is not None or config.test_fraction == 0:
         rest = np.arange(data.X.shape[0])
         X_test, y_test = data.X_test, data.y_test
     else:

@@ -1,0 +1,244 @@
+"""The ``ctre-edge`` command line: the one module that prints or exits.
+
+Commands stay thin: they build a configuration, call the package, and print. Progress and tables
+go to stderr; ``--json`` writes one JSON document to stdout and nothing else there. Errors are one
+red line on stderr with a documented exit code (see README, "Exit codes"); ``--debug`` shows the
+traceback. Heavy modules (numba, onnx) are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import ConfigError, CtreError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train highly sparse neural networks (CTRE, SET) on the device that runs them.")
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False):
+    _state["debug"] = debug
+
+
+def _fail(e: BaseException) -> None:
+    """Print one line for an error and exit with its code; the traceback only under --debug."""
+    if _state["debug"]:
+        raise e
+    if isinstance(e, CtreError):
+        err.print(f"[red]error:[/red] {e}", soft_wrap=True)
+        raise typer.Exit(e.exit_code)
+    err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _run(fn):
+    """Call fn(); turn our errors and unexpected ones into one line and an exit code."""
+    try:
+        return fn()
+    except (typer.Exit, typer.Abort):
+        raise
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        raise typer.Exit(130)
+    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into one line
+        _fail(e)
+
+
+def _parse_hidden(text: str) -> tuple:
+    try:
+        hidden = tuple(int(h) for h in text.replace(" ", "").split(",") if h)
+    except ValueError:
+        raise ConfigError(f"--hidden must be comma-separated layer widths such as 1000,1000,1000; got {text!r}") from None
+    if not hidden or min(hidden) < 1:
+        raise ConfigError(f"--hidden must be comma-separated positive widths such as 1000,1000,1000; got {text!r}")
+    return hidden
+
+
+def _print_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+    sys.stdout.flush()
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Option(help="Training data: an .npz file with X, y (optional X_test, y_test) or builtin:digits.")] = "builtin:digits",
+    method: Annotated[str, typer.Option(help="Topology policy: static, set, ctre-sim or ctre-seq.")] = "set",
+    hidden: Annotated[str, typer.Option(help="Hidden layer widths, comma-separated.")] = "1000,1000,1000",
+    epsilon: Annotated[float, typer.Option(help="Erdos-Renyi sparsity: eps*(n_in+n_out) connections per layer.")] = 1.0,
+    zeta: Annotated[float, typer.Option(help="Fraction of connections dropped and regrown each epoch.")] = 0.2,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Minibatch size.")] = 100,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.05,
+    momentum: Annotated[float, typer.Option(help="Nesterov momentum.")] = 0.9,
+    l2: Annotated[float, typer.Option(help="L2 weight decay on existing connections.")] = 1e-4,
+    lr_drop_epoch: Annotated[Optional[int], typer.Option(help="Epoch at which lr drops to lr/3 (lr/9 twenty epochs later); default: constant.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, data and settings give the same model, bit for bit.")] = 0,
+    scaling: Annotated[str, typer.Option(help="Input scaling fitted on the training split: minmax, standard or none.")] = "minmax",
+    test_fraction: Annotated[float, typer.Option(help="Stratified test split when the data has no X_test.")] = 0.2,
+    patience: Annotated[int, typer.Option(help="ctre-seq: epochs without validation improvement before random growth.")] = 40,
+    similarity: Annotated[str, typer.Option(help="Cosine scoring for ctre-*: exact or sketch.")] = "exact",
+    similarity_samples: Annotated[int, typer.Option(help="Training samples S used for the cosine scores each epoch.")] = 2000,
+    out: Annotated[Optional[Path], typer.Option(help="Write the trained model to this file.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document with the results on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
+):
+    """Train a sparse MLP and report test accuracy at the best validation epoch."""
+
+    def body():
+        from .data import load_data
+        from .train import TrainConfig, train as run_training
+
+        config = TrainConfig(hidden=_parse_hidden(hidden), method=method, epsilon=epsilon, zeta=zeta, epochs=epochs,
+                             batch_size=batch_size, lr=lr, momentum=momentum, l2=l2, lr_drop_epoch=lr_drop_epoch,
+                             seed=seed, scaling=scaling, test_fraction=test_fraction, patience=patience,
+                             similarity=similarity, similarity_samples=similarity_samples).validate()
+        if out is not None and out.exists() and not force:
+            raise_exists(out)
+        dataset = load_data(data)
+        with _progress(epochs, quiet) as report:
+            result = run_training(dataset, config, progress=report)
+        model = result.model
+        if out is not None:
+            model.save(out, force=force)
+        hist = result.history
+        doc = {
+            "test_accuracy": result.test_accuracy,
+            "best_epoch": result.best_epoch,
+            "best_val_accuracy": model.metrics["best_val_accuracy"],
+            "nnz": model.nnz,
+            "sizes": model.sizes,
+            "density": model.density,
+            "epochs": len(hist),
+            "seconds_per_epoch": statistics.median(s.seconds for s in hist),
+            "seconds_total": sum(s.seconds for s in hist),
+            "method": config.method,
+            "data": data,
+            "out": str(out) if out is not None else None,
+            "history": [vars(s) for s in hist],
+        }
+        if as_json:
+            _print_json(doc)
+        else:
+            acc = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+            err.print(f"test accuracy {acc} at best validation epoch {result.best_epoch}; "
+                      f"{sum(model.nnz):,} connections (density {model.density:.4%}); "
+                      f"{doc['seconds_per_epoch']:.3f} s/epoch (median)"
+                      + (f"; model written to {out}" if out is not None else ""))
+
+    _run(body)
+
+
+def raise_exists(path: Path):
+    from .errors import OutputExistsError
+
+    raise OutputExistsError(f"{path} exists; pass --force to overwrite it or choose another --out")
+
+
+class _progress:
+    """A rich progress bar on stderr, one step per epoch, showing the latest epoch's figures."""
+
+    def __init__(self, epochs: int, quiet: bool):
+        self.epochs, self.quiet = epochs, quiet
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("epoch"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.fields[info]}"), console=err, transient=False)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("train", total=self.epochs, info="")
+        return self.update
+
+    def update(self, s) -> None:
+        info = (f"loss {s.loss:.4f}  train {s.train_accuracy:.3f}  val {s.val_accuracy:.3f}  "
+                f"{s.seconds:.3f}s  changed {s.changed}")
+        if s.grown_cosine:
+            info += f" (cosine {s.grown_cosine}, random {s.grown_random})"
+        self.bar.update(self.task, advance=1, info=info)
+
+    def __exit__(self, *exc):
+        if not self.quiet:
+            self.bar.__exit__(*exc)
+        return False
+
+
+@app.command()
+def evaluate(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model written by train --out.")],
+    data: Annotated[str, typer.Option(help="Data to evaluate on: .npz (X_test/y_test if present, else X/y) or builtin:NAME.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+):
+    """Accuracy of a saved model on a data set."""
+
+    def body():
+        from .data import load_data
+        from .errors import DataError
+        from .model import SparseMLP
+
+        model = SparseMLP.load(model_path)
+        ds = load_data(data)
+        X, y = (ds.X_test, ds.y_test) if ds.X_test is not None else (ds.X, ds.y)
+        if X.shape[1] != model.n_features:
+            raise DataError(f"{data} has {X.shape[1]} features; the model {model_path} expects {model.n_features}")
+        labels = [ds.classes[c] for c in y]
+        pred = model.predict(X)
+        acc = float(sum(str(p) == str(t) for p, t in zip(pred.tolist(), labels)) / len(labels))
+        part = "test part" if ds.X_test is not None else "all samples"
+        if as_json:
+            _print_json({"accuracy": acc, "samples": len(labels), "part": part, "data": data})
+        else:
+            err.print(f"accuracy {acc:.4f} on {len(labels)} samples ({part} of {data})")
+
+    _run(body)
+
+
+@app.command()
+def info(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model written by train --out.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+):
+    """Layers, connections, density and bytes of a saved model."""
+
+    def body():
+        from .model import SparseMLP
+
+        model = SparseMLP.load(model_path)
+        rows = [{"layer": l, "n_in": L.n_in, "n_out": L.n_out, "nnz": L.nnz, "density": L.density, "bytes": L.nbytes}
+                for l, L in enumerate(model.layers)]
+        doc = {"sizes": model.sizes, "layers": rows, "nnz": model.nnz, "density": model.density,
+               "classes": model.classes, "config": model.config, "metrics": model.metrics}
+        if as_json:
+            _print_json(doc)
+            return
+        from rich.table import Table
+
+        t = Table(title=f"{model_path}: {'-'.join(map(str, model.sizes))}, method {model.config.get('method', '?')}")
+        for c in ("layer", "n_in x n_out", "connections", "density", "bytes"):
+            t.add_column(c, justify="right")
+        for r in rows:
+            t.add_row(str(r["layer"]), f"{r['n_in']} x {r['n_out']}", f"{r['nnz']:,}", f"{r['density']:.4%}", f"{r['bytes']:,}")
+        t.add_row("all", "", f"{sum(model.nnz):,}", f"{model.density:.4%}", f"{sum(r['bytes'] for r in rows):,}")
+        err.print(t)
+        acc = model.metrics.get("test_accuracy")
+        if acc is not None:
+            err.print(f"test accuracy {acc:.4f} at epoch {model.metrics.get('best_epoch')}")
+
+    _run(body)
+
+
+def main():  # pragma: no cover - console entry point
+    app()
