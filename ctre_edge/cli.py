@@ -157,15 +157,15 @@ class _progress:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(TextColumn("epoch"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+        self.bar = Progress(TextColumn("epoch"), MofNCompleteColumn(), BarColumn(bar_width=12), TimeElapsedColumn(),
                             TextColumn("{task.fields[info]}"), console=err, transient=False)
         self.bar.__enter__()
         self.task = self.bar.add_task("train", total=self.epochs, info="")
         return self.update
 
     def update(self, s) -> None:
-        info = (f"loss {s.loss:.4f}  train {s.train_accuracy:.3f}  val {s.val_accuracy:.3f}  "
-                f"{s.seconds:.3f}s  changed {s.changed}")
+        info = (f"loss {s.loss:.4f} train {s.train_accuracy:.3f} val {s.val_accuracy:.3f} "
+                f"{s.seconds:.3f}s changed {s.changed}")
         if s.grown_cosine:
             info += f" (cosine {s.grown_cosine}, random {s.grown_random})"
         self.bar.update(self.task, advance=1, info=info)
