@@ -65,22 +65,77 @@ def load_data(spec: str) -> Dataset:
 
 def _load_npz(path: Path, name: str) -> Dataset:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
+        with zipfile.ZipFile(path) as z:
+            keys = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
             missing = {"X", "y"} - keys
             if missing:
                 raise DataError(f"{path}: missing array(s) {', '.join(sorted(missing))}; "
                                 "an .npz data file needs X (samples x features) and y (labels)")
-            X, y = _compact(z["X"], path, "X"), z["y"]
-            X_test = _compact(z["X_test"], path, "X_test") if "X_test" in keys else None
-            y_test = z["y_test"] if "y_test" in keys else None
+            X, y = _read_member(z, "X", compact=True), _read_member(z, "y")
+            X_test = _read_member(z, "X_test", compact=True) if "X_test" in keys else None
+            y_test = _read_member(z, "y_test") if "y_test" in keys else None
     except DataError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise DataError(f"{path}: cannot read as .npz ({e})") from None
+    except Exception as e:  # noqa: BLE001 - damaged archives fail in many ways (zlib, struct, EOF, ...)
+        raise DataError(f"{path}: cannot read as .npz ({type(e).__name__}: {e})") from None
     if (X_test is None) != (y_test is None):
         raise DataError(f"{path}: X_test and y_test must come together")
     return make_dataset(X, y, X_test, y_test, name=name, source=str(path))
+
+
+def npz_header(z: zipfile.ZipFile, key: str):
+    """(shape, dtype) of an array in an open .npz, read from its header only."""
+    with z.open(key + ".npy") as f:
+        shape, _, dtype = _read_header(f)
+    return shape, dtype
+
+
+def _read_header(f):
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+def _read_member(z: zipfile.ZipFile, key: str, compact: bool = False) -> np.ndarray:
+    """Read one array of an .npz, streaming rows in chunks (no whole-array temporary).
+
+    With ``compact``, float features that are integers in [0, 255] are stored as uint8 as they
+    stream in; at the first chunk that is not, the array switches to float32.
+    """
+    with z.open(key + ".npy") as f:
+        shape, fortran, dtype = _read_header(f)
+        if dtype.hasobject:
+            raise DataError(f"{key} holds Python objects; store numbers or strings (no pickle)")
+        if fortran or len(shape) != 2 or not compact:
+            count = int(np.prod(shape)) if shape else 1
+            data = f.read(count * dtype.itemsize)
+            if len(data) != count * dtype.itemsize:
+                raise DataError(f"{key} is truncated")
+            arr = np.frombuffer(data, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
+            return arr.copy() if not arr.flags.writeable else arr
+        n, d = shape
+        as_uint8 = dtype.kind == "f"
+        out = np.empty(shape, dtype=np.uint8 if as_uint8 else dtype)
+        row_bytes = d * dtype.itemsize
+        step = max(1, (8 << 20) // max(1, row_bytes))
+        for s in range(0, n, step):
+            rows = min(step, n - s)
+            data = f.read(rows * row_bytes)
+            if len(data) != rows * row_bytes:
+                raise DataError(f"{key} is truncated")
+            chunk = np.frombuffer(data, dtype=dtype).reshape(rows, d)
+            if as_uint8 and not _is_byte_valued(chunk):
+                as_uint8 = False
+                wide = np.empty(shape, dtype=np.float32)
+                wide[:s] = out[:s]
+                out = wide
+            out[s:s + rows] = chunk
+        return out
+
+
+def _is_byte_valued(chunk: np.ndarray) -> bool:
+    return bool(np.all(chunk >= 0) and np.all(chunk <= 255) and np.all(chunk == np.floor(chunk)))
 
 
 def make_dataset(X, y, X_test=None, y_test=None, *, name: str = "", source: str = "data") -> Dataset:
@@ -133,17 +188,6 @@ def _check_y(y: np.ndarray, n: int, source: str, what: str) -> np.ndarray:
 
 def _count_nonfinite(X: np.ndarray) -> int:
     return sum(int(np.count_nonzero(~np.isfinite(X[s:s + _CHUNK]))) for s in range(0, X.shape[0], _CHUNK))
-
-
-def _compact(X: np.ndarray, path: Path, what: str) -> np.ndarray:
-    """uint8 for float features that are all integers in [0, 255] (exactly representable)."""
-    if X.dtype.kind != "f" or X.ndim != 2:
-        return X
-    for s in range(0, X.shape[0], _CHUNK):
-        c = X[s:s + _CHUNK]
-        if not (np.all(c >= 0) and np.all(c <= 255) and np.all(c == np.floor(c))):
-            return X
-    return X.astype(np.uint8)
 
 
 def stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator, what: str = "validation"):
