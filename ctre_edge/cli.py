@@ -8,6 +8,7 @@ traceback. Heavy modules (numba, onnx) are imported inside the commands that nee
 
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 import sys
@@ -88,56 +89,125 @@ def train(
     test_fraction: Annotated[float, typer.Option(help="Stratified test split when the data has no X_test.")] = 0.2,
     patience: Annotated[int, typer.Option(help="ctre-seq: epochs without validation improvement before random growth.")] = 40,
     similarity: Annotated[str, typer.Option(help="Cosine scoring for ctre-*: exact or sketch.")] = "exact",
-    similarity_samples: Annotated[int, typer.Option(help="Training samples S used for the cosine scores each epoch.")] = 2000,
+    similarity_samples: Annotated[int, typer.Option(help="Training samples S used for the cosine scores each epoch (capped by --profile).")] = 2000,
+    similarity_workspace_mib: Annotated[int, typer.Option(help="Memory for one block of cosine scores, MiB.")] = 32,
+    eval_batch_size: Annotated[int, typer.Option(help="Batch size of validation and test passes.")] = 1000,
+    profile: Annotated[Optional[str], typer.Option(help="Device profile (see `ctre-edge profiles list`) or a .toml file: refuse runs that do not fit.")] = None,
+    fit: Annotated[bool, typer.Option("--fit", help="With --profile: shrink batch, evaluation batch and similarity samples until the run fits.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the trained model to this file.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document with the results on stdout.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
 ):
     """Train a sparse MLP and report test accuracy at the best validation epoch."""
+    options = dict(locals())
+    _run(lambda: _train_or_plan(options, plan_only=False))
 
-    def body():
-        from .data import load_data
-        from .train import TrainConfig, train as run_training
 
-        config = TrainConfig(hidden=_parse_hidden(hidden), method=method, epsilon=epsilon, zeta=zeta, epochs=epochs,
-                             batch_size=batch_size, lr=lr, momentum=momentum, l2=l2, lr_drop_epoch=lr_drop_epoch,
-                             seed=seed, scaling=scaling, test_fraction=test_fraction, patience=patience,
-                             similarity=similarity, similarity_samples=similarity_samples).validate()
-        if out is not None and out.exists() and not force:
-            raise_exists(out)
-        dataset = load_data(data)
-        with _progress(epochs, quiet) as report:
-            result = run_training(dataset, config, progress=report)
-        model = result.model
-        if out is not None:
-            model.save(out, force=force)
-        hist = result.history
-        doc = {
-            "test_accuracy": result.test_accuracy,
-            "best_epoch": result.best_epoch,
-            "best_val_accuracy": model.metrics["best_val_accuracy"],
-            "nnz": model.nnz,
-            "sizes": model.sizes,
-            "density": model.density,
-            "epochs": len(hist),
-            "seconds_per_epoch": statistics.median(s.seconds for s in hist),
-            "seconds_total": sum(s.seconds for s in hist),
-            "method": config.method,
-            "data": data,
-            "out": str(out) if out is not None else None,
-            "history": [vars(s) for s in hist],
-        }
-        if as_json:
-            _print_json(doc)
-        else:
-            acc = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
-            err.print(f"test accuracy {acc} at best validation epoch {result.best_epoch}; "
-                      f"{sum(model.nnz):,} connections (density {model.density:.4%}); "
-                      f"{doc['seconds_per_epoch']:.3f} s/epoch (median)"
-                      + (f"; model written to {out}" if out is not None else ""))
+def plan(**options):
+    """Predict the peak memory of `train` with the same options, part by part, against --profile's budget."""
+    _run(lambda: _train_or_plan(options, plan_only=True))
 
-    _run(body)
+
+_PLAN_SKIPS = ("out", "force", "quiet")
+_train_signature = inspect.signature(train, eval_str=True)  # typer needs evaluated Annotated[...] hints
+plan.__signature__ = _train_signature.replace(
+    parameters=[p for n, p in _train_signature.parameters.items() if n not in _PLAN_SKIPS])
+plan.__annotations__ = {n: p.annotation for n, p in plan.__signature__.parameters.items()}
+app.command("plan")(plan)
+
+
+def _train_or_plan(o: dict, plan_only: bool) -> None:
+    from .budget import MiB, peak_rss_bytes, plan_run
+    from .data import load_data, summarize_data, summarize_loaded
+    from .profiles import load_profile
+    from .train import TrainConfig, train as run_training
+
+    names = [f for f in ("method", "epsilon", "zeta", "epochs", "batch_size", "lr", "momentum", "l2", "lr_drop_epoch",
+                         "seed", "scaling", "test_fraction", "patience", "similarity", "similarity_samples",
+                         "similarity_workspace_mib", "eval_batch_size")]
+    config = TrainConfig(hidden=_parse_hidden(o["hidden"]), **{n: o[n] for n in names}).validate()
+    prof = load_profile(o["profile"]) if o["profile"] else None
+    out = o.get("out")
+    if out is not None and out.exists() and not o.get("force"):
+        raise_exists(out)
+    # Plan from the headers first, so a run that cannot fit is refused before any loading or compiling.
+    plan = plan_run(config, summarize_data(o["data"]), prof, fit=o["fit"], inference_only_ok=plan_only)
+    if plan_only:
+        _show_plan(plan, o["as_json"])
+        return
+    dataset = load_data(o["data"])
+    plan = plan_run(config, summarize_loaded(dataset), prof, fit=o["fit"], data_bytes=dataset.nbytes)
+    if plan.changes:
+        err.print("[yellow]--fit changed:[/yellow] " + ", ".join(plan.changes))
+    if prof is not None:
+        _set_threads(prof.threads)
+    with _progress(config.epochs, o["quiet"]) as report:
+        result = run_training(dataset, config, progress=report)
+    model = result.model
+    if out is not None:
+        model.save(out, force=o["force"])
+    hist = result.history
+    doc = {
+        "test_accuracy": result.test_accuracy,
+        "best_epoch": result.best_epoch,
+        "best_val_accuracy": model.metrics["best_val_accuracy"],
+        "nnz": model.nnz,
+        "sizes": model.sizes,
+        "density": model.density,
+        "epochs": len(hist),
+        "seconds_per_epoch": statistics.median(s.seconds for s in hist),
+        "seconds_total": sum(s.seconds for s in hist),
+        "method": config.method,
+        "data": o["data"],
+        "profile": prof.name if prof else None,
+        "config": config.to_dict(),
+        "memory": {"predicted_peak_bytes": plan.total, "measured_peak_bytes": peak_rss_bytes(),
+                   "budget_bytes": plan.budget, "parts": plan.parts, "fit_changes": plan.changes},
+        "out": str(out) if out is not None else None,
+        "history": [vars(s) for s in hist],
+    }
+    if o["as_json"]:
+        _print_json(doc)
+    else:
+        acc = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+        err.print(f"test accuracy {acc} at best validation epoch {result.best_epoch}; "
+                  f"{sum(model.nnz):,} connections (density {model.density:.4%}); "
+                  f"{doc['seconds_per_epoch']:.3f} s/epoch (median); peak memory "
+                  f"{doc['memory']['measured_peak_bytes'] / MiB:.0f} MiB (predicted {plan.total / MiB:.0f})"
+                  + (f"; model written to {out}" if out is not None else ""))
+
+
+def _set_threads(n: int) -> None:
+    import numba
+
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
+def _show_plan(plan, as_json: bool) -> None:
+    from .budget import PART_LABELS
+
+    if as_json:
+        _print_json(plan.to_dict())
+        return
+    from rich.table import Table
+
+    inference = "weights" in plan.parts
+    t = Table(title=("exported model size" if inference else "predicted peak memory")
+              + (f" on {plan.profile}" if plan.profile else ""))
+    t.add_column("part")
+    t.add_column("bytes", justify="right")
+    for k, v in plan.parts.items():
+        t.add_row(PART_LABELS[k], _bytes(v))
+    total = "total" if inference else "peak (per-epoch parts overlap: only the larger counts)"
+    t.add_row(f"[bold]{total}[/bold]", f"[bold]{_bytes(plan.total)}[/bold]")
+    if plan.budget is not None:
+        t.add_row("budget", _bytes(plan.budget))
+    err.print(t)
+    if plan.changes:
+        err.print("--fit would change: " + ", ".join(plan.changes))
+    if plan.budget is not None:
+        err.print("[green]fits[/green]" if plan.fits else "[red]does not fit[/red]")
 
 
 def raise_exists(path: Path):
@@ -238,6 +308,66 @@ def info(
             err.print(f"test accuracy {acc:.4f} at epoch {model.metrics.get('best_epoch')}")
 
     _run(body)
+
+
+profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles: memory budget, threads and caps.")
+app.add_typer(profiles_app, name="profiles")
+
+
+@profiles_app.command("list")
+def profiles_list(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False):
+    """The shipped device profiles."""
+
+    def body():
+        from .profiles import list_profiles
+
+        profs = list_profiles()
+        if as_json:
+            _print_json([{k: v for k, v in vars(p).items() if k != "path"} for p in profs])
+            return
+        from rich.table import Table
+
+        t = Table(title="device profiles")
+        for c in ("name", "arch", "RAM", "train budget", "model budget", "threads"):
+            t.add_column(c)
+        for p in profs:
+            train_budget = _bytes(p.train_budget_bytes) if p.can_train else "inference only"
+            model_budget = _bytes(p.model_budget_bytes) if p.model_budget_bytes else "-"
+            t.add_row(p.name, p.arch, _bytes(p.ram_bytes), train_budget, model_budget, str(p.threads))
+        err.print(t)
+
+    _run(body)
+
+
+@profiles_app.command("show")
+def profiles_show(name: Annotated[str, typer.Argument(help="A profile name or a .toml file.")],
+                  as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False):
+    """Every field of one profile."""
+
+    def body():
+        from .profiles import load_profile, profile_rows
+
+        p = load_profile(name)
+        if as_json:
+            _print_json({k: (str(v) if k == "path" else v) for k, v in vars(p).items()})
+            return
+        from rich.table import Table
+
+        t = Table(title=p.name)
+        t.add_column("field")
+        t.add_column("value")
+        for k, v in profile_rows(p):
+            t.add_row(k, v)
+        err.print(t)
+
+    _run(body)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n} B"
 
 
 def main():  # pragma: no cover - console entry point

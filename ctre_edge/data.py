@@ -63,6 +63,51 @@ def load_data(spec: str) -> Dataset:
     return _load_npz(path, path.name)
 
 
+@dataclass
+class DataSummary:
+    """What the memory planner needs before loading: shapes, class count, a lower bound on bytes."""
+
+    n_samples: int
+    n_features: int
+    n_classes: int
+    n_test: int
+    min_bytes: int
+
+
+def summarize_data(spec: str) -> DataSummary:
+    """Shapes of a data source from its headers (and labels), without loading the features.
+
+    ``min_bytes`` assumes float features will compact to one byte each, so it never exceeds what
+    loading will take; the exact figure is ``Dataset.nbytes`` after loading.
+    """
+    spec = str(spec)
+    path = Path(spec)
+    if spec.startswith("builtin:") or not path.exists() or path.suffix.lower() != ".npz":
+        d = load_data(spec)  # built-ins are small; a bad path raises the loader's own message
+        return DataSummary(d.X.shape[0], d.n_features, len(d.classes), 0 if d.X_test is None else d.X_test.shape[0],
+                           d.nbytes)
+    try:
+        with zipfile.ZipFile(path) as z:
+            keys = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+            if not {"X", "y"} <= keys:
+                return summarize_loaded(load_data(spec))
+            (n, d), x_dtype = npz_header(z, "X")
+            n_test = npz_header(z, "X_test")[0][0] if "X_test" in keys else 0
+            y = _read_member(z, "y")
+            n_classes = int(np.unique(y).shape[0])
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - same boundary as _load_npz
+        raise DataError(f"{path}: cannot read as .npz ({type(e).__name__}: {e})") from None
+    per_value = 1 if x_dtype.kind == "f" else x_dtype.itemsize
+    return DataSummary(n, d, n_classes, n_test, (n + n_test) * (d * per_value + 8))
+
+
+def summarize_loaded(d: Dataset) -> DataSummary:
+    return DataSummary(d.X.shape[0], d.n_features, len(d.classes), 0 if d.X_test is None else d.X_test.shape[0],
+                       d.nbytes)
+
+
 def _load_npz(path: Path, name: str) -> Dataset:
     try:
         with zipfile.ZipFile(path) as z:

@@ -52,6 +52,7 @@ class TrainConfig:
     patience: int = 40
     similarity: str = "exact"
     similarity_samples: int = 2000
+    similarity_workspace_mib: int = 32
     eval_batch_size: int = 1000
 
     def validate(self) -> "TrainConfig":
@@ -100,6 +101,7 @@ _RANGES = [  # (field, type, low, high): one table, one message format
     ("test_fraction", float, 0.0, 0.9),
     ("patience", int, 1, 10**7),
     ("similarity_samples", int, 1, 10**9),
+    ("similarity_workspace_mib", int, 1, 10**6),
     ("eval_batch_size", int, 1, 10**7),
 ]
 

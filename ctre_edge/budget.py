@@ -1,0 +1,268 @@
+"""MemoryPlan: the peak memory of a training run, predicted part by part before any work.
+
+Every part is a formula over the run's shapes (layer sizes, connections, batch, samples) plus one
+measured constant, the resident memory of the interpreter with numpy, numba and the compiled
+kernels loaded. ``tools/plan_vs_measured.py`` runs real trainings over a grid of shapes and prints
+predicted against measured peak RSS; rerun it after changing anything here.
+
+The parts that live for the whole run are summed; the two that come and go once per epoch
+(similarity scoring and the topology update's temporaries) never coexist, so only the larger counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .errors import BudgetError
+from .layers import er_nnz
+
+MiB = 1 << 20
+# Resident set of `ctre-edge train` with every kernel loaded from a warm numba cache, before the
+# data set: 164 MiB measured on x86-64 / Python 3.11 (tools/plan_vs_measured.py prints it).
+RUNTIME_BYTES = 164 * MiB
+# Extra peak while numba compiles the kernels on a cold cache (244 MiB vs 164 MiB, same tool).
+COMPILE_EXTRA_BYTES = 80 * MiB
+# numpy temporaries of one topology update per connection of the largest layer (positions, sort
+# keys, permutation): measured about 68 bytes on a 200,000 x 200,000 layer; rounded up.
+UPDATE_BYTES_PER_CONNECTION = 80
+
+PART_LABELS = {
+    "runtime": "interpreter, numpy, numba and compiled kernels",
+    "data": "data set and index arrays",
+    "model": "weights + indices + momentum (live and best-epoch copy)",
+    "batch": "activations and gradients for one batch",
+    "evaluation": "evaluation buffers and probabilities",
+    "similarity": "similarity scoring workspace (per epoch)",
+    "update": "topology update temporaries (per epoch)",
+    "compile": "numba compilation (cold cache only)",
+    "weights": "exported weights + indices + row pointers",
+    "biases": "exported biases and input scaling",
+    "inference": "activations for one sample",
+}
+
+
+@dataclass
+class RunShape:
+    """What the planner needs to know about a run: the network and the data, no arrays."""
+
+    sizes: list[int]
+    epsilon: float
+    method: str
+    batch_size: int
+    eval_batch_size: int
+    similarity_samples: int
+    n_train: int
+    n_val: int
+    n_test: int
+    data_bytes: int
+    similarity_workspace_mib: int = 32
+
+    @property
+    def nnz(self) -> list[int]:
+        return [er_nnz(a, b, self.epsilon) for a, b in zip(self.sizes[:-1], self.sizes[1:])]
+
+    @property
+    def params(self) -> int:
+        return sum(self.nnz) + sum(self.sizes[1:])
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak memory, in bytes per part, against an optional budget."""
+
+    parts: dict[str, int]
+    budget: int | None = None
+    profile: str | None = None
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        transient = max(self.parts.get("similarity", 0), self.parts.get("update", 0))
+        steady = sum(v for k, v in self.parts.items() if k not in ("similarity", "update"))
+        return steady + transient
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.total <= self.budget
+
+    def largest_part(self) -> str:
+        return max((k for k in self.parts if k != "runtime"), key=lambda k: self.parts[k])
+
+    def to_dict(self) -> dict:
+        return {"parts": dict(self.parts), "total_bytes": self.total, "budget_bytes": self.budget,
+                "fits": self.fits, "profile": self.profile, "changes": list(self.changes)}
+
+
+def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | None = None,
+                  cold_cache: bool = False) -> MemoryPlan:
+    """Predict the peak resident memory of training ``shape``; see the module docstring."""
+    sizes, nnz = shape.sizes, shape.nnz
+    units, widest, n_layers = sum(sizes), max(sizes), len(sizes) - 1
+    b, eb = shape.batch_size, shape.eval_batch_size
+    n_samples = shape.n_train + shape.n_val + shape.n_test
+    per_layer = sum(8 * (a + 1) + 12 * z for a, z in zip(sizes[:-1], nnz))  # indptr, indices, values, momentum
+    snapshot = sum(8 * (a + 1) + 8 * z for a, z in zip(sizes[:-1], nnz))   # best epoch: indptr, indices, values
+    biases = 12 * sum(sizes[1:])                                             # bias, its momentum, best copy
+    parts = {
+        "runtime": RUNTIME_BYTES,
+        "data": shape.data_bytes + 16 * n_samples,  # + index arrays (split rows, shuffled order)
+        "model": per_layer + snapshot + biases + 4 * max(nnz) + 4 * max(sizes[1:]),
+        "batch": 4 * b * units + 8 * b * widest,
+        "evaluation": 4 * eb * units + 8 * max(shape.n_val, shape.n_test) * (sizes[-1] + 1),
+        "update": UPDATE_BYTES_PER_CONNECTION * max(nnz),
+    }
+    if shape.method.startswith("ctre"):
+        s = min(shape.similarity_samples, shape.n_train)
+        k = max(int(0.2 * z) for z in nnz)
+        block = min(shape.similarity_workspace_mib * MiB, 4 * max(a * c for a, c in zip(sizes[:-1], sizes[1:])))
+        parts["similarity"] = 4 * s * units + block + 64 * k + 4 * widest * n_layers
+    if cold_cache:
+        parts["compile"] = COMPILE_EXTRA_BYTES
+    return MemoryPlan(parts, budget, profile)
+
+
+def plan_inference(shape: RunShape, profile) -> MemoryPlan:
+    """Bytes of the exported model on an inference-only device, against its model budget.
+
+    Counted as a device runtime would hold the CSR form: float32 weights with 32-bit column
+    indices and row pointers, float32 biases and scaling, and two activation vectors for one sample.
+    """
+    sizes = shape.sizes
+    parts = {
+        "weights": sum(8 * z + 4 * (a + 1) for z, a in zip(shape.nnz, sizes[:-1])),
+        "biases": 4 * sum(sizes[1:]) + 8 * sizes[0],
+        "inference": 8 * max(sizes),
+    }
+    plan = MemoryPlan(parts, profile.model_budget_bytes, profile.name)
+    caps = []
+    if shape.params > profile.max_params:
+        caps.append(f"{shape.params:,} parameters exceed the cap of {profile.max_params:,}")
+    if max(sizes[1:-1], default=0) > profile.max_layer_width:
+        caps.append(f"a hidden layer exceeds the width cap of {profile.max_layer_width:,}")
+    if caps or not plan.fits:
+        need = f"about {plan.total / 1024:.0f} KiB" if plan.total < MiB else f"about {plan.total / MiB:.1f} MiB"
+        raise BudgetError(f"the exported model needs {need} on {profile.name}, which allows "
+                          f"{profile.model_budget_bytes / 1024:.0f} KiB" + (f" ({'; '.join(caps)})" if caps else "")
+                          + "; lower --epsilon or use fewer or narrower --hidden layers")
+    return plan
+
+
+def check_caps(shape: RunShape, profile) -> None:
+    """Refuse a network above the profile's parameter or width caps (BudgetError, exit code 3)."""
+    if not profile.can_train:
+        raise BudgetError(f"profile {profile.name} is inference-only; train with a profile that can train "
+                          f"and check the exported size with `ctre-edge plan --profile {profile.name}`")
+    if shape.params > profile.max_params:
+        raise BudgetError(f"the network has {shape.params:,} parameters, above the {profile.name} cap of "
+                          f"{profile.max_params:,}; use fewer or narrower hidden layers or a lower --epsilon")
+    wide = max(shape.sizes[1:-1], default=0)
+    if wide > profile.max_layer_width:
+        raise BudgetError(f"a hidden layer of {wide:,} neurons exceeds the {profile.name} width cap of "
+                          f"{profile.max_layer_width:,}; use narrower --hidden layers")
+
+
+def refuse_unless_fits(plan: MemoryPlan) -> None:
+    """Raise BudgetError naming the largest part and what to change, if the plan exceeds its budget."""
+    if plan.fits:
+        return
+    part = plan.largest_part()
+    advice = {
+        "data": "use a smaller data set or one with uint8 features",
+        "model": "lower --epsilon or use narrower --hidden layers",
+        "batch": "lower --batch-size (or pass --fit)",
+        "evaluation": "pass --fit to shrink the evaluation batch",
+        "similarity": "lower --similarity-samples (or pass --fit)",
+        "update": "lower --epsilon or use narrower --hidden layers",
+        "compile": "run `ctre-edge warmup` once so kernels load from the cache",
+    }[part]
+    raise BudgetError(f"the run needs about {plan.total / MiB:.0f} MiB but {plan.profile or 'the budget'} allows "
+                      f"{plan.budget / MiB:.0f} MiB; the largest part is {PART_LABELS[part]} "
+                      f"({plan.parts[part] / MiB:.0f} MiB): {advice}")
+
+
+def fit_to_budget(shape: RunShape, budget: int, profile: str | None = None,
+                  cold_cache: bool = False) -> tuple[RunShape, MemoryPlan]:
+    """Shrink what can shrink without changing the model until the plan fits.
+
+    Halves, in turn, the evaluation batch, the similarity sample count, the similarity workspace
+    and the training batch, each no lower than a floor. The returned plan lists the changes as
+    the flags that reproduce them; if even the floors do not fit, the plan still exceeds ``budget``.
+    """
+    original = shape
+    floors = {"eval_batch_size": 16, "similarity_samples": 32, "similarity_workspace_mib": 1, "batch_size": 8}
+    plan = plan_training(shape, budget=budget, profile=profile, cold_cache=cold_cache)
+    while not plan.fits:
+        # Shrink whichever knob currently costs the most and can still shrink.
+        options = []
+        for name, floor in floors.items():
+            value = getattr(shape, name)
+            if value // 2 >= floor:
+                trial = replace(shape, **{name: value // 2})
+                saved = plan.total - plan_training(trial, budget=budget, cold_cache=cold_cache).total
+                if saved > 0:
+                    options.append((saved, name, trial))
+        if not options:
+            break
+        _, _, shape = max(options, key=lambda o: o[0])
+        plan = plan_training(shape, budget=budget, profile=profile, cold_cache=cold_cache)
+    flags = {"eval_batch_size": "--eval-batch-size", "similarity_samples": "--similarity-samples",
+             "similarity_workspace_mib": "--similarity-workspace-mib", "batch_size": "--batch-size"}
+    plan.changes = [f"{flags[n]} {getattr(shape, n)} (was {getattr(original, n)})"
+                    for n in floors if getattr(shape, n) != getattr(original, n)]
+    return shape, plan
+
+
+def shape_of(config, summary, data_bytes: int | None = None) -> RunShape:
+    """The RunShape of a TrainConfig on a data set (``data.DataSummary``), splits as ``train.split_data``."""
+    n = summary.n_samples
+    n_test = summary.n_test
+    copied = 0
+    if n_test == 0 and config.test_fraction > 0:
+        n_test = int(round(config.test_fraction * n))
+        copied = n_test * (summary.min_bytes // max(n, 1))  # X[test] is a copy
+        n -= n_test
+    n_val = int(round(config.validation_fraction * n))
+    sizes = [summary.n_features, *config.hidden, summary.n_classes]
+    return RunShape(sizes, config.epsilon, config.method, config.batch_size, config.eval_batch_size,
+                    config.similarity_samples, n - n_val, n_val, n_test,
+                    (summary.min_bytes if data_bytes is None else data_bytes) + copied,
+                    config.similarity_workspace_mib)
+
+
+def apply_shape(config, shape: RunShape) -> None:
+    """Copy the knobs ``fit_to_budget`` may have shrunk back into the TrainConfig."""
+    for name in ("batch_size", "eval_batch_size", "similarity_samples", "similarity_workspace_mib"):
+        setattr(config, name, getattr(shape, name))
+
+
+def plan_run(config, summary, profile=None, *, fit: bool = False, cold_cache: bool = False,
+             data_bytes: int | None = None, inference_only_ok: bool = False) -> MemoryPlan:
+    """Plan ``config`` on ``summary`` against ``profile``; refuse (BudgetError) or, with ``fit``, shrink.
+
+    With a profile, its similarity sample cap bounds ``config.similarity_samples`` and its caps on
+    parameters and width are checked first. For an inference-only profile and
+    ``inference_only_ok``, the plan is the exported model's size against the device's model budget. ``config`` is updated in place with what ``fit`` changed.
+    """
+    if profile is not None and profile.can_train:
+        config.similarity_samples = min(config.similarity_samples, profile.similarity_sample_cap)
+    shape = shape_of(config, summary, data_bytes)
+    if profile is not None and not profile.can_train and inference_only_ok:
+        return plan_inference(shape, profile)
+    if profile is None:
+        return plan_training(shape, cold_cache=cold_cache)
+    check_caps(shape, profile)
+    budget = profile.train_budget_bytes
+    if fit:
+        shape, plan = fit_to_budget(shape, budget, profile.name, cold_cache)
+        apply_shape(config, shape)
+    else:
+        plan = plan_training(shape, budget=budget, profile=profile.name, cold_cache=cold_cache)
+    refuse_unless_fits(plan)
+    return plan
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports kilobytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
