@@ -372,3 +372,7 @@ def _bytes(n: int) -> str:
 
 def main():  # pragma: no cover - console entry point
     app()
+
+
+if __name__ == "__main__":
+    app()

@@ -269,8 +269,9 @@ def fit_scaling(X: np.ndarray, rows: np.ndarray, method: str):
     hi = np.full(n_features, -np.inf)
     s1 = np.zeros(n_features)
     s2 = np.zeros(n_features)
-    for s in range(0, rows.shape[0], _CHUNK):
-        c = X[rows[s:s + _CHUNK]].astype(np.float64)
+    step = max(1, (4 << 20) // (8 * n_features))  # float64 temporaries of about 4 MiB each
+    for s in range(0, rows.shape[0], step):
+        c = X[rows[s:s + step]].astype(np.float64)
         lo = np.minimum(lo, c.min(axis=0))
         hi = np.maximum(hi, c.max(axis=0))
         s1 += c.sum(axis=0)

@@ -32,6 +32,7 @@ class TopologyPolicy:
         self.zeta = config.zeta
         self.patience = config.patience
         self.samples = config.similarity_samples
+        self.workspace = config.similarity_workspace_mib << 20
         self.X, self.train_rows, self.shift, self.scale = X, train_rows, shift, scale
         self.best_val = -1.0
         self.stale = 0
@@ -53,7 +54,8 @@ class TopologyPolicy:
         totals = np.zeros(3, dtype=np.int64)
         for l in range(net.n_layers):
             pair = None if levels is None else (levels[l], levels[l + 1])
-            totals += update_layer(net, l, self.zeta, rng, pair, readd=self.mode == "ctre-seq")
+            totals += update_layer(net, l, self.zeta, rng, pair, readd=self.mode == "ctre-seq",
+                                   workspace_bytes=self.workspace)
         return tuple(int(t) for t in totals)
 
 
@@ -82,7 +84,8 @@ def drop_weakest(values: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     return keep
 
 
-def update_layer(net, l: int, zeta: float, rng, pair=None, readd: bool = False) -> np.ndarray:
+def update_layer(net, l: int, zeta: float, rng, pair=None, readd: bool = False,
+                 workspace_bytes: int = 32 << 20) -> np.ndarray:
     """Drop ``floor(zeta*nnz)`` weakest connections of layer ``l`` and grow as many, in place.
 
     ``pair`` None grows at random (SET). Otherwise ``pair = (a_in, a_out)`` activations and the k
@@ -114,7 +117,7 @@ def update_layer(net, l: int, zeta: float, rng, pair=None, readd: bool = False) 
         from .similarity import topk_cosine
 
         kept_indptr, kept_indices, _ = csr_from_positions(layer.n_in, layer.n_out, kept_pos)
-        rows, cols, _ = topk_cosine(pair[0], pair[1], kept_indptr, kept_indices, k)
+        rows, cols, _ = topk_cosine(pair[0], pair[1], kept_indptr, kept_indices, k, workspace_bytes=workspace_bytes)
         picks = rows * layer.n_out + cols.astype(np.int64)
         where = np.searchsorted(removed_pos, picks)
         where[where == removed_pos.shape[0]] = 0
@@ -132,8 +135,12 @@ def update_layer(net, l: int, zeta: float, rng, pair=None, readd: bool = False) 
             # CTRE_sim: replace re-added picks by random positions that are neither kept, nor
             # picked by cosine, nor just removed (the authors' draw forgot the last two).
             excluded = np.unique(np.concatenate([kept_pos, picks, removed_pos]))
-            extra = sample_positions(total, k - n_cos, excluded, rng)
-            new_pos = np.concatenate([fresh, extra])
+            n_extra = min(k - n_cos, total - excluded.shape[0])
+            extra = sample_positions(total, n_extra, excluded, rng)
+            # Departure: in a (nearly) dense layer there may be no such position left; the
+            # re-added picks that cannot be replaced are then grown where cosine put them.
+            new_pos = np.concatenate([fresh, extra, picks[readded][:k - n_cos - n_extra]])
+            n_cos = k - n_extra
             new_vals[:] = rng.uniform(-bound, bound, size=k)
 
     all_pos = np.concatenate([kept_pos, new_pos])

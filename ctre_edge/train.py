@@ -238,6 +238,7 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         if progress is not None:
             progress(stats)
 
+    del evaluator, act, delta_a, delta_b, grad, net  # the test pass below allocates its own buffers
     model = SparseMLP(best_layers, shift, scale, list(data.classes), config.to_dict())
     test_acc = None
     if X_test is not None and X_test.shape[0]:
