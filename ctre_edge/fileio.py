@@ -7,12 +7,19 @@ says so (``force=True``).
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Callable, BinaryIO
+from typing import BinaryIO, Callable
 
-from .errors import OutputExistsError, OutputWriteError
+import numpy as np
+
+from .errors import ModelFileError, OutputExistsError, OutputWriteError
+
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so the same content gives the same bytes
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, force: bool = False) -> Path:
@@ -68,3 +75,66 @@ def _explain(path: Path, e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: the directory is read-only or not writable; choose another output path"
     return f"cannot write {path}: {e.strerror or e}"
+
+
+def write_archive(path, fmt: str, version: int, arrays: dict, meta: dict, *, force: bool = False) -> Path:
+    """Write arrays and a JSON header as an uncompressed zip of .npy members, atomically.
+
+    The header carries the format name and version and a SHA-256 over every array, checked by
+    ``read_archive``. Readable with ``numpy.load`` (no pickle).
+    """
+    header = dict(meta, format=fmt, format_version=version, sha256=array_digest(arrays))
+    header_bytes = json.dumps(header, sort_keys=True, indent=1).encode()
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
+            z.writestr(zipfile.ZipInfo("meta.json", _ZIP_TIME), header_bytes)
+            for name, arr in arrays.items():
+                with z.open(zipfile.ZipInfo(name + ".npy", _ZIP_TIME), "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
+
+    return atomic_write(path, write, force=force)
+
+
+def read_archive(path, fmt: str, version: int, what: str = "model") -> tuple[dict, dict]:
+    """(arrays, meta) of a file written by ``write_archive``; ModelFileError (one line) on any defect."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{what} file {path} not found")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            if "meta.json" not in names:
+                raise ModelFileError(f"{path} is not a ctre-edge {what} (no meta.json)")
+            meta = json.loads(z.read("meta.json"))
+            if not isinstance(meta, dict) or meta.get("format") != fmt:
+                raise ModelFileError(f"{path} is not a ctre-edge {what}")
+            found = meta.get("format_version")
+            if not isinstance(found, int):
+                raise ModelFileError(f"{path} has no valid format version")
+            if found > version:
+                raise ModelFileError(f"{path} uses {what} format {found}, newer than this ctre-edge reads "
+                                     f"({version}); upgrade ctre-edge")
+            arrays = {}
+            for name in sorted(names - {"meta.json"}):
+                with z.open(name) as f:
+                    arrays[name[:-4]] = np.lib.format.read_array(f, allow_pickle=False)
+    except ModelFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged bytes surface as many types (zlib, struct, Memory...)
+        raise ModelFileError(f"{path} is not a valid ctre-edge {what} or is corrupt ({type(e).__name__}: {e})") from None
+    if array_digest(arrays) != meta.get("sha256"):
+        raise ModelFileError(f"{path} is corrupt: its arrays do not match the stored checksum")
+    return arrays, meta
+
+
+def array_digest(arrays: dict) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of the arrays, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(arr.dtype.str.encode())
+        h.update(str(arr.shape).encode())
+        h.update(memoryview(arr).cast("B") if arr.size else b"")
+    return h.hexdigest()

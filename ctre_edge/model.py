@@ -3,28 +3,23 @@
 The saved model is an uncompressed zip of ``.npy`` members (readable with ``numpy.load`` and no
 pickle) plus a JSON header ``meta.json``: format name and version, layer sizes, class labels,
 input scaling, the training configuration and metrics, and a SHA-256 over every array so a
-corrupt file is never loaded as valid. Zip timestamps are fixed, so the same model gives the same
+corrupt file is never loaded as valid (``fileio.write_archive``). The same model gives the same
 bytes. numba is imported only when a prediction is computed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ModelFileError
-from .fileio import atomic_write
+from .fileio import read_archive, write_archive
 from .layers import SparseLayer, check_layer
 
 FORMAT = "ctre-edge-model"
 FORMAT_VERSION = 1
-_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 @dataclass
@@ -94,72 +89,45 @@ class SparseMLP:
         return np.asarray(self.classes)[np.argmax(self.predict_proba(X), axis=1)]
 
     # -- persistence ------------------------------------------------------------------------------
-    def save(self, path, *, force: bool = False) -> Path:
-        """Write the model atomically to ``path`` (refuses to overwrite unless ``force``)."""
+    def arrays(self) -> dict:
+        """The model's arrays by stable name (the saved file's members)."""
         arrays = {"scaling.shift": self.shift, "scaling.scale": self.scale}
         for l, layer in enumerate(self.layers):
             for name in ("indptr", "indices", "values", "bias"):
-                arrays[f"layer{l}.{name}"] = np.ascontiguousarray(getattr(layer, name))
+                arrays[f"layer{l}.{name}"] = getattr(layer, name)
+        return arrays
+
+    def save(self, path, *, force: bool = False) -> Path:
+        """Write the model atomically to ``path`` (refuses to overwrite unless ``force``)."""
         from . import __version__
 
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "ctre_edge_version": __version__,
-            "sizes": self.sizes,
-            "classes": [_jsonable(c) for c in self.classes],
-            "config": self.config,
-            "metrics": self.metrics,
-            "sha256": _digest(arrays),
-        }
-        meta_bytes = json.dumps(meta, sort_keys=True, indent=1).encode()
-
-        def write(f):
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
-                z.writestr(zipfile.ZipInfo("meta.json", _ZIP_TIME), meta_bytes)
-                for name, arr in arrays.items():
-                    buf = io.BytesIO()
-                    np.lib.format.write_array(buf, arr, allow_pickle=False)
-                    z.writestr(zipfile.ZipInfo(name + ".npy", _ZIP_TIME), buf.getvalue())
-
-        return atomic_write(path, write, force=force)
+        meta = {"ctre_edge_version": __version__, "sizes": self.sizes, "config": self.config,
+                "classes": [_jsonable(c) for c in self.classes], "metrics": self.metrics}
+        return write_archive(path, FORMAT, FORMAT_VERSION, self.arrays(), meta, force=force)
 
     @classmethod
     def load(cls, path) -> "SparseMLP":
         """Read and validate a saved model; any defect raises ModelFileError with one line."""
-        path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"model file {path} not found")
+        arrays, meta = read_archive(path, FORMAT, FORMAT_VERSION, "model")
         try:
-            with zipfile.ZipFile(path) as z:
-                names = set(z.namelist())
-                if "meta.json" not in names:
-                    raise ModelFileError(f"{path} is not a ctre-edge model (no meta.json)")
-                meta = json.loads(z.read("meta.json"))
-                _check_meta(meta, path)
-                arrays = {}
-                for name in sorted(names - {"meta.json"}):
-                    with z.open(name) as f:
-                        arrays[name[:-4]] = np.lib.format.read_array(io.BytesIO(f.read()), allow_pickle=False)
-        except ModelFileError:
-            raise
-        except Exception as e:  # noqa: BLE001 - damaged bytes surface as many types (zlib, struct, Memory...)
-            raise ModelFileError(f"{path} is not a valid ctre-edge model or is corrupt ({e})") from None
-        if _digest(arrays) != meta.get("sha256"):
-            raise ModelFileError(f"{path} is corrupt: its arrays do not match the stored checksum")
-        try:
-            sizes = [int(s) for s in meta["sizes"]]
-            layers = [SparseLayer(sizes[l], sizes[l + 1], arrays[f"layer{l}.indptr"], arrays[f"layer{l}.indices"],
-                                  arrays[f"layer{l}.values"], arrays[f"layer{l}.bias"]) for l in range(len(sizes) - 1)]
-            for l, layer in enumerate(layers):
-                check_layer(layer, f"layer{l}")
-            shift, scale = arrays["scaling.shift"], arrays["scaling.scale"]
-            if shift.shape != (sizes[0],) or scale.shape != (sizes[0],) or len(meta["classes"]) != sizes[-1]:
-                raise ValueError("scaling or class list does not match the layer sizes")
+            return cls.from_arrays(arrays, meta["sizes"], list(meta["classes"]), dict(meta.get("config", {})),
+                                   dict(meta.get("metrics", {})))
         except (KeyError, ValueError, TypeError, IndexError) as e:
             raise ModelFileError(f"{path} has an invalid structure: {e}") from None
-        return cls(layers, shift.astype(np.float32), scale.astype(np.float32), list(meta["classes"]),
-                   dict(meta.get("config", {})), dict(meta.get("metrics", {})))
+
+    @classmethod
+    def from_arrays(cls, arrays: dict, sizes, classes, config=None, metrics=None, prefix: str = "") -> "SparseMLP":
+        """Rebuild a model from ``arrays()`` output (optionally with a name prefix), validating it."""
+        sizes = [int(s) for s in sizes]
+        layers = [SparseLayer(sizes[l], sizes[l + 1], *(arrays[f"{prefix}layer{l}.{n}"]
+                                                        for n in ("indptr", "indices", "values", "bias")))
+                  for l in range(len(sizes) - 1)]
+        for l, layer in enumerate(layers):
+            check_layer(layer, f"layer{l}")
+        shift, scale = arrays[prefix + "scaling.shift"], arrays[prefix + "scaling.scale"]
+        if shift.shape != (sizes[0],) or scale.shape != (sizes[0],) or len(classes) != sizes[-1]:
+            raise ValueError("scaling or class list does not match the layer sizes")
+        return cls(layers, shift.astype(np.float32), scale.astype(np.float32), classes, config or {}, metrics or {})
 
 
 def pack_layers(layers: list[SparseLayer]) -> dict:
@@ -188,28 +156,6 @@ def _as_2d_features(X, n_features: int) -> np.ndarray:
     if X.dtype.kind == "f" and X.dtype != np.float32:
         X = X.astype(np.float32)
     return np.ascontiguousarray(X)
-
-
-def _digest(arrays: dict) -> str:
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        arr = np.ascontiguousarray(arrays[name])
-        h.update(name.encode())
-        h.update(str(arr.dtype.str).encode())
-        h.update(str(arr.shape).encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
-def _check_meta(meta, path: Path) -> None:
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ModelFileError(f"{path} is not a ctre-edge model")
-    version = meta.get("format_version")
-    if not isinstance(version, int):
-        raise ModelFileError(f"{path} has no valid format version")
-    if version > FORMAT_VERSION:
-        raise ModelFileError(f"{path} uses model format {version}, newer than this ctre-edge reads "
-                             f"({FORMAT_VERSION}); upgrade ctre-edge")
 
 
 def _jsonable(c):
