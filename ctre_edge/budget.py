@@ -121,22 +121,22 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
     return MemoryPlan(parts, budget, profile)
 
 
-def plan_inference(shape: RunShape, profile) -> MemoryPlan:
+def plan_inference(sizes: list[int], nnz: list[int], profile) -> MemoryPlan:
     """Bytes of the exported model on an inference-only device, against its model budget.
 
     Counted as a device runtime would hold the CSR form: float32 weights with 32-bit column
     indices and row pointers, float32 biases and scaling, and two activation vectors for one sample.
     """
-    sizes = shape.sizes
+    params = sum(nnz) + sum(sizes[1:])
     parts = {
-        "weights": sum(8 * z + 4 * (a + 1) for z, a in zip(shape.nnz, sizes[:-1])),
+        "weights": sum(8 * z + 4 * (a + 1) for z, a in zip(nnz, sizes[:-1])),
         "biases": 4 * sum(sizes[1:]) + 8 * sizes[0],
         "inference": 8 * max(sizes),
     }
     plan = MemoryPlan(parts, profile.model_budget_bytes, profile.name)
     caps = []
-    if shape.params > profile.max_params:
-        caps.append(f"{shape.params:,} parameters exceed the cap of {profile.max_params:,}")
+    if params > profile.max_params:
+        caps.append(f"{params:,} parameters exceed the cap of {profile.max_params:,}")
     if max(sizes[1:-1], default=0) > profile.max_layer_width:
         caps.append(f"a hidden layer exceeds the width cap of {profile.max_layer_width:,}")
     if caps or not plan.fits:
@@ -247,7 +247,7 @@ def plan_run(config, summary, profile=None, *, fit: bool = False, cold_cache: bo
         config.similarity_samples = min(config.similarity_samples, profile.similarity_sample_cap)
     shape = shape_of(config, summary, data_bytes)
     if profile is not None and not profile.can_train and inference_only_ok:
-        return plan_inference(shape, profile)
+        return plan_inference(shape.sizes, shape.nnz, profile)
     if profile is None:
         return plan_training(shape, cold_cache=cold_cache)
     check_caps(shape, profile)

@@ -95,7 +95,11 @@ def train(
     profile: Annotated[Optional[str], typer.Option(help="Device profile (see `ctre-edge profiles list`) or a .toml file: refuse runs that do not fit.")] = None,
     fit: Annotated[bool, typer.Option("--fit", help="With --profile: shrink batch, evaluation batch and similarity samples until the run fits.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the trained model to this file.")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite --out (and start over in a checkpoint directory that has checkpoints).")] = False,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Save the training state here after every --checkpoint-every epochs; default: OUT.ckpt next to --out.")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Epochs between checkpoints.")] = 1,
+    no_checkpoint: Annotated[bool, typer.Option("--no-checkpoint", help="Do not write checkpoints.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run whose checkpoints are in this directory (same data and options).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document with the results on stdout.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
 ):
@@ -109,7 +113,7 @@ def plan(**options):
     _run(lambda: _train_or_plan(options, plan_only=True))
 
 
-_PLAN_SKIPS = ("out", "force", "quiet")
+_PLAN_SKIPS = ("out", "force", "quiet", "checkpoint_dir", "checkpoint_every", "no_checkpoint", "resume")
 _train_signature = inspect.signature(train, eval_str=True)  # typer needs evaluated Annotated[...] hints
 plan.__signature__ = _train_signature.replace(
     parameters=[p for n, p in _train_signature.parameters.items() if n not in _PLAN_SKIPS])
@@ -121,7 +125,7 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
     from .budget import MiB, peak_rss_bytes, plan_run
     from .data import load_data, summarize_data, summarize_loaded
     from .profiles import load_profile
-    from .train import TrainConfig, train as run_training
+    from .train import Checkpointing, TrainConfig, train as run_training
 
     names = [f for f in ("method", "epsilon", "zeta", "epochs", "batch_size", "lr", "momentum", "l2", "lr_drop_epoch",
                          "seed", "scaling", "test_fraction", "patience", "similarity", "similarity_samples",
@@ -142,8 +146,15 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
         err.print("[yellow]--fit changed:[/yellow] " + ", ".join(plan.changes))
     if prof is not None:
         _set_threads(prof.threads)
-    with _progress(config.epochs, o["quiet"]) as report:
-        result = run_training(dataset, config, progress=report)
+    checkpointing = _checkpointing(o, Checkpointing)
+    with _progress(config.epochs, o["quiet"]) as report, _StopOnSignal() as stop:
+        try:
+            result = run_training(dataset, config, progress=report, checkpointing=checkpointing,
+                                  stop_requested=stop.requested, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {m}"))
+        except CtreError as e:
+            if checkpointing is not None and getattr(e, "exit_code", 0) >= 128:
+                e.args = (f"{e}; resume with: ctre-edge {_resume_command(checkpointing.directory)}",)
+            raise
     model = result.model
     if out is not None:
         model.save(out, force=o["force"])
@@ -176,6 +187,78 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
                   f"{doc['seconds_per_epoch']:.3f} s/epoch (median); peak memory "
                   f"{doc['memory']['measured_peak_bytes'] / MiB:.0f} MiB (predicted {plan.total / MiB:.0f})"
                   + (f"; model written to {out}" if out is not None else ""))
+
+
+def _checkpointing(o: dict, Checkpointing):
+    """Checkpoints go to --resume DIR, else --checkpoint-dir, else OUT.ckpt next to --out, else nowhere."""
+    if o["no_checkpoint"]:
+        if o["resume"] is not None:
+            raise ConfigError("--resume needs checkpoints; drop --no-checkpoint")
+        return None
+    if o["checkpoint_every"] < 1:
+        raise ConfigError(f"'checkpoint_every' must be an int >= 1; got {o['checkpoint_every']}")
+    if o["resume"] is not None:
+        if o["checkpoint_dir"] is not None and o["checkpoint_dir"] != o["resume"]:
+            raise ConfigError("--resume DIR continues in DIR; drop --checkpoint-dir or give the same directory")
+        if not o["resume"].is_dir():
+            raise ConfigError(f"--resume {o['resume']}: no such checkpoint directory")
+        return Checkpointing(o["resume"], o["checkpoint_every"], resume=True)
+    directory = o["checkpoint_dir"]
+    if directory is None and o["out"] is not None:
+        directory = o["out"].with_name(o["out"].name + ".ckpt")
+    return None if directory is None else Checkpointing(directory, o["checkpoint_every"], force=o["force"])
+
+
+def _resume_command(directory: Path) -> str:
+    """The command line of this run with --resume DIR, so the user can paste it."""
+    import shlex
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a in ("--resume", "--checkpoint-dir"):
+            skip = True
+            continue
+        if a.startswith(("--resume=", "--checkpoint-dir=")) or a == "--force":
+            continue
+        args.append(a)
+    return " ".join(shlex.quote(a) for a in args + ["--resume", str(directory)])
+
+
+class _StopOnSignal:
+    """First SIGINT/SIGTERM: finish the epoch, checkpoint, stop. A second one: stop at once."""
+
+    def __enter__(self):
+        import signal
+
+        self.signal_number = 0
+        self.previous = {}
+
+        def handler(signum, frame):
+            if self.signal_number:
+                raise KeyboardInterrupt
+            self.signal_number = signum
+            err.print(f"\n[yellow]{signal.Signals(signum).name}: finishing this epoch and writing a checkpoint "
+                      "(send it again to stop at once)[/yellow]")
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. some test runners): no handler, no harm
+                pass
+        return self
+
+    def requested(self) -> int:
+        return self.signal_number
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, h in self.previous.items():
+            signal.signal(sig, h)
+        return False
 
 
 def _set_threads(n: int) -> None:
@@ -306,6 +389,78 @@ def info(
         acc = model.metrics.get("test_accuracy")
         if acc is not None:
             err.print(f"test accuracy {acc:.4f} at epoch {model.metrics.get('best_epoch')}")
+
+    _run(body)
+
+
+@app.command()
+def export(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model written by train --out.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT.onnx", help="The ONNX file to write.")],
+    kernel: Annotated[str, typer.Option(help="Per-layer compute: auto, sparse-ops, dense or sparse-initializer.")] = "auto",
+    profile: Annotated[Optional[str], typer.Option(help="Target device profile: dense forms never exceed its memory budget; microcontrollers check the model size.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite OUT.onnx if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+):
+    """Export a trained model to ONNX, checked against the trainer's own predictions before writing."""
+
+    def body():
+        from .budget import plan_inference
+        from .export import export_onnx
+        from .model import SparseMLP
+        from .profiles import load_profile
+
+        if out.exists() and not force:
+            raise_exists(out)
+        model = SparseMLP.load(model_path)
+        budget = None
+        if profile:
+            prof = load_profile(profile)
+            if prof.can_train:
+                budget = prof.train_budget_bytes
+            else:  # a microcontroller: the model must fit its memory, or nothing is written
+                plan_inference(model.sizes, model.nnz, prof)
+                budget = prof.model_budget_bytes
+        report = export_onnx(model, out, kernel=kernel, budget_bytes=budget, force=force)
+        if as_json:
+            _print_json(report)
+        else:
+            err.print(f"wrote {out} ({_bytes(report['file_bytes'])}; kernels {', '.join(report['kernels'])}; "
+                      f"max |difference| from the trainer {report['max_abs_diff']:.2e})")
+
+    _run(body)
+
+
+@app.command()
+def predict(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL.onnx", help="A model written by export.")],
+    data: Annotated[Path, typer.Option(help="Features to predict: .npz (X), .npy or .csv (numbers only, optional header).")],
+    proba: Annotated[bool, typer.Option("--proba", help="Print class probabilities, not labels.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: its own choice).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of CSV.")] = False,
+):
+    """Predict with an exported ONNX model using onnxruntime alone (no numba needed on the device)."""
+
+    def body():
+        from .runtime import OnnxModel, read_features
+
+        model = OnnxModel(model_path, threads=threads)
+        X = read_features(data)
+        if proba:
+            p = model.predict_proba(X)
+            rows = [[float(v) for v in r] for r in p]
+            if as_json:
+                _print_json({"classes": model.classes, "probabilities": rows})
+            else:
+                sys.stdout.write(",".join(map(str, model.classes)) + "\n")
+                sys.stdout.write("".join(",".join(f"{v:.6g}" for v in r) + "\n" for r in rows))
+        else:
+            labels = [v.item() if hasattr(v, "item") else v for v in model.predict(X)]
+            labels = [v.decode() if isinstance(v, bytes) else v for v in labels]
+            if as_json:
+                _print_json({"labels": labels})
+            else:
+                sys.stdout.write("".join(f"{v}\n" for v in labels))
 
     _run(body)
 

@@ -38,6 +38,13 @@ class TopologyPolicy:
         self.stale = 0
         self.random_from_now = config.method == "set"
 
+    def state(self) -> dict:
+        """What a checkpoint must keep to continue the policy exactly."""
+        return {"best_val": self.best_val, "stale": self.stale, "random_from_now": self.random_from_now}
+
+    def restore(self, state: dict) -> None:
+        self.best_val, self.stale, self.random_from_now = state["best_val"], state["stale"], state["random_from_now"]
+
     def update(self, net, epoch: int, val_acc: float, rng: np.random.Generator) -> tuple[int, int, int]:
         if self.mode == "static":
             return 0, 0, 0

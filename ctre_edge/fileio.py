@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import tempfile
 import zipfile
 from pathlib import Path
@@ -38,10 +39,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
     tmp_name = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("write")  # test hook: a kill here leaves only the temp file behind
         os.replace(tmp_name, path)
         tmp_name = None
         _fsync_dir(directory)
@@ -54,6 +57,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
             except OSError:
                 pass
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -138,3 +147,20 @@ def array_digest(arrays: dict) -> str:
         h.update(str(arr.shape).encode())
         h.update(memoryview(arr).cast("B") if arr.size else b"")
     return h.hexdigest()
+
+
+def fault_point(name: str) -> None:
+    """Test hook: CTRE_EDGE_KILL_AT=name:n sends SIGKILL to this process the n-th time it passes ``name``.
+
+    The crash-recovery tests use it to kill a run at exact places (inside a checkpoint write,
+    during a topology update); without the variable it does nothing.
+    """
+    spec = os.environ.get("CTRE_EDGE_KILL_AT")
+    if not spec or not spec.startswith(name + ":"):
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(spec.split(":", 1)[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_fault_counts: dict = {}

@@ -116,3 +116,48 @@ class OnnxModel:
 
 def _first_line(e) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def read_features(path) -> np.ndarray:
+    """Feature rows for prediction from ``.npz`` (array ``X``), ``.npy`` or a numeric ``.csv``.
+
+    A CSV may start with one header row; every other field must be a number. Labels are not
+    expected (a CSV column of labels would be counted as a feature and fail the shape check).
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                if "X" not in z.files:
+                    raise DataError(f"{path}: no array X in the archive; store the features as X")
+                return z["X"]
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix in (".csv", ".tsv", ".txt"):
+            delimiter = "\t" if suffix == ".tsv" else ","
+            with open(path, encoding="utf-8") as f:
+                first = f.readline()
+            fields = first.strip().split(delimiter)
+            header = any(not _is_number(v) for v in fields)
+            X = np.loadtxt(path, delimiter=delimiter, skiprows=1 if header else 0, dtype=np.float32, ndmin=2)
+            if X.size == 0:
+                raise DataError(f"{path}: no data rows")
+            return X
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged or odd file fails in many ways
+        raise DataError(f"{path}: cannot read features ({_first_line(e)})") from None
+    raise DataError(f"{path}: unsupported format {suffix or '(no extension)'!r}; use .npz (X), .npy or .csv")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False

@@ -14,12 +14,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .data import SCALINGS, Dataset, fit_scaling, stratified_split
-from .errors import ConfigError, DivergedError
+from .errors import ConfigError, CtreError, DivergedError
+from .fileio import fault_point
 from .layers import SparseLayer, erdos_renyi_layer
 from .model import SparseMLP, pack_layers
 
@@ -187,8 +189,38 @@ def init_layers(sizes: list[int], epsilon: float, rng: np.random.Generator) -> l
     return [erdos_renyi_layer(sizes[l], sizes[l + 1], epsilon, rng) for l in range(len(sizes) - 1)]
 
 
-def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], None] | None = None) -> TrainResult:
-    """Train a sparse MLP on ``data``; returns the best-validation model and the per-epoch history."""
+@dataclass
+class Checkpointing:
+    """Where and how often ``train`` saves its state; ``resume`` continues from the newest checkpoint."""
+
+    directory: Path
+    every: int = 1
+    resume: bool = False
+    force: bool = False
+
+
+class Interrupted(CtreError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+BATCHES_PER_CALL = 32  # Python regains control this often within an epoch (signals, second Ctrl-C)
+
+
+def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], None] | None = None, *,
+          checkpointing: Checkpointing | None = None, stop_requested: Callable[[], int] | None = None,
+          warn: Callable[[str], None] = lambda message: None) -> TrainResult:
+    """Train a sparse MLP on ``data``; returns the best-validation model and the per-epoch history.
+
+    With ``checkpointing``, the full state is saved every ``every`` epochs (and at the last one),
+    and ``resume`` continues from the newest valid checkpoint, giving the same model bit for bit
+    as an uninterrupted run. ``stop_requested()`` returning a signal number ends the run after the
+    epoch in progress, with a checkpoint, by raising ``Interrupted``.
+    """
+    from . import checkpoint as ckpt
     from . import kernels
     from .evolve import make_policy
 
@@ -198,8 +230,30 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     train_rows, val_rows, X_test, y_test = split_data(data, config, rng_split)
     shift, scale = fit_scaling(data.X, train_rows, config.scaling)
     sizes = [data.n_features, *config.hidden, len(data.classes)]
-    net = PackedNet(init_layers(sizes, config.epsilon, rng_init))
-    policy = make_policy(config, net, data.X, train_rows, shift, scale)
+    classes = list(data.classes)
+
+    history: list[EpochStats] = []
+    start = 0
+    if checkpointing is not None:
+        ckpt.prepare_directory(checkpointing.directory, resume=checkpointing.resume, force=checkpointing.force)
+        data_print = ckpt.data_fingerprint(data)
+    if checkpointing is not None and checkpointing.resume:
+        arrays, meta, path = ckpt.load_latest(checkpointing.directory, config.to_dict(), data_print, warn)
+        net = PackedNet(SparseMLP.from_arrays(arrays, sizes, classes).layers)
+        net.velocity[:] = arrays["velocity"]
+        net.bias_velocity[:] = arrays["bias_velocity"]
+        best = SparseMLP.from_arrays(arrays, sizes, classes, prefix="best.")
+        best_layers, best_acc, best_epoch = best.layers, meta["best_acc"], meta["best_epoch"]
+        ckpt.set_rng_state(rng_shuffle, meta["rng_shuffle"])
+        ckpt.set_rng_state(rng_evolve, meta["rng_evolve"])
+        history = [EpochStats(**h) for h in meta["history"]]
+        start = int(meta["epoch"])
+        policy = make_policy(config, net, data.X, train_rows, shift, scale)
+        policy.restore(meta["policy"])
+    else:
+        net = PackedNet(init_layers(sizes, config.epsilon, rng_init))
+        policy = make_policy(config, net, data.X, train_rows, shift, scale)
+        best_acc, best_epoch, best_layers = -1.0, 0, net.snapshot()
 
     bs = min(config.batch_size, train_rows.shape[0])
     max_nnz = int(np.diff(net.nz_off).max())
@@ -210,42 +264,62 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     bias_grad = np.empty(int(net.sizes[1:].max()), np.float32)
     evaluator = Evaluator(net, shift, scale, config.eval_batch_size)
 
-    history: list[EpochStats] = []
-    best_acc, best_epoch, best_layers = -1.0, 0, net.snapshot()
-    for epoch in range(config.epochs):
+    for epoch in range(start, config.epochs):
         t0 = time.perf_counter()
         lr = learning_rate(config, epoch)
         order = rng_shuffle.permutation(train_rows)
-        loss, correct = kernels.train_batches(
-            data.X, data.y, order, bs, shift, scale, *net.kernel_args(), net.velocity, net.bias,
-            net.bias_velocity, act, delta_a, delta_b, grad, bias_grad,
-            np.float32(lr), np.float32(config.momentum), np.float32(config.l2))
+        loss, correct = 0.0, 0
+        step = BATCHES_PER_CALL * bs
+        for s in range(0, order.shape[0], step):
+            part_loss, part_correct = kernels.train_batches(
+                data.X, data.y, order[s:s + step], bs, shift, scale, *net.kernel_args(), net.velocity, net.bias,
+                net.bias_velocity, act, delta_a, delta_b, grad, bias_grad,
+                np.float32(lr), np.float32(config.momentum), np.float32(config.l2))
+            loss += part_loss
+            correct += part_correct
         loss /= order.shape[0]
         if not math.isfinite(loss):
+            last = f"; the last good checkpoint is in {checkpointing.directory}" if checkpointing else ""
             raise DivergedError(f"training diverged at epoch {epoch + 1} (loss is {loss}); "
-                                f"try a lower learning rate than --lr {config.lr:g}")
+                                f"try a lower learning rate than --lr {config.lr:g}{last}")
         val_acc = evaluator.accuracy(data.X, val_rows, data.y)
         if val_acc > best_acc:
             best_acc, best_epoch, best_layers = val_acc, epoch + 1, net.snapshot()
         stats = EpochStats(epoch + 1, float(loss), correct / order.shape[0], val_acc, 0.0, lr)
         if epoch < config.epochs - 1:  # an update after the last epoch would only add untrained weights
             t1 = time.perf_counter()
+            fault_point("update")
             changed = policy.update(net, epoch, val_acc, rng_evolve)
             stats.changed, stats.grown_cosine, stats.grown_random = changed
             stats.update_seconds = time.perf_counter() - t1
         stats.seconds = time.perf_counter() - t0
         history.append(stats)
+        signal_number = stop_requested() if stop_requested is not None else 0
+        if checkpointing is not None and (signal_number or (epoch + 1) % checkpointing.every == 0
+                                          or epoch + 1 == config.epochs):
+            arrays = SparseMLP(net.snapshot(), shift, scale, classes).arrays()
+            arrays.update(velocity=net.velocity, bias_velocity=net.bias_velocity)
+            arrays.update({"best." + k: v for k, v in SparseMLP(best_layers, shift, scale, classes).arrays().items()})
+            meta = {"config": config.to_dict(), "data": data_print, "best_acc": best_acc, "best_epoch": best_epoch,
+                    "rng_shuffle": ckpt.rng_state(rng_shuffle), "rng_evolve": ckpt.rng_state(rng_evolve),
+                    "policy": policy.state(), "history": [asdict(h) for h in history]}
+            ckpt.save(checkpointing.directory, epoch + 1, arrays, meta)
         if progress is not None:
             progress(stats)
+        if signal_number:
+            where = f"; checkpoint written to {checkpointing.directory}" if checkpointing else " (no checkpoint)"
+            raise Interrupted(f"stopped after epoch {epoch + 1} of {config.epochs}{where}", 128 + signal_number)
 
     del evaluator, act, delta_a, delta_b, grad, net  # the test pass below allocates its own buffers
-    model = SparseMLP(best_layers, shift, scale, list(data.classes), config.to_dict())
+    model = SparseMLP(best_layers, shift, scale, classes, config.to_dict())
     test_acc = None
     if X_test is not None and X_test.shape[0]:
         test_acc = float(np.mean(np.argmax(model.predict_proba(X_test, config.eval_batch_size), axis=1) == y_test))
     model.metrics = {"test_accuracy": test_acc, "best_epoch": best_epoch, "best_val_accuracy": best_acc,
                      "epochs": config.epochs, "train_samples": int(train_rows.shape[0])}
     return TrainResult(model, history, best_epoch, test_acc)
+
+
 
 
 class Evaluator:

@@ -1,0 +1,106 @@
+"""Checkpoints: everything a run needs to continue bit for bit after a crash, power loss or Ctrl-C.
+
+A checkpoint is one archive (``fileio.write_archive``: atomic, checksummed) per saved epoch,
+``epoch-000012.ckpt`` in the checkpoint directory; the newest two are kept. It holds the packed
+network with its momentum, the best-validation snapshot, the random generators' states, the
+topology policy's state, the history, and fingerprints of the configuration and the data, so a
+resume with other settings or other data is refused instead of silently producing another model.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, ModelFileError, OutputExistsError, OutputWriteError
+from .fileio import array_digest, read_archive, write_archive
+
+FORMAT = "ctre-edge-checkpoint"
+FORMAT_VERSION = 1
+KEEP = 2
+_NAME = re.compile(r"^epoch-(\d{6,})\.ckpt$")
+
+
+def data_fingerprint(data) -> str:
+    arrays = {k: v for k, v in (("X", data.X), ("y", data.y), ("X_test", data.X_test), ("y_test", data.y_test))
+              if v is not None}
+    return array_digest(arrays) + ":" + ",".join(map(str, data.classes))
+
+
+def config_fingerprint(config_dict: dict) -> dict:
+    """The settings a resumed run must share with the checkpoint (all of them)."""
+    return dict(config_dict)
+
+
+def checkpoint_files(directory: Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of the checkpoints in ``directory``, newest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def prepare_directory(directory: Path, *, resume: bool, force: bool) -> None:
+    """Create the directory; refuse to start over on another run's checkpoints unless ``force``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputWriteError(f"cannot create checkpoint directory {directory}: {e.strerror or e}") from None
+    for tmp in directory.glob(".epoch-*.tmp"):  # left by a write that was killed
+        tmp.unlink(missing_ok=True)
+    existing = checkpoint_files(directory)
+    if existing and not resume:
+        if not force:
+            raise OutputExistsError(f"{directory} already holds checkpoints; pass --resume {directory} to continue "
+                                    "that run, or --force to start over")
+        for _, p in existing:
+            p.unlink()
+
+
+def save(directory: Path, epoch: int, arrays: dict, meta: dict) -> Path:
+    """Write ``epoch``'s checkpoint atomically, then delete all but the newest ``KEEP``."""
+    path = directory / f"epoch-{epoch:06d}.ckpt"
+    write_archive(path, FORMAT, FORMAT_VERSION, arrays, dict(meta, epoch=epoch), force=True)
+    for _, old in checkpoint_files(directory)[KEEP:]:
+        try:
+            old.unlink()
+        except OSError:
+            pass
+    return path
+
+
+def load_latest(directory: Path, config_dict: dict, data_print: str, warn) -> tuple[dict, dict, Path]:
+    """(arrays, meta, path) of the newest valid checkpoint; corrupt ones are skipped with ``warn``.
+
+    Raises ConfigError when the checkpoint was made with other settings or other data, and
+    ModelFileError when no valid checkpoint exists.
+    """
+    files = checkpoint_files(directory)
+    if not files:
+        raise ModelFileError(f"no checkpoint found in {directory}; start without --resume")
+    for _, path in files:
+        try:
+            arrays, meta = read_archive(path, FORMAT, FORMAT_VERSION, "checkpoint")
+        except ModelFileError as e:
+            warn(f"skipping {path.name}: {e}")
+            continue
+        if meta.get("data") != data_print:
+            raise ConfigError(f"{path} was made with a different data set; resume with the same --data, or start "
+                              "a new run in another --checkpoint-dir")
+        saved = meta.get("config", {})
+        diff = sorted(k for k in set(saved) | set(config_dict) if saved.get(k) != config_dict.get(k))
+        if diff:
+            shown = ", ".join(f"{k} ({saved.get(k)!r} there, {config_dict.get(k)!r} now)" for k in diff[:3])
+            raise ConfigError(f"{path} was made with other settings: {shown}; resume with the same options")
+        return arrays, meta, path
+    raise ModelFileError(f"every checkpoint in {directory} is corrupt; start a new run without --resume")
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state
+
+
+def set_rng_state(rng: np.random.Generator, state: dict) -> None:
+    rng.bit_generator.state = state
