@@ -157,11 +157,15 @@ def test_read_only_output_directory(tmp_path):
         ro.chmod(0o755)
 
 
-def _final_model(tmp_path, name, extra_env=None, kill_after=None):
-    """Run to completion, resuming after every kill; returns the model bytes and how many kills it took."""
+def _final_model(tmp_path, name, extra_env=None, kill_after=None, epochs=8):
+    """Run to completion, resuming after every kill; returns the model bytes and how many kills it took.
+
+    ``kill_after(attempt, ck)`` waits (e.g. for a checkpoint of some epoch to appear) and returns,
+    then the process is killed with SIGKILL, for the first three attempts.
+    """
     out = tmp_path / f"{name}.ctre"
     ck = tmp_path / f"{name}.ck"
-    args = ["train", *RUN, "--method", "ctre-sim", "--out", str(out)]
+    args = ["train", *RUN, "--epochs", str(epochs), "--method", "ctre-sim", "--out", str(out)]
     kills = 0
     for attempt in range(12):
         resume = ["--resume", str(ck)] if ckpt.checkpoint_files(ck) else ["--checkpoint-dir", str(ck)]
@@ -169,7 +173,7 @@ def _final_model(tmp_path, name, extra_env=None, kill_after=None):
         proc = subprocess.Popen([sys.executable, "-m", "ctre_edge.cli", *args, *resume], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, **(env or {})})
         if kill_after is not None and attempt < 3:
-            time.sleep(kill_after(attempt))
+            kill_after(attempt, ck)
             proc.kill()
         _, stderr = proc.communicate()
         if proc.returncode == 0:
@@ -187,9 +191,19 @@ def test_sigkill_at_random_times_and_places_then_resume_is_bit_identical(tmp_pat
     places = ["write:3", "update:2", "write:1", "update:4"]
     exact, kills = _final_model(tmp_path, "exact", extra_env=lambda a: {"CTRE_EDGE_KILL_AT": places[a]} if a < len(places) else {})
     assert kills == len(places) and exact == reference
+    reference40, _ = _final_model(tmp_path, "reference40", epochs=40)
     rng = np.random.default_rng(7)
-    timed, kills = _final_model(tmp_path, "timed", kill_after=lambda a: float(rng.uniform(0.6, 1.6)))
-    assert kills >= 1 and timed == reference
+
+    def at_random_time(attempt, ck):
+        # wait for a random epoch's checkpoint, then a random fraction of an epoch more
+        target = int(rng.integers(2 + 10 * attempt, 10 + 10 * attempt))
+        deadline = time.time() + 60
+        while not any(e >= target for e, _ in ckpt.checkpoint_files(ck)) and time.time() < deadline:
+            time.sleep(0.002)
+        time.sleep(float(rng.uniform(0, 0.01)))
+
+    timed, kills = _final_model(tmp_path, "timed", kill_after=at_random_time, epochs=40)
+    assert kills == 3 and timed == reference40
 
 
 @pytest.mark.slow
