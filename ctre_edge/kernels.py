@@ -281,3 +281,347 @@ def predict_batches(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
         for b in range(nb):
             for k in range(c):
                 proba[start + b, k] = p[k, b]
+
+
+# --- cosine similarity scoring (similarity.py) ------------------------------------------------------
+#
+# Every kernel is a module-level ``@njit(cache=True)`` function over flat arrays, with explicit loops:
+# ``np.dot`` / ``@`` inside njit would need scipy. Kernels trust their inputs; ``similarity.py``
+# validates at the public entry points. Each kernel has a numpy reference in
+# ``tests/test_similarity.py``.
+#
+# The *canonical score* of a position (i, j) is the one number every path in ctre-edge ranks by::
+#
+#     dot   = sum_s float64(a_in[i, s]) * float64(a_out[j, s])     (sequential over s)
+#     score = float32(|dot| * inv_in[i] * inv_out[j])               (float64, left to right)
+#
+# with ``inv[i] = 1 / sqrt(sum_s float64(a[i, s])**2)`` (sequential), and ``inv = 0`` where the norm
+# is 0, so the score is 0 where a norm is 0 (ALGORITHM.md, "Score"). A float32 x float32 product is exact in
+# float64, so this value does not depend on FMA contraction and numpy reproduces it bit for bit with a
+# loop over s; BLAS results, whose summation order changes with the matrix shape, are used only as a
+# prefilter with a proven error bound (see ``scan_block``).
+
+# Neuron kinds for the prefilter error bound (see ``neuron_kinds``).
+KIND_ZERO = 0  # all-zero activation vector: every score is exactly 0
+KIND_NONNEG = 1  # regular range, no negative value (ReLU, softmax): relative error bound
+KIND_SIGNED = 2  # regular range, some negative value: absolute error bound
+KIND_IRREGULAR = 3  # values outside [2**-30, 2**30] or norm > 2**30: always rescored exactly
+
+RANGE_LO = 2.0**-30
+RANGE_HI = 2.0**30
+
+
+@njit(cache=True)
+def inverse_norms(a, rows, out):
+    """Inverse Euclidean norms of selected neurons, in float64.
+
+    ``out[t] = 1 / sqrt(sum_s float64(a[rows[t], s])**2)``, summed sequentially over s; 0 where the
+    norm is 0 (the zero-norm rule), NaN where the norm is not finite (an Inf or NaN activation).
+
+    Parameters: ``a`` float32 (n, S) C-contiguous; ``rows`` int64 (m,); ``out`` float64 (m,),
+    written.
+    """
+    n_samples = a.shape[1]
+    for t in range(rows.shape[0]):
+        i = rows[t]
+        acc = 0.0
+        for s in range(n_samples):
+            v = np.float64(a[i, s])
+            acc += v * v
+        if acc == 0.0:
+            out[t] = 0.0
+        elif np.isfinite(acc):
+            out[t] = 1.0 / np.sqrt(acc)
+        else:
+            out[t] = np.nan
+
+
+@njit(cache=True)
+def neuron_kinds(a, inv, out):
+    """Classify each neuron for the BLAS prefilter bound (``KIND_*`` constants), as int8.
+
+    ``out[i]`` is KIND_ZERO where ``inv[i] == 0``; else KIND_IRREGULAR if ``1/inv[i] > 2**30`` or a
+    nonzero ``|a[i, s]|`` lies outside [2**-30, 2**30] (float32 products could underflow or
+    overflow); else KIND_NONNEG if no value is negative; else KIND_SIGNED.
+
+    Parameters: ``a`` float32 (n, S); ``inv`` float64 (n,) from ``inverse_norms``; ``out`` int8 (n,).
+    """
+    # Branch-free min/max reductions: an early exit on the first odd value was 10x slower.
+    for i in range(a.shape[0]):
+        if inv[i] == 0.0:
+            out[i] = KIND_ZERO
+            continue
+        if inv[i] < 1.0 / RANGE_HI:
+            out[i] = KIND_IRREGULAR
+            continue
+        low, high, negative = np.float32(np.inf), np.float32(0.0), False
+        for s in range(a.shape[1]):
+            v = a[i, s]
+            m = abs(v)
+            high = max(high, m)
+            low = min(low, m if m != 0.0 else np.float32(np.inf))
+            negative |= v < 0.0
+        if low < RANGE_LO or high > RANGE_HI:
+            out[i] = KIND_IRREGULAR
+        elif negative:
+            out[i] = KIND_SIGNED
+        else:
+            out[i] = KIND_NONNEG
+
+
+@njit(cache=True)
+def canonical_score(a_in, a_out, inv_in, inv_out, i, j):
+    """Canonical |cosine| of one position (module docstring): float32, 0 where a norm is 0.
+
+    Parameters: ``a_in`` float32 (n_in, S), ``a_out`` float32 (n_out, S), ``inv_in``/``inv_out``
+    float64 from ``inverse_norms``; ``i``, ``j`` the input row and output column.
+    """
+    if inv_in[i] == 0.0 or inv_out[j] == 0.0:
+        return np.float32(0.0)
+    acc = 0.0
+    for s in range(a_in.shape[1]):
+        acc += np.float64(a_in[i, s]) * np.float64(a_out[j, s])
+    return np.float32(abs(acc) * inv_in[i] * inv_out[j])
+
+
+@njit(cache=True)
+def canonical_scores(a_in, a_out, inv_in, inv_out, rows, cols, out):
+    """``out[t] = canonical_score(..., rows[t], cols[t])`` for a list of positions; O(m * S).
+
+    Parameters: as ``canonical_score``; ``rows`` int64 (m,), ``cols`` int32 or int64 (m,),
+    ``out`` float32 (m,), written.
+    """
+    for t in range(rows.shape[0]):
+        out[t] = canonical_score(a_in, a_out, inv_in, inv_out, rows[t], cols[t])
+
+
+@njit(cache=True)
+def lower_heap_push(heap, n, x):
+    """Push ``x`` into a min-heap that keeps the ``len(heap)`` largest values seen; return new size.
+
+    ``heap`` float64 (k,), its first ``n`` entries a binary min-heap. While ``n < k`` the value is
+    added; afterwards it replaces the root only if larger, so ``heap[0]`` is the k-th largest.
+    """
+    k = heap.shape[0]
+    if n < k:
+        i = n
+        heap[i] = x
+        while i > 0:
+            parent = (i - 1) // 2
+            if heap[parent] <= heap[i]:
+                break
+            heap[parent], heap[i] = heap[i], heap[parent]
+            i = parent
+        return n + 1
+    if k == 0 or x <= heap[0]:
+        return n
+    heap[0] = x
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and heap[c + 1] < heap[c]:
+            c += 1
+        if heap[i] <= heap[c]:
+            break
+        heap[i], heap[c] = heap[c], heap[i]
+        i = c
+    return n
+
+
+@njit(cache=True)
+def _worse(s1, p1, s2, p2):
+    # Rank order is score descending, then linear position ascending.
+    return s1 < s2 or (s1 == s2 and p1 > p2)
+
+
+@njit(cache=True)
+def topk_heap_push(scores, positions, n, score, pos):
+    """Offer (score, pos) to a bounded heap of the k best by (score desc, pos asc); return new size.
+
+    ``scores`` float32 (k,) and ``positions`` int64 (k,) are parallel arrays whose first ``n``
+    entries form a heap with the *worst* entry at the root, so the root is the admission test.
+    """
+    k = scores.shape[0]
+    if n < k:
+        i = n
+        scores[i] = score
+        positions[i] = pos
+        while i > 0:
+            parent = (i - 1) // 2
+            if not _worse(scores[i], positions[i], scores[parent], positions[parent]):
+                break
+            scores[parent], scores[i] = scores[i], scores[parent]
+            positions[parent], positions[i] = positions[i], positions[parent]
+            i = parent
+        return n + 1
+    if k == 0 or not _worse(scores[0], positions[0], score, pos):
+        return n
+    scores[0] = score
+    positions[0] = pos
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and _worse(scores[c + 1], positions[c + 1], scores[c], positions[c]):
+            c += 1
+        if not _worse(scores[c], positions[c], scores[i], positions[i]):
+            break
+        scores[i], scores[c] = scores[c], scores[i]
+        positions[i], positions[c] = positions[c], positions[i]
+        i = c
+    return n
+
+
+@njit(cache=True, inline="always")
+def _margin(approx, kind_i, kind_j, rel, abs_err):
+    # Bound on |approx - canonical| for a pair of non-irregular neurons (see scan_block).
+    if kind_i == KIND_ZERO or kind_j == KIND_ZERO:
+        return 0.0
+    if kind_i == KIND_NONNEG and kind_j == KIND_NONNEG:
+        return rel * approx
+    return abs_err
+
+
+@njit(cache=True)
+def scan_block(
+    dots,
+    row0,
+    indptr,
+    indices,
+    v_in,
+    v_out,
+    kind_in,
+    kind_out,
+    rel,
+    abs_err,
+    a_in,
+    a_out,
+    inv_in,
+    inv_out,
+    lower_heap,
+    best_scores,
+    best_positions,
+    state,
+):
+    """Fold one block of rows into the running exact top-k (positions not kept only).
+
+    ``dots`` float32 (r, n_out) holds the BLAS products ``a_in[row0:row0+r] @ a_out.T``. The
+    prefilter score is ``approx = float32(float32(|dots[r, j]| * v_in[i]) * v_out[j])`` with
+    ``v = float32(inv)``; it lies within ``margin`` of the canonical score: ``rel * approx`` for two
+    KIND_NONNEG neurons (no cancellation, so the float32 dot error is relative), ``abs_err`` if one is
+    KIND_SIGNED, 0 if one is KIND_ZERO (both scores are exactly 0), unbounded if one is
+    KIND_IRREGULAR. ``similarity.py`` derives ``rel`` and ``abs_err`` from the float32 error bound
+    ``gamma_S = S u / (1 - S u)``.
+
+    Pass 1 pushes every lower bound ``approx - margin`` into ``lower_heap`` (float64, size k), whose
+    root R is then a lower bound of the final k-th canonical score. Pass 2 computes the canonical
+    score of a position only if ``approx + margin >= R`` and, once the exact heap is full, only if
+    ``approx + margin`` exceeds its worst score (blocks arrive in ascending position order, so an
+    equal score loses the tie). The result is exactly the top-k by canonical score, whatever the
+    BLAS summation order; ties go to the smaller linear position ``i * n_out + j``.
+
+    Parameters: ``indptr`` int64 (n_in+1,) and ``indices`` int32 (nnz,) the kept positions (CSR,
+    ascending in each row); ``v_*`` float32; ``kind_*`` int8; ``inv_*`` float64; ``best_scores``
+    float32 (k,), ``best_positions`` int64 (k,); ``state`` int64 (3,): sizes of the two heaps and
+    the running count of canonical scores computed, updated in place.
+    """
+    n_rows, n_out = dots.shape
+    k = lower_heap.shape[0]
+    n_lower = state[0]
+    # Reject against a cached root inline: calling the push for every entry was 10x slower.
+    bound = lower_heap[0] if n_lower == k else -np.inf
+    for r in range(n_rows):
+        i = row0 + r
+        if kind_in[i] == KIND_IRREGULAR:
+            continue
+        p, end = indptr[i], indptr[i + 1]
+        for j in range(n_out):
+            if p < end and indices[p] == j:
+                p += 1
+                continue
+            if kind_out[j] == KIND_IRREGULAR:
+                continue
+            approx = abs(dots[r, j]) * v_in[i] * v_out[j]
+            low = np.float64(approx) - _margin(approx, kind_in[i], kind_out[j], rel, abs_err)
+            if low > bound:
+                n_lower = lower_heap_push(lower_heap, n_lower, low)
+                if n_lower == k:
+                    bound = lower_heap[0]
+    state[0] = n_lower
+
+    n_best = state[1]
+    n_scored = state[2]
+    worst = best_scores[0] if n_best == k else -np.inf
+    for r in range(n_rows):
+        i = row0 + r
+        p, end = indptr[i], indptr[i + 1]
+        for j in range(n_out):
+            if p < end and indices[p] == j:
+                p += 1
+                continue
+            if kind_in[i] == KIND_IRREGULAR or kind_out[j] == KIND_IRREGULAR:
+                high = np.inf
+            else:
+                approx = abs(dots[r, j]) * v_in[i] * v_out[j]
+                high = np.float64(approx) + _margin(approx, kind_in[i], kind_out[j], rel, abs_err)
+            if high < bound or high <= worst:
+                continue
+            score = canonical_score(a_in, a_out, inv_in, inv_out, i, j)
+            n_scored += 1
+            n_best = topk_heap_push(best_scores, best_positions, n_best, score, i * n_out + j)
+            if n_best == k:
+                worst = best_scores[0]
+    state[1] = n_best
+    state[2] = n_scored
+
+
+@njit(cache=True)
+def _splitmix64(x):
+    # One step of SplitMix64 (Steele, Lea, Flood 2014): a counter-based 64-bit mixer.
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True)
+def projection_rows(sample_ids, seed, out):
+    """Rows of the sketch's random projection for the given samples, without storing the matrix.
+
+    ``out[b, d] = +-1 / sqrt(dim)`` where the sign is bit ``d % 64`` of
+    ``splitmix64(splitmix64(seed) ^ splitmix64(sample_ids[b] * W + d // 64))`` with
+    ``W = ceil(dim / 64)``, all in uint64 arithmetic (wrapping). The same (seed, sample id) always
+    gives the same row, in any batch, so a sample's contribution does not depend on batching.
+
+    Parameters: ``sample_ids`` int64 (B,); ``seed`` int64 >= 0; ``out`` float32 (B, dim), written.
+    """
+    dim = out.shape[1]
+    words = (dim + 63) // 64
+    scale = np.float32(1.0 / np.sqrt(dim))
+    key = _splitmix64(np.uint64(seed))
+    for b in range(sample_ids.shape[0]):
+        base = np.uint64(sample_ids[b]) * np.uint64(words)
+        for w in range(words):
+            bits = _splitmix64(key ^ _splitmix64(base + np.uint64(w)))
+            for t in range(min(64, dim - 64 * w)):
+                if (bits >> np.uint64(t)) & np.uint64(1):
+                    out[b, 64 * w + t] = -scale
+                else:
+                    out[b, 64 * w + t] = scale
+
+
+@njit(cache=True)
+def add_squared_norms(a, out):
+    """``out[i] += sum_s float64(a[i, s])**2``, sequential over s.
+
+    Parameters: ``a`` float32 (n, B); ``out`` float64 (n,), updated in place.
+    """
+    for i in range(a.shape[0]):
+        acc = 0.0
+        for s in range(a.shape[1]):
+            v = np.float64(a[i, s])
+            acc += v * v
+        out[i] += acc

@@ -70,3 +70,78 @@ def test_update_of_a_dense_layer_regrows_only_where_it_dropped():
     changed, _, _ = update_layer(net, 0, 0.2, rng)
     check_layer(net.layer(0))
     assert changed == 4 and net.layer(0).nnz == 20
+
+
+def _activations(net, rng, s=40):
+    """Random ReLU-like activations for every level, with some dead (all-zero) neurons."""
+    acts = [np.maximum(rng.normal(size=(int(n), s)), 0).astype(np.float32) for n in net.sizes]
+    for a in acts:
+        a[rng.random(a.shape[0]) < 0.1] = 0
+    return acts
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 40), st.integers(2, 40), st.floats(0.5, 15), st.integers(0, 2**32 - 1))
+def test_ctre_sim_invariants(n_in, n_out, eps, seed):
+    from ctre_edge.similarity import topk_cosine
+
+    net, rng = net_of([n_in, n_out], eps, seed)
+    before = net.layer(0)
+    old_pos = linear_positions(before)
+    k = int(np.floor(0.3 * before.nnz))
+    acts = _activations(net, rng)
+    # Replay the update's own random stream to know D and the cosine picks.
+    replay = np.random.default_rng(seed + 1)
+    keep = drop_weakest(before.values.copy(), k, replay)
+    kept, removed = old_pos[keep], old_pos[~keep]
+    changed, n_cos, n_rand = update_layer(net, 0, 0.3, np.random.default_rng(seed + 1), (acts[0], acts[1]))
+    after = net.layer(0)
+    check_layer(after)
+    new_pos = linear_positions(after)
+    assert after.nnz == before.nnz and changed == k == n_cos + n_rand
+    grown = np.setdiff1d(new_pos, kept)
+    assert grown.shape[0] == k and not np.isin(grown, kept).any()
+    if k == 0:
+        return
+    from ctre_edge.layers import csr_from_positions
+
+    ip, ix, _ = csr_from_positions(n_in, n_out, kept)
+    rows, cols, _ = topk_cosine(acts[0], acts[1], ip, ix, k)
+    picks = rows * n_out + cols
+    readded = np.isin(picks, removed)
+    free_elsewhere = n_in * n_out - np.unique(np.concatenate([kept, picks, removed])).shape[0]
+    # Every cosine pick outside D is grown; each re-added one is replaced by exactly one random
+    # position outside kept, picks and D (while such positions exist).
+    assert np.isin(picks[~readded], grown).all()
+    assert n_rand == min(int(readded.sum()), free_elsewhere)
+    random_part = np.setdiff1d(grown, picks)
+    assert random_part.shape[0] == n_rand and not np.isin(random_part, removed).any()
+
+
+def test_ctre_seq_readds_with_old_weight_and_switches_after_patience():
+    net, rng = net_of([30, 20], 3, 5)
+    config = TrainConfig(method="ctre-seq", patience=3, similarity_samples=10)
+    X = rng.random((50, 30)).astype(np.float32)
+    policy = TopologyPolicy(config, X, np.arange(50), np.zeros(30, np.float32), np.ones(30, np.float32))
+    vals = [0.5, 0.6, 0.6, 0.55, 0.6]  # best 0.6 at epoch 1; no strict improvement for 3 epochs after
+    grown = []
+    for epoch, v in enumerate(vals):
+        grown.append(policy.update(net, epoch, v, rng))
+        check_layer(net.layer(0))
+    assert [g[1] > 0 for g in grown] == [True, True, True, True, False]
+    assert grown[-1][2] == grown[-1][0] > 0  # random from then on, as SET
+
+
+def test_ctre_seq_readded_connection_keeps_weight_and_momentum():
+    net, rng = net_of([6, 5], 3, 2)
+    acts = _activations(net, rng)
+    # Make the layer's weakest connection the single most similar pair, so cosine re-adds it.
+    layer = net.layer(0)
+    p = int(np.argmin(np.abs(layer.values)))
+    i, j = int(layer.rows()[p]), int(layer.indices[p])
+    acts[0][i] = acts[1][j] = np.linspace(1, 2, acts[0].shape[1])
+    old_w, old_v = float(layer.values[p]), float(net.velocity[p])
+    update_layer(net, 0, 1 / layer.nnz + 1e-9, rng, (acts[0], acts[1]), readd=True)
+    after = net.layer(0)
+    q = np.flatnonzero((after.rows() == i) & (after.indices == j))
+    assert q.shape == (1,) and after.values[q[0]] == old_w and net.velocity[q[0]] == old_v

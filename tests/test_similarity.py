@@ -1,0 +1,481 @@
+"""Tests for ctre_edge.similarity and its numba kernels (ctre_edge.kernels).
+
+Every kernel is checked against a plain numpy reference written here, and the blocked top-k against
+the dense ``topk_cosine_reference``, position for position. The sketch-recall test prints the
+recall-vs-dim table quoted in ``CosineSketch``'s docstring:
+
+    python -m pytest tests/test_similarity.py -k recall -s
+"""
+
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctre_edge import kernels as ks
+from ctre_edge.similarity import (
+    CosineSketch,
+    _topk_cosine,
+    canonical_scores_reference,
+    rescore_topk,
+    topk_cosine,
+    topk_cosine_reference,
+)
+
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+# ---------------------------------------------------------------- helpers and numpy references
+
+
+def random_csr(n_in, n_out, nnz, rng):
+    """CSR of ``nnz`` distinct positions drawn uniformly, columns ascending in each row."""
+    positions = np.sort(rng.choice(n_in * n_out, size=nnz, replace=False))
+    indptr = np.zeros(n_in + 1, np.int64)
+    np.add.at(indptr, positions // n_out + 1, 1)
+    return np.cumsum(indptr), (positions % n_out).astype(np.int32)
+
+
+def assert_same_topk(got, expected):
+    for name, g, e in zip(("rows", "cols", "scores"), got, expected):
+        assert g.dtype == e.dtype, name
+        np.testing.assert_array_equal(g, e, err_msg=name)
+
+
+def squared_norms_reference(a):
+    sq = np.zeros(a.shape[0])
+    for s in range(a.shape[1]):  # sequential, like the kernels
+        sq += a[:, s].astype(np.float64) ** 2
+    return sq
+
+
+def inverse_norms_reference(a):
+    sq = squared_norms_reference(a)
+    with np.errstate(divide="ignore"):
+        return np.where(sq > 0, 1.0 / np.sqrt(sq), 0.0)
+
+
+def neuron_kinds_reference(a, inv):
+    m = np.abs(a.astype(np.float64))
+    odd = ((m != 0) & ((m < 2.0**-30) | (m > 2.0**30))).any(axis=1) | (inv < 2.0**-30)
+    kinds = np.where((a < 0).any(axis=1), ks.KIND_SIGNED, ks.KIND_NONNEG)
+    kinds = np.where(odd, ks.KIND_IRREGULAR, kinds)
+    return np.where(inv == 0, ks.KIND_ZERO, kinds).astype(np.int8)
+
+
+def splitmix64_reference(x):
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def projection_reference(sample_ids, seed, dim):
+    words = (dim + 63) // 64
+    key = splitmix64_reference(np.array([seed], np.uint64))
+    counters = sample_ids.astype(np.uint64)[:, None] * np.uint64(words) + np.arange(words, dtype=np.uint64)
+    bits = splitmix64_reference(key ^ splitmix64_reference(counters))  # (B, words)
+    d = np.arange(dim)
+    sign = (bits[:, d // 64] >> (d % 64).astype(np.uint64)) & np.uint64(1)
+    scale = np.float32(1.0 / np.sqrt(dim))
+    return np.where(sign == 1, -scale, scale).astype(np.float32)
+
+
+def activations(kind, n, n_samples, rng):
+    """Activation matrices that stress one path of the prefilter (see neuron_kinds)."""
+    if kind == "relu":
+        return np.maximum(rng.standard_normal((n, n_samples)), 0).astype(np.float32)
+    if kind == "signed":
+        return rng.standard_normal((n, n_samples)).astype(np.float32)
+    if kind == "integer":  # small integers: many exactly equal scores
+        return rng.integers(-1, 3, (n, n_samples)).astype(np.float32)
+    if kind == "duplicated":  # copies and power-of-two multiples of two rows: exact ties
+        base = rng.integers(0, 3, (2, n_samples)).astype(np.float32)
+        return base[rng.integers(0, 2, n)] * np.float32(2.0) ** rng.integers(-2, 3, n)[:, None]
+    if kind == "irregular":  # values outside [2**-30, 2**30] on some neurons
+        a = rng.standard_normal((n, n_samples)).astype(np.float32)
+        a *= np.float32(2.0) ** rng.choice([0, 0, -45, 40], n)[:, None].astype(np.float32)
+        return a
+    raise AssertionError(kind)
+
+
+KINDS = ["relu", "signed", "integer", "duplicated", "irregular"]
+
+
+# ---------------------------------------------------------------- kernels vs numpy
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(KINDS), n=st.integers(1, 9), s=st.integers(0, 40)
+)
+@settings(max_examples=60, deadline=None)
+def test_inverse_norms_and_kinds_match_numpy(seed, kind, n, s):
+    rng = np.random.default_rng(seed)
+    a = activations(kind, n, s, rng)
+    a[rng.random(n) < 0.3] = 0  # dead neurons
+    inv = np.empty(n)
+    ks.inverse_norms(a, np.arange(n, dtype=np.int64), inv)
+    np.testing.assert_array_equal(inv, inverse_norms_reference(a))
+    kinds = np.empty(n, np.int8)
+    ks.neuron_kinds(a, inv, kinds)
+    np.testing.assert_array_equal(kinds, neuron_kinds_reference(a, inv))
+
+
+def test_inverse_norms_flags_non_finite():
+    a = np.array([[1, 2], [np.inf, 0], [np.nan, 1], [0, 0]], np.float32)
+    inv = np.empty(4)
+    ks.inverse_norms(a, np.arange(4, dtype=np.int64), inv)
+    assert inv[0] == 1 / np.sqrt(5.0) and np.isnan(inv[1]) and np.isnan(inv[2]) and inv[3] == 0
+
+
+@given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(KINDS), s=st.integers(0, 30))
+@settings(max_examples=60, deadline=None)
+def test_canonical_scores_match_dense_reference(seed, kind, s):
+    rng = np.random.default_rng(seed)
+    a_in, a_out = activations(kind, 7, s, rng), activations(kind, 5, s, rng)
+    a_in[2] = 0
+    inv_in, inv_out = inverse_norms_reference(a_in), inverse_norms_reference(a_out)
+    rows, cols = np.divmod(np.arange(35, dtype=np.int64), 5)
+    out = np.empty(35, np.float32)
+    ks.canonical_scores(a_in, a_out, inv_in, inv_out, rows, cols.astype(np.int32), out)
+    np.testing.assert_array_equal(out.reshape(7, 5), canonical_scores_reference(a_in, a_out))
+    assert (out.reshape(7, 5)[2] == 0).all()  # zero-norm rule
+
+
+@given(values=st.lists(st.integers(-5, 5), max_size=60), k=st.integers(1, 8))
+def test_lower_heap_keeps_k_largest(values, k):
+    heap, n = np.empty(k), 0
+    for v in values:
+        n = ks.lower_heap_push(heap, n, float(v))
+    assert n == min(k, len(values))
+    np.testing.assert_array_equal(np.sort(heap[:n]), np.sort(values)[len(values) - n :])
+    if n:
+        assert heap[0] == heap[:n].min()  # root is the admission threshold
+
+
+@given(
+    pairs=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 30)), max_size=60, unique_by=lambda t: t[1]),
+    k=st.integers(1, 8),
+)
+def test_topk_heap_keeps_k_best_by_score_then_position(pairs, k):
+    scores, positions, n = np.empty(k, np.float32), np.empty(k, np.int64), 0
+    for s, p in pairs:
+        n = ks.topk_heap_push(scores, positions, n, np.float32(s), p)
+    s_all = np.array([s for s, _ in pairs], np.float32)
+    p_all = np.array([p for _, p in pairs], np.int64)
+    best = np.lexsort((p_all, -s_all))[:n]
+    order = np.lexsort((positions[:n], -scores[:n]))
+    np.testing.assert_array_equal(positions[:n][order], p_all[best])
+    np.testing.assert_array_equal(scores[:n][order], s_all[best])
+
+
+def test_scan_block_on_one_block_matches_reference():
+    rng = np.random.default_rng(3)
+    a_in, a_out = activations("relu", 9, 20, rng), activations("signed", 11, 20, rng)
+    indptr, indices = random_csr(9, 11, 30, rng)
+    k = 25
+    inv_in, inv_out = inverse_norms_reference(a_in), inverse_norms_reference(a_out)
+    kind_in, kind_out = neuron_kinds_reference(a_in, inv_in), neuron_kinds_reference(a_out, inv_out)
+    u, g = 2.0**-24, 20 * 2.0**-24 / (1 - 20 * 2.0**-24)
+    rel, abs_err = 1.05 * (g + 8 * u) / (1 - 2 * (g + 8 * u)), 1.05 * g + 12 * u
+    heap, state = np.empty(k), np.zeros(3, np.int64)
+    scores, positions = np.empty(k, np.float32), np.empty(k, np.int64)
+    ks.scan_block(
+        a_in @ a_out.T, 0, indptr, indices, inv_in.astype(np.float32), inv_out.astype(np.float32),
+        kind_in, kind_out, rel, abs_err, a_in, a_out, inv_in, inv_out, heap, scores, positions, state,
+    )  # fmt: skip
+    assert state[0] == state[1] == k and k <= state[2] <= 9 * 11 - 30
+    order = np.lexsort((positions, -scores))
+    rows, cols, ref_scores = topk_cosine_reference(a_in, a_out, indptr, indices, k)
+    np.testing.assert_array_equal(positions[order], rows * 11 + cols)
+    np.testing.assert_array_equal(scores[order], ref_scores)
+
+
+@given(
+    ids=st.lists(st.integers(0, 2**40), max_size=20), seed=st.integers(0, 2**31), dim=st.integers(1, 200)
+)
+@settings(max_examples=40, deadline=None)
+def test_projection_rows_match_numpy(ids, seed, dim):
+    ids = np.array(ids, np.int64)
+    out = np.empty((ids.size, dim), np.float32)
+    ks.projection_rows(ids, seed, out)
+    np.testing.assert_array_equal(out, projection_reference(ids, seed, dim))
+
+
+def test_projection_rows_are_balanced_and_uncorrelated():
+    out = np.empty((4000, 64), np.float32)
+    ks.projection_rows(np.arange(4000, dtype=np.int64), 7, out)
+    gram = out.T @ out  # ~ identity * 4000 / 64 for independent fair signs
+    assert np.abs(np.diag(gram) - 4000 / 64).max() < 1e-3
+    off = gram - np.diag(np.diag(gram))
+    assert np.abs(off).max() < 5 * np.sqrt(4000) / 64  # 5 sigma
+
+
+def test_add_squared_norms_matches_numpy():
+    a = np.random.default_rng(0).standard_normal((6, 33)).astype(np.float32)
+    out = np.full(6, 2.0)
+    ks.add_squared_norms(a, out)
+    np.testing.assert_array_equal(out, 2.0 + squared_norms_reference(a))
+
+
+# ---------------------------------------------------------------- blocked top-k vs dense reference
+
+
+@st.composite
+def layer_cases(draw):
+    n_in, n_out = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    n_samples = draw(st.sampled_from([0, 1, 2, 5, 16, 64]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    a_in = activations(draw(st.sampled_from(KINDS)), n_in, n_samples, rng)
+    a_out = activations(draw(st.sampled_from(KINDS)), n_out, n_samples, rng)
+    a_in[draw(st.lists(st.integers(0, n_in - 1), max_size=3))] = 0  # zero-norm neurons on purpose
+    a_out[draw(st.lists(st.integers(0, n_out - 1), max_size=3))] = 0
+    nnz = draw(st.integers(0, n_in * n_out))
+    indptr, indices = random_csr(n_in, n_out, nnz, rng)
+    k = draw(st.integers(0, n_in * n_out - nnz))
+    block_rows = draw(st.one_of(st.just(1), st.just(n_in), st.integers(1, n_in)))
+    return a_in, a_out, indptr, indices, k, block_rows
+
+
+@given(case=layer_cases())
+@settings(max_examples=300, deadline=None)
+def test_topk_matches_reference_position_for_position(case):
+    a_in, a_out, indptr, indices, k, block_rows = case
+    got = topk_cosine(a_in, a_out, indptr, indices, k, block_rows=block_rows)
+    assert_same_topk(got, topk_cosine_reference(a_in, a_out, indptr, indices, k))
+    kept = set((np.repeat(np.arange(len(indptr) - 1), np.diff(indptr)) * a_out.shape[0] + indices).tolist())
+    assert kept.isdisjoint((got[0] * a_out.shape[0] + got[1]).tolist())
+
+
+@pytest.mark.parametrize("n_samples", [1, 300, 3000])
+def test_topk_is_exact_where_float32_blas_ranks_differently(n_samples):
+    # Near-identical neurons: canonical scores tie or differ in the last bits, where float32 BLAS
+    # rounding reorders them. The result must still match the reference for every block size.
+    rng = np.random.default_rng(n_samples)
+    base = rng.standard_normal(n_samples).astype(np.float32)
+    a_in = base + (rng.standard_normal((40, n_samples)) * 3e-3).astype(np.float32)
+    a_out = base + (rng.standard_normal((30, n_samples)) * 3e-3).astype(np.float32)
+    indptr, indices = random_csr(40, 30, 70, rng)
+    expected = topk_cosine_reference(a_in, a_out, indptr, indices, 300)
+    for block_rows in (1, 7, 40):
+        assert_same_topk(topk_cosine(a_in, a_out, indptr, indices, 300, block_rows=block_rows), expected)
+    # The premise: ranking the float32 BLAS scores directly would give another answer.
+    inv_in, inv_out = inverse_norms_reference(a_in), inverse_norms_reference(a_out)
+    naive = np.abs(a_in @ a_out.T) * inv_in.astype(np.float32)[:, None] * inv_out.astype(np.float32)
+    naive = naive.ravel().astype(np.float64)
+    naive[np.repeat(np.arange(40), np.diff(indptr)) * 30 + indices] = -np.inf
+    assert not np.array_equal(np.argsort(-naive, kind="stable")[:300], expected[0] * 30 + expected[1])
+
+
+def test_workspace_sets_block_rows_and_result_does_not_depend_on_it():
+    rng = np.random.default_rng(5)
+    a_in, a_out = activations("relu", 50, 32, rng), activations("relu", 40, 32, rng)
+    indptr, indices = random_csr(50, 40, 90, rng)
+    expected = topk_cosine_reference(a_in, a_out, indptr, indices, 100)
+    for workspace in (0, 1, 40 * 4 * 3, 1 << 30):
+        assert_same_topk(topk_cosine(a_in, a_out, indptr, indices, 100, workspace_bytes=workspace), expected)
+
+
+def test_prefilter_rescores_few_positions():
+    rng = np.random.default_rng(6)
+    a_in, a_out = activations("relu", 300, 200, rng), activations("signed", 300, 200, rng)
+    indptr, indices = random_csr(300, 300, 600, rng)
+    k = 120
+    *_, n_scored = _topk_cosine(a_in, a_out, indptr, indices, k, block_rows=50, workspace_bytes=0)
+    # A streaming top-k over random order admits about k * (1 + ln(N / k)) entries.
+    assert n_scored <= 3 * k * (1 + np.log(300 * 300 / k)), n_scored
+
+
+def test_all_scores_zero_returns_first_free_positions():
+    a_in, a_out = np.zeros((4, 3), np.float32), np.ones((5, 3), np.float32)
+    indptr, indices = random_csr(4, 5, 6, np.random.default_rng(0))
+    rows, cols, scores = topk_cosine(a_in, a_out, indptr, indices, 14)
+    free = np.setdiff1d(np.arange(20), np.repeat(np.arange(4), np.diff(indptr)) * 5 + indices)
+    np.testing.assert_array_equal(rows * 5 + cols, free)
+    assert (scores == 0).all() and rows.dtype == np.int64 and cols.dtype == np.int32
+
+
+def test_k_zero_and_k_all_free():
+    rng = np.random.default_rng(1)
+    a_in, a_out = activations("signed", 3, 4, rng), activations("signed", 2, 4, rng)
+    indptr, indices = random_csr(3, 2, 2, rng)
+    assert all(x.size == 0 for x in topk_cosine(a_in, a_out, indptr, indices, 0))
+    expected = topk_cosine_reference(a_in, a_out, indptr, indices, 4)
+    assert_same_topk(topk_cosine(a_in, a_out, indptr, indices, 4), expected)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(k=5), r"k must be in \[0, 4\]"),
+        (dict(k=-1), r"k must be in \[0, 4\]"),
+        (dict(indices=np.array([1, 0], np.int32)), "strictly ascending"),
+        (dict(indices=np.array([0, 2], np.int32)), r"indices must lie in \[0, 2\)"),
+        (dict(indptr=np.array([0, 1, 2], np.int64)), "indptr must have shape"),
+        (dict(a_in=np.full((3, 4), np.nan, np.float32)), "a_in contains Inf or NaN"),
+        (dict(a_out=np.ones((2, 5), np.float32)), "share the samples axis"),
+        (dict(a_in=np.ones(4, np.float32)), "must be 2-D"),
+    ],
+)
+def test_bad_arguments_raise_value_error(change, match):
+    args = dict(
+        a_in=np.ones((3, 4), np.float32), a_out=np.ones((2, 4), np.float32),
+        indptr=np.array([0, 2, 2, 2], np.int64), indices=np.array([0, 1], np.int32), k=4,
+    )  # fmt: skip
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        topk_cosine(**args)
+
+
+@pytest.mark.slow
+def test_memory_of_a_20000_by_20000_layer_stays_under_80_mb():
+    n, n_samples, k = 20_000, 256, 8_000
+    rng = np.random.default_rng(0)
+    indptr, indices = random_csr(n, n, 40_000, rng)
+    tiny = np.ones((2, 3), np.float32)
+    topk_cosine(tiny, tiny, np.zeros(3, np.int64), np.zeros(0, np.int32), 1)  # load kernels untraced
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        a_in = rng.standard_normal((n, n_samples), dtype=np.float32)
+        np.maximum(a_in, 0, out=a_in)
+        a_out = rng.standard_normal((n, n_samples), dtype=np.float32)
+        np.maximum(a_out, 0, out=a_out)
+        rows, cols, scores = topk_cosine(a_in, a_out, indptr, indices, k)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    seconds = time.perf_counter() - start
+    print(f"\n20000 x 20000, S=256, k=8000: {seconds:.1f} s, traced peak {peak / 1e6:.1f} MB")
+    assert peak < 80e6, f"traced peak {peak / 1e6:.1f} MB >= 80 MB"
+    assert rows.shape == (k,) and np.all(np.diff(scores) <= 0)
+    # Spot check: the returned scores are the canonical ones.
+    rescored = np.empty(100, np.float32)
+    inv_in, inv_out = inverse_norms_reference(a_in[rows[:100]]), inverse_norms_reference(a_out[cols[:100]])
+    dots = np.einsum("ij,ij->i", a_in[rows[:100]].astype(np.float64), a_out[cols[:100]].astype(np.float64))
+    rescored[:] = np.abs(dots) * inv_in * inv_out
+    np.testing.assert_allclose(scores[:100], rescored, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- sketch
+
+
+def test_sketch_does_not_depend_on_batching():
+    rng = np.random.default_rng(2)
+    a_in, a_out = activations("relu", 20, 50, rng), activations("signed", 15, 50, rng)
+    one, two = CosineSketch(20, 15, dim=32, seed=3), CosineSketch(20, 15, dim=32, seed=3)
+    one.update(a_in, a_out, np.arange(50))
+    order = rng.permutation(50)
+    for part in np.array_split(order, 3):
+        two.update(a_in[:, part], a_out[:, part], part)
+    np.testing.assert_allclose(one.sketch_in, two.sketch_in, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(one.sq_norm_out, two.sq_norm_out, rtol=1e-12)
+    np.testing.assert_array_equal(one.sq_norm_in, squared_norms_reference(a_in))
+    assert one.n_samples == two.n_samples == 50
+
+
+def test_sketch_estimates_cosine():
+    rng = np.random.default_rng(4)
+    a_in, a_out = activations("relu", 30, 400, rng), activations("relu", 30, 400, rng)
+    a_out[:10] = a_in[:10] + 0.1 * a_out[:10]  # some strongly similar pairs
+    sketch = CosineSketch(30, 30, dim=1024, seed=1)
+    sketch.update(a_in, a_out, np.arange(400))
+    estimate = canonical_scores_reference(sketch.sketch_in, sketch.sketch_out)
+    assert np.abs(estimate - canonical_scores_reference(a_in, a_out)).max() < 0.15  # ~ 4 / sqrt(dim)
+
+
+def test_rescore_with_every_free_position_equals_exact_topk():
+    rng = np.random.default_rng(8)
+    a_in, a_out = activations("relu", 25, 40, rng), activations("integer", 18, 40, rng)
+    a_out[3] = 0
+    indptr, indices = random_csr(25, 18, 60, rng)
+    sketch = CosineSketch(25, 18, dim=16)
+    sketch.update(a_in, a_out, np.arange(40))
+    rows, cols, _ = sketch.candidates(indptr, indices, k=50, n_candidates=25 * 18 - 60)
+    got = sketch.rescore(a_in, a_out, rows, cols, 50)
+    assert_same_topk(got, topk_cosine(a_in, a_out, indptr, indices, 50))
+    # Candidate order must not matter either.
+    shuffle = rng.permutation(rows.size)
+    assert_same_topk(rescore_topk(a_in, a_out, rows[shuffle], cols[shuffle], 50), got)
+
+
+def test_candidates_skip_kept_positions_and_default_to_4k():
+    rng = np.random.default_rng(9)
+    a_in, a_out = activations("relu", 30, 20, rng), activations("relu", 30, 20, rng)
+    indptr, indices = random_csr(30, 30, 200, rng)
+    sketch = CosineSketch(30, 30, dim=8)
+    sketch.update(a_in, a_out, np.arange(20))
+    rows, cols, _ = sketch.candidates(indptr, indices, k=10)
+    assert rows.size == 40
+    kept = np.repeat(np.arange(30), np.diff(indptr)) * 30 + indices
+    assert np.intersect1d(rows * 30 + cols, kept).size == 0
+    with pytest.raises(ValueError, match="n_candidates must be at least k"):
+        sketch.candidates(indptr, indices, k=10, n_candidates=5)
+    with pytest.raises(ValueError, match=r"cols must lie in \[0, 30\)"):
+        sketch.rescore(a_in, a_out, rows, cols + 30, k=10)
+
+
+def erdos_renyi_mlp_activations(x, n_classes, hidden, rng):
+    """Activations of a random sparse ReLU MLP as ALGORITHM.md initialises it (eps=1, Glorot)."""
+    sizes = [x.shape[1], *hidden, n_classes]
+    acts, layers, h = [np.ascontiguousarray(x.T)], [], x
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        indptr, indices = random_csr(n_in, n_out, min(n_in * n_out, n_in + n_out), rng)
+        limit = np.sqrt(6 / (n_in + n_out))
+        w = np.zeros((n_in, n_out), np.float32)
+        w[np.repeat(np.arange(n_in), np.diff(indptr)), indices] = rng.uniform(-limit, limit, indices.size)
+        z = h @ w
+        if n_out == n_classes:  # output layer: softmax
+            z = np.exp(z - z.max(axis=1, keepdims=True))
+            h = z / z.sum(axis=1, keepdims=True)
+        else:
+            h = np.maximum(z, 0)
+        acts.append(np.ascontiguousarray(h.T, dtype=np.float32))
+        layers.append((indptr, indices))
+    return acts, layers
+
+
+def load_scaled(name):
+    path = DATASETS / f"{name}.npz"
+    if not path.exists():
+        pytest.skip(f"{path.name} not found under ../shared/datasets")
+    with np.load(path) as data:
+        x, y = data["X"].astype(np.float32), data["y"]
+    if name == "madelon":  # scaled as the authors did
+        x = (x - x.mean(axis=0)) / x.std(axis=0)
+    else:
+        x = (x - x.min(axis=0)) / np.maximum(x.max(axis=0) - x.min(axis=0), 1e-12)
+    return x.astype(np.float32), int(y.max()) + 1
+
+
+def test_sketch_recall_on_real_activations():
+    dims, default_dim = (32, 64, 128, 256), CosineSketch(1, 1).dim
+    lines, worst_at_default = [], 1.0
+    for name in ("digits", "madelon"):
+        x, n_classes = load_scaled(name)
+        acts, layers = erdos_renyi_mlp_activations(x, n_classes, (1000, 1000, 1000), np.random.default_rng(0))
+        for l, (indptr, indices) in enumerate(layers):
+            a_in, a_out = acts[l], acts[l + 1]
+            k = int(0.2 * indices.size)
+            exact = topk_cosine(a_in, a_out, indptr, indices, k)
+            truth = set((exact[0] * a_out.shape[0] + exact[1]).tolist())
+            recalls = []
+            for dim in dims:
+                sketch = CosineSketch(a_in.shape[0], a_out.shape[0], dim=dim, seed=0)
+                for part in np.array_split(np.arange(x.shape[0]), 8):  # streamed in batches
+                    sketch.update(a_in[:, part], a_out[:, part], part)
+                rows, cols, _ = sketch.candidates(indptr, indices, k)
+                rows, cols, _ = sketch.rescore(a_in, a_out, rows, cols, k)
+                recalls.append(len(truth & set((rows * a_out.shape[0] + cols).tolist())) / k)
+                if dim == default_dim:
+                    worst_at_default = min(worst_at_default, recalls[-1])
+            shape = f"{a_in.shape[0]}x{a_out.shape[0]}"
+            table = "  ".join(f"{r:.3f}" for r in recalls)
+            lines.append(f"{name:8s} layer {l} {shape:>10s} k={k:4d}  {table}")
+    print("\nrecall of the exact top-k, n_candidates = 4k, dim = " + " / ".join(map(str, dims)))
+    print("\n".join(lines))
+    assert worst_at_default >= 0.9, f"recall {worst_at_default:.3f} < 0.9 at the default dim {default_dim}"
