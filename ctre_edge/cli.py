@@ -27,8 +27,13 @@ _state = {"debug": False}
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False):
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+          cache_dir: Annotated[Optional[Path], typer.Option(help="numba's kernel cache (default: ~/.cache/ctre-edge/VERSION/numba, or NUMBA_CACHE_DIR).")] = None):
     _state["debug"] = debug
+    if cache_dir is not None:
+        from . import configure_cache
+
+        configure_cache(cache_dir)
 
 
 def _fail(e: BaseException) -> None:
@@ -126,6 +131,7 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
     from .data import load_data, summarize_data, summarize_loaded
     from .profiles import load_profile
     from .train import Checkpointing, TrainConfig, train as run_training
+    from .warmup import kernels_cached
 
     names = [f for f in ("method", "epsilon", "zeta", "epochs", "batch_size", "lr", "momentum", "l2", "lr_drop_epoch",
                          "seed", "scaling", "test_fraction", "patience", "similarity", "similarity_samples",
@@ -136,17 +142,21 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
     if out is not None and out.exists() and not o.get("force"):
         raise_exists(out)
     # Plan from the headers first, so a run that cannot fit is refused before any loading or compiling.
-    plan = plan_run(config, summarize_data(o["data"]), prof, fit=o["fit"], inference_only_ok=plan_only)
+    cold = not kernels_cached()
+    plan = plan_run(config, summarize_data(o["data"]), prof, fit=o["fit"], inference_only_ok=plan_only,
+                    cold_cache=cold)
     if plan_only:
         _show_plan(plan, o["as_json"])
         return
     dataset = load_data(o["data"])
-    plan = plan_run(config, summarize_loaded(dataset), prof, fit=o["fit"], data_bytes=dataset.nbytes)
+    plan = plan_run(config, summarize_loaded(dataset), prof, fit=o["fit"], data_bytes=dataset.nbytes, cold_cache=cold)
     if plan.changes:
         err.print("[yellow]--fit changed:[/yellow] " + ", ".join(plan.changes))
     if prof is not None:
         _set_threads(prof.threads)
     checkpointing = _checkpointing(o, Checkpointing)
+    if cold and not o["quiet"]:
+        err.print("compiling kernels (first run on this CPU or version; `ctre-edge warmup` does this ahead of time)...")
     with _progress(config.epochs, o["quiet"]) as report, _StopOnSignal() as stop:
         try:
             result = run_training(dataset, config, progress=report, checkpointing=checkpointing,
@@ -389,6 +399,32 @@ def info(
         acc = model.metrics.get("test_accuracy")
         if acc is not None:
             err.print(f"test accuracy {acc:.4f} at epoch {model.metrics.get('best_epoch')}")
+
+    _run(body)
+
+
+@app.command()
+def warmup():
+    """Compile every kernel into the cache now, so the first training run starts at once."""
+
+    def body():
+        import time
+
+        from .warmup import STEPS, warmup as run_warmup
+
+        t0 = time.perf_counter()
+        with err.status("compiling kernels...") as status:
+            done = []
+
+            def step(name, seconds):
+                done.append(name)
+                err.print(f"  {name}: {seconds:.1f} s")
+                status.update(f"compiling kernels... {len(done)}/{len(STEPS)}")
+
+            run_warmup(step)
+        import os
+
+        err.print(f"kernels ready in {time.perf_counter() - t0:.1f} s; cache: {os.environ.get('NUMBA_CACHE_DIR')}")
 
     _run(body)
 
