@@ -56,6 +56,7 @@ class RunShape:
     n_test: int
     data_bytes: int
     similarity_workspace_mib: int = 32
+    sketch_dim: int = 0  # > 0: sketch scoring instead of an exact activation sample
 
     @property
     def nnz(self) -> list[int]:
@@ -115,7 +116,9 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         s = min(shape.similarity_samples, shape.n_train)
         k = max(int(0.2 * z) for z in nnz)
         block = min(shape.similarity_workspace_mib * MiB, 4 * max(a * c for a, c in zip(sizes[:-1], sizes[1:])))
-        parts["similarity"] = 4 * s * units + block + 64 * k + 4 * widest * n_layers
+        # Exact: the activations of S samples at every level. Sketch: (n_in + n_out) x dim per layer.
+        held = 8 * units * shape.sketch_dim if shape.sketch_dim else 4 * s * units
+        parts["similarity"] = held + block + 64 * k + 4 * widest * n_layers
     if cold_cache:
         parts["compile"] = COMPILE_EXTRA_BYTES
     return MemoryPlan(parts, budget, profile)
@@ -226,7 +229,7 @@ def shape_of(config, summary, data_bytes: int | None = None) -> RunShape:
     return RunShape(sizes, config.epsilon, config.method, config.batch_size, config.eval_batch_size,
                     config.similarity_samples, n - n_val, n_val, n_test,
                     (summary.min_bytes if data_bytes is None else data_bytes) + copied,
-                    config.similarity_workspace_mib)
+                    config.similarity_workspace_mib, config.sketch_dim if config.similarity == "sketch" else 0)
 
 
 def apply_shape(config, shape: RunShape) -> None:

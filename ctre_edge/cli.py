@@ -94,8 +94,9 @@ def train(
     test_fraction: Annotated[float, typer.Option(help="Stratified test split when the data has no X_test.")] = 0.2,
     patience: Annotated[int, typer.Option(help="ctre-seq: epochs without validation improvement before random growth.")] = 40,
     similarity: Annotated[str, typer.Option(help="Cosine scoring for ctre-*: exact or sketch.")] = "exact",
-    similarity_samples: Annotated[int, typer.Option(help="Training samples S used for the cosine scores each epoch (capped by --profile).")] = 2000,
+    similarity_samples: Annotated[int, typer.Option(help="Training samples S used for the cosine scores each epoch (capped by --profile).")] = 1000,
     similarity_workspace_mib: Annotated[int, typer.Option(help="Memory for one block of cosine scores, MiB.")] = 32,
+    sketch_dim: Annotated[int, typer.Option(help="--similarity sketch: random projections per neuron.")] = 256,
     eval_batch_size: Annotated[int, typer.Option(help="Batch size of validation and test passes.")] = 1000,
     profile: Annotated[Optional[str], typer.Option(help="Device profile (see `ctre-edge profiles list`) or a .toml file: refuse runs that do not fit.")] = None,
     fit: Annotated[bool, typer.Option("--fit", help="With --profile: shrink batch, evaluation batch and similarity samples until the run fits.")] = False,
@@ -135,7 +136,7 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
 
     names = [f for f in ("method", "epsilon", "zeta", "epochs", "batch_size", "lr", "momentum", "l2", "lr_drop_epoch",
                          "seed", "scaling", "test_fraction", "patience", "similarity", "similarity_samples",
-                         "similarity_workspace_mib", "eval_batch_size")]
+                         "similarity_workspace_mib", "sketch_dim", "eval_batch_size")]
     config = TrainConfig(hidden=_parse_hidden(o["hidden"]), **{n: o[n] for n in names}).validate()
     prof = load_profile(o["profile"]) if o["profile"] else None
     out = o.get("out")
@@ -372,14 +373,21 @@ def evaluate(
 @app.command()
 def info(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model written by train --out.")],
+    features: Annotated[bool, typer.Option("--features", help="Rank input features by their surviving connections (and total |w|).")] = False,
+    top: Annotated[int, typer.Option(help="With --features: how many features to list.")] = 20,
+    image_shape: Annotated[Optional[str], typer.Option(help="With --features: lay the input degrees out as an HxW image (square inputs are guessed).")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="With --features: write the input-degree map as a PNG (needs matplotlib; otherwise a terminal heat map).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ):
-    """Layers, connections, density and bytes of a saved model."""
+    """Layers, connections, density and bytes of a saved model; --features ranks the inputs."""
 
     def body():
         from .model import SparseMLP
 
         model = SparseMLP.load(model_path)
+        if features:
+            _feature_report(model, top, image_shape, png, as_json)
+            return
         rows = [{"layer": l, "n_in": L.n_in, "n_out": L.n_out, "nnz": L.nnz, "density": L.density, "bytes": L.nbytes}
                 for l, L in enumerate(model.layers)]
         doc = {"sizes": model.sizes, "layers": rows, "nnz": model.nnz, "density": model.density,
@@ -552,6 +560,65 @@ def profiles_show(name: Annotated[str, typer.Argument(help="A profile name or a 
         err.print(t)
 
     _run(body)
+
+
+def _feature_report(model, top: int, shape_text, png, as_json: bool) -> None:
+    import numpy as np
+
+    from .topology import degree_map, feature_ranking, image_shape, write_png
+
+    rank = feature_ranking(model)
+    order = rank["order"][:max(1, top)]
+    rows = [{"feature": int(f), "connections": int(rank["degree"][f]), "total_abs_weight": float(rank["weight"][f])}
+            for f in order]
+    try:
+        shape = image_shape(model.n_features, shape_text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if png is not None:
+        if shape is None:
+            raise ConfigError("--png needs an image: pass --image-shape HxW")
+        if png.exists():
+            raise_exists(png)
+        if not write_png(degree_map(model, shape), png, "input connections per pixel"):
+            raise ConfigError("--png needs matplotlib (pip install matplotlib); without it a terminal map is shown")
+    if as_json:
+        _print_json({"top": rows, "unconnected_features": int(np.sum(rank["degree"] == 0)),
+                     "degree": rank["degree"].tolist()})
+        return
+    from rich.table import Table
+
+    t = Table(title=f"input features by surviving connections (of {model.n_features})")
+    for c in ("rank", "feature", "connections", "total |w|"):
+        t.add_column(c, justify="right")
+    for i, r in enumerate(rows, 1):
+        t.add_row(str(i), str(r["feature"]), str(r["connections"]), f"{r['total_abs_weight']:.3f}")
+    err.print(t)
+    err.print(f"{int(np.sum(rank['degree'] == 0))} of {model.n_features} features have no connection left")
+    if shape is not None and png is None:
+        _terminal_heat_map(degree_map(model, shape))
+    elif png is not None:
+        err.print(f"wrote {png}")
+
+
+def _terminal_heat_map(image) -> None:
+    """Two pixels per character cell (upper half block), colour = degree, for terminals without plots."""
+    from rich.text import Text
+
+    top = float(image.max()) or 1.0
+
+    def colour(v):
+        level = int(round(255 * float(v) / top))
+        return f"rgb({level},{level // 2 + 40},{255 - level})"
+
+    text = Text()
+    for r in range(0, image.shape[0], 2):
+        for c in range(image.shape[1]):
+            lower = image[r + 1, c] if r + 1 < image.shape[0] else 0
+            text.append("\u2580", style=f"{colour(image[r, c])} on {colour(lower)}")
+        text.append("\n")
+    err.print(text)
+    err.print(f"input connections per pixel: blue 0 ... orange {int(top)}")
 
 
 def _bytes(n: int) -> str:

@@ -1,8 +1,38 @@
-"""Data sets: loading (.npz, builtin:NAME), label coding, stratified splits and input scaling.
+"""Data sets: loading, label coding, the NaN policy, stratified splits and input scaling.
 
-Features keep a compact dtype where they can: integer-valued features in [0, 255] are held as uint8
-and scaled per batch inside the kernels, so MNIST takes 47 MB instead of 188 MB. Scaling is fitted
-on the training split only and travels with the model.
+Sources (``load_data``'s ``spec``):
+
+- ``builtin:NAME`` (``builtin:digits``);
+- ``.npz`` with ``X``, ``y`` and optionally ``X_test``, ``y_test`` (members streamed in chunks);
+- ``.csv``, ``.tsv`` and ``.txt`` (delimiter sniffed: , tab ; | or whitespace): one sample per line,
+  an optional header row (detected: a first row that is not numeric where the next rows are), the
+  label in the ``target`` column (a header name or a 0-based index, negative from the end; default
+  the last column). Empty fields and NA, N/A, null, ? read as NaN. Error messages count lines and
+  columns from 1;
+- ``.libsvm``, ``.svm``, ``.svmlight``: ``label index:value ...`` with 1-based indices, ``#`` comments
+  and ``qid:`` ignored. The network's input layer reads dense rows, so the file is densified to
+  (samples x largest index): one byte per cell when the values are integers in [0, 255], four
+  otherwise, whatever the file's sparsity (parsing adds 12 bytes per stored value);
+- MNIST-style IDX: ``IMAGES,LABELS`` or just the images file (``train-images-idx3-ubyte[.gz]``; the
+  labels are then ``train-labels-idx1-ubyte[.gz]`` next to it). Images flatten to rows.
+
+Labels may be integers or strings; ``Dataset.classes`` keeps them in code order (sorted).
+Features keep a compact dtype: integer-valued features in [0, 255] are held as uint8 and scaled per
+batch inside the kernels (MNIST takes 47 MB instead of 188 MB); anything else is float32.
+
+NaN policy: NaN/Inf features are an error by default; ``nan_policy="zero" | "mean" | "median"``
+replaces them per feature with statistics of the training file only, applied to the test file too.
+
+Parse cache: a text source (csv, tsv, txt, libsvm, gzipped IDX) parsed with ``cache=True`` is saved
+uncompressed next to the input, in ``<input>.ctre-cache/``: ``<key>.X.npy`` and ``<key>.y.npy``, and
+``<key>.json`` (written last) with the classes, the parse options, and each input's size, mtime and
+sha256 of its first and last MiB. ``key`` hashes the parse options, so files from different options
+are never paired. The next load with the same options memory-maps X (copy-on-write) instead of
+parsing, when every input's fingerprint still matches; otherwise the cache is rebuilt. A directory
+that cannot be written is skipped silently; ``cache=False`` reads and writes nothing. (A same-size
+edit inside the middle of a file within one mtime tick goes unnoticed: delete the directory then.)
+
+Scaling is fitted on the training split only and travels with the model.
 """
 
 from __future__ import annotations
@@ -14,11 +44,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from . import formats
+from .errors import ConfigError, DataError
+from .formats import Parsed, compact, count_nonfinite, fail
 
 BUILTIN = ("digits",)
 SCALINGS = ("minmax", "standard", "none")
+NAN_POLICIES = ("error", "zero", "mean", "median")
+SUPPORTED = ("builtin:NAME, .npz, .csv, .tsv, .txt, .libsvm/.svm/.svmlight, "
+             "IDX (*-images-idx3-ubyte[.gz], or IMAGES,LABELS)")
 _CHUNK = 8192
+_SMALL_TEXT = 32 << 20  # summarize_data parses text sources up to this size; larger ones are scanned
 
 
 @dataclass
@@ -44,23 +80,71 @@ class Dataset:
         return sum(a.nbytes for a in (self.X, self.y, self.X_test, self.y_test) if a is not None)
 
 
-def load_data(spec: str) -> Dataset:
-    """Load ``builtin:NAME`` or an ``.npz`` file with ``X``, ``y`` and optional ``X_test``, ``y_test``."""
-    spec = str(spec)
-    if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        if name not in BUILTIN:
-            raise DataError(f"unknown built-in data set {name!r}; choose one of: "
-                            + ", ".join(f"builtin:{n}" for n in BUILTIN))
-        with resources.as_file(resources.files("ctre_edge") / "datasets" / f"{name}.npz") as p:
-            return _load_npz(Path(p), spec)
-    path = Path(spec)
-    if not path.exists():
-        raise DataError(f"data file {path} not found; give an .npz file with X and y, or builtin:digits")
-    if path.suffix.lower() != ".npz":
-        raise DataError(f"{path}: unsupported data format {path.suffix or '(no extension)'!r}; "
-                        "use an .npz file with arrays X and y")
-    return _load_npz(path, path.name)
+def load_data(spec: str, *, target=None, test_spec: str | None = None, nan_policy: str = "error",
+              cache: bool = True) -> Dataset:
+    """Load a data set (formats in the module docstring).
+
+    Parameters
+    ----------
+    spec : str
+        ``builtin:NAME``, a file, or ``IMAGES,LABELS`` for IDX.
+    target : str or int, default=None
+        Label column of a delimited text file: header name or 0-based index (negative from the
+        end). None means the last column. Other formats ignore it.
+    test_spec : str, default=None
+        A separate test file in any format. Its labels must occur in ``spec`` and its feature
+        count must match (a LIBSVM test file is padded to the training width).
+    nan_policy : {"error", "zero", "mean", "median"}, default="error"
+        What to do with NaN/Inf features; statistics come from the training file only.
+    cache : bool, default=True
+        Reuse or write the parse cache of text sources.
+
+    Raises
+    ------
+    DataError
+        One line naming the file, the line or column, and the fix.
+    """
+    _check_nan_policy(nan_policy)
+    train, test = _read_pair(spec, target, test_spec, cache)
+    return _finish(train, test, nan_policy, _name(spec))
+
+
+def inspect_data(spec: str, *, target=None, test_spec: str | None = None, nan_policy: str = "error",
+                 cache: bool = True) -> dict:
+    """What ``load_data`` with the same options would give, summarised for people (and ``--json``).
+
+    NaN/Inf values are counted (before imputation) instead of raising; value ranges skip them.
+    Keys: name, n_samples, n_features, dtype, n_classes, classes (label -> count), min, max,
+    constant_features, nan_count, nan_policy, nbytes (everything loaded) and test (the same keys
+    for the test part, or None).
+    """
+    _check_nan_policy(nan_policy)
+    train, test = _read_pair(spec, target, test_spec, cache)
+    d = _finish(train, test, "keep" if nan_policy == "error" else nan_policy, _name(spec))
+    doc = {"name": d.name, **_describe(d.X, d.y, d.classes, train.n_nonfinite), "n_classes": len(d.classes),
+           "nan_policy": nan_policy, "nbytes": d.nbytes, "test": None}
+    if d.X_test is not None:
+        doc["test"] = _describe(d.X_test, d.y_test, d.classes, test.n_nonfinite if test else 0)
+    return doc
+
+
+def _describe(X: np.ndarray, y: np.ndarray, classes: list, n_nan: int) -> dict:
+    lo = np.full(X.shape[1], np.inf)
+    hi = np.full(X.shape[1], -np.inf)
+    for s in range(0, X.shape[0], _CHUNK):
+        c = X[s:s + _CHUNK]
+        ok = np.isfinite(c) if c.dtype.kind == "f" else True
+        lo = np.minimum(lo, np.where(ok, c, np.inf).min(axis=0))
+        hi = np.maximum(hi, np.where(ok, c, -np.inf).max(axis=0))
+    seen = np.isfinite(lo)
+    as_number = int if X.dtype.kind in "ui" else float
+    counts = np.bincount(y, minlength=len(classes))
+    return {"n_samples": int(X.shape[0]), "n_features": int(X.shape[1]), "dtype": str(X.dtype),
+            "classes": {c: int(k) for c, k in zip(classes, counts)},
+            "min": as_number(lo[seen].min()) if seen.any() else None,
+            "max": as_number(hi[seen].max()) if seen.any() else None,
+            "constant_features": int(np.count_nonzero(~seen | (lo == hi))),
+            "nan_count": int(n_nan), "nbytes": int(X.nbytes + y.nbytes)}
 
 
 @dataclass
@@ -74,32 +158,29 @@ class DataSummary:
     min_bytes: int
 
 
-def summarize_data(spec: str) -> DataSummary:
-    """Shapes of a data source from its headers (and labels), without loading the features.
+def summarize_data(spec: str, *, target=None, test_spec: str | None = None, nan_policy: str = "error",
+                   cache: bool = True) -> DataSummary:
+    """Shapes of a data source without loading large ones (same options as ``load_data``).
 
-    ``min_bytes`` assumes float features will compact to one byte each, so it never exceeds what
-    loading will take; the exact figure is ``Dataset.nbytes`` after loading.
+    Built-ins, small text files and text files with a valid cache are loaded (the parse is cached,
+    so ``load_data`` then costs nothing); .npz and IDX are read from their headers (and labels);
+    large text files are scanned for the header and the label column only. ``min_bytes`` counts
+    one byte per feature value where the loaded dtype is not known yet, so it never exceeds what
+    loading takes; the exact figure is ``Dataset.nbytes`` after loading.
     """
-    spec = str(spec)
-    path = Path(spec)
-    if spec.startswith("builtin:") or not path.exists() or path.suffix.lower() != ".npz":
-        d = load_data(spec)  # built-ins are small; a bad path raises the loader's own message
-        return DataSummary(d.X.shape[0], d.n_features, len(d.classes), 0 if d.X_test is None else d.X_test.shape[0],
-                           d.nbytes)
-    try:
-        with zipfile.ZipFile(path) as z:
-            keys = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
-            if not {"X", "y"} <= keys:
-                return summarize_loaded(load_data(spec))
-            (n, d), x_dtype = npz_header(z, "X")
-            n_test = npz_header(z, "X_test")[0][0] if "X_test" in keys else 0
-            y = _read_member(z, "y")
-            n_classes = int(np.unique(y).shape[0])
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - same boundary as _load_npz
-        raise DataError(f"{path}: cannot read as .npz ({type(e).__name__}: {e})") from None
-    per_value = 1 if x_dtype.kind == "f" else x_dtype.itemsize
+    _check_nan_policy(nan_policy)
+    kind, paths = _source(spec)
+    small = kind != "npz" and kind != "idx" and (
+        kind == "builtin" or sum(p.stat().st_size for p in paths) <= _SMALL_TEXT
+        or formats.cache_meta(paths, _options(kind, paths, target)) is not None)
+    if small and test_spec is None:
+        return summarize_loaded(load_data(spec, target=target, nan_policy=nan_policy, cache=cache))
+    n, d, n_classes, per_value = _shape_of(kind, paths, spec, target, cache, nan_policy)
+    n_test = 0
+    if test_spec is not None:
+        n_test = _shape_of(*_source(test_spec), test_spec, target, cache, nan_policy)[0]
+    elif kind == "npz":
+        n_test = _npz_test_rows(paths[0])
     return DataSummary(n, d, n_classes, n_test, (n + n_test) * (d * per_value + 8))
 
 
@@ -108,24 +189,261 @@ def summarize_loaded(d: Dataset) -> DataSummary:
                        d.nbytes)
 
 
-def _load_npz(path: Path, name: str) -> Dataset:
+def _shape_of(kind, paths, spec, target, cache, nan_policy) -> tuple[int, int, int, int]:
+    """(samples, features, classes, bytes per feature value as a lower bound) of one source."""
+    path = paths[0]
+    try:
+        if kind == "npz":
+            with zipfile.ZipFile(path) as z:
+                keys = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+                if {"X", "y"} <= keys:
+                    (n, d), dtype = npz_header(z, "X")
+                    y = _read_member(z, "y")
+                    return n, d, int(np.unique(y).shape[0]), (1 if dtype.kind == "f" else dtype.itemsize)
+        elif kind == "idx":
+            dims, _ = formats.idx_shape(path)
+            y = formats.read_idx(paths[1])
+            if len(dims) >= 2 and y.ndim == 1:
+                return dims[0], int(np.prod(dims[1:])), int(np.unique(y).shape[0]), 1
+        elif kind != "builtin" and path.stat().st_size > _SMALL_TEXT:
+            if kind == "libsvm":
+                return (*formats.scan_libsvm(path), 1)
+            return (*formats.scan_delimited(path, suffix=path.suffix.lower(), target=target), 1)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the same boundary as the loaders
+        raise _unreadable(path, kind, e) from None
+    d = summarize_loaded(load_data(spec, target=target, nan_policy=nan_policy, cache=cache))
+    return d.n_samples, d.n_features, d.n_classes, d.X.dtype.itemsize  # the loader's own checks and messages
+
+
+def _npz_test_rows(path: Path) -> int:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return npz_header(z, "X_test")[0][0] if "X_test.npy" in z.namelist() else 0
+    except Exception as e:  # noqa: BLE001
+        raise _unreadable(path, "npz", e) from None
+
+
+# ---------------------------------------------------------------- sources
+
+def _check_nan_policy(nan_policy) -> None:
+    if nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"'nan_policy' must be one of {', '.join(NAN_POLICIES)}; got {nan_policy!r}")
+
+
+def _name(spec) -> str:
+    spec = str(spec)
+    return spec if spec.startswith("builtin:") else Path(spec.split(",")[0] if not Path(spec).exists() else spec).name
+
+
+def _source(spec) -> tuple[str, list]:
+    """(kind, input paths) of a spec: builtin, npz, delimited, libsvm or idx; checks the files exist."""
+    spec = str(spec)
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN:
+            raise DataError(f"unknown built-in data set {name!r}; choose one of: "
+                            + ", ".join(f"builtin:{n}" for n in BUILTIN))
+        return "builtin", [name]
+    path = Path(spec)
+    if not path.exists() and "," in spec:
+        images, labels = (Path(p.strip()) for p in spec.split(",", 1))
+        if not formats.IDX_PATTERN.search(images.name):
+            raise fail(spec, "a comma joins two files only for IDX data (IMAGES,LABELS)",
+                       "give one data file, or *-images-idx3-ubyte,*-labels-idx1-ubyte")
+        return "idx", [_existing(images), _existing(labels)]
+    path = _existing(path)
+    suffix = path.suffix.lower()
+    if formats.IDX_PATTERN.search(path.name):
+        return "idx", [path, formats.idx_labels_path(path)]
+    if suffix == ".npz":
+        return "npz", [path]
+    if suffix in (".csv", ".tsv", ".txt"):
+        return "delimited", [path]
+    if suffix in formats.LIBSVM_SUFFIXES:
+        return "libsvm", [path]
+    raise fail(path, f"unsupported data format {suffix or '(no extension)'!r}", f"use one of: {SUPPORTED}")
+
+
+def _existing(path: Path) -> Path:
+    if not path.exists():
+        raise DataError(f"data file {path} not found; check the path (formats: {SUPPORTED})")
+    if path.is_dir():
+        raise fail(path, "is a directory, not a data file", f"give a file ({SUPPORTED})")
+    if path.stat().st_size == 0:
+        raise fail(path, "the file is empty", "check that it was written or downloaded completely")
+    return path
+
+
+def _options(kind: str, paths: list, target, n_features=None) -> dict:
+    """The parse options a cache must match (JSON-native values only)."""
+    if kind == "delimited":
+        return {"format": kind, "target": target if isinstance(target, (str, type(None))) else int(target)}
+    if kind == "libsvm":
+        return {"format": kind, "n_features": n_features}
+    return {"format": kind, "labels": paths[-1].name}
+
+
+def _read(spec, *, target, cache: bool, n_features=None) -> tuple[Parsed, Parsed | None]:
+    """Parse one source into (main part, its own test part or None)."""
+    kind, paths = _source(spec)
+    if kind == "builtin":
+        with resources.as_file(resources.files("ctre_edge") / "datasets" / f"{paths[0]}.npz") as p:
+            return _load_npz(Path(p), str(spec))
+    if target is not None and not isinstance(target, (str, int, np.integer)) or isinstance(target, bool):
+        raise fail(spec, f"target must be a column name or index, got {target!r}")
+    path = paths[0]
+    try:
+        if kind == "npz":
+            return _load_npz(path, str(path))
+        cacheable = cache and (kind != "idx" or any(p.name.lower().endswith(".gz") for p in paths))
+        options = _options(kind, paths, target, n_features)
+        if cacheable and (hit := formats.cache_load(paths, options)) is not None:
+            return hit, None
+        inputs = formats.fingerprint(paths) if cacheable else None  # taken before parsing, so an edit
+        if kind == "delimited":  # during the parse leaves a cache that is already stale
+            parsed = formats.parse_delimited(path, suffix=path.suffix.lower(), target=target)
+        elif kind == "libsvm":
+            parsed = formats.parse_libsvm(path, n_features)
+        else:
+            parsed = formats.parse_idx(*paths)
+        if cacheable:
+            formats.cache_store(paths, options, inputs, parsed)
+        return parsed, None
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged files fail in many ways (decoding, zlib, struct, EOF, ...)
+        raise _unreadable(path, kind, e) from None
+
+
+def _unreadable(path, kind: str, e: Exception) -> DataError:
+    if isinstance(e, MemoryError):
+        return fail(path, "does not fit in memory", "use a smaller file or a machine with more memory")
+    if isinstance(e, UnicodeError):
+        return fail(path, "is not UTF-8 text", f"save it as UTF-8, or use a binary format ({SUPPORTED})")
+    return fail(path, f"cannot read as {kind} ({type(e).__name__}: {e})", "check that the file is complete")
+
+
+def _read_pair(spec, target, test_spec, cache) -> tuple[Parsed, Parsed | None]:
+    train, test = _read(spec, target=target, cache=cache)
+    if test_spec is not None:
+        if test is not None:
+            raise fail(spec, "already has a test part (X_test, y_test)",
+                       "drop the separate test file, or give a training file without X_test")
+        main, part = _read(test_spec, target=target, cache=cache, n_features=train.X.shape[1])
+        test = part if part is not None else main  # an .npz test file: its test part, as `evaluate` reads it
+    return train, test
+
+
+# ---------------------------------------------------------------- assembling a Dataset
+
+def make_dataset(X, y, X_test=None, y_test=None, *, name: str = "", source: str = "data") -> Dataset:
+    """Validate arrays and code labels as 0..C-1 (classes sorted). Used by the loaders and the API."""
+    train, test = _arrays(X, y, X_test, y_test, source)
+    return _finish(train, test, "error", name)
+
+
+def _arrays(X, y, X_test, y_test, source) -> tuple[Parsed, Parsed | None]:
+    if (X_test is None) != (y_test is None):
+        raise fail(source, "X_test and y_test must come together")
+    parts = []
+    for Xp, yp, what in ((X, y, "X"), (X_test, y_test, "X_test")):
+        if Xp is None:
+            parts.append(None)
+            continue
+        Xp = _check_X(np.asarray(Xp), source, what)
+        yp = _check_y(np.asarray(yp), Xp.shape[0], source, "y" + what[1:])
+        classes, codes = np.unique(yp, return_inverse=True)
+        n_bad, where = count_nonfinite(Xp, lambda i, j, w=what: f"{w}[{i}, {j}]")
+        parts.append(Parsed(Xp, codes.astype(np.int64).reshape(-1), [c.item() for c in classes], str(source),
+                            None, n_bad, where))
+    if parts[1] is not None and parts[1].X.shape[1] != parts[0].X.shape[1]:
+        raise fail(source, f"X_test has {parts[1].X.shape[1]} features but X has {parts[0].X.shape[1]}")
+    return parts[0], parts[1]
+
+
+def _finish(train: Parsed, test: Parsed | None, nan_policy: str, name: str) -> Dataset:
+    """Apply the NaN policy ("keep" leaves NaN in place, for inspect_data) and map test labels."""
+    for part in (train, test):
+        if part is not None and part.n_nonfinite and nan_policy == "error":
+            raise fail(part.source, f"has {part.n_nonfinite} NaN/Inf value(s), the first at {part.first_nonfinite}",
+                       "clean them or pass --nan-policy mean|median|zero")
+    if len(train.classes) < 2:
+        raise fail(train.source, f"has a single class ({train.classes[0]!r})", "a classifier needs at least two")
+    X, X_test = train.X, None if test is None else test.X
+    if test is not None and X_test.shape[1] != X.shape[1]:
+        raise fail(test.source, f"has {X_test.shape[1]} features but the training data has {X.shape[1]}",
+                   "give a test file with the same feature columns")
+    if nan_policy in ("zero", "mean", "median") and (train.n_nonfinite or (test is not None and test.n_nonfinite)):
+        fill = _fill_values(X, nan_policy)
+        X = _impute(X, fill) if train.n_nonfinite else X
+        X_test = _impute(X_test, fill) if test is not None and test.n_nonfinite else X_test
+    y_test = None if test is None else _map_labels(test, train.classes)
+    return Dataset(X, train.y, list(train.classes), X_test, y_test, name)
+
+
+def _map_labels(test: Parsed, classes: list) -> np.ndarray:
+    """Test codes re-coded into the training classes; labels compare as text (1 matches "1")."""
+    if test.classes == classes:
+        return test.y
+    code = {str(c): i for i, c in enumerate(classes)}
+    unseen = [c for c in test.classes if str(c) not in code]
+    if unseen:
+        raise fail(test.source, f"has label(s) {unseen[:5]}{' ...' if len(unseen) > 5 else ''} never seen in training",
+                   "a test file may only hold classes of the training file")
+    return np.array([code[str(c)] for c in test.classes], dtype=np.int64)[test.y]
+
+
+def _fill_values(X: np.ndarray, policy: str) -> np.ndarray:
+    """Per-feature fill values from the finite entries of the training X (0 where there are none)."""
+    d = X.shape[1]
+    if policy == "zero":
+        return np.zeros(d, np.float32)
+    if policy == "mean":
+        total, count = np.zeros(d), np.zeros(d)
+        for s in range(0, X.shape[0], _CHUNK):
+            c = X[s:s + _CHUNK].astype(np.float64)
+            ok = np.isfinite(c)
+            total += np.where(ok, c, 0.0).sum(axis=0)
+            count += ok.sum(axis=0)
+        return np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32)
+    out = np.zeros(d, np.float32)
+    step = max(1, (8 << 20) // (4 * X.shape[0]))  # column blocks of about 8 MiB
+    for j in range(0, d, step):
+        c = X[:, j:j + step].astype(np.float32)
+        c[~np.isfinite(c)] = np.nan
+        seen = ~np.all(np.isnan(c), axis=0)
+        if seen.any():
+            out[j:j + step][seen] = np.nanmedian(c[:, seen], axis=0)
+    return out
+
+
+def _impute(X: np.ndarray, fill: np.ndarray) -> np.ndarray:
+    for s in range(0, X.shape[0], _CHUNK):
+        c = X[s:s + _CHUNK]
+        np.copyto(c, np.broadcast_to(fill, c.shape), where=~np.isfinite(c))
+    return compact(X)
+
+
+# ---------------------------------------------------------------- .npz
+
+def _load_npz(path: Path, source: str) -> tuple[Parsed, Parsed | None]:
     try:
         with zipfile.ZipFile(path) as z:
             keys = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
             missing = {"X", "y"} - keys
             if missing:
-                raise DataError(f"{path}: missing array(s) {', '.join(sorted(missing))}; "
-                                "an .npz data file needs X (samples x features) and y (labels)")
+                raise fail(path, f"missing array(s) {', '.join(sorted(missing))}",
+                           "an .npz data file needs X (samples x features) and y (labels)")
             X, y = _read_member(z, "X", compact=True), _read_member(z, "y")
             X_test = _read_member(z, "X_test", compact=True) if "X_test" in keys else None
             y_test = _read_member(z, "y_test") if "y_test" in keys else None
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - damaged archives fail in many ways (zlib, struct, EOF, ...)
-        raise DataError(f"{path}: cannot read as .npz ({type(e).__name__}: {e})") from None
-    if (X_test is None) != (y_test is None):
-        raise DataError(f"{path}: X_test and y_test must come together")
-    return make_dataset(X, y, X_test, y_test, name=name, source=str(path))
+        raise _unreadable(path, ".npz", e) from None
+    return _arrays(X, y, X_test, y_test, source)
 
 
 def npz_header(z: zipfile.ZipFile, key: str):
@@ -145,95 +463,67 @@ def _read_header(f):
 def _read_member(z: zipfile.ZipFile, key: str, compact: bool = False) -> np.ndarray:
     """Read one array of an .npz, streaming rows in chunks (no whole-array temporary).
 
-    With ``compact``, float features that are integers in [0, 255] are stored as uint8 as they
+    With ``compact``, numeric features that are integers in [0, 255] are stored as uint8 as they
     stream in; at the first chunk that is not, the array switches to float32.
     """
     with z.open(key + ".npy") as f:
         shape, fortran, dtype = _read_header(f)
         if dtype.hasobject:
-            raise DataError(f"{key} holds Python objects; store numbers or strings (no pickle)")
-        if fortran or len(shape) != 2 or not compact:
+            raise fail(z.filename, f"{key} holds Python objects", "store numbers or strings (no pickle)")
+        if fortran or len(shape) != 2 or not compact or dtype.kind not in "fiub":
             count = int(np.prod(shape)) if shape else 1
             data = f.read(count * dtype.itemsize)
             if len(data) != count * dtype.itemsize:
-                raise DataError(f"{key} is truncated")
+                raise fail(z.filename, f"{key} is truncated", "write the file again")
             arr = np.frombuffer(data, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
             return arr.copy() if not arr.flags.writeable else arr
         n, d = shape
-        as_uint8 = dtype.kind == "f"
-        out = np.empty(shape, dtype=np.uint8 if as_uint8 else dtype)
+        out = np.empty(shape, dtype=np.uint8)
         row_bytes = d * dtype.itemsize
         step = max(1, (8 << 20) // max(1, row_bytes))
         for s in range(0, n, step):
             rows = min(step, n - s)
             data = f.read(rows * row_bytes)
             if len(data) != rows * row_bytes:
-                raise DataError(f"{key} is truncated")
+                raise fail(z.filename, f"{key} is truncated", "write the file again")
             chunk = np.frombuffer(data, dtype=dtype).reshape(rows, d)
-            if as_uint8 and not _is_byte_valued(chunk):
-                as_uint8 = False
+            if out.dtype == np.uint8 and not formats.is_byte_valued(chunk):
                 wide = np.empty(shape, dtype=np.float32)
                 wide[:s] = out[:s]
                 out = wide
-            out[s:s + rows] = chunk
+            with np.errstate(over="ignore"):
+                out[s:s + rows] = chunk
         return out
 
 
-def _is_byte_valued(chunk: np.ndarray) -> bool:
-    return bool(np.all(chunk >= 0) and np.all(chunk <= 255) and np.all(chunk == np.floor(chunk)))
-
-
-def make_dataset(X, y, X_test=None, y_test=None, *, name: str = "", source: str = "data") -> Dataset:
-    """Validate arrays and code labels as 0..C-1 (classes sorted). Used by the loaders and the API."""
-    X = _check_X(np.asarray(X), source, "X")
-    y = _check_y(np.asarray(y), X.shape[0], source, "y")
-    classes, codes = np.unique(y, return_inverse=True)
-    if classes.shape[0] < 2:
-        raise DataError(f"{source}: y has a single class ({classes[0]!r}); a classifier needs at least two")
-    if X_test is not None:
-        X_test = _check_X(np.asarray(X_test), source, "X_test")
-        y_test = _check_y(np.asarray(y_test), X_test.shape[0], source, "y_test")
-        if X_test.shape[1] != X.shape[1]:
-            raise DataError(f"{source}: X_test has {X_test.shape[1]} features but X has {X.shape[1]}")
-        unseen = np.setdiff1d(np.unique(y_test), classes)
-        if unseen.size:
-            raise DataError(f"{source}: y_test has label(s) {unseen[:5].tolist()} that y never has")
-        y_test = np.searchsorted(classes, y_test).astype(np.int64)
-    return Dataset(X, codes.astype(np.int64).reshape(-1), [c.item() for c in classes], X_test, y_test, name)
-
-
-def _check_X(X: np.ndarray, source: str, what: str) -> np.ndarray:
+def _check_X(X: np.ndarray, source, what: str) -> np.ndarray:
+    """2-d, non-empty, numeric; returned as uint8 (integers in [0, 255]) or float32 (NaN/Inf kept)."""
     if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise DataError(f"{source}: {what} must be a non-empty 2-d array (samples x features), got shape {X.shape}")
+        raise fail(source, f"{what} must be a non-empty 2-d array (samples x features), got shape {X.shape}")
     if X.dtype.kind not in "uifb":
-        raise DataError(f"{source}: {what} must be numeric, got dtype {X.dtype}")
+        raise fail(source, f"{what} must be numeric, got dtype {X.dtype}")
     if X.dtype.kind == "f":
-        bad = _count_nonfinite(X)
-        if bad:
-            raise DataError(f"{source}: {what} has {bad} NaN/Inf value(s); clean or impute them first")
-        if X.dtype != np.float32:
-            X = X.astype(np.float32)
-    elif X.dtype.kind == "b":
-        X = X.astype(np.uint8)
+        with np.errstate(over="ignore"):
+            X = X if X.dtype == np.float32 else X.astype(np.float32)
+    else:
+        X = compact(X)
     return np.ascontiguousarray(X)
 
 
-def _check_y(y: np.ndarray, n: int, source: str, what: str) -> np.ndarray:
+def _check_y(y: np.ndarray, n: int, source, what: str) -> np.ndarray:
     y = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y
     if y.ndim != 1 or y.shape[0] != n:
-        raise DataError(f"{source}: {what} must hold one label per sample ({n}), got shape {y.shape}")
+        raise fail(source, f"{what} must hold one label per sample ({n}), got shape {y.shape}")
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise DataError(f"{source}: {what} must hold integer or string class labels")
+            raise fail(source, f"{what} must hold integer or string class labels")
         y = y.astype(np.int64)
     if y.dtype.kind not in "iuUSb":
-        raise DataError(f"{source}: {what} must hold integer or string class labels, got dtype {y.dtype}")
+        raise fail(source, f"{what} must hold integer or string class labels, got dtype {y.dtype}")
     return y
 
 
-def _count_nonfinite(X: np.ndarray) -> int:
-    return sum(int(np.count_nonzero(~np.isfinite(X[s:s + _CHUNK]))) for s in range(0, X.shape[0], _CHUNK))
-
+# ---------------------------------------------------------------- splits and scaling
 
 def stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator, what: str = "validation"):
     """Split sample indices into (rest, held) with ``round(fraction * count)`` held per class.

@@ -37,6 +37,26 @@ class TopologyPolicy:
         self.best_val = -1.0
         self.stale = 0
         self.random_from_now = config.method == "set"
+        self.sketch_dim = config.sketch_dim if config.similarity == "sketch" else 0
+        self.sketches = None
+        self.seed = config.seed
+
+    @property
+    def wants_sketch(self) -> bool:
+        """Whether the trainer should fold this epoch's first batches into the sketches."""
+        return self.sketch_dim > 0 and self.mode.startswith("ctre") and not self.random_from_now
+
+    def observe(self, levels: list, sample_ids: np.ndarray, epoch: int) -> None:
+        """Fold one training batch's activations (feature-major, per level) into the sketches."""
+        from .similarity import CosineSketch
+
+        if self.sketches is None or self.sketches[0] != epoch:
+            # A new projection each epoch (seeded), like a new activation sample in exact mode.
+            self.sketches = (epoch, [CosineSketch(levels[l].shape[0], levels[l + 1].shape[0], self.sketch_dim,
+                                                  seed=(self.seed * 1_000_003 + epoch) % 2**62)
+                                     for l in range(len(levels) - 1)])
+        for l, sketch in enumerate(self.sketches[1]):
+            sketch.update(levels[l], levels[l + 1], sample_ids)
 
     def state(self) -> dict:
         """What a checkpoint must keep to continue the policy exactly."""
@@ -56,14 +76,29 @@ class TopologyPolicy:
                 self.stale += 1
                 if self.stale >= self.patience:
                     self.random_from_now = True
-        levels = None if self.random_from_now else sample_activations(net, self.X, self.train_rows, self.shift,
-                                                                      self.scale, self.samples, rng)
+        pickers = [None] * net.n_layers
+        if not self.random_from_now and self.sketch_dim:
+            # Sketch mode: rank by the cosine of the sketches; there are no exact activations to
+            # rescore with (keeping them is what the sketch avoids), so the sketch ranking is final.
+            sketches = self.sketches[1] if self.sketches is not None and self.sketches[0] == epoch else None
+            if sketches is None:
+                raise RuntimeError("sketch mode: no batch of this epoch was observed")
+            pickers = [lambda ip, ix, k, s=s: s.candidates(ip, ix, k, n_candidates=k, workspace_bytes=self.workspace)[:2]
+                       for s in sketches]
+        elif not self.random_from_now:
+            levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng)
+            pickers = [lambda ip, ix, k, a=levels[l], b=levels[l + 1]:
+                       topk_cosine(a, b, ip, ix, k, workspace_bytes=self.workspace)[:2] for l in range(net.n_layers)]
         totals = np.zeros(3, dtype=np.int64)
         for l in range(net.n_layers):
-            pair = None if levels is None else (levels[l], levels[l + 1])
-            totals += update_layer(net, l, self.zeta, rng, pair, readd=self.mode == "ctre-seq",
-                                   workspace_bytes=self.workspace)
+            totals += update_layer(net, l, self.zeta, rng, pickers[l], readd=self.mode == "ctre-seq")
         return tuple(int(t) for t in totals)
+
+
+def topk_cosine(*args, **kwargs):
+    from .similarity import topk_cosine as exact
+
+    return exact(*args, **kwargs)
 
 
 def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator) -> list:
@@ -74,12 +109,13 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
     """
     from . import kernels
 
+    from .train import level_views
+
     s = min(train_rows.shape[0], samples)
     rows = np.sort(rng.choice(train_rows, size=s, replace=False))
     act = np.empty(int(net.sizes.sum()) * s, np.float32)
     kernels.forward_all(X, rows, shift, scale, *net.kernel_args(), net.bias, act)
-    bounds = np.concatenate([[0], np.cumsum(net.sizes)]) * s
-    return [act[bounds[l]:bounds[l + 1]].reshape(int(net.sizes[l]), s) for l in range(net.sizes.shape[0])]
+    return level_views(act, net.sizes, s)
 
 
 def drop_weakest(values: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -91,14 +127,13 @@ def drop_weakest(values: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     return keep
 
 
-def update_layer(net, l: int, zeta: float, rng, pair=None, readd: bool = False,
-                 workspace_bytes: int = 32 << 20) -> np.ndarray:
+def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) -> np.ndarray:
     """Drop ``floor(zeta*nnz)`` weakest connections of layer ``l`` and grow as many, in place.
 
-    ``pair`` None grows at random (SET). Otherwise ``pair = (a_in, a_out)`` activations and the k
-    best-|cosine| positions not kept are grown; picks that were just removed are replaced by random
-    positions (CTRE_sim) or, with ``readd``, get their old weight and momentum back (CTRE_seq).
-    Returns [changed, grown by cosine, grown at random].
+    ``pick`` None grows at random (SET). Otherwise ``pick(kept_indptr, kept_indices, k)`` returns
+    the (rows, cols) of the k best-|cosine| positions not kept, and those are grown; picks that were
+    just removed are replaced by random positions (CTRE_sim) or, with ``readd``, get their old
+    weight and momentum back (CTRE_seq). Returns [changed, grown by cosine, grown at random].
     """
     layer = net.layer(l)
     velocity = net.layer_velocity(l)
@@ -117,14 +152,12 @@ def update_layer(net, l: int, zeta: float, rng, pair=None, readd: bool = False,
     new_vals = np.empty(k, np.float32)
     new_vel = np.zeros(k, np.float32)
     bound = np.sqrt(6.0 / layer.n_in)
-    if pair is None:
+    if pick is None:
         new_pos = sample_positions(total, k, kept_pos, rng)
         new_vals[:] = rng.uniform(-bound, bound, size=k)
     else:
-        from .similarity import topk_cosine
-
         kept_indptr, kept_indices, _ = csr_from_positions(layer.n_in, layer.n_out, kept_pos)
-        rows, cols, _ = topk_cosine(pair[0], pair[1], kept_indptr, kept_indices, k, workspace_bytes=workspace_bytes)
+        rows, cols = pick(kept_indptr, kept_indices, k)
         picks = rows * layer.n_out + cols.astype(np.int64)
         where = np.searchsorted(removed_pos, picks)
         where[where == removed_pos.shape[0]] = 0

@@ -53,8 +53,9 @@ class TrainConfig:
     test_fraction: float = 0.2
     patience: int = 40
     similarity: str = "exact"
-    similarity_samples: int = 2000
+    similarity_samples: int = 1000
     similarity_workspace_mib: int = 32
+    sketch_dim: int = 256
     eval_batch_size: int = 1000
 
     def validate(self) -> "TrainConfig":
@@ -104,6 +105,7 @@ _RANGES = [  # (field, type, low, high): one table, one message format
     ("patience", int, 1, 10**7),
     ("similarity_samples", int, 1, 10**9),
     ("similarity_workspace_mib", int, 1, 10**6),
+    ("sketch_dim", int, 1, 65536),
     ("eval_batch_size", int, 1, 10**7),
 ]
 
@@ -269,8 +271,23 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         lr = learning_rate(config, epoch)
         order = rng_shuffle.permutation(train_rows)
         loss, correct = 0.0, 0
+        first = 0
+        if policy.wants_sketch:
+            # Sketch mode: the epoch's first S samples (a uniform sample, the order being shuffled)
+            # go one batch at a time, and their forward activations, still in ``act``, feed the
+            # sketches: no extra pass over the data.
+            first = min(order.shape[0], config.similarity_samples)
+            for s in range(0, first, bs):
+                rows = order[s:min(s + bs, first)]
+                part_loss, part_correct = kernels.train_batches(
+                    data.X, data.y, rows, bs, shift, scale, *net.kernel_args(), net.velocity, net.bias,
+                    net.bias_velocity, act, delta_a, delta_b, grad, bias_grad,
+                    np.float32(lr), np.float32(config.momentum), np.float32(config.l2))
+                loss += part_loss
+                correct += part_correct
+                policy.observe(level_views(act, net.sizes, rows.shape[0]), rows, epoch)
         step = BATCHES_PER_CALL * bs
-        for s in range(0, order.shape[0], step):
+        for s in range(first, order.shape[0], step):
             part_loss, part_correct = kernels.train_batches(
                 data.X, data.y, order[s:s + step], bs, shift, scale, *net.kernel_args(), net.velocity, net.bias,
                 net.bias_velocity, act, delta_a, delta_b, grad, bias_grad,
@@ -320,6 +337,12 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     return TrainResult(model, history, best_epoch, test_acc)
 
 
+
+
+def level_views(act: np.ndarray, sizes: np.ndarray, nb: int) -> list:
+    """Per-level (n_l, nb) views of a flat activation buffer laid out as in ``kernels.forward_all``."""
+    bounds = np.concatenate([[0], np.cumsum(sizes)]) * nb
+    return [act[bounds[l]:bounds[l + 1]].reshape(int(sizes[l]), nb) for l in range(sizes.shape[0])]
 
 
 class Evaluator:

@@ -72,6 +72,12 @@ def test_update_of_a_dense_layer_regrows_only_where_it_dropped():
     assert changed == 4 and net.layer(0).nnz == 20
 
 
+def picker(a_in, a_out):
+    from ctre_edge.similarity import topk_cosine
+
+    return lambda indptr, indices, k: topk_cosine(a_in, a_out, indptr, indices, k)[:2]
+
+
 def _activations(net, rng, s=40):
     """Random ReLU-like activations for every level, with some dead (all-zero) neurons."""
     acts = [np.maximum(rng.normal(size=(int(n), s)), 0).astype(np.float32) for n in net.sizes]
@@ -94,7 +100,7 @@ def test_ctre_sim_invariants(n_in, n_out, eps, seed):
     replay = np.random.default_rng(seed + 1)
     keep = drop_weakest(before.values.copy(), k, replay)
     kept, removed = old_pos[keep], old_pos[~keep]
-    changed, n_cos, n_rand = update_layer(net, 0, 0.3, np.random.default_rng(seed + 1), (acts[0], acts[1]))
+    changed, n_cos, n_rand = update_layer(net, 0, 0.3, np.random.default_rng(seed + 1), picker(acts[0], acts[1]))
     after = net.layer(0)
     check_layer(after)
     new_pos = linear_positions(after)
@@ -141,7 +147,7 @@ def test_ctre_seq_readded_connection_keeps_weight_and_momentum():
     i, j = int(layer.rows()[p]), int(layer.indices[p])
     acts[0][i] = acts[1][j] = np.linspace(1, 2, acts[0].shape[1])
     old_w, old_v = float(layer.values[p]), float(net.velocity[p])
-    update_layer(net, 0, 1 / layer.nnz + 1e-9, rng, (acts[0], acts[1]), readd=True)
+    update_layer(net, 0, 1 / layer.nnz + 1e-9, rng, picker(acts[0], acts[1]), readd=True)
     after = net.layer(0)
     q = np.flatnonzero((after.rows() == i) & (after.indices == j))
     assert q.shape == (1,) and after.values[q[0]] == old_w and net.velocity[q[0]] == old_v
