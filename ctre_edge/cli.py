@@ -150,7 +150,9 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
         _show_plan(plan, o["as_json"])
         return
     dataset = load_data(o["data"])
+    changes = plan.changes  # the second plan starts from the already shrunk settings
     plan = plan_run(config, summarize_loaded(dataset), prof, fit=o["fit"], data_bytes=dataset.nbytes, cold_cache=cold)
+    plan.changes = changes + plan.changes
     if plan.changes:
         err.print("[yellow]--fit changed:[/yellow] " + ", ".join(plan.changes))
     if prof is not None:
