@@ -33,9 +33,13 @@ def config(**kw):
     return TrainConfig(**{**dict(hidden=(48, 48), epsilon=4, epochs=6, similarity_samples=300), **kw})
 
 
-@pytest.mark.parametrize("method", ["set", "ctre-sim", "ctre-seq"])
-def test_resume_in_process_is_bit_identical(digits, tmp_path, method):
-    whole = train(digits, config(method=method, patience=2)).model.save(tmp_path / "whole.ctre")
+@pytest.mark.parametrize("method, similarity", [("set", "exact"), ("ctre-sim", "exact"), ("ctre-seq", "exact"),
+                                                ("ctre-sim", "sketch")])
+def test_resume_in_process_is_bit_identical(digits, tmp_path, method, similarity):
+    def config_(**kw):
+        return config(method=method, patience=2, similarity=similarity, sketch_dim=32, **kw)
+
+    whole = train(digits, config_()).model.save(tmp_path / "whole.ctre")
 
     class Stop:  # ask for a stop after epoch 3, as a signal handler would
         def __init__(self):
@@ -47,11 +51,11 @@ def test_resume_in_process_is_bit_identical(digits, tmp_path, method):
     stop = Stop()
     d = tmp_path / "ck"
     with pytest.raises(Exception) as e:
-        train(digits, config(method=method, patience=2), progress=lambda s: setattr(stop, "epochs", s.epoch),
+        train(digits, config_(), progress=lambda s: setattr(stop, "epochs", s.epoch),
               checkpointing=Checkpointing(d), stop_requested=stop)
     assert e.value.exit_code == 130 and "after epoch 4" in str(e.value)  # asked during epoch 4
     assert [n for n, _ in ckpt.checkpoint_files(d)] == [4, 3]  # the newest two are kept
-    resumed = train(digits, config(method=method, patience=2), checkpointing=Checkpointing(d, resume=True))
+    resumed = train(digits, config_(), checkpointing=Checkpointing(d, resume=True))
     assert resumed.model.save(tmp_path / "resumed.ctre").read_bytes() == whole.read_bytes()
     assert [h.epoch for h in resumed.history] == list(range(1, 7))
 

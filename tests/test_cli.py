@@ -68,3 +68,95 @@ def test_corrupt_model_and_bad_data(tmp_path):
 def test_debug_shows_the_traceback():
     r = run("--debug", "info", "missing.ctre")
     assert r.exit_code != 0 and r.exception is not None
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    model = d / "m.ctre"
+    r = run("train", "--data", "builtin:digits", *FAST, "--out", str(model), "--no-checkpoint")
+    assert r.exit_code == 0, r.stderr
+    return d, model
+
+
+def test_export_then_predict_labels_and_probabilities(trained):
+    import numpy as np
+
+    from ctre_edge.data import load_data
+    from ctre_edge.model import SparseMLP
+
+    d, model = trained
+    onnx_path = d / "m.onnx"
+    r = run("export", str(model), str(onnx_path), "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["max_abs_diff"] <= 1e-5
+    X = load_data("builtin:digits").X[:25]
+    np.save(d / "x.npy", X)
+    r = run("predict", str(onnx_path), "--data", str(d / "x.npy"), "--json")
+    assert r.exit_code == 0, r.stderr
+    expected = SparseMLP.load(model).predict(X)
+    assert json.loads(r.stdout)["labels"] == expected.tolist()
+    r = run("predict", str(onnx_path), "--data", str(d / "x.npy"), "--proba")
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == ",".join(str(c) for c in range(10)) and len(lines) == 26
+    r = run("export", str(model), str(onnx_path))
+    assert r.exit_code == 6 and "--force" in r.stderr
+
+
+def test_predict_rejects_bad_model_and_bad_features(trained, tmp_path):
+    import numpy as np
+
+    d, model = trained
+    r = run("export", str(model), str(tmp_path / "m.onnx"))
+    good = (tmp_path / "m.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(good[: len(good) // 2])
+    np.save(tmp_path / "x.npy", np.zeros((3, 64), np.float32))
+    np.save(tmp_path / "wrong.npy", np.zeros((3, 63), np.float32))
+    for args, code, text in [
+        (["predict", str(tmp_path / "cut.onnx"), "--data", str(tmp_path / "x.npy")], 5, ""),
+        (["predict", str(model), "--data", str(tmp_path / "x.npy")], 5, ""),  # a .ctre is not an ONNX file
+        (["predict", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "wrong.npy")], 4, "64 features"),
+        (["predict", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "none.npy")], 4, "not found"),
+    ]:
+        r = run(*args)
+        assert r.exit_code == code, (args, r.stderr)
+        assert text in r.stderr and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_export_for_a_microcontroller_checks_its_memory(trained, tmp_path):
+    d, model = trained
+    r = run("export", str(model), str(tmp_path / "ok.onnx"), "--profile", "stm32h743")
+    assert r.exit_code == 0, r.stderr
+    big = tmp_path / "big.ctre"
+    assert run("train", "--hidden", "3000,3000", "--epsilon", "5", "--epochs", "1", "--quiet", "--out", str(big),
+               "--no-checkpoint").exit_code == 0
+    r = run("export", str(big), str(tmp_path / "big.onnx"), "--profile", "esp32-s3")
+    assert r.exit_code == 3 and "esp32-s3" in r.stderr and not (tmp_path / "big.onnx").exists()
+
+
+def test_info_features_ranks_inputs(trained):
+    d, model = trained
+    r = run("info", str(model), "--features", "--top", "5", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    degrees = [row["connections"] for row in doc["top"]]
+    assert len(degrees) == 5 and degrees == sorted(degrees, reverse=True)
+    assert max(doc["degree"]) == degrees[0] and len(doc["degree"]) == 64
+    r = run("info", str(model), "--features")
+    assert r.exit_code == 0 and "\u2580" in r.stderr  # an 8x8 input gets a terminal heat map
+    r = run("info", str(model), "--features", "--image-shape", "5x5")
+    assert r.exit_code == 2 and "25 pixels" in r.stderr
+
+
+def test_plan_json_and_profiles_commands():
+    r = run("plan", "--profile", "rpi-4b-2gb", "--json")
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and doc["fits"] and doc["budget_bytes"] > doc["total_bytes"]
+    r = run("profiles", "list", "--json")
+    names = [p["name"] for p in json.loads(r.stdout)]
+    assert {"rpi-zero-2w", "rpi-3b-plus", "rpi-4b-2gb", "rpi-4b-8gb", "rpi-5-4gb", "rpi-5-8gb",
+            "jetson-orin-nano-8gb", "esp32-s3", "stm32h743", "rp2350"} <= set(names)
+    r = run("profiles", "show", "rpi-zero-2w")
+    assert r.exit_code == 0 and "train_budget_bytes" in r.stderr
+    r = run("profiles", "show", "rpi-zero")
+    assert r.exit_code == 2 and "rpi-zero-2w" in r.stderr
