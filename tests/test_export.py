@@ -250,3 +250,29 @@ def test_runtime_imports_no_trainer():
 def test_max_abs_diff_helper(model, exported):
     data = exported["dense"][0].read_bytes()
     assert max_abs_diff(model, data, raw_inputs(model, 10)) <= TOL
+
+
+@pytest.fixture(scope="module")
+def trained_models():
+    """One small model per training method, trained on builtin:digits (issue 5 acceptance)."""
+    from ctre_edge.data import load_data
+    from ctre_edge.train import TrainConfig, train
+
+    data = load_data("builtin:digits")
+    return {m: train(data, TrainConfig(hidden=(200, 100), epsilon=3, epochs=6, method=m, similarity_samples=300,
+                                       patience=2)).model
+            for m in ("static", "set", "ctre-sim", "ctre-seq")}
+
+
+@pytest.mark.parametrize("method", ["static", "set", "ctre-sim", "ctre-seq"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_trained_models_export_exactly(trained_models, method, kernel, tmp_path):
+    model = trained_models[method]
+    path = tmp_path / f"{method}-{kernel}.onnx"
+    export_onnx(model, path, kernel=kernel)
+    X = np.random.default_rng(3).integers(0, 17, size=(1000, 64)).astype(np.float32)  # raw digits-like pixels
+    want = model.predict_proba(X)
+    for threads in (1, 3):
+        proba = session(path, threads).run(["probabilities"], {"X": X})[0]
+        diff = np.abs(proba - want).max()
+        assert diff <= TOL, f"{method}/{kernel}, {threads} threads: max |diff| {diff:.2e}; file kept at {path}"
