@@ -265,7 +265,19 @@ def plan_run(config, summary, profile=None, *, fit: bool = False, cold_cache: bo
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports kilobytes)."""
+    """Peak resident set size of this process so far.
+
+    Linux's ``VmHWM`` first: ``getrusage``'s ``ru_maxrss`` also counts the memory of the process
+    that started us when it forked with vfork (the exec records the parent's peak), so a run
+    started from a large parent would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -132,7 +132,7 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
     from .data import load_data, summarize_data, summarize_loaded
     from .profiles import load_profile
     from .train import Checkpointing, TrainConfig, train as run_training
-    from .warmup import kernels_cached
+    from .warmup import kernels_cached, mark_cached
 
     names = [f for f in ("method", "epsilon", "zeta", "epochs", "batch_size", "lr", "momentum", "l2", "lr_drop_epoch",
                          "seed", "scaling", "test_fraction", "patience", "similarity", "similarity_samples",
@@ -168,6 +168,8 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
             if checkpointing is not None and getattr(e, "exit_code", 0) >= 128:
                 e.args = (f"{e}; resume with: ctre-edge {_resume_command(checkpointing.directory)}",)
             raise
+    if cold:
+        mark_cached()
     model = result.model
     if out is not None:
         model.save(out, force=o["force"])

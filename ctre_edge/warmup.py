@@ -8,31 +8,56 @@ runs tiny trainings that reach every kernel with every feature dtype the data la
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
-STEPS = [(dtype, method) for dtype in ("uint8", "float32") for method in ("set", "ctre-sim")]
+STEPS = [(dtype, method, "exact") for dtype in ("uint8", "float32") for method in ("set", "ctre-sim")]
+STEPS.append(("uint8", "ctre-sim", "sketch"))  # the sketch kernels do not depend on the feature dtype
+
+
+def _marker() -> Path | None:
+    """A file in the kernel cache that says: these kernels were compiled on this kind of CPU.
+
+    Named after a hash of ``kernels.py`` and of the CPU model, as numba keys its own cache, so a
+    new version of the kernels or another CPU reads as cold.
+    """
+    cache = os.environ.get("NUMBA_CACHE_DIR")
+    if not cache:
+        return None
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpu += "".join(line for line in f if line.startswith(("model name", "CPU part", "flags")))[:4096]
+    except OSError:
+        pass
+    source = Path(__file__).with_name("kernels.py").read_bytes()
+    digest = hashlib.sha256(source + cpu.encode()).hexdigest()[:20]
+    return Path(cache) / f"ctre-edge-ready-{digest}"
 
 
 def kernels_cached() -> bool:
-    """Whether numba's cache already holds the training kernel for this version of ``kernels.py``.
+    """Whether ``warmup`` (or a finished training run) has compiled these kernels on this CPU.
 
-    A cheap check that does not import numba: an index file for ``train_batches`` newer than the
-    kernels' source. (numba's own check, by CPU and signature, happens when the kernel loads.)
+    Cheap and without importing numba, for the planner and the "compiling" notice; numba's own
+    check, by source, CPU and signature, happens when a kernel loads.
     """
-    cache = os.environ.get("NUMBA_CACHE_DIR")
-    source = Path(__file__).with_name("kernels.py")
-    places = [Path(cache)] if cache else []
-    places.append(source.parent / "__pycache__")
-    try:
-        stamp = source.stat().st_mtime
-        return any(p.stat().st_mtime >= stamp for place in places if place.is_dir()
-                   for p in place.glob("**/kernels.train_batches-*.nbi"))
-    except OSError:
-        return False
+    marker = _marker()
+    return marker is not None and marker.exists()
+
+
+def mark_cached() -> None:
+    """Record that the kernels are in the cache (after warmup or a completed training run)."""
+    marker = _marker()
+    if marker is not None:
+        try:
+            marker.touch()
+        except OSError:
+            pass  # an unwritable cache only costs the notice and the planner's compile allowance
 
 
 def warmup(step_done=None) -> list[tuple[str, float]]:
@@ -42,14 +67,16 @@ def warmup(step_done=None) -> list[tuple[str, float]]:
 
     rng = np.random.default_rng(0)
     timings = []
-    for dtype, method in STEPS:
+    for dtype, method, similarity in STEPS:
         t = time.perf_counter()
         X = rng.integers(0, 255, size=(60, 6)).astype(dtype)
         y = np.arange(60) % 3
-        config = TrainConfig(hidden=(5, 4), method=method, epsilon=2, epochs=2, similarity_samples=20)
+        config = TrainConfig(hidden=(5, 4), method=method, epsilon=2, epochs=2, similarity_samples=20,
+                             similarity=similarity, sketch_dim=8)
         train(make_dataset(X, y), config)
-        name = f"{method} on {dtype} features"
+        name = f"{method} on {dtype} features" + (" (sketch)" if similarity == "sketch" else "")
         timings.append((name, time.perf_counter() - t))
         if step_done is not None:
             step_done(name, timings[-1][1])
+    mark_cached()
     return timings

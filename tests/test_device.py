@@ -20,8 +20,9 @@ def test_after_warmup_a_fresh_train_compiles_nothing(tmp_path):
     r = subprocess.run([*cli, "warmup"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "kernels ready" in r.stderr
-    for method in ("set", "ctre-sim"):
-        r = subprocess.run([*cli, "train", "--hidden", "30,30", "--epochs", "2", "--method", method, "--quiet"],
+    for method, similarity in (("set", "exact"), ("ctre-sim", "exact"), ("ctre-seq", "sketch")):
+        r = subprocess.run([*cli, "train", "--hidden", "30,30", "--epochs", "2", "--method", method, "--similarity",
+                            similarity, "--quiet"],
                            capture_output=True, text=True, env={**os.environ, "NUMBA_DEBUG_CACHE": "1"})
         assert r.returncode == 0, r.stderr
         assert "compiling kernels" not in r.stderr
