@@ -78,7 +78,11 @@ def _print_json(doc) -> None:
 
 @app.command()
 def train(
-    data: Annotated[str, typer.Option(help="Training data: an .npz file with X, y (optional X_test, y_test) or builtin:digits.")] = "builtin:digits",
+    data: Annotated[str, typer.Option(help="Training data: .npz (X, y, optional X_test, y_test), .csv/.tsv, LIBSVM (.libsvm/.svm), MNIST IDX (IMAGES[,LABELS]) or builtin:digits.")] = "builtin:digits",
+    target: Annotated[Optional[str], typer.Option(help="CSV/TSV: the label column, by name or index (default: the last column).")] = None,
+    test_data: Annotated[Optional[str], typer.Option(help="A separate test file (any --data format); else the file's test part or --test-fraction.")] = None,
+    nan_policy: Annotated[str, typer.Option(help="NaN/Inf in features: error, zero, mean or median (statistics from the training file).")] = "error",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the parsed-data cache next to text inputs.")] = False,
     method: Annotated[str, typer.Option(help="Topology policy: static, set, ctre-sim or ctre-seq.")] = "set",
     hidden: Annotated[str, typer.Option(help="Hidden layer widths, comma-separated.")] = "1000,1000,1000",
     epsilon: Annotated[float, typer.Option(help="Erdos-Renyi sparsity: eps*(n_in+n_out) connections per layer.")] = 1.0,
@@ -144,12 +148,14 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
         raise_exists(out)
     # Plan from the headers first, so a run that cannot fit is refused before any loading or compiling.
     cold = not kernels_cached()
-    plan = plan_run(config, summarize_data(o["data"]), prof, fit=o["fit"], inference_only_ok=plan_only,
+    data_options = {"target": _target(o["target"]), "test_spec": o["test_data"], "nan_policy": o["nan_policy"],
+                    "cache": not o["no_cache"]}
+    plan = plan_run(config, summarize_data(o["data"], **data_options), prof, fit=o["fit"], inference_only_ok=plan_only,
                     cold_cache=cold)
     if plan_only:
         _show_plan(plan, o["as_json"])
         return
-    dataset = load_data(o["data"])
+    dataset = load_data(o["data"], **data_options)
     changes = plan.changes  # the second plan starts from the already shrunk settings
     plan = plan_run(config, summarize_loaded(dataset), prof, fit=o["fit"], data_bytes=dataset.nbytes, cold_cache=cold)
     plan.changes = changes + plan.changes
@@ -276,6 +282,16 @@ class _StopOnSignal:
         return False
 
 
+def _target(text):
+    """--target as a column index when it is an integer, else as a column name."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _set_threads(n: int) -> None:
     import numba
 
@@ -347,7 +363,9 @@ class _progress:
 @app.command()
 def evaluate(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model written by train --out.")],
-    data: Annotated[str, typer.Option(help="Data to evaluate on: .npz (X_test/y_test if present, else X/y) or builtin:NAME.")],
+    data: Annotated[str, typer.Option(help="Data to evaluate on, in any train --data format (its test part if it has one, else all samples).")],
+    target: Annotated[Optional[str], typer.Option(help="CSV/TSV: the label column, by name or index.")] = None,
+    nan_policy: Annotated[str, typer.Option(help="NaN/Inf in features: error, zero, mean or median.")] = "error",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ):
     """Accuracy of a saved model on a data set."""
@@ -358,7 +376,7 @@ def evaluate(
         from .model import SparseMLP
 
         model = SparseMLP.load(model_path)
-        ds = load_data(data)
+        ds = load_data(data, target=_target(target), nan_policy=nan_policy)
         X, y = (ds.X_test, ds.y_test) if ds.X_test is not None else (ds.X, ds.y)
         if X.shape[1] != model.n_features:
             raise DataError(f"{data} has {X.shape[1]} features; the model {model_path} expects {model.n_features}")
@@ -509,6 +527,48 @@ def predict(
                 _print_json({"labels": labels})
             else:
                 sys.stdout.write("".join(f"{v}\n" for v in labels))
+
+    _run(body)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Look at a data file before training on it.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    spec: Annotated[str, typer.Argument(metavar="FILE", help="A data file in any train --data format, or builtin:NAME.")],
+    target: Annotated[Optional[str], typer.Option(help="CSV/TSV: the label column, by name or index.")] = None,
+    test_data: Annotated[Optional[str], typer.Option(help="A separate test file.")] = None,
+    nan_policy: Annotated[str, typer.Option(help="How NaN/Inf would be handled: error, zero, mean or median.")] = "error",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+):
+    """Shape, dtype, class balance, value ranges, NaN count and memory size of a data set."""
+
+    def body():
+        from .data import inspect_data
+
+        doc = inspect_data(spec, target=_target(target), test_spec=test_data, nan_policy=nan_policy)
+        if as_json:
+            _print_json(doc)
+            return
+        from rich.table import Table
+
+        t = Table(title=f"{doc['name']}")
+        t.add_column("")
+        t.add_column("training part" if doc["test"] else "data")
+        if doc["test"]:
+            t.add_column("test part")
+        keys = [("samples", "n_samples"), ("features", "n_features"), ("dtype", "dtype"), ("min", "min"),
+                ("max", "max"), ("constant features", "constant_features"), ("NaN/Inf values", "nan_count")]
+        for label, key in keys:
+            t.add_row(label, str(doc.get(key)), *([str(doc["test"].get(key))] if doc["test"] else []))
+        balance = ", ".join(f"{k}: {v}" for k, v in list(doc["classes"].items())[:12])
+        more = len(doc["classes"]) - 12
+        t.add_row("classes", f"{doc['n_classes']} ({balance}{f', ... {more} more' if more > 0 else ''})",
+                  *([""] if doc["test"] else []))
+        t.add_row("memory", _bytes(doc["nbytes"]), *([""] if doc["test"] else []))
+        err.print(t)
 
     _run(body)
 

@@ -104,7 +104,7 @@ def load_data(spec: str, *, target=None, test_spec: str | None = None, nan_polic
     DataError
         One line naming the file, the line or column, and the fix.
     """
-    _check_nan_policy(nan_policy)
+    _check_options(spec, target, nan_policy)
     train, test = _read_pair(spec, target, test_spec, cache)
     return _finish(train, test, nan_policy, _name(spec))
 
@@ -118,7 +118,7 @@ def inspect_data(spec: str, *, target=None, test_spec: str | None = None, nan_po
     constant_features, nan_count, nan_policy, nbytes (everything loaded) and test (the same keys
     for the test part, or None).
     """
-    _check_nan_policy(nan_policy)
+    _check_options(spec, target, nan_policy)
     train, test = _read_pair(spec, target, test_spec, cache)
     d = _finish(train, test, "keep" if nan_policy == "error" else nan_policy, _name(spec))
     doc = {"name": d.name, **_describe(d.X, d.y, d.classes, train.n_nonfinite), "n_classes": len(d.classes),
@@ -131,11 +131,15 @@ def inspect_data(spec: str, *, target=None, test_spec: str | None = None, nan_po
 def _describe(X: np.ndarray, y: np.ndarray, classes: list, n_nan: int) -> dict:
     lo = np.full(X.shape[1], np.inf)
     hi = np.full(X.shape[1], -np.inf)
-    for s in range(0, X.shape[0], _CHUNK):
-        c = X[s:s + _CHUNK]
-        ok = np.isfinite(c) if c.dtype.kind == "f" else True
-        lo = np.minimum(lo, np.where(ok, c, np.inf).min(axis=0))
-        hi = np.maximum(hi, np.where(ok, c, -np.inf).max(axis=0))
+    step = _rows_per_step(X.shape[1])
+    for s in range(0, X.shape[0], step):
+        c = X[s:s + step]
+        if c.dtype.kind == "f":
+            ok = np.isfinite(c)
+            lo = np.minimum(lo, np.where(ok, c, np.inf).min(axis=0))
+            hi = np.maximum(hi, np.where(ok, c, -np.inf).max(axis=0))
+        else:
+            lo, hi = np.minimum(lo, c.min(axis=0)), np.maximum(hi, c.max(axis=0))
     seen = np.isfinite(lo)
     as_number = int if X.dtype.kind in "ui" else float
     counts = np.bincount(y, minlength=len(classes))
@@ -168,20 +172,20 @@ def summarize_data(spec: str, *, target=None, test_spec: str | None = None, nan_
     one byte per feature value where the loaded dtype is not known yet, so it never exceeds what
     loading takes; the exact figure is ``Dataset.nbytes`` after loading.
     """
-    _check_nan_policy(nan_policy)
+    _check_options(spec, target, nan_policy)
     kind, paths = _source(spec)
     small = kind != "npz" and kind != "idx" and (
         kind == "builtin" or sum(p.stat().st_size for p in paths) <= _SMALL_TEXT
         or formats.cache_meta(paths, _options(kind, paths, target)) is not None)
     if small and test_spec is None:
         return summarize_loaded(load_data(spec, target=target, nan_policy=nan_policy, cache=cache))
-    n, d, n_classes, per_value = _shape_of(kind, paths, spec, target, cache, nan_policy)
-    n_test = 0
+    n, d, n_classes, per_value = _shape_of(kind, paths, spec, target, cache)
+    n_test, per_test = 0, 1
     if test_spec is not None:
-        n_test = _shape_of(*_source(test_spec), test_spec, target, cache, nan_policy)[0]
+        n_test, _, _, per_test = _shape_of(*_source(test_spec), test_spec, target, cache, n_features=d, test=True)
     elif kind == "npz":
         n_test = _npz_test_rows(paths[0])
-    return DataSummary(n, d, n_classes, n_test, (n + n_test) * (d * per_value + 8))
+    return DataSummary(n, d, n_classes, n_test, n * (d * per_value + 8) + n_test * (d * per_test + 8))
 
 
 def summarize_loaded(d: Dataset) -> DataSummary:
@@ -189,17 +193,18 @@ def summarize_loaded(d: Dataset) -> DataSummary:
                        d.nbytes)
 
 
-def _shape_of(kind, paths, spec, target, cache, nan_policy) -> tuple[int, int, int, int]:
-    """(samples, features, classes, bytes per feature value as a lower bound) of one source."""
+def _shape_of(kind, paths, spec, target, cache, n_features=None, test=False) -> tuple[int, int, int, int]:
+    """(samples, features, classes, bytes per feature value as a lower bound) of one source; for a
+    test file (``test``), of its test part when it has one."""
     path = paths[0]
     try:
         if kind == "npz":
             with zipfile.ZipFile(path) as z:
                 keys = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
-                if {"X", "y"} <= keys:
-                    (n, d), dtype = npz_header(z, "X")
-                    y = _read_member(z, "y")
-                    return n, d, int(np.unique(y).shape[0]), (1 if dtype.kind == "f" else dtype.itemsize)
+                x, y = ("X_test", "y_test") if test and {"X_test", "y_test"} <= keys else ("X", "y")
+                shape = npz_header(z, x)[0] if {x, y} <= keys else ()
+                if len(shape) == 2:  # else the loader below gives its own message
+                    return shape[0], shape[1], int(np.unique(_read_member(z, y)).shape[0]), 1  # uint8 at least
         elif kind == "idx":
             dims, _ = formats.idx_shape(path)
             y = formats.read_idx(paths[1])
@@ -213,8 +218,10 @@ def _shape_of(kind, paths, spec, target, cache, nan_policy) -> tuple[int, int, i
         raise
     except Exception as e:  # noqa: BLE001 - the same boundary as the loaders
         raise _unreadable(path, kind, e) from None
-    d = summarize_loaded(load_data(spec, target=target, nan_policy=nan_policy, cache=cache))
-    return d.n_samples, d.n_features, d.n_classes, d.X.dtype.itemsize  # the loader's own checks and messages
+    main, part = _read(spec, target=target, cache=cache, n_features=n_features)  # the loader's own messages
+    p = part if test and part is not None else main
+    # imputation may turn float32 into uint8, so count a byte per value when there is NaN
+    return p.X.shape[0], p.X.shape[1], len(p.classes), 1 if p.n_nonfinite else p.X.dtype.itemsize
 
 
 def _npz_test_rows(path: Path) -> int:
@@ -227,14 +234,18 @@ def _npz_test_rows(path: Path) -> int:
 
 # ---------------------------------------------------------------- sources
 
-def _check_nan_policy(nan_policy) -> None:
+def _check_options(spec, target, nan_policy) -> None:
     if nan_policy not in NAN_POLICIES:
         raise ConfigError(f"'nan_policy' must be one of {', '.join(NAN_POLICIES)}; got {nan_policy!r}")
+    if target is not None and (not isinstance(target, (str, int, np.integer)) or isinstance(target, bool)):
+        raise fail(spec, f"target must be a column name or index, got {target!r}")
 
 
 def _name(spec) -> str:
     spec = str(spec)
-    return spec if spec.startswith("builtin:") else Path(spec.split(",")[0] if not Path(spec).exists() else spec).name
+    if spec.startswith("builtin:") or Path(spec).exists():
+        return spec if spec.startswith("builtin:") else Path(spec).name
+    return Path(spec.split(",")[0]).name  # IMAGES,LABELS
 
 
 def _source(spec) -> tuple[str, list]:
@@ -291,8 +302,6 @@ def _read(spec, *, target, cache: bool, n_features=None) -> tuple[Parsed, Parsed
     if kind == "builtin":
         with resources.as_file(resources.files("ctre_edge") / "datasets" / f"{paths[0]}.npz") as p:
             return _load_npz(Path(p), str(spec))
-    if target is not None and not isinstance(target, (str, int, np.integer)) or isinstance(target, bool):
-        raise fail(spec, f"target must be a column name or index, got {target!r}")
     path = paths[0]
     try:
         if kind == "npz":
@@ -300,6 +309,7 @@ def _read(spec, *, target, cache: bool, n_features=None) -> tuple[Parsed, Parsed
         cacheable = cache and (kind != "idx" or any(p.name.lower().endswith(".gz") for p in paths))
         options = _options(kind, paths, target, n_features)
         if cacheable and (hit := formats.cache_load(paths, options)) is not None:
+            hit.source = str(path)  # messages name the file as given now
             return hit, None
         inputs = formats.fingerprint(paths) if cacheable else None  # taken before parsing, so an edit
         if kind == "delimited":  # during the parse leaves a cache that is already stale
@@ -322,6 +332,9 @@ def _unreadable(path, kind: str, e: Exception) -> DataError:
         return fail(path, "does not fit in memory", "use a smaller file or a machine with more memory")
     if isinstance(e, UnicodeError):
         return fail(path, "is not UTF-8 text", f"save it as UTF-8, or use a binary format ({SUPPORTED})")
+    if isinstance(e, OSError) and e.strerror:
+        return fail(path, f"cannot read the file ({e.strerror})", "check that it exists and is readable")
+    kind = {"delimited": "delimited text", "libsvm": "LIBSVM text", "idx": "IDX"}.get(kind, kind)
     return fail(path, f"cannot read as {kind} ({type(e).__name__}: {e})", "check that the file is complete")
 
 
@@ -402,8 +415,9 @@ def _fill_values(X: np.ndarray, policy: str) -> np.ndarray:
         return np.zeros(d, np.float32)
     if policy == "mean":
         total, count = np.zeros(d), np.zeros(d)
-        for s in range(0, X.shape[0], _CHUNK):
-            c = X[s:s + _CHUNK].astype(np.float64)
+        step = _rows_per_step(d)
+        for s in range(0, X.shape[0], step):
+            c = X[s:s + step].astype(np.float64)
             ok = np.isfinite(c)
             total += np.where(ok, c, 0.0).sum(axis=0)
             count += ok.sum(axis=0)
@@ -417,6 +431,10 @@ def _fill_values(X: np.ndarray, policy: str) -> np.ndarray:
         if seen.any():
             out[j:j + step][seen] = np.nanmedian(c[:, seen], axis=0)
     return out
+
+
+def _rows_per_step(n_features: int) -> int:
+    return max(1, (4 << 20) // (8 * n_features))  # float64 temporaries of about 4 MiB
 
 
 def _impute(X: np.ndarray, fill: np.ndarray) -> np.ndarray:

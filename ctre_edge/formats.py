@@ -53,11 +53,23 @@ class Parsed:
 
 # ---------------------------------------------------------------- shared helpers
 
+def as_bytes(chunk: np.ndarray) -> np.ndarray | None:
+    """``chunk`` as uint8 when every value is an integer in [0, 255], else None (NaN gives None).
+
+    Checked by min/max and a uint8 round trip, so the temporaries are a quarter of the chunk.
+    """
+    if chunk.dtype == np.uint8:
+        return chunk
+    if chunk.size == 0:
+        return chunk.astype(np.uint8)
+    if not (chunk.min() >= 0 and chunk.max() <= 255):
+        return None
+    u = chunk.astype(np.uint8)
+    return u if np.array_equal(u, chunk) else None
+
+
 def is_byte_valued(chunk: np.ndarray) -> bool:
-    """True when every value is an integer in [0, 255] (NaN makes it False)."""
-    if chunk.dtype == np.uint8 or chunk.size == 0:
-        return True
-    return bool(np.all(chunk >= 0) and np.all(chunk <= 255) and np.all(chunk == np.floor(chunk)))
+    return as_bytes(chunk) is not None
 
 
 def compact(X: np.ndarray) -> np.ndarray:
@@ -66,7 +78,8 @@ def compact(X: np.ndarray) -> np.ndarray:
         return X
     if X.dtype.kind in "uifb" and all(is_byte_valued(X[s:s + _ROW_CHUNK]) for s in range(0, X.shape[0], _ROW_CHUNK)):
         return X.astype(np.uint8)
-    return X if X.dtype == np.float32 else X.astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range is Inf, reported by the NaN/Inf check
+        return X if X.dtype == np.float32 else X.astype(np.float32)
 
 
 def count_nonfinite(X: np.ndarray, describe) -> tuple[int, str]:
@@ -141,13 +154,16 @@ class _Rows:
     def __init__(self, capacity: int, d: int):
         self.capacity, self.d, self.n, self.X = max(1, capacity), d, 0, None
 
-    def add(self, chunk: np.ndarray, byte_valued: bool) -> None:
+    def add(self, chunk: np.ndarray, as_uint8: np.ndarray | None) -> None:
+        """Append a float32 chunk; ``as_uint8`` is its uint8 form when it is byte-valued, else None."""
         if self.X is None:
-            self.X = np.empty((self.capacity, self.d), np.uint8 if byte_valued else np.float32)
-        elif self.X.dtype == np.uint8 and not byte_valued:
+            self.X = np.empty((self.capacity, self.d), np.float32 if as_uint8 is None else np.uint8)
+        elif self.X.dtype == np.uint8 and as_uint8 is None:
             wide = np.empty((self.capacity, self.d), np.float32)
             wide[:self.n] = self.X[:self.n]
             self.X = wide
+        if self.X.dtype == np.uint8:
+            chunk = as_uint8
         k = chunk.shape[0]
         if self.n + k > self.capacity:  # only when the line count was not an upper bound
             self.capacity = max(2 * self.capacity, self.n + k)
@@ -204,7 +220,7 @@ def _layout(path: Path, suffix: str, target) -> _Layout:
     ncols = len(rows[0])
     if ncols < 2:
         raise fail(path, f"line {head[0][0]} has {ncols} field{'s' * (ncols != 1)}",
-                   f"a data file needs feature columns and a label column, separated by {_name(delim)}")
+                   f"a data file needs feature columns and a label column, separated by {_delimiter_name(delim)}")
     has_header = _is_header(rows, target)
     names = [c.strip() for c in rows[0]] if has_header else None
     return _Layout(delim, ncols, names, head[0][0] if has_header else 0, _resolve_target(target, names, ncols, path))
@@ -225,15 +241,15 @@ def parse_delimited(path: Path, *, suffix: str, target=None) -> Parsed:
             if not lines:
                 continue
             X, y = p.convert(lines, linenos)
-            byte_valued = is_byte_valued(X)
-            if not byte_valued:
+            X8 = as_bytes(X)
+            if X8 is None:
                 bad = ~np.isfinite(X)
                 k = int(np.count_nonzero(bad))
                 if k and not first_bad:
                     i, j = np.argwhere(bad)[0]
                     first_bad = f"line {linenos[i]}, {_column(feature_names, j)}"
                 n_bad += k
-            store.add(X, byte_valued)
+            store.add(X, X8)
             labels.append(y)
             label_lines.append(linenos)
     if store.n == 0:
@@ -272,7 +288,7 @@ def _drop_blank(lines: list, start: int, header_line: int):
     return [line for _, line in kept], np.array([n for n, _ in kept], dtype=np.int64)
 
 
-def _name(delim) -> str:
+def _delimiter_name(delim) -> str:
     return {",": "commas", "\t": "tabs", ";": "semicolons", "|": "'|'", None: "whitespace"}[delim]
 
 
@@ -306,13 +322,26 @@ def _is_header(rows: list, target) -> bool:
     if isinstance(target, str) and target.strip() in first and not _is_int(target):
         return True
     later = [r for r in rows[1:] if len(r) == len(first)]
-    if not later:
-        return not all(_number(c) is not None for c in first)
+    if not later:  # a single row: a header only when nothing on it is a number
+        return all(_number(c) is None for c in first)
     for j, c in enumerate(first):
         if _number(c) is None and all(_number(r[j]) is not None for r in later) \
                 and any(r[j].strip().lower() not in MISSING for r in later):
             return True
     return False
+
+
+def _is_index(s: str) -> bool:
+    """A 1-based LIBSVM feature index."""
+    return s.isascii() and s.isdigit() and 1 <= int(s) < 2 ** 31
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
 
 
 def _is_int(s: str) -> bool:
@@ -378,9 +407,10 @@ class _DelimitedChunk:
                 y = self.labels(lines, linenos)  # from the text as written: an empty label stays empty
             except ValueError:
                 return self._slow(lines, linenos)
-        if y.size and int(np.char.str_len(y).max()) >= self._LABEL_WIDTH:
+        width = int(np.char.str_len(y).max()) if y.size else 1
+        if width >= self._LABEL_WIDTH:
             y = self.labels(lines, linenos)
-        return X, y
+        return X, y.astype(f"U{max(width, 1)}") if width < self._LABEL_WIDTH else y
 
     def _load(self, lines):
         with warnings.catch_warnings(), np.errstate(over="ignore"):
@@ -519,7 +549,7 @@ def scan_libsvm(path: Path) -> tuple[int, int, int]:
             if tokens:
                 labels.append(tokens[0])
                 i = tokens[-1].partition(":")[0] if len(tokens) > 1 else ""
-                d = max(d, int(i)) if i.isdigit() else d
+                d = max(d, int(i)) if _is_index(i) else d
     if not labels:
         raise fail(path, "the file has no samples", "give one 'label index:value ...' line per sample")
     _, classes = code_labels(np.array(labels, dtype=str), path, lambda r: f"sample {r + 1}")
@@ -537,7 +567,7 @@ def _libsvm_check_tokens(path, n, line):
         if k == 0 and tok.startswith("qid:"):
             continue
         i, sep, v = tok.partition(":")
-        if not sep or ":" in v or not i.isdigit() or not 1 <= int(i) < 2 ** 31 or _number(v) is None or v.strip() == "":
+        if not (sep and _is_index(i) and ":" not in v and _is_float(v)):
             raise fail(path, f"line {n}: bad token {tok!r}",
                        "LIBSVM features are index:value with a 1-based integer index and a number")
 
@@ -603,7 +633,8 @@ def read_idx(path: Path) -> np.ndarray:
         while got < nbytes and (k := f.readinto(view[got:got + (16 << 20)])):
             got += k
         if got < nbytes:
-            raise fail(path, f"is truncated: dimensions {dims} need {nbytes} bytes, got {got}", "download the file again")
+            raise fail(path, f"is truncated: dimensions {dims} need {nbytes} bytes, got {got}",
+                       "download the file again")
         if f.read(1):
             raise fail(path, f"has extra bytes after the data of dimensions {dims}", "download the file again")
     arr = out.view(dtype).reshape(dims)
@@ -623,11 +654,10 @@ def parse_idx(images: Path, labels: Path) -> Parsed:
     if X.size == 0:
         raise fail(images, f"holds no pixels (dimensions {X.shape})", "give a non-empty images file")
     X = X.reshape(X.shape[0], -1)
+    with np.errstate(over="ignore"):  # beyond float32's range is Inf, reported by the NaN/Inf check
+        X = X.astype(np.float32) if X.dtype.kind == "f" else X
     n_bad, first = count_nonfinite(X, lambda i, j: f"image {i}, pixel {j}")
-    if not n_bad:
-        X = compact(X)
-    elif X.dtype != np.float32:
-        X = X.astype(np.float32)
+    X = X if n_bad else compact(X)
     if y.dtype.kind == "f":
         if not (np.all(np.isfinite(y)) and np.all(y == np.round(y))):
             raise fail(labels, "holds non-integer labels", "labels must be integer class numbers")
