@@ -316,7 +316,7 @@ def _show_plan(plan, as_json: bool) -> None:
     total = "total" if inference else "peak (per-epoch parts overlap: only the larger counts)"
     t.add_row(f"[bold]{total}[/bold]", f"[bold]{_bytes(plan.total)}[/bold]")
     if plan.budget is not None:
-        t.add_row("budget", _bytes(plan.budget))
+        t.add_row("budget" + (f" ({plan.headroom:.0%} usable)" if plan.headroom < 1 else ""), _bytes(plan.budget))
     err.print(t)
     if plan.changes:
         err.print("--fit would change: " + ", ".join(plan.changes))
