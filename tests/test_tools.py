@@ -1,0 +1,167 @@
+"""The benchmark and reproduction tools: each runs at its smallest setting and prints a markdown table.
+
+The smoke tests run every tool in a subprocess (as a user would) with tiny settings, a few seconds
+each; the fast tests check that the dense-masked baseline of ``tools/bench_train.py`` computes the
+same training step as ctre-edge's kernels, so the benchmark compares like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+
+
+def run_tool(name: str, *args: str, cwd=None, timeout: float = 120, check: bool = True):
+    r = subprocess.run([sys.executable, str(TOOLS / name), *args], capture_output=True, text=True, cwd=cwd,
+                       timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"{name} {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The data rows of the first markdown table in ``stdout`` (asserting there is one)."""
+    lines = stdout.splitlines()
+    seps = [i for i, line in enumerate(lines) if line.startswith("|---")]
+    assert seps, f"no markdown table in:\n{stdout}"
+    start = seps[0]
+    assert lines[start - 1].startswith("| ")
+    rows = []
+    for line in lines[start + 1:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    assert rows, f"empty table in:\n{stdout}"
+    return rows
+
+
+@pytest.fixture
+def digits_npz(tmp_path):
+    """The built-in digits written as an .npz file, so the tools need no shared data folder."""
+    from ctre_edge.data import load_data
+
+    d = load_data("builtin:digits")
+    path = tmp_path / "digits.npz"
+    np.savez(path, X=d.X, y=d.y)
+    return path
+
+
+@pytest.mark.slow
+def test_bench_train_smoke():
+    r = run_tool("bench_train.py", "--smoke")
+    rows = table_rows(r.stdout)
+    assert len(rows) == 1 and rows[0][0] == "64"
+    assert "GFLOP/s" in r.stdout and "CPU:" in r.stdout.splitlines()[0]
+    assert rows[0][3] != "-" and rows[0][4] != "-", "both engines must have produced a time"
+
+
+@pytest.mark.slow
+def test_reproduce_smoke_writes_json_and_refuses_to_overwrite(tmp_path, digits_npz):
+    out = tmp_path / "results.json"
+    r = run_tool("reproduce.py", "--smoke", str(digits_npz), "--out", str(out))
+    rows = table_rows(r.stdout)
+    assert [row[1] for row in rows] == ["ctre-sim", "ctre-seq", "set", "static", "dense"]
+    doc = json.loads(out.read_text())
+    assert len(doc["runs"]) == 5 and all(0 <= run["test_accuracy"] <= 1 for run in doc["runs"])
+    assert doc["summary"][-1]["density"] == 1.0
+    before = out.read_bytes()
+    again = run_tool("reproduce.py", "--smoke", str(digits_npz), "--out", str(out), check=False)
+    assert again.returncode != 0 and "--force" in again.stderr
+    assert out.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_scaling_smoke():
+    r = run_tool("scaling.py", "--smoke")
+    rows = table_rows(r.stdout)
+    assert len(rows) == 1 and rows[0][0] == "64" and rows[0][3] != "-"
+    assert "rpi-4b-2gb" in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_layout_smoke():
+    table_rows(run_tool("bench_layout.py", "--repeats", "2").stdout)
+
+
+@pytest.mark.slow
+def test_plan_vs_measured_smoke():
+    rows = table_rows(run_tool("plan_vs_measured.py", "--quick", "--epochs", "1").stdout)
+    assert not [row for row in rows if "failed" in row[-1]]
+
+
+@pytest.mark.slow
+def test_bench_infer_smoke():
+    help_text = run_tool("bench_infer.py", "--help").stdout
+    if "--smoke" not in help_text:
+        pytest.skip("bench_infer.py has no setting small enough for a smoke test (its --quick took about 45 s here)")
+    table_rows(run_tool("bench_infer.py", "--smoke").stdout)
+
+
+# --- the dense-masked baseline computes what ctre-edge computes ------------------------------------------
+
+def test_dense_masked_step_matches_ctre_kernels():
+    import bench_train as bt
+
+    from ctre_edge import kernels
+    from ctre_edge.train import PackedNet, init_layers
+
+    rng = np.random.default_rng(3)
+    sizes = [20, 16, 12, 5]
+    layers = init_layers(sizes, 3.0, rng)
+    layers = [layer._replace(bias=rng.normal(0, 0.1, layer.n_out).astype(np.float32)) for layer in layers]
+    net = PackedNet(layers)
+    dense = bt.DenseMLP(layers)
+    X = rng.integers(0, 256, size=(60, sizes[0])).astype(np.uint8)
+    y = rng.integers(0, sizes[-1], size=60)
+    shift = np.zeros(sizes[0], np.float32)
+    scale = np.full(sizes[0], 1 / 255, np.float32)
+    order = rng.permutation(60)
+    bs = 25  # two full batches and a partial one
+    lr, mom, l2 = np.float32(0.05), np.float32(0.9), np.float32(1e-3)
+    act = np.empty(int(net.sizes.sum()) * bs, np.float32)
+    delta_a = np.empty(int(net.sizes.max()) * bs, np.float32)
+    delta_b = np.empty_like(delta_a)
+    grad = np.empty(int(np.diff(net.nz_off).max()), np.float32)
+    bias_grad = np.empty(int(net.sizes[1:].max()), np.float32)
+    loss, correct = kernels.train_batches(X, y, order, bs, shift, scale, *net.kernel_args(), net.velocity, net.bias,
+                                          net.bias_velocity, act, delta_a, delta_b, grad, bias_grad, lr, mom, l2)
+    d_loss = d_correct = 0
+    for s in range(0, 60, bs):
+        rows = order[s:s + bs]
+        part_loss, part_correct = dense.train_batch(bt.scaled(X, rows, shift, scale), y[rows], lr, mom, l2)
+        d_loss += part_loss
+        d_correct += part_correct
+    assert d_loss == pytest.approx(loss, rel=1e-4) and d_correct == correct
+    for l in range(len(layers)):
+        layer = net.layer(l)
+        W = dense.W[l]
+        np.testing.assert_allclose(W[layer.rows(), layer.indices], layer.values, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(dense.b[l], layer.bias, rtol=1e-4, atol=1e-6)
+        assert np.count_nonzero(W * (1 - dense.M[l])) == 0, "weights outside the mask must stay zero"
+
+
+def test_dense_masked_set_update_keeps_counts():
+    import bench_train as bt
+
+    from ctre_edge.train import init_layers
+
+    rng = np.random.default_rng(4)
+    dense = bt.DenseMLP(init_layers([30, 40, 6], 2.0, rng))
+    before = [int(np.count_nonzero(m)) for m in dense.M]
+    kept_weights = [w.copy() for w in dense.W]
+    dense.set_update(0.2, rng)
+    for l, m in enumerate(dense.M):
+        assert int(np.count_nonzero(m)) == before[l]
+        assert np.count_nonzero(dense.W[l] * (1 - m)) == 0
+        assert np.count_nonzero(dense.V[l] * (1 - m)) == 0
+        survived = (m == 1) & (kept_weights[l] != 0) & (dense.W[l] == kept_weights[l])
+        assert survived.sum() >= before[l] - int(0.2 * before[l]) - 1  # the 80% strongest are untouched
