@@ -99,7 +99,10 @@ def write_archive(path, fmt: str, version: int, arrays: dict, meta: dict, *, for
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
             z.writestr(zipfile.ZipInfo("meta.json", _ZIP_TIME), header_bytes)
             for name, arr in arrays.items():
-                with z.open(zipfile.ZipInfo(name + ".npy", _ZIP_TIME), "w", force_zip64=True) as member:
+                # zip64 only where needed: its headers differ between Python patch releases, and
+                # the same model should give the same bytes everywhere.
+                big = arr.nbytes > (1 << 31) - (1 << 20)
+                with z.open(zipfile.ZipInfo(name + ".npy", _ZIP_TIME), "w", force_zip64=big) as member:
                     np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
 
     return atomic_write(path, write, force=force)

@@ -1,0 +1,1 @@
+"""Data sets shipped with ctre-edge (see SOURCES.md)."""
