@@ -93,8 +93,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (finishes in a few minutes)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: one small network
     args = parser.parse_args(argv)
     reps1, reps64 = (50, 20) if args.quick else (500, 100)
+    networks = NETWORKS
+    if args.smoke:
+        reps1, reps64, networks = 3, 2, [[64, 100, 100, 10]]
 
     print(f"CPU: {cpu_model()} ({platform.machine()}); Python {platform.python_version()}; "
           f"onnxruntime {onnxruntime.__version__}; onnx {onnx.__version__}; numpy {np.__version__}")
@@ -105,7 +109,7 @@ def main(argv=None):
     print("| network | kernel | per layer | file MB | RSS growth | RSS peak | batch 1 ms | batch 64 ms |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for sizes in NETWORKS:
+        for sizes in networks:
             model = make_model(sizes, EPSILON)
             name = "-".join(map(str, sizes)) + f", eps {EPSILON}"
             for kernel in KERNELS:
