@@ -452,9 +452,8 @@ def load_scaled(name):
     return x.astype(np.float32), int(y.max()) + 1
 
 
-def test_sketch_recall_on_real_activations():
-    dims, default_dim = (32, 64, 128, 256), CosineSketch(1, 1).dim
-    lines, worst_at_default = [], 1.0
+def real_layers_with_exact_topk():
+    """Per layer of a 1000-1000-1000 ER network fed digits and madelon: activations, k, exact top-k set."""
     for name in ("digits", "madelon"):
         x, n_classes = load_scaled(name)
         acts, layers = erdos_renyi_mlp_activations(x, n_classes, (1000, 1000, 1000), np.random.default_rng(0))
@@ -462,20 +461,26 @@ def test_sketch_recall_on_real_activations():
             a_in, a_out = acts[l], acts[l + 1]
             k = int(0.2 * indices.size)
             exact = topk_cosine(a_in, a_out, indptr, indices, k)
-            truth = set((exact[0] * a_out.shape[0] + exact[1]).tolist())
-            recalls = []
-            for dim in dims:
-                sketch = CosineSketch(a_in.shape[0], a_out.shape[0], dim=dim, seed=0)
-                for part in np.array_split(np.arange(x.shape[0]), 8):  # streamed in batches
-                    sketch.update(a_in[:, part], a_out[:, part], part)
-                rows, cols, _ = sketch.candidates(indptr, indices, k)
-                rows, cols, _ = sketch.rescore(a_in, a_out, rows, cols, k)
-                recalls.append(len(truth & set((rows * a_out.shape[0] + cols).tolist())) / k)
-                if dim == default_dim:
-                    worst_at_default = min(worst_at_default, recalls[-1])
-            shape = f"{a_in.shape[0]}x{a_out.shape[0]}"
-            table = "  ".join(f"{r:.3f}" for r in recalls)
-            lines.append(f"{name:8s} layer {l} {shape:>10s} k={k:4d}  {table}")
+            yield name, l, x, a_in, a_out, indptr, indices, k, set((exact[0] * a_out.shape[0] + exact[1]).tolist())
+
+
+def test_sketch_recall_on_real_activations():
+    dims, default_dim = (32, 64, 128, 256), CosineSketch(1, 1).dim
+    lines, worst_at_default = [], 1.0
+    for name, l, x, a_in, a_out, indptr, indices, k, truth in real_layers_with_exact_topk():
+        recalls = []
+        for dim in dims:
+            sketch = CosineSketch(a_in.shape[0], a_out.shape[0], dim=dim, seed=0)
+            for part in np.array_split(np.arange(x.shape[0]), 8):  # streamed in batches
+                sketch.update(a_in[:, part], a_out[:, part], part)
+            rows, cols, _ = sketch.candidates(indptr, indices, k)
+            rows, cols, _ = sketch.rescore(a_in, a_out, rows, cols, k)
+            recalls.append(len(truth & set((rows * a_out.shape[0] + cols).tolist())) / k)
+            if dim == default_dim:
+                worst_at_default = min(worst_at_default, recalls[-1])
+        shape = f"{a_in.shape[0]}x{a_out.shape[0]}"
+        table = "  ".join(f"{r:.3f}" for r in recalls)
+        lines.append(f"{name:8s} layer {l} {shape:>10s} k={k:4d}  {table}")
     print("\nrecall of the exact top-k, n_candidates = 4k, dim = " + " / ".join(map(str, dims)))
     print("\n".join(lines))
     assert worst_at_default >= 0.9, f"recall {worst_at_default:.3f} < 0.9 at the default dim {default_dim}"
@@ -500,20 +505,13 @@ def test_topk_exact_on_real_activations_for_many_block_sizes(name):
 def test_shipped_sketch_ranking_recall_on_real_activations():
     """What `--similarity sketch` grows: the sketch's own top-k (no exact rescoring), dim 256."""
     lines, worst = [], 1.0
-    for name in ("digits", "madelon"):
-        x, n_classes = load_scaled(name)
-        acts, layers = erdos_renyi_mlp_activations(x, n_classes, (1000, 1000, 1000), np.random.default_rng(0))
-        for l, (indptr, indices) in enumerate(layers):
-            a_in, a_out = acts[l], acts[l + 1]
-            k = int(0.2 * indices.size)
-            exact = topk_cosine(a_in, a_out, indptr, indices, k)
-            truth = set((exact[0] * a_out.shape[0] + exact[1]).tolist())
-            sketch = CosineSketch(a_in.shape[0], a_out.shape[0], dim=256, seed=0)
-            for part in np.array_split(np.arange(x.shape[0]), 8):
-                sketch.update(a_in[:, part], a_out[:, part], part)
-            rows, cols, _ = sketch.candidates(indptr, indices, k, n_candidates=k)
-            recall = len(truth & set((rows * a_out.shape[0] + cols).tolist())) / k
-            worst = min(worst, recall)
-            lines.append(f"{name:8s} layer {l} {a_in.shape[0]}x{a_out.shape[0]} k={k}: recall {recall:.3f}")
+    for name, l, x, a_in, a_out, indptr, indices, k, truth in real_layers_with_exact_topk():
+        sketch = CosineSketch(a_in.shape[0], a_out.shape[0], dim=256, seed=0)
+        for part in np.array_split(np.arange(x.shape[0]), 8):
+            sketch.update(a_in[:, part], a_out[:, part], part)
+        rows, cols, _ = sketch.candidates(indptr, indices, k, n_candidates=k)
+        recall = len(truth & set((rows * a_out.shape[0] + cols).tolist())) / k
+        worst = min(worst, recall)
+        lines.append(f"{name:8s} layer {l} {a_in.shape[0]}x{a_out.shape[0]} k={k}: recall {recall:.3f}")
     print("\nsketch top-k (dim 256, no rescoring) against exact:\n" + "\n".join(lines))
     assert worst >= 0.8, f"worst recall {worst:.3f} (measured 0.847 when written)"
