@@ -336,7 +336,8 @@ def _is_index(s: str) -> bool:
     return s.isascii() and s.isdigit() and 1 <= int(s) < 2 ** 31
 
 
-def _is_float(s: str) -> bool:
+def is_float(s: str) -> bool:
+    """Whether ``float(s)`` parses (numbers, "nan", "inf")."""
     try:
         float(s)
         return True
@@ -567,7 +568,7 @@ def _libsvm_check_tokens(path, n, line):
         if k == 0 and tok.startswith("qid:"):
             continue
         i, sep, v = tok.partition(":")
-        if not (sep and _is_index(i) and ":" not in v and _is_float(v)):
+        if not (sep and _is_index(i) and ":" not in v and is_float(v)):
             raise fail(path, f"line {n}: bad token {tok!r}",
                        "LIBSVM features are index:value with a 1-based integer index and a number")
 

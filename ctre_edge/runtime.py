@@ -126,6 +126,8 @@ def read_features(path) -> np.ndarray:
     """
     from pathlib import Path
 
+    from .formats import is_float
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} not found")
@@ -143,7 +145,7 @@ def read_features(path) -> np.ndarray:
             with open(path, encoding="utf-8") as f:
                 first = f.readline()
             fields = first.strip().split(delimiter)
-            header = any(not _is_number(v) for v in fields)
+            header = any(not is_float(v) for v in fields)
             X = np.loadtxt(path, delimiter=delimiter, skiprows=1 if header else 0, dtype=np.float32, ndmin=2)
             if X.size == 0:
                 raise DataError(f"{path}: no data rows")
@@ -153,11 +155,3 @@ def read_features(path) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - a damaged or odd file fails in many ways
         raise DataError(f"{path}: cannot read features ({_first_line(e)})") from None
     raise DataError(f"{path}: unsupported format {suffix or '(no extension)'!r}; use .npz (X), .npy or .csv")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
