@@ -222,6 +222,8 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     as an uninterrupted run. ``stop_requested()`` returning a signal number ends the run after the
     epoch in progress, with a checkpoint, by raising ``Interrupted``.
     """
+    import numba
+
     from . import checkpoint as ckpt
     from . import kernels
     from .evolve import make_policy
@@ -265,6 +267,7 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     grad = np.empty(max_nnz, np.float32)
     bias_grad = np.empty(int(net.sizes[1:].max()), np.float32)
     evaluator = Evaluator(net, shift, scale, config.eval_batch_size)
+    threads = numba.get_num_threads()  # set from the device profile; any count gives the same model
 
     for epoch in range(start, config.epochs):
         t0 = time.perf_counter()
@@ -282,7 +285,7 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
                 part_loss, part_correct = kernels.train_batches(
                     data.X, data.y, rows, bs, shift, scale, *net.kernel_args(), net.velocity, net.bias,
                     net.bias_velocity, act, delta_a, delta_b, grad, bias_grad,
-                    np.float32(lr), np.float32(config.momentum), np.float32(config.l2))
+                    np.float32(lr), np.float32(config.momentum), np.float32(config.l2), threads)
                 loss += part_loss
                 correct += part_correct
                 policy.observe(level_views(act, net.sizes, rows.shape[0]), rows, epoch)
@@ -291,7 +294,7 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
             part_loss, part_correct = kernels.train_batches(
                 data.X, data.y, order[s:s + step], bs, shift, scale, *net.kernel_args(), net.velocity, net.bias,
                 net.bias_velocity, act, delta_a, delta_b, grad, bias_grad,
-                np.float32(lr), np.float32(config.momentum), np.float32(config.l2))
+                np.float32(lr), np.float32(config.momentum), np.float32(config.l2), threads)
             loss += part_loss
             correct += part_correct
         loss /= order.shape[0]

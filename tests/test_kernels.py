@@ -1,6 +1,7 @@
 """Each numba kernel against its dense-masked numpy twin (tests/reference.py)."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from ctre_edge import kernels
@@ -121,8 +122,8 @@ def test_gather_scaled_keeps_uint8_and_scales(rng):
 
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(1, 30), min_size=3, max_size=5), st.floats(0.5, 6), st.integers(1, 50),
-       st.integers(1, 16), st.integers(0, 2**32 - 1))
-def test_train_batches_equals_reference_sgd(sizes, eps, n, batch, seed):
+       st.integers(1, 16), st.integers(0, 2**32 - 1), st.integers(1, 3))
+def test_train_batches_equals_reference_sgd(sizes, eps, n, batch, seed, threads):
     """The fused minibatch loop equals a float64 dense-masked forward/backward/Nesterov step per batch."""
     rng = np.random.default_rng(seed)
     sizes[-1] = max(sizes[-1], 2)
@@ -143,7 +144,7 @@ def test_train_batches_equals_reference_sgd(sizes, eps, n, batch, seed):
     bg = np.empty(max(sizes[1:]), np.float32)
     loss, _ = kernels.train_batches(X, y, order, batch, shift, scale, *net.kernel_args(), net.velocity, net.bias,
                                     net.bias_velocity, act, da, db, grad, bg, np.float32(0.1), np.float32(0.9),
-                                    np.float32(1e-3))
+                                    np.float32(1e-3), threads)
     ref_loss = 0.0
     for s in range(0, n, batch):
         rows = order[s:s + batch]
@@ -163,3 +164,38 @@ def test_predict_batches_equals_reference(rng):
     X = rng.normal(size=(33, 12)).astype(np.float32)
     for bs in (1, 7, 33, 100):
         close(model.predict_proba(X, batch_size=bs), predict_proba_ref(model, X))
+
+
+def test_thread_count_does_not_change_the_model(tmp_path):
+    """Issue 9: parallel and serial training give bit-identical models (layers above the parallel threshold)."""
+    import numba
+
+    from ctre_edge.data import load_data
+    from ctre_edge.train import TrainConfig, train
+
+    assert (400 * 2 * 20) * 100 >= kernels.PARALLEL_MIN_WORK  # the hidden layers below do run threaded
+    data = load_data("builtin:digits")
+    before = numba.get_num_threads()
+    files = []
+    try:
+        for n in (1, numba.config.NUMBA_NUM_THREADS, 1):
+            numba.set_num_threads(n)
+            config = TrainConfig(hidden=(400, 400), epsilon=20, epochs=3, method="ctre-sim", similarity_samples=300)
+            files.append(train(data, config).model.save(tmp_path / f"t{len(files)}.ctre").read_bytes())
+    finally:
+        numba.set_num_threads(before)
+    assert files[0] == files[1] == files[2]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_sparse_backward_threads_equals_serial_bit_for_bit(threads, rng):
+    layer = erdos_renyi_layer(57, 40, 6, rng)
+    x = rng.normal(size=(57, 13)).astype(np.float32)
+    dy = rng.normal(size=(40, 13)).astype(np.float32)
+    want_dx, want_g = np.empty_like(x), np.empty(layer.nnz, np.float32)
+    got_dx, got_g = np.empty_like(x), np.empty(layer.nnz, np.float32)
+    a = (layer.indptr, layer.indices, layer.values, x, dy)
+    kernels.sparse_backward(*a, want_dx, want_g, True)
+    kernels.sparse_backward_threads(*a, got_dx, got_g, True, threads)
+    np.testing.assert_array_equal(got_dx, want_dx)
+    np.testing.assert_array_equal(got_g, want_g)

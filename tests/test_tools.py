@@ -130,7 +130,7 @@ def test_dense_masked_step_matches_ctre_kernels():
     grad = np.empty(int(np.diff(net.nz_off).max()), np.float32)
     bias_grad = np.empty(int(net.sizes[1:].max()), np.float32)
     loss, correct = kernels.train_batches(X, y, order, bs, shift, scale, *net.kernel_args(), net.velocity, net.bias,
-                                          net.bias_velocity, act, delta_a, delta_b, grad, bias_grad, lr, mom, l2)
+                                          net.bias_velocity, act, delta_a, delta_b, grad, bias_grad, lr, mom, l2, 1)
     d_loss = d_correct = 0
     for s in range(0, 60, bs):
         rows = order[s:s + bs]
@@ -162,3 +162,8 @@ def test_dense_masked_set_update_keeps_counts():
         assert np.count_nonzero(dense.V[l] * (1 - m)) == 0
         survived = (m == 1) & (kept_weights[l] != 0) & (dense.W[l] == kept_weights[l])
         assert survived.sum() >= before[l] - int(0.2 * before[l]) - 1  # the 80% strongest are untouched
+
+
+def test_bench_threads_smoke():
+    rows = table_rows(run_tool("bench_threads.py", "--epsilons", "1", "--epochs", "2").stdout)
+    assert rows and all(row[-1] == "yes" for row in rows), rows
