@@ -285,7 +285,9 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
                 part_loss, part_correct = kernels.train_batches(
                     data.X, data.y, rows, bs, shift, scale, *net.kernel_args(), net.velocity, net.bias,
                     net.bias_velocity, act, delta_a, delta_b, grad, bias_grad,
-                    np.float32(lr), np.float32(config.momentum), np.float32(config.l2), threads)
+                    np.float32(lr), np.float32(config.momentum), np.float32(config.l2), 1)
+                # serial on purpose: these single batches alternate with BLAS calls, and numba's
+                # worker threads still spinning after a parallel region slowed the epoch 2x
                 loss += part_loss
                 correct += part_correct
                 policy.observe(level_views(act, net.sizes, rows.shape[0]), rows, epoch)
