@@ -663,9 +663,10 @@ def gemm_gflops_with(threads: int) -> float:
     return float(out.stdout.strip()) if out.returncode == 0 else float("nan")
 
 
-def run_child(spec: dict, timeout: float = 7200, blas_threads: int = 0) -> dict:
-    """Run ``child(spec)`` in a fresh interpreter; returns its JSON or {"error": last stderr line}."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+def run_child(spec: dict, timeout: float = 7200, blas_threads: int = 0, script: str = __file__) -> dict:
+    """Run ``script --child SPEC`` (this tool's ``child(spec)`` by default) in a fresh interpreter;
+    returns the JSON it prints last, or {"error": last stderr line}."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--child", json.dumps(spec)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(blas_threads))
     except subprocess.TimeoutExpired:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -92,18 +91,6 @@ def child(spec: dict) -> dict:
     out["predicted_bytes"] = predicted
     out["peak_rss_bytes"] = bt.peak_rss_bytes()
     return out
-
-
-def run_child(spec: dict, timeout: float = 7200) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if out.returncode:
-        lines = out.stderr.strip().splitlines() or [f"exit code {out.returncode}"]
-        return {"error": lines[-1][:200]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def mib(b) -> str:
@@ -175,8 +162,9 @@ def main(argv=None):
                                     + [f"not run: predicted peak above {args.memory_fraction:.0%} of MemAvailable"])
                   + " |", flush=True)
             continue
-        res = run_child({"width": width, "layers": args.layers, "n": args.samples, "batch": batch,
-                         "eval_batch": eval_batch, "epochs": args.epochs, "budget": args.epoch_budget})
+        res = bt.run_child({"width": width, "layers": args.layers, "n": args.samples, "batch": batch,
+                            "eval_batch": eval_batch, "epochs": args.epochs, "budget": args.epoch_budget},
+                           script=__file__)
         if "error" in res:
             print("| " + " | ".join(base + ["-", "-", mib(predicted_run), "-"] + tail + [f"failed: {res['error']}"])
                   + " |", flush=True)
