@@ -91,7 +91,6 @@ class SparseMLPClassifier:
     @classmethod
     def load(cls, path) -> "SparseMLPClassifier":
         model = SparseMLP.load(path)
-        known = {f.name for f in fields(TrainConfig)}
-        clf = cls(**{k: (tuple(v) if k == "hidden" else v) for k, v in model.config.items() if k in known})
+        clf = cls(**vars(TrainConfig.from_dict(model.config)))
         clf._set_model(model)
         return clf

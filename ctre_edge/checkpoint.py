@@ -29,11 +29,6 @@ def data_fingerprint(data) -> str:
     return array_digest(arrays) + ":" + ",".join(map(str, data.classes))
 
 
-def config_fingerprint(config_dict: dict) -> dict:
-    """The settings a resumed run must share with the checkpoint (all of them)."""
-    return dict(config_dict)
-
-
 def checkpoint_files(directory: Path) -> list[tuple[int, Path]]:
     """(epoch, path) of the checkpoints in ``directory``, newest first."""
     if not directory.is_dir():

@@ -17,10 +17,6 @@ import numpy as np
 from .layers import csr_from_positions, linear_positions, sample_positions
 
 
-def make_policy(config, net, X, train_rows, shift, scale) -> "TopologyPolicy":
-    return TopologyPolicy(config, X, train_rows, shift, scale)
-
-
 class TopologyPolicy:
     """Drop-and-grow for every layer of a ``train.PackedNet``, in place.
 

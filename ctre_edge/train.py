@@ -226,7 +226,7 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
 
     from . import checkpoint as ckpt
     from . import kernels
-    from .evolve import make_policy
+    from .evolve import TopologyPolicy
 
     config.validate()
     seeds = np.random.SeedSequence(config.seed).spawn(4)
@@ -252,11 +252,11 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         ckpt.set_rng_state(rng_evolve, meta["rng_evolve"])
         history = [EpochStats(**h) for h in meta["history"]]
         start = int(meta["epoch"])
-        policy = make_policy(config, net, data.X, train_rows, shift, scale)
+        policy = TopologyPolicy(config, data.X, train_rows, shift, scale)
         policy.restore(meta["policy"])
     else:
         net = PackedNet(init_layers(sizes, config.epsilon, rng_init))
-        policy = make_policy(config, net, data.X, train_rows, shift, scale)
+        policy = TopologyPolicy(config, data.X, train_rows, shift, scale)
         best_acc, best_epoch, best_layers = -1.0, 0, net.snapshot()
 
     bs = min(config.batch_size, train_rows.shape[0])
