@@ -273,30 +273,26 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         t0 = time.perf_counter()
         lr = learning_rate(config, epoch)
         order = rng_shuffle.permutation(train_rows)
+        sgd = (shift, scale, *net.kernel_args(), net.velocity, net.bias, net.bias_velocity, act, delta_a, delta_b,
+               grad, bias_grad, np.float32(lr), np.float32(config.momentum), np.float32(config.l2))
         loss, correct = 0.0, 0
         first = 0
         if policy.wants_sketch:
             # Sketch mode: the epoch's first S samples (a uniform sample, the order being shuffled)
             # go one batch at a time, and their forward activations, still in ``act``, feed the
-            # sketches: no extra pass over the data.
+            # sketches: no extra pass over the data. Serial on purpose: these single batches
+            # alternate with BLAS calls, and numba's workers still spinning after a parallel
+            # region slowed the epoch 2x.
             first = min(order.shape[0], config.similarity_samples)
             for s in range(0, first, bs):
                 rows = order[s:min(s + bs, first)]
-                part_loss, part_correct = kernels.train_batches(
-                    data.X, data.y, rows, bs, shift, scale, *net.kernel_args(), net.velocity, net.bias,
-                    net.bias_velocity, act, delta_a, delta_b, grad, bias_grad,
-                    np.float32(lr), np.float32(config.momentum), np.float32(config.l2), 1)
-                # serial on purpose: these single batches alternate with BLAS calls, and numba's
-                # worker threads still spinning after a parallel region slowed the epoch 2x
+                part_loss, part_correct = kernels.train_batches(data.X, data.y, rows, bs, *sgd, 1)
                 loss += part_loss
                 correct += part_correct
                 policy.observe(level_views(act, net.sizes, rows.shape[0]), rows, epoch)
         step = BATCHES_PER_CALL * bs
         for s in range(first, order.shape[0], step):
-            part_loss, part_correct = kernels.train_batches(
-                data.X, data.y, order[s:s + step], bs, shift, scale, *net.kernel_args(), net.velocity, net.bias,
-                net.bias_velocity, act, delta_a, delta_b, grad, bias_grad,
-                np.float32(lr), np.float32(config.momentum), np.float32(config.l2), threads)
+            part_loss, part_correct = kernels.train_batches(data.X, data.y, order[s:s + step], bs, *sgd, threads)
             loss += part_loss
             correct += part_correct
         loss /= order.shape[0]
