@@ -135,13 +135,14 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
     from .budget import MiB, peak_rss_bytes, plan_run
     from .data import load_data, summarize_data, summarize_loaded
     from .profiles import load_profile
+    from dataclasses import fields
+
     from .train import Checkpointing, TrainConfig, train as run_training
     from .warmup import kernels_cached, mark_cached
 
-    names = [f for f in ("method", "epsilon", "zeta", "epochs", "batch_size", "lr", "momentum", "l2", "lr_drop_epoch",
-                         "seed", "scaling", "test_fraction", "patience", "similarity", "similarity_samples",
-                         "similarity_workspace_mib", "sketch_dim", "eval_batch_size")]
-    config = TrainConfig(hidden=_parse_hidden(o["hidden"]), **{n: o[n] for n in names}).validate()
+    # Every option named like a TrainConfig field is that field (validation_fraction has no option).
+    settings = {f.name: o[f.name] for f in fields(TrainConfig) if f.name in o and f.name != "hidden"}
+    config = TrainConfig(hidden=_parse_hidden(o["hidden"]), **settings).validate()
     prof = load_profile(o["profile"]) if o["profile"] else None
     out = o.get("out")
     if out is not None and out.exists() and not o.get("force"):
