@@ -16,16 +16,22 @@ from dataclasses import fields
 
 import numpy as np
 
-from .data import make_dataset
+from . import run
+from .config import TrainConfig
 from .model import SparseMLP
-from .train import TrainConfig, train
+
+# Every TrainConfig field is a constructor argument, except the test split: ``fit`` trains on all
+# the samples it is given and tests on ``X_test``/``y_test`` when they are passed.
+PARAMS = tuple(f.name for f in fields(TrainConfig) if f.name != "test_fraction")
 
 
 class SparseMLPClassifier:
     """Sparse MLP trained with CTRE or SET; constructor arguments are ``TrainConfig``'s fields.
 
-    ``fit`` uses all given samples for training and validation (``test_fraction`` is ignored; pass
-    ``X_test``/``y_test`` to ``fit`` to have ``test_accuracy_`` computed at the best epoch).
+    ``fit`` uses all given samples for training and validation (pass ``X_test``/``y_test`` to have
+    ``test_accuracy_`` computed at the best epoch), through the same run layer as ``ctre-edge
+    train`` (``run.py``): with ``profile``, a run that does not fit the device is refused with the
+    same BudgetError, and ``fit_to_profile`` shrinks it as ``--fit`` does.
 
     Attributes
     ----------
@@ -38,7 +44,7 @@ class SparseMLPClassifier:
 
     def __init__(self, *, hidden=(1000, 1000, 1000), method="set", epsilon=1.0, zeta=0.2, epochs=300,
                  batch_size=100, lr=0.05, momentum=0.9, l2=1e-4, lr_drop_epoch=None, seed=0, scaling="minmax",
-                 validation_fraction=0.1, test_fraction=0.2, patience=40, similarity="exact",
+                 validation_fraction=0.1, patience=40, similarity="exact",
                  similarity_samples=1000, similarity_workspace_mib=32, sketch_dim=256,
                  eval_batch_size=1000):
         for name, value in locals().items():
@@ -46,7 +52,7 @@ class SparseMLPClassifier:
                 setattr(self, name, value)
 
     def get_params(self, deep: bool = True) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(TrainConfig)}
+        return {name: getattr(self, name) for name in PARAMS}
 
     def set_params(self, **params) -> "SparseMLPClassifier":
         for k, v in params.items():
@@ -55,10 +61,18 @@ class SparseMLPClassifier:
             setattr(self, k, v)
         return self
 
-    def fit(self, X, y, X_test=None, y_test=None, progress=None) -> "SparseMLPClassifier":
-        config = TrainConfig(**self.get_params()).validate()
-        config.test_fraction = 0.0
-        result = train(make_dataset(X, y, X_test, y_test, source="fit"), config, progress=progress)
+    def fit(self, X, y, X_test=None, y_test=None, progress=None, *, profile=None,
+            fit_to_profile: bool = False) -> "SparseMLPClassifier":
+        """Train on (X, y); ``profile`` is a device profile name, a .toml path or a Profile.
+
+        Attributes set: ``model_``, ``classes_``, ``history_``, ``best_epoch_``, ``test_accuracy_``
+        and ``fit_changes_`` (the settings ``profile`` changed, as CLI flags).
+        """
+        config = TrainConfig(**self.get_params(), test_fraction=0.0)
+        data = run.DataSpec("fit", arrays=(X, y, X_test, y_test))
+        prepared = run.prepare(config, data, profile, fit_to_profile)
+        result = run.execute(prepared, source="fit", progress=progress).result
+        self.fit_changes_ = prepared.changes
         self._set_model(result.model)
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
@@ -91,6 +105,7 @@ class SparseMLPClassifier:
     @classmethod
     def load(cls, path) -> "SparseMLPClassifier":
         model = SparseMLP.load(path)
-        clf = cls(**vars(TrainConfig.from_dict(model.config)))
+        config = vars(TrainConfig.from_dict(model.config))
+        clf = cls(**{name: config[name] for name in PARAMS})
         clf._set_model(model)
         return clf

@@ -215,9 +215,7 @@ def fit_to_budget(shape: RunShape, budget: int, profile: str | None = None,
             break
         _, _, shape = max(options, key=lambda o: o[0])
         plan = plan_training(shape, budget=budget, profile=profile, cold_cache=cold_cache)
-    flags = {"eval_batch_size": "--eval-batch-size", "similarity_samples": "--similarity-samples",
-             "similarity_workspace_mib": "--similarity-workspace-mib", "batch_size": "--batch-size"}
-    plan.changes = [f"{flags[n]} {getattr(shape, n)} (was {getattr(original, n)})"
+    plan.changes = [f"--{n.replace('_', '-')} {getattr(shape, n)} (was {getattr(original, n)})"
                     for n in floors if getattr(shape, n) != getattr(original, n)]
     return shape, plan
 
@@ -239,36 +237,55 @@ def shape_of(config, summary, data_bytes: int | None = None) -> RunShape:
                     config.similarity_workspace_mib, config.sketch_dim if config.similarity == "sketch" else 0)
 
 
-def apply_shape(config, shape: RunShape) -> None:
-    """Copy the knobs ``fit_to_budget`` may have shrunk back into the TrainConfig."""
-    for name in ("batch_size", "eval_batch_size", "similarity_samples", "similarity_workspace_mib"):
-        setattr(config, name, getattr(shape, name))
+FIT_KNOBS = ("batch_size", "eval_batch_size", "similarity_samples", "similarity_workspace_mib")  # what --fit shrinks
 
 
 def plan_run(config, summary, profile=None, *, fit: bool = False, cold_cache: bool = False,
-             data_bytes: int | None = None, inference_only_ok: bool = False) -> MemoryPlan:
+             data_bytes: int | None = None, inference_only_ok: bool = False):
     """Plan ``config`` on ``summary`` against ``profile``; refuse (BudgetError) or, with ``fit``, shrink.
 
-    With a profile, its similarity sample cap bounds ``config.similarity_samples`` and its caps on
-    parameters and width are checked first. For an inference-only profile and
-    ``inference_only_ok``, the plan is the exported model's size against the device's model budget. ``config`` is updated in place with what ``fit`` changed.
+    Returns ``(config, plan)``: a new TrainConfig (the one given is not changed) and its plan.
+    With a profile that can train, its similarity sample cap bounds ``similarity_samples`` and its
+    caps on parameters and width are checked first; ``plan.changes`` lists every setting changed
+    (the cap and what ``fit`` shrank) as the flags that reproduce it. For an inference-only profile
+    and ``inference_only_ok``, the plan is the exported model's size against the device's model budget.
     """
-    if profile is not None and profile.can_train:
-        config.similarity_samples = min(config.similarity_samples, profile.similarity_sample_cap)
+    changes = []
+    if profile is not None and profile.can_train and config.similarity_samples > profile.similarity_sample_cap:
+        changes.append(f"--similarity-samples {profile.similarity_sample_cap} (was {config.similarity_samples}; "
+                       f"the {profile.name} cap)")
+        config = replace(config, similarity_samples=profile.similarity_sample_cap)
     shape = shape_of(config, summary, data_bytes)
     if profile is not None and not profile.can_train and inference_only_ok:
-        return plan_inference(shape.sizes, shape.nnz, profile)
+        return config, plan_inference(shape.sizes, shape.nnz, profile)
     if profile is None:
-        return plan_training(shape, cold_cache=cold_cache)
+        return config, plan_training(shape, cold_cache=cold_cache)
     check_caps(shape, profile)
     budget = profile.train_budget_bytes
     if fit:
         shape, plan = fit_to_budget(shape, budget, profile.name, cold_cache)
-        apply_shape(config, shape)
+        config = replace(config, **{name: getattr(shape, name) for name in FIT_KNOBS})
     else:
         plan = plan_training(shape, budget=budget, profile=profile.name, cold_cache=cold_cache)
+    plan.changes = changes + plan.changes
     refuse_unless_fits(plan)
-    return plan
+    return config, plan
+
+
+def budget_bytes(profile, model=None) -> int | None:
+    """The one rule from a device profile to a memory budget, for training and for export.
+
+    A profile that can train gives its training budget. A microcontroller (inference only) gives
+    its model budget, after checking that ``model`` (when given) fits it (BudgetError otherwise).
+    No profile, no budget.
+    """
+    if profile is None:
+        return None
+    if profile.can_train:
+        return profile.train_budget_bytes
+    if model is not None:
+        plan_inference(model.sizes, model.nnz, profile)
+    return profile.model_budget_bytes
 
 
 def peak_rss_bytes() -> int:
@@ -285,6 +302,6 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
+    import resource  # only where /proc is missing (not Linux)
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

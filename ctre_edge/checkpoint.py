@@ -10,6 +10,7 @@ resume with other settings or other data is refused instead of silently producin
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,16 @@ FORMAT = "ctre-edge-checkpoint"
 FORMAT_VERSION = 1
 KEEP = 2
 _NAME = re.compile(r"^epoch-(\d{6,})\.ckpt$")
+
+
+@dataclass
+class Checkpointing:
+    """Where and how often ``train`` saves its state; ``resume`` continues from the newest checkpoint."""
+
+    directory: Path
+    every: int = 1
+    resume: bool = False
+    force: bool = False
 
 
 def data_fingerprint(data) -> str:

@@ -45,12 +45,11 @@ from pathlib import Path
 import numpy as np
 
 from . import formats
+from .config import NAN_POLICIES
 from .errors import ConfigError, DataError
 from .formats import Parsed, compact, count_nonfinite, fail
 
 BUILTIN = ("digits",)
-SCALINGS = ("minmax", "standard", "none")
-NAN_POLICIES = ("error", "zero", "mean", "median")
 SUPPORTED = ("builtin:NAME, .npz, .csv, .tsv, .txt, .libsvm/.svm/.svmlight, "
              "IDX (*-images-idx3-ubyte[.gz], or IMAGES,LABELS)")
 _CHUNK = 8192

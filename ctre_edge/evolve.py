@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
 from .layers import csr_from_positions, linear_positions, sample_positions
+from .packed import level_views
+from .similarity import CosineSketch, topk_cosine
 
 
 class TopologyPolicy:
-    """Drop-and-grow for every layer of a ``train.PackedNet``, in place.
+    """Drop-and-grow for every layer of a ``packed.PackedNet``, in place.
 
     ``update`` returns (connections changed, grown by cosine, grown at random), summed over layers.
     """
@@ -44,8 +47,6 @@ class TopologyPolicy:
 
     def observe(self, levels: list, sample_ids: np.ndarray, epoch: int) -> None:
         """Fold one training batch's activations (feature-major, per level) into the sketches."""
-        from .similarity import CosineSketch
-
         if self.sketches is None or self.sketches[0] != epoch:
             # A new projection each epoch (seeded), like a new activation sample in exact mode.
             self.sketches = (epoch, [CosineSketch(levels[l].shape[0], levels[l + 1].shape[0], self.sketch_dim,
@@ -91,26 +92,16 @@ class TopologyPolicy:
         return tuple(int(t) for t in totals)
 
 
-def topk_cosine(*args, **kwargs):
-    from .similarity import topk_cosine as exact
-
-    return exact(*args, **kwargs)
-
-
 def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator) -> list:
     """Activations of every level over S = min(N, samples) training rows chosen by ``rng``.
 
     Returns feature-major float32 arrays (n_l, S): scaled inputs, ReLU hidden layers, softmax
     output, i.e. exactly the pairs the cosine scoring needs (ALGORITHM.md, step 2).
     """
-    from . import kernels
-
-    from .train import level_views
-
     s = min(train_rows.shape[0], samples)
     rows = np.sort(rng.choice(train_rows, size=s, replace=False))
-    act = np.empty(int(net.sizes.sum()) * s, np.float32)
-    kernels.forward_all(X, rows, shift, scale, *net.kernel_args(), net.bias, act)
+    act = net.activation_buffer(s)
+    kernels.forward_all(X, rows, shift, scale, *net.forward, act)
     return level_views(act, net.sizes, s)
 
 

@@ -67,12 +67,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .config import KERNELS
 from .errors import BudgetError, ConfigError, ModelFileError, OutputExistsError
 from .fileio import atomic_write
 from .layers import check_layer
 
 OPSET = 13
-KERNELS = ("auto", "sparse-ops", "dense", "sparse-initializer")
 FORMAT = "ctre-edge-onnx"
 FORMAT_VERSION = 1
 AUTO_TINY_BYTES = 256 * 1024

@@ -7,11 +7,11 @@ layer is CSR over input rows (see ``layers.py``). Kernels trust their inputs: sh
 validated where data enters (``layers.check_layer``, ``data.py``, the API). ``np.dot`` is not used
 inside kernels because numba needs scipy for it; the loops are explicit.
 
-A whole network is passed "packed": the layers' arrays concatenated, with offsets
-``ptr_off`` (into ``indptr``), ``nz_off`` (into ``indices``/``values``) and ``unit_off`` (into the
-biases of layers 1..L), and ``sizes`` = neurons per level ``[n_0, ..., n_L]``. The number of
-connections of a layer never changes, so these offsets are fixed for a run and the per-layer
-arrays are views into the packed ones.
+A whole network is passed "packed" (``packed.PackedNet``, whose field order is the argument
+order here): the layers' arrays concatenated, with offsets ``ptr_off`` (into ``indptr``),
+``nz_off`` (into ``indices``/``values``) and ``unit_off`` (into the biases of layers 1..L), and
+``sizes`` = neurons per level ``[n_0, ..., n_L]``. Callers spread the record (``*net.forward``,
+``*net``), so the kernels stay plain functions over arrays.
 
 Each kernel has a numpy twin in ``tests/reference.py`` that the tests compare against.
 """
@@ -226,7 +226,7 @@ def forward_all(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
 
 @njit(cache=True)
 def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off, unit_off,
-                  indptr, indices, values, velocity, bias, bias_velocity,
+                  indptr, indices, values, bias, velocity, bias_velocity,
                   act, delta_a, delta_b, grad, bias_grad, lr, momentum, l2, threads):
     """One pass of minibatch SGD over ``order`` (sample rows, already shuffled), in place.
 

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .errors import ModelFileError
 from .fileio import read_archive, write_archive
 from .layers import SparseLayer, check_layer
+from .packed import PackedNet
 
 FORMAT = "ctre-edge-model"
 FORMAT_VERSION = 1
@@ -63,25 +65,22 @@ class SparseMLP:
         """Connections over the dense count, over all layers (from the real counts)."""
         return sum(self.nnz) / sum(layer.n_in * layer.n_out for layer in self.layers)
 
-    def packed(self) -> dict:
+    def packed(self) -> PackedNet:
         """The layers concatenated into flat arrays with offsets, the form the kernels take."""
-        return pack_layers(self.layers)
+        return PackedNet.from_layers(self.layers, momentum=False)
 
     # -- inference --------------------------------------------------------------------------------
     def predict_proba(self, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Class probabilities, shape (n_samples, n_classes), float32."""
-        from . import kernels
+        from . import kernels  # here, not at the top: `info` and `export` load models without numba
 
         X = _as_2d_features(X, self.n_features)
-        p = self.packed()
-        sizes = p["sizes"]
+        net = self.packed()
         bs = max(1, min(batch_size, X.shape[0]))
-        act = np.empty(int(sizes.sum()) * bs, dtype=np.float32)
-        proba = np.empty((X.shape[0], int(sizes[-1])), dtype=np.float32)
+        act = net.activation_buffer(bs)
+        proba = np.empty((X.shape[0], int(net.sizes[-1])), dtype=np.float32)
         if X.shape[0]:
-            kernels.predict_batches(X, np.arange(X.shape[0]), self.shift, self.scale, sizes, p["ptr_off"], p["nz_off"],
-                                    p["unit_off"], p["indptr"], p["indices"], p["values"], p["bias"],
-                                    bs, act, proba)
+            kernels.predict_batches(X, np.arange(X.shape[0]), self.shift, self.scale, *net.forward, bs, act, proba)
         return proba
 
     def predict(self, X: np.ndarray) -> np.ndarray:
@@ -99,8 +98,6 @@ class SparseMLP:
 
     def save(self, path, *, force: bool = False) -> Path:
         """Write the model atomically to ``path`` (refuses to overwrite unless ``force``)."""
-        from . import __version__
-
         meta = {"ctre_edge_version": __version__, "sizes": self.sizes, "config": self.config,
                 "classes": [_jsonable(c) for c in self.classes], "metrics": self.metrics}
         return write_archive(path, FORMAT, FORMAT_VERSION, self.arrays(), meta, force=force)
@@ -128,21 +125,6 @@ class SparseMLP:
         if shift.shape != (sizes[0],) or scale.shape != (sizes[0],) or len(classes) != sizes[-1]:
             raise ValueError("scaling or class list does not match the layer sizes")
         return cls(layers, shift.astype(np.float32), scale.astype(np.float32), classes, config or {}, metrics or {})
-
-
-def pack_layers(layers: list[SparseLayer]) -> dict:
-    """Concatenate layers into the packed form of ``kernels.py`` (copies; see ``PackedNet`` in train)."""
-    sizes = np.array([layers[0].n_in] + [layer.n_out for layer in layers], dtype=np.int64)
-    return {
-        "sizes": sizes,
-        "ptr_off": np.concatenate([[0], np.cumsum([layer.n_in + 1 for layer in layers])]).astype(np.int64),
-        "nz_off": np.concatenate([[0], np.cumsum([layer.nnz for layer in layers])]).astype(np.int64),
-        "unit_off": np.concatenate([[0], np.cumsum(sizes[1:])]).astype(np.int64),
-        "indptr": np.concatenate([layer.indptr for layer in layers]),
-        "indices": np.concatenate([layer.indices for layer in layers]),
-        "values": np.concatenate([layer.values for layer in layers]),
-        "bias": np.concatenate([layer.bias for layer in layers]),
-    }
 
 
 def _as_2d_features(X, n_features: int) -> np.ndarray:

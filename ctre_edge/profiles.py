@@ -54,7 +54,7 @@ else:  # pragma: no cover - Python 3.10 only
 
 from ctre_edge.errors import ConfigError
 
-__all__ = ["Profile", "ProfileError", "list_profiles", "load_profile", "profile_rows"]
+__all__ = ["Profile", "ProfileError", "list_profiles", "load_profile"]
 
 
 class ProfileError(ConfigError):
@@ -315,52 +315,3 @@ def list_profiles() -> list[Profile]:
         If a shipped file is invalid (a packaging bug, caught by the test suite).
     """
     return [load_profile(name) for name in sorted(_shipped())]
-
-
-def _format_bytes(n: int) -> str:
-    """Binary units with one decimal, e.g. 536870912 -> '512.0 MiB'."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    return f"{value:.1f} {unit}"
-
-
-def profile_rows(profile: Profile) -> list[tuple[str, str]]:
-    """Human-readable (field, value) pairs for printing a profile as a table.
-
-    The field column uses the TOML keys, so a reader can find the line to edit.
-
-    Parameters
-    ----------
-    profile : Profile
-
-    Returns
-    -------
-    list of (str, str)
-        Byte counts in binary units (``"512.0 MiB"``), counts with thousands separators,
-        ``"-"`` for an absent optional value.
-    """
-
-    def size(n: int | None) -> str:
-        return "-" if n is None else _format_bytes(n)
-
-    return [
-        ("name", profile.name),
-        ("description", profile.description),
-        ("arch", profile.arch),
-        ("cores", str(profile.cores)),
-        ("threads", str(profile.threads)),
-        ("ram_bytes", size(profile.ram_bytes)),
-        ("flash_bytes", size(profile.flash_bytes)),
-        ("can_train", "yes" if profile.can_train else "no (inference only)"),
-        ("train_budget_bytes", size(profile.train_budget_bytes)),
-        ("model_budget_bytes", size(profile.model_budget_bytes)),
-        ("max_params", f"{profile.max_params:,}"),
-        ("max_layer_width", f"{profile.max_layer_width:,}"),
-        ("similarity_sample_cap", f"{profile.similarity_sample_cap:,}"),
-        ("path", "-" if profile.path is None else str(profile.path)),
-    ]

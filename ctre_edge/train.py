@@ -1,4 +1,4 @@
-"""The training loop: configuration, packed network state, epochs, best-validation snapshot.
+"""The training loop: epochs, validation, the topology update, the best-validation snapshot.
 
 One epoch is one call into ``kernels.train_batches`` over a shuffled index array (the data is never
 copied or reordered), then a validation pass, then the topology update of the chosen policy
@@ -13,144 +13,29 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import numba
 import numpy as np
 
-from .data import SCALINGS, Dataset, fit_scaling, stratified_split
-from .errors import ConfigError, CtreError, DivergedError
+from . import checkpoint as ckpt
+from .checkpoint import Checkpointing
+from . import kernels
+from .config import TrainConfig
+from .data import Dataset, fit_scaling, stratified_split
+from .errors import CtreError, DivergedError
+from .evolve import TopologyPolicy
 from .fileio import fault_point
 from .layers import SparseLayer, erdos_renyi_layer
-from .model import SparseMLP, pack_layers
-
-METHODS = ("static", "set", "ctre-sim", "ctre-seq")
-SIMILARITIES = ("exact", "sketch")
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run. Defaults follow the paper where it has one.
-
-    ``lr_drop_epoch`` None keeps the learning rate constant; otherwise lr is divided by 3 at that
-    epoch and by 9 twenty epochs later. ``similarity_samples`` is the S of the cosine scoring.
-    """
-
-    hidden: tuple = (1000, 1000, 1000)
-    method: str = "set"
-    epsilon: float = 1.0
-    zeta: float = 0.2
-    epochs: int = 300
-    batch_size: int = 100
-    lr: float = 0.05
-    momentum: float = 0.9
-    l2: float = 1e-4
-    lr_drop_epoch: int | None = None
-    seed: int = 0
-    scaling: str = "minmax"
-    validation_fraction: float = 0.1
-    test_fraction: float = 0.2
-    patience: int = 40
-    similarity: str = "exact"
-    similarity_samples: int = 1000
-    similarity_workspace_mib: int = 32
-    sketch_dim: int = 256
-    eval_batch_size: int = 1000
-
-    def validate(self) -> "TrainConfig":
-        """Check every field; raise ConfigError naming the argument, the allowed range and the value."""
-        hidden = tuple(self.hidden)
-        if not hidden or not all(isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h >= 1
-                                 for h in hidden):
-            raise ConfigError(f"'hidden' must be a non-empty list of positive ints, e.g. 1000,1000,1000; got {self.hidden!r}")
-        self.hidden = tuple(int(h) for h in hidden)
-        for name, kind, lo, hi in _RANGES:
-            value = getattr(self, name)
-            if value is None and name == "lr_drop_epoch":
-                continue
-            ok_type = (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) if kind is int \
-                else isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-            if not ok_type or not (lo <= value <= hi) or (kind is float and not math.isfinite(value)):
-                raise ConfigError(f"'{name}' must be {'an int' if kind is int else 'a number'} in "
-                                  f"[{lo}, {hi}]; got {value!r}")
-        for name, choices in (("method", METHODS), ("scaling", SCALINGS), ("similarity", SIMILARITIES)):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"'{name}' must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
-        return self
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "hidden" else v) for k, v in d.items() if k in known})
-
-
-_RANGES = [  # (field, type, low, high): one table, one message format
-    ("epsilon", float, 1e-9, 1e9),
-    ("zeta", float, 0.0, 1.0),
-    ("epochs", int, 1, 10**7),
-    ("batch_size", int, 1, 10**7),
-    ("lr", float, 0.0, 1e6),
-    ("momentum", float, 0.0, 1.0),
-    ("l2", float, 0.0, 1e6),
-    ("lr_drop_epoch", int, 0, 10**7),
-    ("seed", int, 0, 2**63 - 1),
-    ("validation_fraction", float, 1e-9, 0.9),
-    ("test_fraction", float, 0.0, 0.9),
-    ("patience", int, 1, 10**7),
-    ("similarity_samples", int, 1, 10**9),
-    ("similarity_workspace_mib", int, 1, 10**6),
-    ("sketch_dim", int, 1, 65536),
-    ("eval_batch_size", int, 1, 10**7),
-]
-
+from .model import SparseMLP
+from .packed import PackedNet, level_views
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
     """lr until ``lr_drop_epoch``, lr/3 for the next 20 epochs, lr/9 after (ALGORITHM.md)."""
     if config.lr_drop_epoch is None or epoch < config.lr_drop_epoch:
         return config.lr
     return config.lr / 3 if epoch < config.lr_drop_epoch + 20 else config.lr / 9
-
-
-class PackedNet:
-    """Training state: the network packed into flat arrays (see ``kernels.py``) plus momentum.
-
-    ``layer(l)`` returns a SparseLayer of views into the packed arrays, so a topology update
-    writes straight into them. A layer's connection count never changes, so offsets are fixed.
-    """
-
-    def __init__(self, layers: list[SparseLayer]):
-        p = pack_layers(layers)
-        self.sizes, self.ptr_off, self.nz_off, self.unit_off = p["sizes"], p["ptr_off"], p["nz_off"], p["unit_off"]
-        self.indptr, self.indices, self.values, self.bias = p["indptr"], p["indices"], p["values"], p["bias"]
-        self.velocity = np.zeros_like(self.values)
-        self.bias_velocity = np.zeros_like(self.bias)
-
-    @property
-    def n_layers(self) -> int:
-        return self.sizes.shape[0] - 1
-
-    def layer(self, l: int) -> SparseLayer:
-        p, z, u = slice(self.ptr_off[l], self.ptr_off[l + 1]), slice(self.nz_off[l], self.nz_off[l + 1]), \
-            slice(self.unit_off[l], self.unit_off[l + 1])
-        return SparseLayer(int(self.sizes[l]), int(self.sizes[l + 1]), self.indptr[p], self.indices[z],
-                           self.values[z], self.bias[u])
-
-    def layer_velocity(self, l: int) -> np.ndarray:
-        return self.velocity[self.nz_off[l]:self.nz_off[l + 1]]
-
-    def kernel_args(self) -> tuple:
-        return (self.sizes, self.ptr_off, self.nz_off, self.unit_off, self.indptr, self.indices, self.values)
-
-    def snapshot(self) -> list[SparseLayer]:
-        """Copies of the current layers (indices too: the topology moves every epoch)."""
-        return [SparseLayer(*(a.copy() if isinstance(a, np.ndarray) else a for a in self.layer(l)))
-                for l in range(self.n_layers)]
 
 
 @dataclass
@@ -191,16 +76,6 @@ def init_layers(sizes: list[int], epsilon: float, rng: np.random.Generator) -> l
     return [erdos_renyi_layer(sizes[l], sizes[l + 1], epsilon, rng) for l in range(len(sizes) - 1)]
 
 
-@dataclass
-class Checkpointing:
-    """Where and how often ``train`` saves its state; ``resume`` continues from the newest checkpoint."""
-
-    directory: Path
-    every: int = 1
-    resume: bool = False
-    force: bool = False
-
-
 class Interrupted(CtreError):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint; ``exit_code`` is 128 + signal."""
 
@@ -214,20 +89,17 @@ BATCHES_PER_CALL = 32  # Python regains control this often within an epoch (sign
 
 def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], None] | None = None, *,
           checkpointing: Checkpointing | None = None, stop_requested: Callable[[], int] | None = None,
-          warn: Callable[[str], None] = lambda message: None) -> TrainResult:
+          warn: Callable[[str], None] = lambda message: None,
+          on_batches: Callable[[int], None] | None = None) -> TrainResult:
     """Train a sparse MLP on ``data``; returns the best-validation model and the per-epoch history.
 
     With ``checkpointing``, the full state is saved every ``every`` epochs (and at the last one),
     and ``resume`` continues from the newest valid checkpoint, giving the same model bit for bit
     as an uninterrupted run. ``stop_requested()`` returning a signal number ends the run after the
-    epoch in progress, with a checkpoint, by raising ``Interrupted``.
+    epoch in progress, with a checkpoint, by raising ``Interrupted``. ``on_batches(rows)`` is
+    called after every call into the SGD kernel with the number of rows it trained (benchmarks
+    time or count the kernel through it).
     """
-    import numba
-
-    from . import checkpoint as ckpt
-    from . import kernels
-    from .evolve import TopologyPolicy
-
     config.validate()
     seeds = np.random.SeedSequence(config.seed).spawn(4)
     rng_split, rng_init, rng_shuffle, rng_evolve = (np.random.default_rng(s) for s in seeds)
@@ -243,7 +115,7 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         data_print = ckpt.data_fingerprint(data)
     if checkpointing is not None and checkpointing.resume:
         arrays, meta, path = ckpt.load_latest(checkpointing.directory, config.to_dict(), data_print, warn)
-        net = PackedNet(SparseMLP.from_arrays(arrays, sizes, classes).layers)
+        net = PackedNet.from_layers(SparseMLP.from_arrays(arrays, sizes, classes).layers)
         net.velocity[:] = arrays["velocity"]
         net.bias_velocity[:] = arrays["bias_velocity"]
         best = SparseMLP.from_arrays(arrays, sizes, classes, prefix="best.")
@@ -255,13 +127,13 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         policy = TopologyPolicy(config, data.X, train_rows, shift, scale)
         policy.restore(meta["policy"])
     else:
-        net = PackedNet(init_layers(sizes, config.epsilon, rng_init))
+        net = PackedNet.from_layers(init_layers(sizes, config.epsilon, rng_init))
         policy = TopologyPolicy(config, data.X, train_rows, shift, scale)
         best_acc, best_epoch, best_layers = -1.0, 0, net.snapshot()
 
     bs = min(config.batch_size, train_rows.shape[0])
     max_nnz = int(np.diff(net.nz_off).max())
-    act = np.empty(int(net.sizes.sum()) * bs, np.float32)
+    act = net.activation_buffer(bs)
     delta_a = np.empty(int(net.sizes.max()) * bs, np.float32)
     delta_b = np.empty_like(delta_a)
     grad = np.empty(max_nnz, np.float32)
@@ -273,8 +145,8 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         t0 = time.perf_counter()
         lr = learning_rate(config, epoch)
         order = rng_shuffle.permutation(train_rows)
-        sgd = (shift, scale, *net.kernel_args(), net.velocity, net.bias, net.bias_velocity, act, delta_a, delta_b,
-               grad, bias_grad, np.float32(lr), np.float32(config.momentum), np.float32(config.l2))
+        sgd = (shift, scale, *net, act, delta_a, delta_b, grad, bias_grad,
+               np.float32(lr), np.float32(config.momentum), np.float32(config.l2))
         loss, correct = 0.0, 0
         first = 0
         if policy.wants_sketch:
@@ -287,12 +159,16 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
             for s in range(0, first, bs):
                 rows = order[s:min(s + bs, first)]
                 part_loss, part_correct = kernels.train_batches(data.X, data.y, rows, bs, *sgd, 1)
+                if on_batches is not None:
+                    on_batches(rows.shape[0])
                 loss += part_loss
                 correct += part_correct
                 policy.observe(level_views(act, net.sizes, rows.shape[0]), rows, epoch)
         step = BATCHES_PER_CALL * bs
         for s in range(first, order.shape[0], step):
             part_loss, part_correct = kernels.train_batches(data.X, data.y, order[s:s + step], bs, *sgd, threads)
+            if on_batches is not None:
+                on_batches(min(step, order.shape[0] - s))
             loss += part_loss
             correct += part_correct
         loss /= order.shape[0]
@@ -339,26 +215,17 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
 
 
 
-
-def level_views(act: np.ndarray, sizes: np.ndarray, nb: int) -> list:
-    """Per-level (n_l, nb) views of a flat activation buffer laid out as in ``kernels.forward_all``."""
-    bounds = np.concatenate([[0], np.cumsum(sizes)]) * nb
-    return [act[bounds[l]:bounds[l + 1]].reshape(int(sizes[l]), nb) for l in range(sizes.shape[0])]
-
-
 class Evaluator:
     """Validation accuracy of the packed network with one preallocated activation buffer."""
 
     def __init__(self, net: PackedNet, shift, scale, batch_size: int):
         self.net, self.shift, self.scale, self.bs = net, shift, scale, batch_size
-        self.act = np.empty(int(net.sizes.sum()) * batch_size, np.float32)
+        self.act = net.activation_buffer(batch_size)
 
     def accuracy(self, X, rows, y) -> float:
-        from . import kernels
-
         if rows.shape[0] == 0:
             return 0.0
         n = self.net
         proba = np.empty((rows.shape[0], int(n.sizes[-1])), np.float32)
-        kernels.predict_batches(X, rows, self.shift, self.scale, *n.kernel_args(), n.bias, self.bs, self.act, proba)
+        kernels.predict_batches(X, rows, self.shift, self.scale, *n.forward, self.bs, self.act, proba)
         return float(np.mean(np.argmax(proba, axis=1) == y[rows]))

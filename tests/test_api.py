@@ -6,13 +6,15 @@ import pytest
 
 from ctre_edge.api import SparseMLPClassifier
 from ctre_edge.data import load_data
-from ctre_edge.train import TrainConfig
+from ctre_edge.config import TrainConfig
 
 
 def test_constructor_defaults_are_train_config_defaults():
     sig = inspect.signature(SparseMLPClassifier.__init__)
+    assert set(sig.parameters) - {"self"} == {f.name for f in fields(TrainConfig)} - {"test_fraction"}
     for f in fields(TrainConfig):
-        assert sig.parameters[f.name].default == f.default, f.name
+        if f.name != "test_fraction":
+            assert sig.parameters[f.name].default == f.default, f.name
 
 
 def test_fit_predict_score_save_load(tmp_path):
@@ -37,3 +39,38 @@ def test_unfitted_and_bad_params():
         SparseMLPClassifier(zeta=-1).fit(np.ones((10, 2)), np.arange(10) % 2)
     with pytest.raises(ValueError, match="unknown parameter"):
         SparseMLPClassifier().set_params(gamma=1)
+
+
+def test_profile_refuses_an_oversized_run_as_the_cli_does():
+    from typer.testing import CliRunner
+
+    from ctre_edge.cli import app
+    from ctre_edge.errors import BudgetError
+
+    d = load_data("builtin:digits")
+    with pytest.raises(BudgetError) as refused:
+        SparseMLPClassifier(hidden=(20000, 20000), epochs=1).fit(d.X, d.y, profile="rpi-zero-2w")
+    r = CliRunner().invoke(app, ["train", "--hidden", "20000,20000", "--epochs", "1", "--test-fraction", "0",
+                                 "--profile", "rpi-zero-2w"])
+    assert r.exit_code == refused.value.exit_code == 3
+    assert str(refused.value) in r.stderr
+
+
+def test_profile_threads_hold_for_the_run_only():
+    import numba
+
+    from ctre_edge.profiles import load_profile
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two numba threads")
+    numba.set_num_threads(1)
+    during = []
+    d = load_data("builtin:digits")
+    try:
+        clf = SparseMLPClassifier(hidden=(16,), epochs=2).fit(
+            d.X, d.y, profile="rpi-zero-2w", progress=lambda stats: during.append(numba.get_num_threads()))
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert during == [min(load_profile("rpi-zero-2w").threads, numba.config.NUMBA_NUM_THREADS)] * 2
+    assert clf.fit_changes_ == ["--similarity-samples 256 (was 1000; the rpi-zero-2w cap)"]

@@ -40,7 +40,6 @@ def test_existing_output_is_not_overwritten(tmp_path):
 
 @pytest.mark.parametrize("args, code, text", [
     (["train", "--hidden", "10,x"], 2, "--hidden must be"),
-    (["train", "--method", "magic"], 2, "'method' must be one of"),
     (["train", "--epochs", "0"], 2, "'epochs' must be an int"),
     (["train", "--data", "missing.npz"], 4, "not found"),
     (["train", "--data", "builtin:nope"], 4, "unknown built-in data set"),
@@ -160,3 +159,76 @@ def test_plan_json_and_profiles_commands():
     assert r.exit_code == 0 and "train_budget_bytes" in r.stderr
     r = run("profiles", "show", "rpi-zero")
     assert r.exit_code == 2 and "rpi-zero-2w" in r.stderr
+
+
+# --- the run layer: every option reaches TrainConfig; CLI and API share defaults ------------------------
+
+def _capture_execute(monkeypatch):
+    """Replace the run layer's execute step; return the list the prepared runs are appended to."""
+    from ctre_edge import run as run_layer
+
+    seen = []
+
+    def fake_execute(prepared, **kwargs):
+        seen.append((prepared, kwargs))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(run_layer, "execute", fake_execute)
+    return seen
+
+
+def test_every_train_config_field_arrives_from_its_option(monkeypatch):
+    from dataclasses import fields
+
+    from ctre_edge.config import TrainConfig
+
+    seen = _capture_execute(monkeypatch)
+    r = run("train", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert seen[-1][0].config == TrainConfig(), "CLI defaults must equal TrainConfig's"
+    given = dict(hidden=(7, 5), method="ctre-seq", epsilon=2.5, zeta=0.3, epochs=4, batch_size=17, lr=0.02,
+                 momentum=0.8, l2=2e-4, lr_drop_epoch=3, seed=9, scaling="standard", validation_fraction=0.2,
+                 test_fraction=0.25, patience=6, similarity="sketch", similarity_samples=123,
+                 similarity_workspace_mib=5, sketch_dim=64, eval_batch_size=77)
+    assert set(given) == {f.name for f in fields(TrainConfig)}, "extend this test with the new field"
+    assert all(given[f.name] != f.default for f in fields(TrainConfig)), "each value must differ from its default"
+    args = []
+    for name, value in given.items():
+        args += [f"--{name.replace('_', '-')}", ",".join(map(str, value)) if name == "hidden" else str(value)]
+    r = run("train", "--quiet", *args)
+    assert r.exit_code == 0, r.stderr
+    assert seen[-1][0].config == TrainConfig(**given)
+
+
+def test_cli_defaults_equal_the_api_defaults():
+    import inspect
+
+    from ctre_edge.api import PARAMS, SparseMLPClassifier
+    from ctre_edge.cli import config_from_options, train
+
+    cli = {n: p.default for n, p in inspect.signature(train).parameters.items()}
+    api = inspect.signature(SparseMLPClassifier.__init__).parameters
+    config = config_from_options(cli)
+    for name in PARAMS:
+        assert getattr(config, name) == api[name].default, name
+
+
+def test_choices_come_from_the_tables():
+    from ctre_edge.config import METHODS, SIMILARITIES
+
+    r = run("train", "--method", "ctre_sim")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert all(m in r.stderr for m in METHODS), r.stderr
+    assert run("train", "--similarity", "approx").exit_code == 2
+    r = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "250"})
+    assert all(m in r.stdout for m in (*METHODS, *SIMILARITIES))
+
+
+def test_a_profile_cap_is_listed_among_the_changes(monkeypatch):
+    seen = _capture_execute(monkeypatch)
+    r = run("train", "--profile", "rpi-zero-2w", "--hidden", "100", "--similarity-samples", "100000", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    prepared = seen[-1][0]
+    assert prepared.config.similarity_samples < 100000
+    assert any(c.startswith("--similarity-samples") for c in prepared.changes), prepared.changes
+    assert "--similarity-samples" in r.stderr

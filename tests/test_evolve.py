@@ -4,12 +4,13 @@ from hypothesis import given, settings, strategies as st
 
 from ctre_edge.evolve import TopologyPolicy, drop_weakest, update_layer
 from ctre_edge.layers import check_layer, erdos_renyi_layer, linear_positions
-from ctre_edge.train import PackedNet, TrainConfig
+from ctre_edge.config import TrainConfig
+from ctre_edge.packed import PackedNet
 
 
 def net_of(sizes, eps, seed):
     rng = np.random.default_rng(seed)
-    net = PackedNet([erdos_renyi_layer(sizes[l], sizes[l + 1], eps, rng) for l in range(len(sizes) - 1)])
+    net = PackedNet.from_layers([erdos_renyi_layer(sizes[l], sizes[l + 1], eps, rng) for l in range(len(sizes) - 1)])
     net.velocity[:] = rng.normal(size=net.velocity.shape)
     return net, rng
 

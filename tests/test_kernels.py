@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from ctre_edge import kernels
 from ctre_edge.layers import erdos_renyi_layer
-from ctre_edge.train import PackedNet
+from ctre_edge.packed import PackedNet
 
 from reference import backward_ref, forward_ref, nesterov_ref, predict_proba_ref, softmax_ref, train_step_ref
 
@@ -128,7 +128,7 @@ def test_train_batches_equals_reference_sgd(sizes, eps, n, batch, seed, threads)
     rng = np.random.default_rng(seed)
     sizes[-1] = max(sizes[-1], 2)
     layers = [erdos_renyi_layer(sizes[l], sizes[l + 1], eps, rng) for l in range(len(sizes) - 1)]
-    net = PackedNet(layers)
+    net = PackedNet.from_layers(layers)
     ref = [l._replace(values=l.values.astype(np.float64), bias=l.bias.astype(np.float64)) for l in net.snapshot()]
     vel = [np.zeros(l.nnz) for l in ref]
     bvel = [np.zeros(l.n_out) for l in ref]
@@ -142,8 +142,7 @@ def test_train_batches_equals_reference_sgd(sizes, eps, n, batch, seed, threads)
     db = np.empty_like(da)
     grad = np.empty(int(np.diff(net.nz_off).max()), np.float32)
     bg = np.empty(max(sizes[1:]), np.float32)
-    loss, _ = kernels.train_batches(X, y, order, batch, shift, scale, *net.kernel_args(), net.velocity, net.bias,
-                                    net.bias_velocity, act, da, db, grad, bg, np.float32(0.1), np.float32(0.9),
+    loss, _ = kernels.train_batches(X, y, order, batch, shift, scale, *net, act, da, db, grad, bg, np.float32(0.1), np.float32(0.9),
                                     np.float32(1e-3), threads)
     ref_loss = 0.0
     for s in range(0, n, batch):

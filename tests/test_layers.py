@@ -8,7 +8,7 @@ from ctre_edge import kernels
 from ctre_edge.evolve import update_layer
 from ctre_edge.layers import (SparseLayer, check_layer, csr_from_positions, er_nnz, erdos_renyi_layer,
                               linear_positions, sample_positions)
-from ctre_edge.train import PackedNet
+from ctre_edge.packed import PackedNet
 
 
 @settings(max_examples=50, deadline=None)
@@ -80,7 +80,7 @@ def test_duplicate_connection_is_caught():
 
 
 def _run_kernels_once():
-    net = PackedNet([erdos_renyi_layer(3, 4, 1.0, np.random.default_rng(0))])
+    net = PackedNet.from_layers([erdos_renyi_layer(3, 4, 1.0, np.random.default_rng(0))])
     layer = net.layer(0)
     x = np.ones((3, 2), np.float32)
     out = np.empty((4, 2), np.float32)
@@ -99,7 +99,7 @@ def test_huge_layer_stays_sparse():
     tracemalloc.start()
     try:
         rng = np.random.default_rng(0)
-        net = PackedNet([erdos_renyi_layer(n, n, 1.0, rng)])
+        net = PackedNet.from_layers([erdos_renyi_layer(n, n, 1.0, rng)])
         layer = net.layer(0)
         x = rng.random((n, batch), dtype=np.float32)
         out = np.empty((n, batch), np.float32)

@@ -109,13 +109,14 @@ def test_dense_masked_step_matches_ctre_kernels():
     import bench_train as bt
 
     from ctre_edge import kernels
-    from ctre_edge.train import PackedNet, init_layers
+    from ctre_edge.packed import PackedNet
+    from ctre_edge.train import init_layers
 
     rng = np.random.default_rng(3)
     sizes = [20, 16, 12, 5]
     layers = init_layers(sizes, 3.0, rng)
     layers = [layer._replace(bias=rng.normal(0, 0.1, layer.n_out).astype(np.float32)) for layer in layers]
-    net = PackedNet(layers)
+    net = PackedNet.from_layers(layers)
     dense = bt.DenseMLP(layers)
     X = rng.integers(0, 256, size=(60, sizes[0])).astype(np.uint8)
     y = rng.integers(0, sizes[-1], size=60)
@@ -129,8 +130,7 @@ def test_dense_masked_step_matches_ctre_kernels():
     delta_b = np.empty_like(delta_a)
     grad = np.empty(int(np.diff(net.nz_off).max()), np.float32)
     bias_grad = np.empty(int(net.sizes[1:].max()), np.float32)
-    loss, correct = kernels.train_batches(X, y, order, bs, shift, scale, *net.kernel_args(), net.velocity, net.bias,
-                                          net.bias_velocity, act, delta_a, delta_b, grad, bias_grad, lr, mom, l2, 1)
+    loss, correct = kernels.train_batches(X, y, order, bs, shift, scale, *net, act, delta_a, delta_b, grad, bias_grad, lr, mom, l2, 1)
     d_loss = d_correct = 0
     for s in range(0, 60, bs):
         rows = order[s:s + bs]

@@ -63,7 +63,7 @@ def plan_width(width: int, layers: int, n: int) -> dict:
     config = run_config(width, layers)
     default = plan_training(shape_of(config, summary))
     try:
-        pi = plan_run(run_config(width, layers), summary, profile, fit=True)
+        _, pi = plan_run(run_config(width, layers), summary, profile, fit=True)
         pi_verdict, pi_refusal = "fits" + (f" ({', '.join(pi.changes)})" if pi.changes else ""), None
     except CtreError as e:
         pi_verdict, pi_refusal = "refused", str(e)

@@ -1,0 +1,93 @@
+"""The packed network: every layer's arrays concatenated, the form the kernels take.
+
+``PackedNet`` is one record of flat arrays: ``sizes`` = neurons per level ``[n_0, ..., n_L]``,
+offsets ``ptr_off`` (into ``indptr``), ``nz_off`` (into ``indices``/``values``) and ``unit_off``
+(into the biases of layers 1..L), the CSR arrays, the biases, and, for training, the momentum of
+every weight and bias. A layer's connection count never changes during a run, so the offsets are
+fixed and a layer is a set of views into the packed arrays (``layer``): a topology update writes
+straight into them. Activations of a batch of ``nb`` samples live in one flat buffer, level after
+level, each a feature-major ``(n_l, nb)`` block (``level_views``).
+
+numpy only: the model, the planner and the exporter use the packed form without loading numba.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .layers import SparseLayer
+
+
+class PackedNet(NamedTuple):
+    """A network packed into flat arrays; the field order is the kernels' argument order.
+
+    ``kernels.forward_all(X, rows, shift, scale, *net.forward, act)`` and
+    ``kernels.train_batches(X, y, order, bs, shift, scale, *net, *buffers, ...)`` take it whole.
+    ``velocity`` and ``bias_velocity`` are empty for a network packed for inference.
+    """
+
+    sizes: np.ndarray  # int64 (L+1,)
+    ptr_off: np.ndarray  # int64 (L+1,)
+    nz_off: np.ndarray  # int64 (L+1,)
+    unit_off: np.ndarray  # int64 (L+1,)
+    indptr: np.ndarray  # int64, concatenated per-layer CSR row pointers
+    indices: np.ndarray  # int32 column of each connection
+    values: np.ndarray  # float32 weight of each connection
+    bias: np.ndarray  # float32 biases of levels 1..L
+    velocity: np.ndarray  # float32 momentum of each weight (training only)
+    bias_velocity: np.ndarray  # float32 momentum of each bias (training only)
+
+    @classmethod
+    def from_layers(cls, layers: list[SparseLayer], momentum: bool = True) -> "PackedNet":
+        """Copies of ``layers`` packed; with ``momentum``, zero velocities for training."""
+        sizes = np.array([layers[0].n_in] + [layer.n_out for layer in layers], dtype=np.int64)
+        values = np.concatenate([layer.values for layer in layers])
+        bias = np.concatenate([layer.bias for layer in layers])
+        return cls(
+            sizes,
+            np.concatenate([[0], np.cumsum([layer.n_in + 1 for layer in layers])]).astype(np.int64),
+            np.concatenate([[0], np.cumsum([layer.nnz for layer in layers])]).astype(np.int64),
+            np.concatenate([[0], np.cumsum(sizes[1:])]).astype(np.int64),
+            np.concatenate([layer.indptr for layer in layers]),
+            np.concatenate([layer.indices for layer in layers]),
+            values,
+            bias,
+            np.zeros_like(values) if momentum else np.empty(0, np.float32),
+            np.zeros_like(bias) if momentum else np.empty(0, np.float32),
+        )
+
+    @property
+    def forward(self) -> tuple:
+        """The arrays of a forward pass (everything but the momentum), in kernel order."""
+        return self[:8]
+
+    @property
+    def n_layers(self) -> int:
+        return self.sizes.shape[0] - 1
+
+    def layer(self, l: int) -> SparseLayer:
+        """Layer ``l`` as views into the packed arrays."""
+        p, z, u = slice(self.ptr_off[l], self.ptr_off[l + 1]), slice(self.nz_off[l], self.nz_off[l + 1]), \
+            slice(self.unit_off[l], self.unit_off[l + 1])
+        return SparseLayer(int(self.sizes[l]), int(self.sizes[l + 1]), self.indptr[p], self.indices[z],
+                           self.values[z], self.bias[u])
+
+    def layer_velocity(self, l: int) -> np.ndarray:
+        return self.velocity[self.nz_off[l]:self.nz_off[l + 1]]
+
+    def snapshot(self) -> list[SparseLayer]:
+        """Copies of the current layers (indices too: the topology moves every epoch)."""
+        return [SparseLayer(*(a.copy() if isinstance(a, np.ndarray) else a for a in self.layer(l)))
+                for l in range(self.n_layers)]
+
+    def activation_buffer(self, nb: int) -> np.ndarray:
+        """A flat float32 buffer for the activations of every level of ``nb`` samples."""
+        return np.empty(int(self.sizes.sum()) * nb, np.float32)
+
+
+def level_views(act: np.ndarray, sizes: np.ndarray, nb: int) -> list:
+    """Per-level (n_l, nb) views of a flat activation buffer laid out as in ``kernels.forward_all``."""
+    bounds = np.concatenate([[0], np.cumsum(sizes)]) * nb
+    return [act[bounds[l]:bounds[l + 1]].reshape(int(sizes[l]), nb) for l in range(sizes.shape[0])]

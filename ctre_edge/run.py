@@ -1,0 +1,162 @@
+"""The run layer: one way from settings to a trained model, shared by the CLI and the Python API.
+
+A run has two steps. ``prepare`` turns a configuration, a data source and an optional device
+profile into everything a run needs: it plans from the data's headers first (so a run that cannot
+fit is refused before anything is loaded or compiled), loads the data, plans again on the loaded
+arrays, and returns a *new* configuration (the one given is never changed) with the list of
+settings the profile changed. ``execute`` trains with the profile's thread count (restored
+afterwards), optionally saves the model, and returns a report. Neither prints: the caller shows
+what it wants (the CLI renders the report; ``SparseMLPClassifier.fit`` keeps the model).
+
+numba is imported only by ``execute``, so planning and refusals stay as lean as the profiles.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+from .budget import MemoryPlan, budget_bytes, peak_rss_bytes, plan_run
+from .config import TrainConfig
+from .data import Dataset, load_data, make_dataset, summarize_data, summarize_loaded
+from .errors import OutputExistsError
+from .profiles import Profile, load_profile
+from .warmup import kernels_cached, mark_cached
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a run's data comes from: a source the data layer reads, or arrays already in memory."""
+
+    source: str = "builtin:digits"
+    target: str | int | None = None
+    test_source: str | None = None
+    nan_policy: str = "error"
+    cache: bool = True
+    arrays: tuple | None = None  # (X, y, X_test, y_test) for the Python API; ``source`` then names them
+
+    def load_options(self) -> dict:
+        return {"target": self.target, "test_spec": self.test_source, "nan_policy": self.nan_policy,
+                "cache": self.cache}
+
+
+class Prepared(NamedTuple):
+    """What ``prepare`` returns: the run's settings, plan and data, ready for ``execute``."""
+
+    config: TrainConfig
+    plan: MemoryPlan
+    dataset: Dataset | None  # None from ``prepare(..., plan_only=True)``
+    changes: list[str]  # the settings the profile changed, as the flags that reproduce them
+    threads: int | None  # kernel threads from the profile; None keeps numba's own
+    profile: Profile | None
+    cold_cache: bool  # kernels not compiled on this CPU yet (the run will compile them)
+
+
+def resolve_profile(profile) -> Profile | None:
+    """A Profile, a shipped profile's name or a .toml path, or None."""
+    if profile is None or isinstance(profile, Profile):
+        return profile
+    return load_profile(profile)
+
+
+def prepare(config: TrainConfig, data: DataSpec, profile=None, fit: bool = False, *,
+            plan_only: bool = False) -> Prepared:
+    """Validate, plan against ``profile`` (refusing with BudgetError, exit code 3), load, plan again.
+
+    With ``fit``, the settings that do not change the model (batch sizes, similarity samples and
+    workspace) shrink until the run fits. ``plan_only`` stops after the first plan (``ctre-edge
+    plan``), where an inference-only profile plans the exported model's size instead.
+    """
+    config = TrainConfig(**vars(config)).validate()
+    profile = resolve_profile(profile)
+    cold = not kernels_cached()
+    given = make_dataset(*data.arrays, source=data.source) if data.arrays is not None else None
+    summary = summarize_loaded(given) if given is not None else summarize_data(data.source, **data.load_options())
+    config, plan = plan_run(config, summary, profile, fit=fit, inference_only_ok=plan_only, cold_cache=cold)
+    if plan_only:
+        return Prepared(config, plan, None, plan.changes, None, profile, cold)
+    dataset = given if given is not None else load_data(data.source, **data.load_options())
+    changes = plan.changes  # the second plan starts from the already changed settings
+    config, plan = plan_run(config, summarize_loaded(dataset), profile, fit=fit, data_bytes=dataset.nbytes,
+                            cold_cache=cold)
+    plan.changes = changes + plan.changes
+    return Prepared(config, plan, dataset, plan.changes, profile.threads if profile else None, profile, cold)
+
+
+def check_output(out: Path | None, force: bool) -> None:
+    """Refuse (OutputExistsError, exit code 6) to overwrite ``out`` without ``force``."""
+    if out is not None and out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite it or choose another --out")
+
+
+@dataclass
+class Report:
+    """What ``execute`` returns: the training result and the run's document (``to_dict``)."""
+
+    result: object  # train.TrainResult
+    prepared: Prepared
+    source: str
+    out: Path | None
+    measured_peak_bytes: int
+
+    @property
+    def model(self):
+        return self.result.model
+
+    def to_dict(self) -> dict:
+        """The document ``ctre-edge train --json`` prints."""
+        result, config, plan, model = self.result, self.prepared.config, self.prepared.plan, self.result.model
+        hist = result.history
+        return {
+            "test_accuracy": result.test_accuracy,
+            "best_epoch": result.best_epoch,
+            "best_val_accuracy": model.metrics["best_val_accuracy"],
+            "nnz": model.nnz,
+            "sizes": model.sizes,
+            "density": model.density,
+            "epochs": len(hist),
+            "seconds_per_epoch": statistics.median(s.seconds for s in hist),
+            "seconds_total": sum(s.seconds for s in hist),
+            "method": config.method,
+            "data": self.source,
+            "profile": self.prepared.profile.name if self.prepared.profile else None,
+            "config": config.to_dict(),
+            "memory": {"predicted_peak_bytes": plan.total, "measured_peak_bytes": self.measured_peak_bytes,
+                       "budget_bytes": plan.budget, "parts": plan.parts, "fit_changes": plan.changes},
+            "out": str(self.out) if self.out is not None else None,
+            "history": [vars(s) for s in hist],
+        }
+
+
+def execute(prepared: Prepared, *, source: str = "", out: Path | None = None, force: bool = False,
+            checkpointing=None, progress: Callable | None = None, stop_requested: Callable[[], int] | None = None,
+            warn: Callable[[str], None] = lambda message: None, on_batches: Callable | None = None) -> Report:
+    """Train the prepared run, save it to ``out`` if given, and return the report. Prints nothing.
+
+    ``checkpointing``, ``progress``, ``stop_requested``, ``warn`` and ``on_batches`` go to
+    ``train.train``. The profile's thread count holds for the run only.
+    """
+    import numba  # here, not at the top: planning and refusals must not load numba
+
+    from .train import train  # imports the kernels, hence numba
+
+    previous = numba.get_num_threads()
+    try:
+        if prepared.threads is not None:
+            numba.set_num_threads(max(1, min(prepared.threads, numba.config.NUMBA_NUM_THREADS)))
+        result = train(prepared.dataset, prepared.config, progress=progress, checkpointing=checkpointing,
+                       stop_requested=stop_requested, warn=warn, on_batches=on_batches)
+    finally:
+        numba.set_num_threads(previous)
+    if prepared.cold_cache:
+        mark_cached()
+    if out is not None:
+        result.model.save(out, force=force)
+    return Report(result, prepared, source, out, peak_rss_bytes())
+
+
+def export_budget(model, profile) -> int | None:
+    """The memory budget an export to ``profile`` must respect (``budget.budget_bytes``)."""
+    return budget_bytes(resolve_profile(profile), model)
