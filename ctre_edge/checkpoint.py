@@ -10,13 +10,16 @@ resume with other settings or other data is refused instead of silently producin
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ConfigError, ModelFileError, OutputExistsError, OutputWriteError
 from .fileio import array_digest, read_archive, write_archive
+from .layers import SparseLayer
+from .model import SparseMLP
+from .packed import PackedNet
 
 FORMAT = "ctre-edge-checkpoint"
 FORMAT_VERSION = 1
@@ -32,6 +35,68 @@ class Checkpointing:
     every: int = 1
     resume: bool = False
     force: bool = False
+
+
+@dataclass
+class EpochStats:
+    """What one epoch did: loss, accuracies, time, and the topology update's counts."""
+
+    epoch: int
+    loss: float
+    train_accuracy: float
+    val_accuracy: float
+    seconds: float
+    lr: float
+    changed: int = 0
+    grown_cosine: int = 0
+    grown_random: int = 0
+    update_seconds: float = 0.0
+
+
+@dataclass
+class TrainState:
+    """Everything of a run in progress that a checkpoint keeps, besides the policy's own state.
+
+    ``epoch`` counts the epochs done; ``best_layers`` is the best-validation snapshot so far.
+    """
+
+    net: PackedNet
+    best_layers: list[SparseLayer]
+    rng_shuffle: np.random.Generator
+    rng_evolve: np.random.Generator
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    history: list[EpochStats] = field(default_factory=list)
+    epoch: int = 0
+
+    def record(self, stats: EpochStats) -> None:
+        """Append an epoch's stats; snapshot the network when validation strictly improved."""
+        if stats.val_accuracy > self.best_acc:
+            self.best_acc, self.best_epoch, self.best_layers = stats.val_accuracy, stats.epoch, self.net.snapshot()
+
+    def arrays(self, shift, scale, classes) -> dict:
+        """The live network with its momentum and the best snapshot (``best.`` prefix), by name."""
+        arrays = SparseMLP(self.net.snapshot(), shift, scale, classes).arrays()
+        arrays.update(velocity=self.net.velocity, bias_velocity=self.net.bias_velocity)
+        arrays.update({"best." + k: v for k, v in SparseMLP(self.best_layers, shift, scale, classes).arrays().items()})
+        return arrays
+
+    def meta(self, config_dict: dict, data_print: str, policy_state: dict) -> dict:
+        return {"config": config_dict, "data": data_print, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                "rng_shuffle": rng_state(self.rng_shuffle), "rng_evolve": rng_state(self.rng_evolve),
+                "policy": policy_state, "history": [asdict(h) for h in self.history]}
+
+    @classmethod
+    def restore(cls, arrays: dict, meta: dict, sizes, classes, rng_shuffle, rng_evolve) -> "TrainState":
+        """The state saved by ``arrays``/``meta``; the generators given are set to the saved states."""
+        net = PackedNet.from_layers(SparseMLP.from_arrays(arrays, sizes, classes).layers)
+        net.velocity[:] = arrays["velocity"]
+        net.bias_velocity[:] = arrays["bias_velocity"]
+        best = SparseMLP.from_arrays(arrays, sizes, classes, prefix="best.")
+        set_rng_state(rng_shuffle, meta["rng_shuffle"])
+        set_rng_state(rng_evolve, meta["rng_evolve"])
+        return cls(net, best.layers, rng_shuffle, rng_evolve, meta["best_acc"], meta["best_epoch"],
+                   [EpochStats(**h) for h in meta["history"]], int(meta["epoch"]))
 
 
 def data_fingerprint(data) -> str:

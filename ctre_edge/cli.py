@@ -14,7 +14,6 @@ import enum
 import inspect
 import os
 import shlex
-import signal
 import sys
 import time
 from dataclasses import fields
@@ -24,7 +23,6 @@ from typing import Annotated, Optional
 import typer
 
 from . import console, run
-from .checkpoint import Checkpointing
 from .config import KERNELS, METHODS, NAN_POLICIES, SCALINGS, SIMILARITIES, TrainConfig
 from .console import err, print_json
 from .errors import ConfigError, CtreError, DataError
@@ -173,7 +171,8 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
     data = run.DataSpec(o["data"], _target(o["target"]), o["test_data"], _value(o["nan_policy"]), cache=not o["no_cache"])
     if not plan_only:
         run.check_output(o["out"], o["force"])
-        checkpointing = _checkpointing(o)
+        checkpointing = run.checkpointing(o["out"], o["checkpoint_dir"], o["checkpoint_every"], o["resume"],
+                                          enabled=not o["no_checkpoint"], force=o["force"])
     prepared = run.prepare(config, data, o["profile"], o["fit"], plan_only=plan_only)
     if plan_only:
         print_json(prepared.plan.to_dict()) if o["as_json"] else console.show_plan(prepared.plan)
@@ -182,7 +181,7 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
         err.print(f"[yellow]{'--fit' if o['fit'] else 'the profile'} changed:[/yellow] " + ", ".join(prepared.changes))
     if prepared.cold_cache and not o["quiet"]:
         err.print("compiling kernels (first run on this CPU or version; `ctre-edge warmup` does this ahead of time)...")
-    with console.Progress(prepared.config.epochs, o["quiet"]) as progress, _StopOnSignal() as stop:
+    with console.Progress(prepared.config.epochs, o["quiet"]) as progress, run.StopOnSignal(_stop_notice) as stop:
         try:
             report = run.execute(prepared, source=o["data"], out=o["out"], force=o["force"],
                                  checkpointing=checkpointing, progress=progress, stop_requested=stop.requested,
@@ -195,24 +194,8 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
     print_json(doc) if o["as_json"] else console.show_train_summary(doc)
 
 
-def _checkpointing(o: dict):
-    """Checkpoints go to --resume DIR, else --checkpoint-dir, else OUT.ckpt next to --out, else nowhere."""
-    if o["no_checkpoint"]:
-        if o["resume"] is not None:
-            raise ConfigError("--resume needs checkpoints; drop --no-checkpoint")
-        return None
-    if o["checkpoint_every"] < 1:
-        raise ConfigError(f"'checkpoint_every' must be an int >= 1; got {o['checkpoint_every']}")
-    if o["resume"] is not None:
-        if o["checkpoint_dir"] is not None and o["checkpoint_dir"] != o["resume"]:
-            raise ConfigError("--resume DIR continues in DIR; drop --checkpoint-dir or give the same directory")
-        if not o["resume"].is_dir():
-            raise ConfigError(f"--resume {o['resume']}: no such checkpoint directory")
-        return Checkpointing(o["resume"], o["checkpoint_every"], resume=True)
-    directory = o["checkpoint_dir"]
-    if directory is None and o["out"] is not None:
-        directory = o["out"].with_name(o["out"].name + ".ckpt")
-    return None if directory is None else Checkpointing(directory, o["checkpoint_every"], force=o["force"])
+def _stop_notice(name: str) -> None:
+    err.print(f"\n[yellow]{name}: finishing this epoch and writing a checkpoint (send it again to stop at once)[/yellow]")
 
 
 def _resume_command(directory: Path) -> str:
@@ -229,36 +212,6 @@ def _resume_command(directory: Path) -> str:
             continue
         args.append(a)
     return " ".join(shlex.quote(a) for a in args + ["--resume", str(directory)])
-
-
-class _StopOnSignal:
-    """First SIGINT/SIGTERM: finish the epoch, checkpoint, stop. A second one: stop at once."""
-
-    def __enter__(self):
-        self.signal_number = 0
-        self.previous = {}
-
-        def handler(signum, frame):
-            if self.signal_number:
-                raise KeyboardInterrupt
-            self.signal_number = signum
-            err.print(f"\n[yellow]{signal.Signals(signum).name}: finishing this epoch and writing a checkpoint "
-                      "(send it again to stop at once)[/yellow]")
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread (e.g. some test runners): no handler, no harm
-                pass
-        return self
-
-    def requested(self) -> int:
-        return self.signal_number
-
-    def __exit__(self, *exc):
-        for sig, h in self.previous.items():
-            signal.signal(sig, h)
-        return False
 
 
 @app.command()
@@ -324,13 +277,9 @@ def info(
 
 
 def _feature_report(model, top: int, shape_text, png, as_json: bool) -> None:
-    import numpy as np  # with topology below: only `info --features` needs them
+    from .topology import degree_map, image_shape, top_features, write_png  # only `info --features` needs it
 
-    from .topology import degree_map, feature_ranking, image_shape, write_png
-
-    rank = feature_ranking(model)
-    rows = [{"feature": int(f), "connections": int(rank["degree"][f]), "total_abs_weight": float(rank["weight"][f])}
-            for f in rank["order"][:max(1, top)]]
+    rows, unconnected, degree = top_features(model, top)
     try:
         shape = image_shape(model.n_features, shape_text)
     except ValueError as e:
@@ -341,9 +290,8 @@ def _feature_report(model, top: int, shape_text, png, as_json: bool) -> None:
         run.check_output(png, force=False)
         if not write_png(degree_map(model, shape), png, "input connections per pixel"):
             raise ConfigError("--png needs matplotlib (pip install matplotlib); without it a terminal map is shown")
-    unconnected = int(np.sum(rank["degree"] == 0))
     if as_json:
-        print_json({"top": rows, "unconnected_features": unconnected, "degree": rank["degree"].tolist()})
+        print_json({"top": rows, "unconnected_features": unconnected, "degree": degree.tolist()})
         return
     console.show_features(model.n_features, rows, unconnected)
     if shape is not None and png is None:
@@ -417,19 +365,9 @@ def predict(
         model = OnnxModel(model_path, threads=threads)
         X = read_features(data)
         if proba:
-            rows = [[float(v) for v in r] for r in model.predict_proba(X)]
-            if as_json:
-                print_json({"classes": model.classes, "probabilities": rows})
-            else:
-                sys.stdout.write(",".join(map(str, model.classes)) + "\n")
-                sys.stdout.write("".join(",".join(f"{v:.6g}" for v in r) + "\n" for r in rows))
+            console.write_probabilities(model.classes, model.predict_proba(X), as_json)
         else:
-            labels = [v.item() if hasattr(v, "item") else v for v in model.predict(X)]
-            labels = [v.decode() if isinstance(v, bytes) else v for v in labels]
-            if as_json:
-                print_json({"labels": labels})
-            else:
-                sys.stdout.write("".join(f"{v}\n" for v in labels))
+            console.write_labels(model.predict(X), as_json)
 
     _run(body)
 

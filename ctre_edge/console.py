@@ -10,7 +10,12 @@ import json
 import sys
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as Bar
 from rich.table import Table
+from rich.text import Text
+
+from .budget import PART_LABELS
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -32,6 +37,26 @@ def print_json(doc) -> None:
     sys.stdout.flush()
 
 
+def write_probabilities(classes, proba, as_json: bool) -> None:
+    """``predict --proba`` on stdout: CSV with a header of class labels, or one JSON document."""
+    rows = [[float(v) for v in r] for r in proba]
+    if as_json:
+        print_json({"classes": classes, "probabilities": rows})
+    else:
+        sys.stdout.write(",".join(map(str, classes)) + "\n")
+        sys.stdout.write("".join(",".join(f"{v:.6g}" for v in r) + "\n" for r in rows))
+
+
+def write_labels(predicted, as_json: bool) -> None:
+    """``predict`` on stdout: one label per line, or one JSON document."""
+    labels = [v.item() if hasattr(v, "item") else v for v in predicted]
+    labels = [v.decode() if isinstance(v, bytes) else v for v in labels]
+    if as_json:
+        print_json({"labels": labels})
+    else:
+        sys.stdout.write("".join(f"{v}\n" for v in labels))
+
+
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/yellow] {message}")
 
@@ -49,8 +74,6 @@ def table(title: str, columns, rows, justify: str = "left") -> Table:
 
 def show_plan(plan) -> None:
     """The predicted peak memory (or exported size) part by part, against the budget."""
-    from .budget import PART_LABELS
-
     inference = "weights" in plan.parts
     rows = [(PART_LABELS[k], format_bytes(v)) for k, v in plan.parts.items()]
     total = "total" if inference else "peak (per-epoch parts overlap: only the larger counts)"
@@ -87,9 +110,6 @@ class Progress:
     def __enter__(self):
         if self.quiet:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-        from rich.progress import Progress as Bar
-
         self.bar = Bar(TextColumn("epoch"), MofNCompleteColumn(), BarColumn(bar_width=12), TimeElapsedColumn(),
                        TextColumn("{task.fields[info]}"), console=err, transient=False)
         self.bar.__enter__()
@@ -131,8 +151,6 @@ def show_features(n_features: int, rows: list[dict], unconnected: int) -> None:
 
 def heat_map(image) -> None:
     """Two pixels per character cell (upper half block), colour = degree, for terminals without plots."""
-    from rich.text import Text
-
     top = float(image.max()) or 1.0
 
     def colour(v):

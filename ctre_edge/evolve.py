@@ -3,11 +3,12 @@
 All four share the drop step (remove the ``floor(zeta*nnz)`` weakest connections) and differ only
 in where the new ones go: nowhere (static), uniformly at random (set), by cosine similarity of
 activations with re-added picks replaced at random (ctre-sim), or by cosine similarity until
-validation stalls and at random after (ctre-seq). One class with a mode, not a hierarchy.
+validation stalls and at random after (ctre-seq). ``POLICIES`` maps each method to its small grow
+rule; ``TopologyPolicy`` applies the rule to every layer.
 
 References
 ----------
-ALGORITHM.md, "Topology update, once per epoch, per layer".
+docs/algorithm.md, "The topology update".
 """
 
 from __future__ import annotations
@@ -20,14 +21,51 @@ from .packed import level_views
 from .similarity import CosineSketch, topk_cosine
 
 
+# How each method grows this epoch, given the policy's state and the validation accuracy: not at
+# all, at random, or by cosine (replacing re-added picks at random, or re-adding them). A policy
+# may update its own state (ctre-seq counts stale epochs). scikit-learn's ACTIVATIONS pattern.
+NONE, RANDOM, COSINE, COSINE_READD = "none", "random", "cosine", "cosine-readd"
+
+
+def grow_static(policy, val_acc) -> str:
+    return NONE
+
+
+def grow_set(policy, val_acc) -> str:
+    return RANDOM
+
+
+def grow_ctre_sim(policy, val_acc) -> str:
+    return COSINE
+
+
+def grow_ctre_seq(policy, val_acc) -> str:
+    """Cosine with re-adding until validation stalls for ``patience`` epochs, random after."""
+    if not policy.random_from_now:
+        # Strict improvement resets the count; `patience` epochs without it switch to random growth.
+        if val_acc > policy.best_val:
+            policy.best_val, policy.stale = val_acc, 0
+        else:
+            policy.stale += 1
+            policy.random_from_now = policy.stale >= policy.patience
+    return RANDOM if policy.random_from_now else COSINE_READD
+
+
+POLICIES = {"static": grow_static, "set": grow_set, "ctre-sim": grow_ctre_sim, "ctre-seq": grow_ctre_seq}
+# Whether the next update can score by cosine (so sketch mode must observe this epoch's batches).
+SCORES = {"static": lambda policy: False, "set": lambda policy: False, "ctre-sim": lambda policy: True,
+          "ctre-seq": lambda policy: not policy.random_from_now}
+
+
 class TopologyPolicy:
-    """Drop-and-grow for every layer of a ``packed.PackedNet``, in place.
+    """Drop-and-grow for every layer of a ``packed.PackedNet``, in place, by the method's grow rule.
 
     ``update`` returns (connections changed, grown by cosine, grown at random), summed over layers.
     """
 
     def __init__(self, config, X, train_rows, shift, scale):
-        self.mode = config.method
+        self.method = config.method
+        self.grow = POLICIES[config.method]
         self.zeta = config.zeta
         self.patience = config.patience
         self.samples = config.similarity_samples
@@ -35,15 +73,16 @@ class TopologyPolicy:
         self.X, self.train_rows, self.shift, self.scale = X, train_rows, shift, scale
         self.best_val = -1.0
         self.stale = 0
-        self.random_from_now = config.method == "set"
-        self.sketch_dim = config.sketch_dim if config.similarity == "sketch" else 0
+        self.random_from_now = False
+        self.sketched = config.similarity == "sketch"
+        self.sketch_dim = config.sketch_dim
         self.sketches = None
         self.seed = config.seed
 
     @property
     def wants_sketch(self) -> bool:
         """Whether the trainer should fold this epoch's first batches into the sketches."""
-        return self.sketch_dim > 0 and self.mode.startswith("ctre") and not self.random_from_now
+        return self.sketched and SCORES[self.method](self)
 
     def observe(self, levels: list, sample_ids: np.ndarray, epoch: int) -> None:
         """Fold one training batch's activations (feature-major, per level) into the sketches."""
@@ -63,40 +102,37 @@ class TopologyPolicy:
         self.best_val, self.stale, self.random_from_now = state["best_val"], state["stale"], state["random_from_now"]
 
     def update(self, net, epoch: int, val_acc: float, rng: np.random.Generator) -> tuple[int, int, int]:
-        if self.mode == "static":
+        growth = self.grow(self, val_acc)
+        if growth == NONE:
             return 0, 0, 0
-        if self.mode == "ctre-seq" and not self.random_from_now:
-            # Strict improvement resets the count; `patience` epochs without it switch to random growth.
-            if val_acc > self.best_val:
-                self.best_val, self.stale = val_acc, 0
-            else:
-                self.stale += 1
-                if self.stale >= self.patience:
-                    self.random_from_now = True
         pickers = [None] * net.n_layers
-        if not self.random_from_now and self.sketch_dim:
-            # Sketch mode: rank by the cosine of the sketches; there are no exact activations to
-            # rescore with (keeping them is what the sketch avoids), so the sketch ranking is final.
-            sketches = self.sketches[1] if self.sketches is not None and self.sketches[0] == epoch else None
-            if sketches is None:
-                raise RuntimeError("sketch mode: no batch of this epoch was observed")
-            pickers = [lambda ip, ix, k, s=s: s.candidates(ip, ix, k, n_candidates=k, workspace_bytes=self.workspace)[:2]
-                       for s in sketches]
-        elif not self.random_from_now:
-            levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng)
-            pickers = [lambda ip, ix, k, a=levels[l], b=levels[l + 1]:
-                       topk_cosine(a, b, ip, ix, k, workspace_bytes=self.workspace)[:2] for l in range(net.n_layers)]
+        if growth != RANDOM:
+            pickers = self._sketch_pickers(epoch) if self.sketched else self._exact_pickers(net, rng)
         totals = np.zeros(3, dtype=np.int64)
         for l in range(net.n_layers):
-            totals += update_layer(net, l, self.zeta, rng, pickers[l], readd=self.mode == "ctre-seq")
+            totals += update_layer(net, l, self.zeta, rng, pickers[l], readd=growth == COSINE_READD)
         return tuple(int(t) for t in totals)
+
+    def _sketch_pickers(self, epoch: int) -> list:
+        # Rank by the cosine of the sketches; there are no exact activations to rescore with
+        # (keeping them is what the sketch avoids), so the sketch ranking is final.
+        sketches = self.sketches[1] if self.sketches is not None and self.sketches[0] == epoch else None
+        if sketches is None:
+            raise RuntimeError("sketch mode: no batch of this epoch was observed")
+        return [lambda ip, ix, k, s=s: s.candidates(ip, ix, k, n_candidates=k, workspace_bytes=self.workspace)[:2]
+                for s in sketches]
+
+    def _exact_pickers(self, net, rng) -> list:
+        levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng)
+        return [lambda ip, ix, k, a=levels[l], b=levels[l + 1]:
+                topk_cosine(a, b, ip, ix, k, workspace_bytes=self.workspace)[:2] for l in range(net.n_layers)]
 
 
 def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator) -> list:
     """Activations of every level over S = min(N, samples) training rows chosen by ``rng``.
 
     Returns feature-major float32 arrays (n_l, S): scaled inputs, ReLU hidden layers, softmax
-    output, i.e. exactly the pairs the cosine scoring needs (ALGORITHM.md, step 2).
+    output, i.e. exactly the pairs the cosine scoring needs (docs/algorithm.md, "The topology update", step 2).
     """
     s = min(train_rows.shape[0], samples)
     rows = np.sort(rng.choice(train_rows, size=s, replace=False))

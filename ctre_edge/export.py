@@ -67,6 +67,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from . import __version__
 from .config import KERNELS
 from .errors import BudgetError, ConfigError, ModelFileError, OutputExistsError
 from .fileio import atomic_write
@@ -228,7 +229,7 @@ def check_inputs(model, n: int, seed: int = 0) -> np.ndarray:
 
 def max_abs_diff(model, onnx_bytes: bytes, X: np.ndarray) -> float:
     """Largest |onnxruntime - model.predict_proba| over X, run in batches to bound memory."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # only for the check before writing; building the graph needs onnx alone
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: warnings would go to the user's terminal
@@ -381,8 +382,6 @@ def _plain(value):
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 

@@ -324,7 +324,7 @@ def predict_batches(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
 #     score = float32(|dot| * inv_in[i] * inv_out[j])               (float64, left to right)
 #
 # with ``inv[i] = 1 / sqrt(sum_s float64(a[i, s])**2)`` (sequential), and ``inv = 0`` where the norm
-# is 0, so the score is 0 where a norm is 0 (ALGORITHM.md, "Score"). A float32 x float32 product is exact in
+# is 0, so the score is 0 where a norm is 0 (docs/algorithm.md, "The topology update", step 2). A float32 x float32 product is exact in
 # float64, so this value does not depend on FMA contraction and numpy reproduces it bit for bit with a
 # loop over s; BLAS results, whose summation order changes with the matrix shape, are used only as a
 # prefilter with a proven error bound (see ``scan_block``).

@@ -8,7 +8,7 @@ strictly ascending) with weights ``values[indptr[i]:indptr[i+1]]``. Nothing here
 References
 ----------
 Atashgahi et al., "A Brain-inspired Algorithm for Training Highly Sparse Neural Networks",
-Machine Learning 111, 2022. ALGORITHM.md, "Initial topology".
+Machine Learning 111, 2022. docs/algorithm.md, "Where the first connections go".
 """
 
 from __future__ import annotations

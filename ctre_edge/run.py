@@ -13,15 +13,17 @@ numba is imported only by ``execute``, so planning and refusals stay as lean as 
 
 from __future__ import annotations
 
+import signal
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 from .budget import MemoryPlan, budget_bytes, peak_rss_bytes, plan_run
+from .checkpoint import Checkpointing
 from .config import TrainConfig
 from .data import Dataset, load_data, make_dataset, summarize_data, summarize_loaded
-from .errors import OutputExistsError
+from .errors import ConfigError, OutputExistsError
 from .profiles import Profile, load_profile
 from .warmup import kernels_cached, mark_cached
 
@@ -160,3 +162,59 @@ def execute(prepared: Prepared, *, source: str = "", out: Path | None = None, fo
 def export_budget(model, profile) -> int | None:
     """The memory budget an export to ``profile`` must respect (``budget.budget_bytes``)."""
     return budget_bytes(resolve_profile(profile), model)
+
+
+def checkpointing(out: Path | None, directory: Path | None, every: int, resume: Path | None, *,
+                  enabled: bool = True, force: bool = False) -> Checkpointing | None:
+    """Checkpoints go to ``resume``, else ``directory``, else OUT.ckpt next to ``out``, else nowhere."""
+    if not enabled:
+        if resume is not None:
+            raise ConfigError("--resume needs checkpoints; drop --no-checkpoint")
+        return None
+    if every < 1:
+        raise ConfigError(f"'checkpoint_every' must be an int >= 1; got {every}")
+    if resume is not None:
+        if directory is not None and directory != resume:
+            raise ConfigError("--resume DIR continues in DIR; drop --checkpoint-dir or give the same directory")
+        if not resume.is_dir():
+            raise ConfigError(f"--resume {resume}: no such checkpoint directory")
+        return Checkpointing(resume, every, resume=True)
+    if directory is None and out is not None:
+        directory = out.with_name(out.name + ".ckpt")
+    return None if directory is None else Checkpointing(directory, every, force=force)
+
+
+class StopOnSignal:
+    """First SIGINT/SIGTERM: finish the epoch, checkpoint, stop. A second one: stop at once.
+
+    ``notice(signal name)`` is called on the first signal (the CLI prints what will happen);
+    ``requested()`` is the ``stop_requested`` of ``execute``.
+    """
+
+    def __init__(self, notice: Callable[[str], None] = lambda name: None):
+        self.notice = notice
+
+    def __enter__(self):
+        self.signal_number = 0
+        self.previous = {}
+
+        def handler(signum, frame):
+            if self.signal_number:
+                raise KeyboardInterrupt
+            self.signal_number = signum
+            self.notice(signal.Signals(signum).name)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. some test runners): no handler, no harm
+                pass
+        return self
+
+    def requested(self) -> int:
+        return self.signal_number
+
+    def __exit__(self, *exc):
+        for sig, h in self.previous.items():
+            signal.signal(sig, h)
+        return False

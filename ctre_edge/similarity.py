@@ -1,7 +1,7 @@
 """Cosine scores of missing connections: exact blocked top-k, and a streaming sketch.
 
 CTRE grows the k missing connections (i, j) whose neurons' activation vectors over S samples have
-the largest ``|cos(a_i, a_j)|`` (ALGORITHM.md, "Score" and "Grow"). A layer can be 200,000 x 200,000
+the largest ``|cos(a_i, a_j)|`` (docs/algorithm.md, "The topology update", steps 2 and 3). A layer can be 200,000 x 200,000
 with only ~400,000 connections, so nothing here allocates an n_in x n_out array or sorts every
 position: ``topk_cosine`` scores ``block_rows`` input rows at a time and keeps a running top-k.
 
@@ -125,7 +125,7 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
 
     References
     ----------
-    ALGORITHM.md ("Score", "Grow"); Atashgahi et al., "A Brain-inspired Algorithm for Training
+    docs/algorithm.md ("The topology update"); Atashgahi et al., "A Brain-inspired Algorithm for Training
     Highly Sparse Neural Networks", Machine Learning 111 (2022).
     """
     rows, cols, scores, _ = _topk_cosine(

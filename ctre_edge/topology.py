@@ -24,6 +24,15 @@ def feature_ranking(model) -> dict:
     return {"degree": degree, "weight": weight, "order": order}
 
 
+def top_features(model, top: int) -> tuple[list[dict], int, np.ndarray]:
+    """(the ``top`` features as rows of feature, connections, total_abs_weight; how many inputs have
+    no connection left; the degree of every input)."""
+    rank = feature_ranking(model)
+    rows = [{"feature": int(f), "connections": int(rank["degree"][f]), "total_abs_weight": float(rank["weight"][f])}
+            for f in rank["order"][:max(1, top)]]
+    return rows, int(np.sum(rank["degree"] == 0)), rank["degree"]
+
+
 def image_shape(n_features: int, shape: str | None = None) -> tuple[int, int] | None:
     """(height, width) from ``"HxW"``, or a square guess when n_features is a perfect square."""
     if shape:
@@ -47,7 +56,7 @@ def degree_map(model, shape: tuple[int, int], column_major: bool = False) -> np.
 def write_png(image: np.ndarray, path, title: str = "") -> bool:
     """Write a heat map with matplotlib if it is installed; returns False when it is not."""
     try:
-        import matplotlib
+        import matplotlib  # optional: without it the CLI draws a terminal heat map
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -6,21 +6,21 @@ copied or reordered), then a validation pass, then the topology update of the ch
 
 References
 ----------
-ALGORITHM.md, "Training"; scikit-learn's ``_fit_stochastic`` for the loop's shape.
+docs/algorithm.md, "Training"; scikit-learn's ``_fit_stochastic`` for the loop's shape.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numba
 import numpy as np
 
 from . import checkpoint as ckpt
-from .checkpoint import Checkpointing
+from .checkpoint import Checkpointing, EpochStats, TrainState
 from . import kernels
 from .config import TrainConfig
 from .data import Dataset, fit_scaling, stratified_split
@@ -32,24 +32,10 @@ from .model import SparseMLP
 from .packed import PackedNet, level_views
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
-    """lr until ``lr_drop_epoch``, lr/3 for the next 20 epochs, lr/9 after (ALGORITHM.md)."""
+    """lr until ``lr_drop_epoch``, lr/3 for the next 20 epochs, lr/9 after (docs/algorithm.md)."""
     if config.lr_drop_epoch is None or epoch < config.lr_drop_epoch:
         return config.lr
     return config.lr / 3 if epoch < config.lr_drop_epoch + 20 else config.lr / 9
-
-
-@dataclass
-class EpochStats:
-    epoch: int
-    loss: float
-    train_accuracy: float
-    val_accuracy: float
-    seconds: float
-    lr: float
-    changed: int = 0
-    grown_cosine: int = 0
-    grown_random: int = 0
-    update_seconds: float = 0.0
 
 
 @dataclass
@@ -107,112 +93,112 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     shift, scale = fit_scaling(data.X, train_rows, config.scaling)
     sizes = [data.n_features, *config.hidden, len(data.classes)]
     classes = list(data.classes)
-
-    history: list[EpochStats] = []
-    start = 0
+    policy = TopologyPolicy(config, data.X, train_rows, shift, scale)
+    data_print = ""
     if checkpointing is not None:
         ckpt.prepare_directory(checkpointing.directory, resume=checkpointing.resume, force=checkpointing.force)
         data_print = ckpt.data_fingerprint(data)
     if checkpointing is not None and checkpointing.resume:
-        arrays, meta, path = ckpt.load_latest(checkpointing.directory, config.to_dict(), data_print, warn)
-        net = PackedNet.from_layers(SparseMLP.from_arrays(arrays, sizes, classes).layers)
-        net.velocity[:] = arrays["velocity"]
-        net.bias_velocity[:] = arrays["bias_velocity"]
-        best = SparseMLP.from_arrays(arrays, sizes, classes, prefix="best.")
-        best_layers, best_acc, best_epoch = best.layers, meta["best_acc"], meta["best_epoch"]
-        ckpt.set_rng_state(rng_shuffle, meta["rng_shuffle"])
-        ckpt.set_rng_state(rng_evolve, meta["rng_evolve"])
-        history = [EpochStats(**h) for h in meta["history"]]
-        start = int(meta["epoch"])
-        policy = TopologyPolicy(config, data.X, train_rows, shift, scale)
+        arrays, meta, _ = ckpt.load_latest(checkpointing.directory, config.to_dict(), data_print, warn)
+        state = TrainState.restore(arrays, meta, sizes, classes, rng_shuffle, rng_evolve)
         policy.restore(meta["policy"])
     else:
         net = PackedNet.from_layers(init_layers(sizes, config.epsilon, rng_init))
-        policy = TopologyPolicy(config, data.X, train_rows, shift, scale)
-        best_acc, best_epoch, best_layers = -1.0, 0, net.snapshot()
+        state = TrainState(net, net.snapshot(), rng_shuffle, rng_evolve)
 
-    bs = min(config.batch_size, train_rows.shape[0])
-    max_nnz = int(np.diff(net.nz_off).max())
-    act = net.activation_buffer(bs)
-    delta_a = np.empty(int(net.sizes.max()) * bs, np.float32)
-    delta_b = np.empty_like(delta_a)
-    grad = np.empty(max_nnz, np.float32)
-    bias_grad = np.empty(int(net.sizes[1:].max()), np.float32)
-    evaluator = Evaluator(net, shift, scale, config.eval_batch_size)
-    threads = numba.get_num_threads()  # set from the device profile; any count gives the same model
-
-    for epoch in range(start, config.epochs):
+    trainer = _EpochTrainer(data, config, state.net, shift, scale, train_rows, policy, on_batches)
+    evaluator = Evaluator(state.net, shift, scale, config.eval_batch_size)
+    for epoch in range(state.epoch, config.epochs):
         t0 = time.perf_counter()
         lr = learning_rate(config, epoch)
-        order = rng_shuffle.permutation(train_rows)
-        sgd = (shift, scale, *net, act, delta_a, delta_b, grad, bias_grad,
-               np.float32(lr), np.float32(config.momentum), np.float32(config.l2))
+        loss, train_acc = trainer.epoch(state.rng_shuffle.permutation(train_rows), epoch, lr)
+        if not math.isfinite(loss):
+            last = f"; the last good checkpoint is in {checkpointing.directory}" if checkpointing else ""
+            raise DivergedError(f"training diverged at epoch {epoch + 1} (loss is {loss}); "
+                                f"try a lower learning rate than --lr {config.lr:g}{last}")
+        stats = EpochStats(epoch + 1, loss, train_acc, evaluator.accuracy(data.X, val_rows, data.y), 0.0, lr)
+        state.record(stats)
+        if epoch < config.epochs - 1:  # an update after the last epoch would only add untrained weights
+            t1 = time.perf_counter()
+            fault_point("update")
+            stats.changed, stats.grown_cosine, stats.grown_random = policy.update(
+                state.net, epoch, stats.val_accuracy, state.rng_evolve)
+            stats.update_seconds = time.perf_counter() - t1
+        stats.seconds = time.perf_counter() - t0
+        state.history.append(stats)
+        state.epoch = epoch + 1
+        signal_number = stop_requested() if stop_requested is not None else 0
+        if checkpointing is not None and (signal_number or state.epoch % checkpointing.every == 0
+                                          or state.epoch == config.epochs):
+            ckpt.save(checkpointing.directory, state.epoch, state.arrays(shift, scale, classes),
+                      state.meta(config.to_dict(), data_print, policy.state()))
+        if progress is not None:
+            progress(stats)
+        if signal_number:
+            where = f"; checkpoint written to {checkpointing.directory}" if checkpointing else " (no checkpoint)"
+            raise Interrupted(f"stopped after epoch {state.epoch} of {config.epochs}{where}", 128 + signal_number)
+
+    del evaluator, trainer  # the test pass below allocates its own buffers
+    return _result(state, config, shift, scale, classes, X_test, y_test, int(train_rows.shape[0]))
+
+
+def _result(state: TrainState, config, shift, scale, classes, X_test, y_test, n_train: int) -> TrainResult:
+    """The best-validation model with its metrics, tested on the test part if there is one."""
+    model = SparseMLP(state.best_layers, shift, scale, classes, config.to_dict())
+    test_acc = None
+    if X_test is not None and X_test.shape[0]:
+        test_acc = float(np.mean(np.argmax(model.predict_proba(X_test, config.eval_batch_size), axis=1) == y_test))
+    model.metrics = {"test_accuracy": test_acc, "best_epoch": state.best_epoch, "best_val_accuracy": state.best_acc,
+                     "epochs": config.epochs, "train_samples": n_train}
+    return TrainResult(model, state.history, state.best_epoch, test_acc)
+
+
+class _EpochTrainer:
+    """One epoch of SGD over the packed network, with every buffer allocated once per run."""
+
+    def __init__(self, data: Dataset, config: TrainConfig, net: PackedNet, shift, scale, train_rows, policy,
+                 on_batches):
+        self.data, self.config, self.net, self.policy, self.on_batches = data, config, net, policy, on_batches
+        self.shift, self.scale = shift, scale
+        self.bs = bs = min(config.batch_size, train_rows.shape[0])
+        self.act = net.activation_buffer(bs)
+        delta_a = np.empty(int(net.sizes.max()) * bs, np.float32)
+        self.buffers = (self.act, delta_a, np.empty_like(delta_a), np.empty(int(np.diff(net.nz_off).max()), np.float32),
+                        np.empty(int(net.sizes[1:].max()), np.float32))
+        self.threads = numba.get_num_threads()  # set from the device profile; any count gives the same model
+
+    def _sgd(self, rows, sgd, threads) -> tuple[float, int]:
+        loss, correct = kernels.train_batches(self.data.X, self.data.y, rows, self.bs, *sgd, threads)
+        if self.on_batches is not None:
+            self.on_batches(rows.shape[0])
+        return loss, correct
+
+    def epoch(self, order, epoch: int, lr: float) -> tuple[float, float]:
+        """Train on ``order`` (shuffled rows); returns (mean loss, training accuracy)."""
+        c = self.config
+        sgd = (self.shift, self.scale, *self.net, *self.buffers, np.float32(lr), np.float32(c.momentum),
+               np.float32(c.l2))
         loss, correct = 0.0, 0
         first = 0
-        if policy.wants_sketch:
+        if self.policy.wants_sketch:
             # Sketch mode: the epoch's first S samples (a uniform sample, the order being shuffled)
             # go one batch at a time, and their forward activations, still in ``act``, feed the
             # sketches: no extra pass over the data. Serial on purpose: these single batches
             # alternate with BLAS calls, and numba's workers still spinning after a parallel
             # region slowed the epoch 2x.
-            first = min(order.shape[0], config.similarity_samples)
-            for s in range(0, first, bs):
-                rows = order[s:min(s + bs, first)]
-                part_loss, part_correct = kernels.train_batches(data.X, data.y, rows, bs, *sgd, 1)
-                if on_batches is not None:
-                    on_batches(rows.shape[0])
+            first = min(order.shape[0], c.similarity_samples)
+            for s in range(0, first, self.bs):
+                rows = order[s:min(s + self.bs, first)]
+                part_loss, part_correct = self._sgd(rows, sgd, 1)
                 loss += part_loss
                 correct += part_correct
-                policy.observe(level_views(act, net.sizes, rows.shape[0]), rows, epoch)
-        step = BATCHES_PER_CALL * bs
+                self.policy.observe(level_views(self.act, self.net.sizes, rows.shape[0]), rows, epoch)
+        step = BATCHES_PER_CALL * self.bs
         for s in range(first, order.shape[0], step):
-            part_loss, part_correct = kernels.train_batches(data.X, data.y, order[s:s + step], bs, *sgd, threads)
-            if on_batches is not None:
-                on_batches(min(step, order.shape[0] - s))
+            part_loss, part_correct = self._sgd(order[s:s + step], sgd, self.threads)
             loss += part_loss
             correct += part_correct
-        loss /= order.shape[0]
-        if not math.isfinite(loss):
-            last = f"; the last good checkpoint is in {checkpointing.directory}" if checkpointing else ""
-            raise DivergedError(f"training diverged at epoch {epoch + 1} (loss is {loss}); "
-                                f"try a lower learning rate than --lr {config.lr:g}{last}")
-        val_acc = evaluator.accuracy(data.X, val_rows, data.y)
-        if val_acc > best_acc:
-            best_acc, best_epoch, best_layers = val_acc, epoch + 1, net.snapshot()
-        stats = EpochStats(epoch + 1, float(loss), correct / order.shape[0], val_acc, 0.0, lr)
-        if epoch < config.epochs - 1:  # an update after the last epoch would only add untrained weights
-            t1 = time.perf_counter()
-            fault_point("update")
-            changed = policy.update(net, epoch, val_acc, rng_evolve)
-            stats.changed, stats.grown_cosine, stats.grown_random = changed
-            stats.update_seconds = time.perf_counter() - t1
-        stats.seconds = time.perf_counter() - t0
-        history.append(stats)
-        signal_number = stop_requested() if stop_requested is not None else 0
-        if checkpointing is not None and (signal_number or (epoch + 1) % checkpointing.every == 0
-                                          or epoch + 1 == config.epochs):
-            arrays = SparseMLP(net.snapshot(), shift, scale, classes).arrays()
-            arrays.update(velocity=net.velocity, bias_velocity=net.bias_velocity)
-            arrays.update({"best." + k: v for k, v in SparseMLP(best_layers, shift, scale, classes).arrays().items()})
-            meta = {"config": config.to_dict(), "data": data_print, "best_acc": best_acc, "best_epoch": best_epoch,
-                    "rng_shuffle": ckpt.rng_state(rng_shuffle), "rng_evolve": ckpt.rng_state(rng_evolve),
-                    "policy": policy.state(), "history": [asdict(h) for h in history]}
-            ckpt.save(checkpointing.directory, epoch + 1, arrays, meta)
-        if progress is not None:
-            progress(stats)
-        if signal_number:
-            where = f"; checkpoint written to {checkpointing.directory}" if checkpointing else " (no checkpoint)"
-            raise Interrupted(f"stopped after epoch {epoch + 1} of {config.epochs}{where}", 128 + signal_number)
-
-    del evaluator, act, delta_a, delta_b, grad, net  # the test pass below allocates its own buffers
-    model = SparseMLP(best_layers, shift, scale, classes, config.to_dict())
-    test_acc = None
-    if X_test is not None and X_test.shape[0]:
-        test_acc = float(np.mean(np.argmax(model.predict_proba(X_test, config.eval_batch_size), axis=1) == y_test))
-    model.metrics = {"test_accuracy": test_acc, "best_epoch": best_epoch, "best_val_accuracy": best_acc,
-                     "epochs": config.epochs, "train_samples": int(train_rows.shape[0])}
-    return TrainResult(model, history, best_epoch, test_acc)
-
+        return float(loss / order.shape[0]), correct / order.shape[0]
 
 
 class Evaluator:

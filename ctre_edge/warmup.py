@@ -62,7 +62,7 @@ def mark_cached() -> None:
 
 def warmup(step_done=None) -> list[tuple[str, float]]:
     """Run every compile step; ``step_done(name, seconds)`` after each. Returns the timings."""
-    from .data import make_dataset
+    from .data import make_dataset  # with train below: numba loads here, not when the cache is checked
     from .train import TrainConfig, train
 
     rng = np.random.default_rng(0)

@@ -152,3 +152,10 @@ def test_ctre_seq_readded_connection_keeps_weight_and_momentum():
     after = net.layer(0)
     q = np.flatnonzero((after.rows() == i) & (after.indices == j))
     assert q.shape == (1,) and after.values[q[0]] == old_w and net.velocity[q[0]] == old_v
+
+
+def test_the_policy_table_is_the_method_list():
+    from ctre_edge.config import METHODS
+    from ctre_edge.evolve import POLICIES, SCORES
+
+    assert tuple(POLICIES) == tuple(SCORES) == METHODS

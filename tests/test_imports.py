@@ -77,3 +77,25 @@ def test_import_graph_is_acyclic():
     graph = top_level_graph()
     assert graph["ctre_edge.train"] >= {"ctre_edge.kernels", "ctre_edge.evolve"}
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def function_imports() -> dict[str, list[tuple[int, str]]]:
+    """'module:function' -> [(line, source line)] of the imports inside each function."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        tree = ast.parse("\n".join(lines))
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+                if inner:
+                    found[f"{path.relative_to(PACKAGE)}:{fn.name}"] = sorted(
+                        (n.lineno, " ".join(lines[n.lineno - 1:n.end_lineno])) for n in inner)
+    return found
+
+
+def test_every_import_inside_a_function_says_why():
+    """The first import of each function carries a one-line reason (a ``#`` comment) on its line."""
+    silent = [f"{where} line {imports[0][0]}: {imports[0][1].strip()}"
+              for where, imports in function_imports().items() if "#" not in imports[0][1]]
+    assert not silent, "imports inside functions without a reason:\n" + "\n".join(silent)

@@ -420,7 +420,7 @@ def test_candidates_skip_kept_positions_and_default_to_4k():
 
 
 def erdos_renyi_mlp_activations(x, n_classes, hidden, rng):
-    """Activations of a random sparse ReLU MLP as ALGORITHM.md initialises it (eps=1, Glorot)."""
+    """Activations of a random sparse ReLU MLP as docs/algorithm.md initialises it (eps=1, Glorot)."""
     sizes = [x.shape[1], *hidden, n_classes]
     acts, layers, h = [np.ascontiguousarray(x.T)], [], x
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):

@@ -1,6 +1,6 @@
 """Reproduce the CTRE paper's protocol: test accuracy of ctre-sim, ctre-seq, set, static and a dense MLP.
 
-The paper's settings (Atashgahi et al., Machine Learning 2022; ALGORITHM.md): input-1000-1000-1000-classes,
+The paper's settings (Atashgahi et al., Machine Learning 2022; docs/algorithm.md): input-1000-1000-1000-classes,
 epsilon 1, zeta 0.2, learning rate 0.01 (constant), Nesterov momentum 0.9, batch 100, L2 1e-4;
 StandardScaler for Madelon and min-max scaling for the other data sets, fitted on the training split, as
 the authors did. Each .npz file given is used as ``ctre-edge train`` uses it: its X_test/y_test when it
