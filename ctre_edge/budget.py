@@ -186,7 +186,8 @@ def refuse_unless_fits(plan: MemoryPlan) -> None:
         "compile": "run `ctre-edge warmup` once so kernels load from the cache",
     }[part]
     raise BudgetError(f"the run needs about {plan.total / MiB:.0f} MiB but {plan.profile or 'the budget'} allows "
-                      f"{plan.headroom * plan.budget / MiB:.0f} MiB ({plan.headroom:.0%} of its budget); the largest part is {PART_LABELS[part]} "
+                      f"{plan.headroom * plan.budget / MiB:.0f} MiB ({plan.headroom:.0%} of its budget); "
+                      f"the largest part is {PART_LABELS[part]} "
                       f"({plan.parts[part] / MiB:.0f} MiB): {advice}")
 
 

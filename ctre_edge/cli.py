@@ -305,7 +305,8 @@ def warmup():
     """Compile every kernel into the cache now, so the first training run starts at once."""
 
     def body():
-        from .warmup import STEPS, warmup as run_warmup  # trains tiny models: loads numba
+        from .warmup import STEPS  # trains tiny models: loads numba
+        from .warmup import warmup as run_warmup
 
         t0 = time.perf_counter()
         with err.status("compiling kernels...") as status:

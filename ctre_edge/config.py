@@ -58,7 +58,8 @@ class TrainConfig:
         hidden = tuple(self.hidden)
         if not hidden or not all(isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h >= 1
                                  for h in hidden):
-            raise ConfigError(f"'hidden' must be a non-empty list of positive ints, e.g. 1000,1000,1000; got {self.hidden!r}")
+            raise ConfigError("'hidden' must be a non-empty list of positive ints, e.g. 1000,1000,1000; "
+                              f"got {self.hidden!r}")
         self.hidden = tuple(int(h) for h in hidden)
         for name, kind, lo, hi in RANGES:
             value = getattr(self, name)

@@ -81,7 +81,8 @@ def show_plan(plan) -> None:
     if plan.budget is not None:
         rows.append(("budget" + (f" ({plan.headroom:.0%} usable)" if plan.headroom < 1 else ""),
                      format_bytes(plan.budget)))
-    title = ("exported model size" if inference else "predicted peak memory") + (f" on {plan.profile}" if plan.profile else "")
+    title = "exported model size" if inference else "predicted peak memory"
+    title += f" on {plan.profile}" if plan.profile else ""
     t = table(title, ("part", "bytes"), rows)
     t.columns[1].justify = "right"
     err.print(t)
@@ -134,7 +135,8 @@ class Progress:
 def show_model(title: str, doc: dict) -> None:
     rows = [(str(r["layer"]), f"{r['n_in']} x {r['n_out']}", f"{r['nnz']:,}", f"{r['density']:.4%}", f"{r['bytes']:,}")
             for r in doc["layers"]]
-    rows.append(("all", "", f"{sum(doc['nnz']):,}", f"{doc['density']:.4%}", f"{sum(r['bytes'] for r in doc['layers']):,}"))
+    total_bytes = sum(r["bytes"] for r in doc["layers"])
+    rows.append(("all", "", f"{sum(doc['nnz']):,}", f"{doc['density']:.4%}", f"{total_bytes:,}"))
     err.print(table(title, ("layer", "n_in x n_out", "connections", "density", "bytes"), rows, justify="right"))
     acc = doc["metrics"].get("test_accuracy")
     if acc is not None:

@@ -20,7 +20,6 @@ from .layers import csr_from_positions, linear_positions, sample_positions
 from .packed import level_views
 from .similarity import CosineSketch, topk_cosine
 
-
 # How each method grows this epoch, given the policy's state and the validation accuracy: not at
 # all, at random, or by cosine (replacing re-added picks at random, or re-adding them). A policy
 # may update its own state (ctre-seq counts stale epochs). scikit-learn's ACTIVATIONS pattern.

@@ -69,8 +69,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
 from .config import KERNELS
-from .errors import BudgetError, ConfigError, ModelFileError, OutputExistsError
-from .fileio import atomic_write
+from .errors import BudgetError, ConfigError, ModelFileError
+from .fileio import atomic_write, refuse_overwrite
 from .layers import check_layer
 
 OPSET = 13
@@ -194,8 +194,7 @@ def export_onnx(model, path, *, kernel: str = "auto", budget_bytes: int | None =
     OutputExistsError, OutputWriteError, ConfigError, BudgetError, ModelFileError
     """
     path = Path(path)
-    if path.exists() and not force:  # fail before the expensive part; atomic_write checks again
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite it or choose another path")
+    refuse_overwrite(path, force)  # fail before the expensive part; atomic_write checks again
     if isinstance(check_samples, bool) or not isinstance(check_samples, int) or check_samples < 1:
         raise ConfigError(f"check_samples must be an int >= 1; got {check_samples!r}")
     proto = build_onnx(model, kernel, budget_bytes, opset=opset)

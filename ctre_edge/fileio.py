@@ -23,6 +23,12 @@ from .errors import ModelFileError, OutputExistsError, OutputWriteError
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so the same content gives the same bytes
 
 
+def refuse_overwrite(path, force: bool) -> None:
+    """Raise OutputExistsError (exit code 6) if ``path`` exists and ``force`` is false: the one message."""
+    if not force and Path(path).exists():
+        raise OutputExistsError(f"{path} exists; pass --force to overwrite it or choose another path")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, force: bool = False) -> Path:
     """Write ``path`` by calling ``write(fileobj)`` on a temp file, then rename it into place.
 
@@ -31,8 +37,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
     failure the temp file is removed and an existing ``path`` is left untouched.
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite it or choose another path")
+    refuse_overwrite(path, force)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise OutputWriteError(f"cannot write {path}: directory {directory} does not exist")
@@ -134,7 +139,8 @@ def read_archive(path, fmt: str, version: int, what: str = "model") -> tuple[dic
     except ModelFileError:
         raise
     except Exception as e:  # noqa: BLE001 - damaged bytes surface as many types (zlib, struct, Memory...)
-        raise ModelFileError(f"{path} is not a valid ctre-edge {what} or is corrupt ({type(e).__name__}: {e})") from None
+        raise ModelFileError(f"{path} is not a valid ctre-edge {what} or is corrupt "
+                             f"({type(e).__name__}: {e})") from None
     if array_digest(arrays) != meta.get("sha256"):
         raise ModelFileError(f"{path} is corrupt: its arrays do not match the stored checksum")
     return arrays, meta

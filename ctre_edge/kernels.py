@@ -19,7 +19,6 @@ Each kernel has a numpy twin in ``tests/reference.py`` that the tests compare ag
 import numpy as np
 from numba import njit, prange
 
-
 # --- one layer: forward, backward (input and weight gradients), SGD step ---------------------------
 
 @njit(cache=True)
@@ -324,9 +323,10 @@ def predict_batches(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
 #     score = float32(|dot| * inv_in[i] * inv_out[j])               (float64, left to right)
 #
 # with ``inv[i] = 1 / sqrt(sum_s float64(a[i, s])**2)`` (sequential), and ``inv = 0`` where the norm
-# is 0, so the score is 0 where a norm is 0 (docs/algorithm.md, "The topology update", step 2). A float32 x float32 product is exact in
-# float64, so this value does not depend on FMA contraction and numpy reproduces it bit for bit with a
-# loop over s; BLAS results, whose summation order changes with the matrix shape, are used only as a
+# is 0, so the score is 0 where a norm is 0 (docs/algorithm.md, "The topology update", step 2).
+# A float32 x float32 product is exact in float64, so this value does not depend on FMA contraction
+# and numpy reproduces it bit for bit with a loop over s; BLAS results, whose summation order
+# changes with the matrix shape, are used only as a
 # prefilter with a proven error bound (see ``scan_block``).
 
 # Neuron kinds for the prefilter error bound (see ``neuron_kinds``).
@@ -639,17 +639,3 @@ def projection_rows(sample_ids, seed, out):
                     out[b, 64 * w + t] = -scale
                 else:
                     out[b, 64 * w + t] = scale
-
-
-@njit(cache=True)
-def add_squared_norms(a, out):
-    """``out[i] += sum_s float64(a[i, s])**2``, sequential over s.
-
-    Parameters: ``a`` float32 (n, B); ``out`` float64 (n,), updated in place.
-    """
-    for i in range(a.shape[0]):
-        acc = 0.0
-        for s in range(a.shape[1]):
-            v = np.float64(a[i, s])
-            acc += v * v
-        out[i] += acc

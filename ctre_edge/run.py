@@ -23,7 +23,8 @@ from .budget import MemoryPlan, budget_bytes, peak_rss_bytes, plan_run
 from .checkpoint import Checkpointing
 from .config import TrainConfig
 from .data import Dataset, load_data, make_dataset, summarize_data, summarize_loaded
-from .errors import ConfigError, OutputExistsError
+from .errors import ConfigError
+from .fileio import refuse_overwrite
 from .profiles import Profile, load_profile
 from .warmup import kernels_cached, mark_cached
 
@@ -89,8 +90,8 @@ def prepare(config: TrainConfig, data: DataSpec, profile=None, fit: bool = False
 
 def check_output(out: Path | None, force: bool) -> None:
     """Refuse (OutputExistsError, exit code 6) to overwrite ``out`` without ``force``."""
-    if out is not None and out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite it or choose another --out")
+    if out is not None:
+        refuse_overwrite(out, force)
 
 
 @dataclass

@@ -1,15 +1,15 @@
 """Cosine scores of missing connections: exact blocked top-k, and a streaming sketch.
 
 CTRE grows the k missing connections (i, j) whose neurons' activation vectors over S samples have
-the largest ``|cos(a_i, a_j)|`` (docs/algorithm.md, "The topology update", steps 2 and 3). A layer can be 200,000 x 200,000
-with only ~400,000 connections, so nothing here allocates an n_in x n_out array or sorts every
+the largest ``|cos(a_i, a_j)|`` (docs/algorithm.md, "The topology update", steps 2 and 3). A layer
+can be 200,000 x 200,000 with only ~400,000 connections, so nothing here allocates an n_in x n_out array or sorts every
 position: ``topk_cosine`` scores ``block_rows`` input rows at a time and keeps a running top-k.
 
 Ranking uses one canonical score (see ``ctre_edge.kernels``): float64 dot products
 summed in sample order, scaled by inverse norms computed once, rounded to float32. numpy BLAS in
 float32 does the bulk of the work as a prefilter; its rounding error is bounded and every position
 that could reach the top-k is rescored canonically. So the result is the same for every block
-size, thread count and BLAS build, and ``topk_cosine_reference`` can check it position for position.
+size, thread count and BLAS build, and the dense reference in ``tests/reference.py`` can check it position for position.
 """
 
 import numpy as np
@@ -179,84 +179,6 @@ def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes
     return rows, cols, best_scores[order], int(state[2])
 
 
-def canonical_scores_reference(a_in, a_out):
-    """Dense (n_in, n_out) float32 canonical scores in plain numpy; for tests and small layers only."""
-    a_in = np.asarray(a_in, dtype=np.float32).astype(np.float64)
-    a_out = np.asarray(a_out, dtype=np.float32).astype(np.float64)
-    dots = np.zeros((a_in.shape[0], a_out.shape[0]))
-    sq_in, sq_out = np.zeros(a_in.shape[0]), np.zeros(a_out.shape[0])
-    for s in range(a_in.shape[1]):  # sequential over samples, like the kernels
-        dots += a_in[:, s, None] * a_out[None, :, s]
-        sq_in += a_in[:, s] * a_in[:, s]
-        sq_out += a_out[:, s] * a_out[:, s]
-    with np.errstate(divide="ignore"):
-        inv_in = np.where(sq_in > 0, 1.0 / np.sqrt(sq_in), 0.0)
-        inv_out = np.where(sq_out > 0, 1.0 / np.sqrt(sq_out), 0.0)
-    return (np.abs(dots) * inv_in[:, None] * inv_out[None, :]).astype(np.float32)
-
-
-def topk_cosine_reference(a_in, a_out, indptr, indices, k):
-    """``topk_cosine`` from the full dense score matrix and a stable sort. For tests only."""
-    scores = canonical_scores_reference(a_in, a_out)
-    n_in, n_out = scores.shape
-    kept = np.repeat(np.arange(n_in), np.diff(indptr)) * n_out + np.asarray(indices, dtype=np.int64)
-    flat = scores.ravel().astype(np.float64)
-    flat[kept] = -np.inf
-    if k > flat.size - kept.size:
-        raise ValueError(f"k must be at most {flat.size - kept.size}; got {k}.")
-    positions = np.argsort(-flat, kind="stable")[:k]
-    return positions // n_out, (positions % n_out).astype(np.int32), flat[positions].astype(np.float32)
-
-
-def rescore_topk(a_in, a_out, rows, cols, k):
-    """Exact top-k among candidate positions, by canonical score, with ``topk_cosine``'s tie rule.
-
-    Costs O(len(rows) * S): only the neurons that appear in a candidate get a norm. When the
-    candidates include the exact top-k, the result equals ``topk_cosine`` bit for bit.
-
-    Parameters
-    ----------
-    a_in : ndarray of shape (n_in, S)
-    a_out : ndarray of shape (n_out, S)
-    rows, cols : ndarray of int, shape (m,)
-        Distinct candidate positions.
-    k : int
-        ``0 <= k <= m``.
-
-    Returns
-    -------
-    rows : ndarray of int64, cols : ndarray of int32, scores : ndarray of float32, each (k,)
-    """
-    a_in, a_out = _as_activations(a_in, "a_in"), _as_activations(a_out, "a_out")
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
-    cols = np.ascontiguousarray(cols, dtype=np.int32)
-    if rows.ndim != 1 or rows.shape != cols.shape:
-        raise ValueError(f"rows and cols must be 1-D of one length; got {rows.shape} and {cols.shape}.")
-    if rows.size and not (0 <= rows.min() and rows.max() < a_in.shape[0]):
-        raise ValueError(f"rows must lie in [0, {a_in.shape[0]}).")
-    if cols.size and not (0 <= cols.min() and cols.max() < a_out.shape[0]):
-        raise ValueError(f"cols must lie in [0, {a_out.shape[0]}).")
-    if a_in.shape[1] != a_out.shape[1]:
-        raise ValueError(f"a_in and a_out must share the samples axis; got {a_in.shape} and {a_out.shape}.")
-    if not 0 <= k <= rows.shape[0]:
-        raise ValueError(f"k must be in [0, {rows.shape[0]}] (the number of candidates); got {k}.")
-    inv = []
-    for a, idx, name in ((a_in, rows, "a_in"), (a_out, cols, "a_out")):
-        used = np.unique(idx).astype(np.int64)
-        part = np.empty(used.shape[0], np.float64)
-        ks.inverse_norms(a, used, part)
-        if np.isnan(part).any():
-            raise ValueError(f"{name} contains Inf or NaN activations.")
-        full = np.zeros(a.shape[0], np.float64)
-        full[used] = part
-        inv.append(full)
-    scores = np.empty(rows.shape[0], np.float32)
-    ks.canonical_scores(a_in, a_out, inv[0], inv[1], rows, cols, scores)
-    positions = rows * a_out.shape[0] + cols
-    order = np.lexsort((positions, -scores))[:k]
-    return rows[order], cols[order], scores[order]
-
-
 class CosineSketch:
     """Streaming random-projection sketch of activation vectors, for approximate top-k |cosine|.
 
@@ -268,9 +190,10 @@ class CosineSketch:
     float32, independent of the number of samples.
 
     ``candidates`` ranks positions by the sketches' own cosine (``topk_cosine`` on the sketch
-    matrices); ``rescore_topk`` / ``rescore`` turns candidates into the exact top-k.
+    matrices); training grows that ranking as it is.
 
-    Recall of the exact top-k after ``candidates`` (``n_candidates = 4 k``) and ``rescore``, on
+    Recall of the exact top-k after ``candidates`` (``n_candidates = 4 k``) and an exact rescoring
+    of the candidates (``rescore_topk`` in ``tests/reference.py``), on
     activations of random Erdos-Renyi (eps=1, Glorot) ReLU networks input-1000-1000-1000-classes
     fed every sample of digits (S=1797) or madelon (S=2000), streamed in 8 batches,
     k = floor(0.2 * nnz). Measured with ``python -m pytest tests/test_similarity.py -k recall -s``::
@@ -302,12 +225,9 @@ class CosineSketch:
     ----------
     sketch_in : ndarray of float32, shape (n_in, dim)
     sketch_out : ndarray of float32, shape (n_out, dim)
-    sq_norm_in : ndarray of float64, shape (n_in,)
-        Exact squared norms over the samples seen. A neuron with norm 0 has an all-zero sketch,
-        so its score stays exactly 0. (Dividing sketch dot products by these exact norms instead
-        of the sketch norms was measured and recalled less: the errors of numerator and sketch
-        norms cancel in part.)
-    sq_norm_out : ndarray of float64, shape (n_out,)
+        A neuron whose activations are all 0 has an all-zero sketch, so its score stays exactly 0.
+        (Dividing sketch dot products by exact norms instead of the sketch norms was measured and
+        recalled less: the errors of numerator and sketch norms cancel in part.)
     n_samples : int
         Samples folded in so far.
     """
@@ -318,8 +238,6 @@ class CosineSketch:
         self.dim, self.seed = int(dim), int(seed)
         self.sketch_in = np.zeros((n_in, self.dim), np.float32)
         self.sketch_out = np.zeros((n_out, self.dim), np.float32)
-        self.sq_norm_in = np.zeros(n_in, np.float64)
-        self.sq_norm_out = np.zeros(n_out, np.float64)
         self.n_samples = 0
 
     def projection(self, sample_ids):
@@ -332,7 +250,7 @@ class CosineSketch:
         return out
 
     def update(self, a_in_batch, a_out_batch, sample_ids):
-        """Fold a batch of samples in: ``sketch += a @ R[sample_ids]``, squared norms += exact.
+        """Fold a batch of samples in: ``sketch += a @ R[sample_ids]``.
 
         Parameters
         ----------
@@ -342,10 +260,8 @@ class CosineSketch:
             Ids of the samples; feed each sample once per epoch.
         """
         proj = self.projection(sample_ids)
-        for a, sketch, sq, name in (
-            (a_in_batch, self.sketch_in, self.sq_norm_in, "a_in_batch"),
-            (a_out_batch, self.sketch_out, self.sq_norm_out, "a_out_batch"),
-        ):
+        for a, sketch, name in ((a_in_batch, self.sketch_in, "a_in_batch"),
+                                (a_out_batch, self.sketch_out, "a_out_batch")):
             a = _as_activations(a, name)
             if a.shape != (sketch.shape[0], proj.shape[0]):
                 expected = (sketch.shape[0], proj.shape[0])
@@ -353,7 +269,6 @@ class CosineSketch:
             # Row chunks keep the temporary product small next to the sketch itself.
             for i0 in range(0, a.shape[0], 4096):
                 sketch[i0 : i0 + 4096] += a[i0 : i0 + 4096] @ proj
-            ks.add_squared_norms(a, sq)
         self.n_samples += proj.shape[0]
 
     def candidates(self, indptr, indices, k, n_candidates=None, *, workspace_bytes=32 << 20):
@@ -371,7 +286,3 @@ class CosineSketch:
             self.sketch_in, self.sketch_out, indptr, indices, n_candidates,
             workspace_bytes=workspace_bytes,
         )  # fmt: skip
-
-    def rescore(self, a_in, a_out, rows, cols, k):
-        """Exact top-k of the candidates from the activations at hand; see ``rescore_topk``."""
-        return rescore_topk(a_in, a_out, rows, cols, k)

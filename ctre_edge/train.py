@@ -20,8 +20,8 @@ import numba
 import numpy as np
 
 from . import checkpoint as ckpt
-from .checkpoint import Checkpointing, EpochStats, TrainState
 from . import kernels
+from .checkpoint import Checkpointing, EpochStats, TrainState
 from .config import TrainConfig
 from .data import Dataset, fit_scaling, stratified_split
 from .errors import CtreError, DivergedError
@@ -30,6 +30,7 @@ from .fileio import fault_point
 from .layers import SparseLayer, erdos_renyi_layer
 from .model import SparseMLP
 from .packed import PackedNet, level_views
+
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
     """lr until ``lr_drop_epoch``, lr/3 for the next 20 epochs, lr/9 after (docs/algorithm.md)."""

@@ -5,6 +5,9 @@ Batch-major here on purpose: a second formulation of the same maths catches layo
 
 import numpy as np
 
+from ctre_edge import kernels
+from ctre_edge.similarity import _as_activations
+
 
 def dense_weights(layer):
     """The dense (n_in, n_out) form of a small SparseLayer, for tests only."""
@@ -79,3 +82,83 @@ def train_step_ref(layers, velocities, bias_velocities, x_bm, y, lr, momentum, l
         bias_velocities[l][:] = bv
         dy = dx * (hs[l] > 0)
     return loss
+
+
+# --- cosine scoring: the dense references of similarity.py ------------------------------------------
+
+def canonical_scores_reference(a_in, a_out):
+    """Dense (n_in, n_out) float32 canonical scores in plain numpy; for tests and small layers only."""
+    a_in = np.asarray(a_in, dtype=np.float32).astype(np.float64)
+    a_out = np.asarray(a_out, dtype=np.float32).astype(np.float64)
+    dots = np.zeros((a_in.shape[0], a_out.shape[0]))
+    sq_in, sq_out = np.zeros(a_in.shape[0]), np.zeros(a_out.shape[0])
+    for s in range(a_in.shape[1]):  # sequential over samples, like the kernels
+        dots += a_in[:, s, None] * a_out[None, :, s]
+        sq_in += a_in[:, s] * a_in[:, s]
+        sq_out += a_out[:, s] * a_out[:, s]
+    with np.errstate(divide="ignore"):
+        inv_in = np.where(sq_in > 0, 1.0 / np.sqrt(sq_in), 0.0)
+        inv_out = np.where(sq_out > 0, 1.0 / np.sqrt(sq_out), 0.0)
+    return (np.abs(dots) * inv_in[:, None] * inv_out[None, :]).astype(np.float32)
+
+
+def topk_cosine_reference(a_in, a_out, indptr, indices, k):
+    """``topk_cosine`` from the full dense score matrix and a stable sort. For tests only."""
+    scores = canonical_scores_reference(a_in, a_out)
+    n_in, n_out = scores.shape
+    kept = np.repeat(np.arange(n_in), np.diff(indptr)) * n_out + np.asarray(indices, dtype=np.int64)
+    flat = scores.ravel().astype(np.float64)
+    flat[kept] = -np.inf
+    if k > flat.size - kept.size:
+        raise ValueError(f"k must be at most {flat.size - kept.size}; got {k}.")
+    positions = np.argsort(-flat, kind="stable")[:k]
+    return positions // n_out, (positions % n_out).astype(np.int32), flat[positions].astype(np.float32)
+
+
+def rescore_topk(a_in, a_out, rows, cols, k):
+    """Exact top-k among candidate positions, by canonical score, with ``topk_cosine``'s tie rule.
+
+    Costs O(len(rows) * S): only the neurons that appear in a candidate get a norm. When the
+    candidates include the exact top-k, the result equals ``topk_cosine`` bit for bit.
+
+    Parameters
+    ----------
+    a_in : ndarray of shape (n_in, S)
+    a_out : ndarray of shape (n_out, S)
+    rows, cols : ndarray of int, shape (m,)
+        Distinct candidate positions.
+    k : int
+        ``0 <= k <= m``.
+
+    Returns
+    -------
+    rows : ndarray of int64, cols : ndarray of int32, scores : ndarray of float32, each (k,)
+    """
+    a_in, a_out = _as_activations(a_in, "a_in"), _as_activations(a_out, "a_out")
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    cols = np.ascontiguousarray(cols, dtype=np.int32)
+    if rows.ndim != 1 or rows.shape != cols.shape:
+        raise ValueError(f"rows and cols must be 1-D of one length; got {rows.shape} and {cols.shape}.")
+    if rows.size and not (0 <= rows.min() and rows.max() < a_in.shape[0]):
+        raise ValueError(f"rows must lie in [0, {a_in.shape[0]}).")
+    if cols.size and not (0 <= cols.min() and cols.max() < a_out.shape[0]):
+        raise ValueError(f"cols must lie in [0, {a_out.shape[0]}).")
+    if a_in.shape[1] != a_out.shape[1]:
+        raise ValueError(f"a_in and a_out must share the samples axis; got {a_in.shape} and {a_out.shape}.")
+    if not 0 <= k <= rows.shape[0]:
+        raise ValueError(f"k must be in [0, {rows.shape[0]}] (the number of candidates); got {k}.")
+    inv = []
+    for a, idx, name in ((a_in, rows, "a_in"), (a_out, cols, "a_out")):
+        used = np.unique(idx).astype(np.int64)
+        part = np.empty(used.shape[0], np.float64)
+        kernels.inverse_norms(a, used, part)
+        if np.isnan(part).any():
+            raise ValueError(f"{name} contains Inf or NaN activations.")
+        full = np.zeros(a.shape[0], np.float64)
+        full[used] = part
+        inv.append(full)
+    scores = np.empty(rows.shape[0], np.float32)
+    kernels.canonical_scores(a_in, a_out, inv[0], inv[1], rows, cols, scores)
+    positions = rows * a_out.shape[0] + cols
+    order = np.lexsort((positions, -scores))[:k]
+    return rows[order], cols[order], scores[order]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from ctre_edge.api import SparseMLPClassifier
-from ctre_edge.data import load_data
 from ctre_edge.config import TrainConfig
+from ctre_edge.data import load_data
 
 
 def test_constructor_defaults_are_train_config_defaults():

@@ -1,18 +1,16 @@
 """Issue 4: the memory planner, profiles in `train`/`plan`, and measured peaks within budget."""
 
 import json
-import os
 import subprocess
 import sys
 import time
 
 import pytest
+from conftest import shared_dataset
 
 from ctre_edge.budget import MiB, RunShape, fit_to_budget, plan_inference, plan_training
 from ctre_edge.errors import BudgetError
 from ctre_edge.profiles import load_profile
-
-from conftest import shared_dataset
 
 
 def cli(*args, cwd=None):
@@ -106,7 +104,8 @@ def warm_cache(tmp_path_factory):
 @pytest.mark.slow
 def test_tight_profile_measured_peak_within_budget_and_fit(tmp_path, warm_cache):
     prof = write_profile(tmp_path / "tight.toml", 265)
-    r = cli(*warm_cache, "train", "--profile", str(prof), "--hidden", "1000,1000,1000", "--epochs", "3", "--method", "ctre-sim",
+    r = cli(*warm_cache, "train", "--profile", str(prof), "--hidden", "1000,1000,1000", "--epochs", "3",
+            "--method", "ctre-sim",
             "--json", "--quiet")
     assert r.returncode == 0, r.stderr
     mem = json.loads(r.stdout)["memory"]
@@ -114,7 +113,8 @@ def test_tight_profile_measured_peak_within_budget_and_fit(tmp_path, warm_cache)
     assert abs(mem["measured_peak_bytes"] / mem["predicted_peak_bytes"] - 1) < 0.25
     # --fit: a budget the default evaluation batch does not fit; fit shrinks it and the run fits
     prof = write_profile(tmp_path / "tighter.toml", 228)
-    args = [*warm_cache, "train", "--profile", str(prof), "--hidden", "4000,4000", "--epochs", "2", "--eval-batch-size", "4000",
+    args = [*warm_cache, "train", "--profile", str(prof), "--hidden", "4000,4000", "--epochs", "2",
+            "--eval-batch-size", "4000",
             "--json", "--quiet"]
     assert cli(*args).returncode == 3
     r = cli(*args, "--fit")
@@ -136,6 +136,7 @@ def test_mnist_on_small_pi_profiles(profile, hidden, warm_cache):
     mem = json.loads(r.stdout)["memory"]
     ratio = mem["measured_peak_bytes"] / mem["predicted_peak_bytes"]
     print(f"{profile}: measured {mem['measured_peak_bytes'] / MiB:.0f} MiB, predicted "
-          f"{mem['predicted_peak_bytes'] / MiB:.0f} MiB (ratio {ratio:.2f}), budget {mem['budget_bytes'] / MiB:.0f} MiB")
+          f"{mem['predicted_peak_bytes'] / MiB:.0f} MiB (ratio {ratio:.2f}), "
+          f"budget {mem['budget_bytes'] / MiB:.0f} MiB")
     assert mem["measured_peak_bytes"] < mem["budget_bytes"]
     assert abs(ratio - 1) < 0.25

@@ -1,6 +1,5 @@
 """Issue 7: checkpoints, resume, and faults that lose nothing. Real subprocesses where it matters."""
 
-import json
 import os
 import signal
 import subprocess
@@ -174,7 +173,8 @@ def _final_model(tmp_path, name, extra_env=None, kill_after=None, epochs=8):
     for attempt in range(12):
         resume = ["--resume", str(ck)] if ckpt.checkpoint_files(ck) else ["--checkpoint-dir", str(ck)]
         env = extra_env(attempt) if extra_env else None
-        proc = subprocess.Popen([sys.executable, "-m", "ctre_edge.cli", *args, *resume], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        proc = subprocess.Popen([sys.executable, "-m", "ctre_edge.cli", *args, *resume], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, **(env or {})})
         if kill_after is not None and attempt < 3:
             kill_after(attempt, ck)
@@ -193,7 +193,8 @@ def test_sigkill_at_random_times_and_places_then_resume_is_bit_identical(tmp_pat
     # Kills at exact places: inside a checkpoint write (after the temp file, before the rename) and
     # during a topology update; then at random wall-clock times.
     places = ["write:3", "update:2", "write:1", "update:4"]
-    exact, kills = _final_model(tmp_path, "exact", extra_env=lambda a: {"CTRE_EDGE_KILL_AT": places[a]} if a < len(places) else {})
+    exact, kills = _final_model(tmp_path, "exact",
+                                extra_env=lambda a: {"CTRE_EDGE_KILL_AT": places[a]} if a < len(places) else {})
     assert kills == len(places) and exact == reference
     reference40, _ = _final_model(tmp_path, "reference40", epochs=40)
     rng = np.random.default_rng(7)
@@ -233,8 +234,8 @@ def test_read_only_filesystem_gives_one_line(tmp_path, monkeypatch):
     import errno
 
     import ctre_edge.fileio as fileio
-    from ctre_edge.model import SparseMLP
     from ctre_edge.layers import erdos_renyi_layer
+    from ctre_edge.model import SparseMLP
 
     def refuse(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")

@@ -251,7 +251,8 @@ def _errors(tmp):
         (f"{t}/blank.csv", {}, "blank.csv: the file is empty or has only blank lines"),
         (f"{t}/ragged.csv", {}, "ragged.csv: line 4 has 2 fields, expected 3; every line needs"),
         (f"{t}/wide.csv", {}, "wide.csv: line 2 has 4 fields, expected 3"),
-        (f"{t}/word.csv", {}, "word.csv: line 3, column 'pixel7': 'abc' is not a number; fix the value, or pass --target"),
+        (f"{t}/word.csv", {},
+         "word.csv: line 3, column 'pixel7': 'abc' is not a number; fix the value, or pass --target"),
         (f"{t}/nohead.csv", {}, "nohead.csv: line 2, column 2: 'x' is not a number"),
         (f"{t}/inf.csv", {}, r"inf.csv: has 1 NaN/Inf value\(s\), the first at line 2, column 2; clean them or pass "
                              r"--nan-policy mean\|median\|zero"),
@@ -270,7 +271,8 @@ def _errors(tmp):
         (f"{t}/zero.libsvm", {}, "zero.libsvm: line 1: bad token '0:2'"),
         (f"{t}/float.libsvm", {}, "float.libsvm: line 2: bad token '1.5:1'"),
         (f"{t}/dup.libsvm", {}, "dup.libsvm: line 2: feature index 2 appears twice"),
-        (f"{t}/bad-images-idx3-ubyte", {}, r"labels file bad-labels-idx1-ubyte not found .*give both files as IMAGES,LABELS"),
+        (f"{t}/bad-images-idx3-ubyte", {},
+         r"labels file bad-labels-idx1-ubyte not found .*give both files as IMAGES,LABELS"),
         (f"{t}/bad-images-idx3-ubyte,{t}/short-labels-idx1-ubyte", {}, "not an IDX file \\(magic bytes 00000703\\)"),
         (f"{t}/short-images-idx3-ubyte", {}, "short-images-idx3-ubyte: is truncated: dimensions \\(3, 2, 2\\) need 12 "
                                              "bytes, the file has 9; download the file again"),
@@ -435,7 +437,8 @@ def test_mnist_sized_csv_loads_within_twice_the_uint8_array(tmp_path):
     finally:
         tracemalloc.stop()
     assert data.X.shape == (n, d) and data.X.dtype == np.uint8 and len(data.classes) == 10
-    assert peak < 2 * data.X.nbytes, f"peak {peak / 1e6:.1f} MB for a {data.X.nbytes / 1e6:.1f} MB array ({seconds:.1f} s)"
+    assert peak < 2 * data.X.nbytes, \
+        f"peak {peak / 1e6:.1f} MB for a {data.X.nbytes / 1e6:.1f} MB array ({seconds:.1f} s)"
 
 
 # ---------------------------------------------------------------- fuzz

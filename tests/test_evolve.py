@@ -1,10 +1,10 @@
 import numpy as np
-import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from ctre_edge.config import TrainConfig
 from ctre_edge.evolve import TopologyPolicy, drop_weakest, update_layer
 from ctre_edge.layers import check_layer, erdos_renyi_layer, linear_positions
-from ctre_edge.config import TrainConfig
 from ctre_edge.packed import PackedNet
 
 

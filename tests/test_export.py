@@ -11,15 +11,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from reference import dense_weights
 
 from ctre_edge.errors import BudgetError, ConfigError, DataError, ModelFileError, OutputExistsError
-from ctre_edge.export import (KERNELS, build_onnx, choose_kernels, export_onnx, fanin_groups, fanin_widths,
-                              max_abs_diff)
+from ctre_edge.export import KERNELS, build_onnx, choose_kernels, export_onnx, fanin_groups, fanin_widths, max_abs_diff
 from ctre_edge.layers import erdos_renyi_layer
 from ctre_edge.model import SparseMLP
 from ctre_edge.runtime import OnnxModel
-
-from reference import dense_weights
 
 TOL = 1e-5
 # 64x2000 at 4.8% and 500x10 are small enough for auto to make dense; 2000x500 at 0.75% is not.

@@ -11,7 +11,6 @@ ONNX graph, not on the header.
 import hashlib
 import platform
 
-import numpy as np
 import pytest
 
 from ctre_edge.data import load_data

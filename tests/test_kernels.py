@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import backward_ref, forward_ref, nesterov_ref, predict_proba_ref, softmax_ref, train_step_ref
 
 from ctre_edge import kernels
 from ctre_edge.layers import erdos_renyi_layer
 from ctre_edge.packed import PackedNet
-
-from reference import backward_ref, forward_ref, nesterov_ref, predict_proba_ref, softmax_ref, train_step_ref
 
 layer_shapes = st.tuples(st.integers(1, 40), st.integers(1, 40), st.floats(0.05, 20), st.integers(1, 17),
                          st.integers(0, 2**32 - 1))
@@ -142,7 +142,8 @@ def test_train_batches_equals_reference_sgd(sizes, eps, n, batch, seed, threads)
     db = np.empty_like(da)
     grad = np.empty(int(np.diff(net.nz_off).max()), np.float32)
     bg = np.empty(max(sizes[1:]), np.float32)
-    loss, _ = kernels.train_batches(X, y, order, batch, shift, scale, *net, act, da, db, grad, bg, np.float32(0.1), np.float32(0.9),
+    loss, _ = kernels.train_batches(X, y, order, batch, shift, scale, *net, act, da, db, grad, bg, np.float32(0.1),
+                                    np.float32(0.9),
                                     np.float32(1e-3), threads)
     ref_loss = 0.0
     for s in range(0, n, batch):

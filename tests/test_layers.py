@@ -2,12 +2,20 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ctre_edge import kernels
 from ctre_edge.evolve import update_layer
-from ctre_edge.layers import (SparseLayer, check_layer, csr_from_positions, er_nnz, erdos_renyi_layer,
-                              linear_positions, sample_positions)
+from ctre_edge.layers import (
+    SparseLayer,
+    check_layer,
+    csr_from_positions,
+    er_nnz,
+    erdos_renyi_layer,
+    linear_positions,
+    sample_positions,
+)
 from ctre_edge.packed import PackedNet
 
 

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ctre_edge import profiles
-from ctre_edge.errors import ConfigError
 from ctre_edge.console import profile_rows
+from ctre_edge.errors import ConfigError
 from ctre_edge.profiles import Profile, ProfileError, list_profiles, load_profile
 
 if sys.version_info >= (3, 11):

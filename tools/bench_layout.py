@@ -61,7 +61,8 @@ def main():
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     print(f"{platform.processor() or platform.machine()}, batch {args.batch}, 1000 x 1000 layer, median us per call\n")
-    print("| epsilon | density | forward feature-major | forward batch-major | backward feature-major | backward batch-major |")
+    print("| epsilon | density | forward feature-major | forward batch-major | backward feature-major "
+          "| backward batch-major |")
     print("|---|---|---|---|---|---|")
     for eps in (1, 20, 100):
         layer = erdos_renyi_layer(1000, 1000, eps, rng)

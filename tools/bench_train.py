@@ -296,7 +296,8 @@ class DenseMLP:
             w -= g
 
     def set_update(self, zeta, rng):
-        """SET on the masks: drop the floor(zeta nnz) smallest |w| per layer, regrow as many at random free positions."""
+        """SET on the masks: drop the floor(zeta nnz) smallest |w| per layer, regrow as many at random free
+        positions."""
         for l in range(len(self.W)):
             M, W, V = self.M[l].ravel(), self.W[l].ravel(), self.V[l].ravel()
             n_in = self.W[l].shape[0]
@@ -456,7 +457,8 @@ class TimeBox:
         self.done = self.total = self.samples = self.val_done = self.val_total = 0
 
     def __enter__(self):
-        from ctre_edge import kernels, train as train_module
+        from ctre_edge import kernels
+        from ctre_edge import train as train_module
 
         self._kernels, self._evaluator = kernels, train_module.Evaluator
         self._real_train, self._real_accuracy = kernels.train_batches, train_module.Evaluator.accuracy
@@ -701,7 +703,8 @@ def fmt_seconds(s: float | None) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", help="MNIST-like .npz file (default: mnist.npz in --data-dir)")
-    ap.add_argument("--data-dir", help="folder holding mnist.npz (default: ./datasets, else the shared datasets folder)")
+    ap.add_argument("--data-dir",
+                    help="folder holding mnist.npz (default: ./datasets, else the shared datasets folder)")
     ap.add_argument("--synthetic", action="store_true", help="synthetic MNIST-shaped uint8 data instead of MNIST")
     ap.add_argument("--hidden-sizes", default="1000,4000,16000,64000", help="hidden widths h of 784-h-h-h-10")
     ap.add_argument("--epsilons", default="1,20")
@@ -740,7 +743,8 @@ def main(argv=None):
         from ctre_edge.data import summarize_data
 
         summary = summarize_data(str(path))
-        data_spec, n_samples, n_features, n_classes = str(path), summary.n_samples, summary.n_features, summary.n_classes
+        data_spec, n_samples = str(path), summary.n_samples
+        n_features, n_classes = summary.n_features, summary.n_classes
         data_name = f"{path.name}, {n_samples} x {n_features} (its test part is not used)"
     n_train, n_val = dataset_rows(n_samples)
     with_sklearn = sklearn_available()

@@ -11,7 +11,6 @@ activations into the sketches; that cost is in the epoch column.
 import argparse
 import platform
 import statistics
-import time
 
 from ctre_edge.data import load_data
 from ctre_edge.train import TrainConfig, train
@@ -34,7 +33,6 @@ def main():
     for similarity in ("exact", "sketch"):
         config = TrainConfig(hidden=hidden, method="ctre-sim", similarity=similarity, epochs=args.epochs, lr=0.01,
                              similarity_samples=args.samples, sketch_dim=args.sketch_dim)
-        t = time.perf_counter()
         history = train(data, config).history[1:-1]  # the first epoch compiles, the last has no update
         epoch = statistics.median(h.seconds - h.update_seconds for h in history)
         update = statistics.median(h.update_seconds for h in history)

@@ -142,7 +142,8 @@ def write_atomically(path: Path, doc: dict) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("files", nargs="*", help=".npz data sets (default with --quick: digits and madelon from --data-dir)")
+    ap.add_argument("files", nargs="*",
+                    help=".npz data sets (default with --quick: digits and madelon from --data-dir)")
     ap.add_argument("--data-dir", help="where --quick looks for its data sets (default: ./datasets, else the "
                                        "shared datasets folder)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
