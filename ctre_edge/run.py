@@ -135,10 +135,10 @@ class Report:
 
 def execute(prepared: Prepared, *, source: str = "", out: Path | None = None, force: bool = False,
             checkpointing=None, progress: Callable | None = None, stop_requested: Callable[[], int] | None = None,
-            warn: Callable[[str], None] = lambda message: None, on_batches: Callable | None = None) -> Report:
+            warn: Callable[[str], None] = lambda message: None, budget=None) -> Report:
     """Train the prepared run, save it to ``out`` if given, and return the report. Prints nothing.
 
-    ``checkpointing``, ``progress``, ``stop_requested``, ``warn`` and ``on_batches`` go to
+    ``checkpointing``, ``progress``, ``stop_requested``, ``warn`` and ``budget`` (a ``RowBudget``) go to
     ``train.train``. The profile's thread count holds for the run only.
     """
     import numba  # here, not at the top: planning and refusals must not load numba
@@ -150,7 +150,7 @@ def execute(prepared: Prepared, *, source: str = "", out: Path | None = None, fo
         if prepared.threads is not None:
             numba.set_num_threads(max(1, min(prepared.threads, numba.config.NUMBA_NUM_THREADS)))
         result = train(prepared.dataset, prepared.config, progress=progress, checkpointing=checkpointing,
-                       stop_requested=stop_requested, warn=warn, on_batches=on_batches)
+                       stop_requested=stop_requested, warn=warn, budget=budget)
     finally:
         numba.set_num_threads(previous)
     if prepared.cold_cache:

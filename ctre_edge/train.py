@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numba
 import numpy as np
@@ -71,21 +71,33 @@ class Interrupted(CtreError):
         self.exit_code = exit_code
 
 
+class RowBudget(Protocol):
+    """A hook that can shorten an epoch's training or validation part (benchmarks time-box epochs).
+
+    Before each kernel call of a part (``"train"`` or ``"validation"``), ``allow(part, rows,
+    remaining)`` says how many of the next ``rows`` to run (``remaining`` rows of the part are left);
+    0 ends that part for this epoch. ``spent(part, rows, seconds)`` reports each call's time. Without a
+    budget every row runs; with one, a shortened epoch trains on fewer rows (so its model differs).
+    """
+
+    def allow(self, part: str, rows: int, remaining: int) -> int: ...
+
+    def spent(self, part: str, rows: int, seconds: float) -> None: ...
+
+
 BATCHES_PER_CALL = 32  # Python regains control this often within an epoch (signals, second Ctrl-C)
 
 
 def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], None] | None = None, *,
           checkpointing: Checkpointing | None = None, stop_requested: Callable[[], int] | None = None,
-          warn: Callable[[str], None] = lambda message: None,
-          on_batches: Callable[[int], None] | None = None) -> TrainResult:
+          warn: Callable[[str], None] = lambda message: None, budget: RowBudget | None = None) -> TrainResult:
     """Train a sparse MLP on ``data``; returns the best-validation model and the per-epoch history.
 
     With ``checkpointing``, the full state is saved every ``every`` epochs (and at the last one),
     and ``resume`` continues from the newest valid checkpoint, giving the same model bit for bit
     as an uninterrupted run. ``stop_requested()`` returning a signal number ends the run after the
-    epoch in progress, with a checkpoint, by raising ``Interrupted``. ``on_batches(rows)`` is
-    called after every call into the SGD kernel with the number of rows it trained (benchmarks
-    time or count the kernel through it).
+    epoch in progress, with a checkpoint, by raising ``Interrupted``. ``budget`` (a ``RowBudget``)
+    lets a benchmark time and shorten epochs through a supported hook.
     """
     config.validate()
     seeds = np.random.SeedSequence(config.seed).spawn(4)
@@ -107,8 +119,8 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         net = PackedNet.from_layers(init_layers(sizes, config.epsilon, rng_init))
         state = TrainState(net, net.snapshot(), rng_shuffle, rng_evolve)
 
-    trainer = _EpochTrainer(data, config, state.net, shift, scale, train_rows, policy, on_batches)
-    evaluator = Evaluator(state.net, shift, scale, config.eval_batch_size)
+    trainer = _EpochTrainer(data, config, state.net, shift, scale, train_rows, policy, budget)
+    evaluator = Evaluator(state.net, shift, scale, config.eval_batch_size, budget)
     for epoch in range(state.epoch, config.epochs):
         t0 = time.perf_counter()
         lr = learning_rate(config, epoch)
@@ -158,8 +170,8 @@ class _EpochTrainer:
     """One epoch of SGD over the packed network, with every buffer allocated once per run."""
 
     def __init__(self, data: Dataset, config: TrainConfig, net: PackedNet, shift, scale, train_rows, policy,
-                 on_batches):
-        self.data, self.config, self.net, self.policy, self.on_batches = data, config, net, policy, on_batches
+                 budget: RowBudget | None):
+        self.data, self.config, self.net, self.policy, self.budget = data, config, net, policy, budget
         self.shift, self.scale = shift, scale
         self.bs = bs = min(config.batch_size, train_rows.shape[0])
         self.act = net.activation_buffer(bs)
@@ -168,18 +180,32 @@ class _EpochTrainer:
                         np.empty(int(net.sizes[1:].max()), np.float32))
         self.threads = numba.get_num_threads()  # set from the device profile; any count gives the same model
 
-    def _sgd(self, rows, sgd, threads) -> tuple[float, int]:
-        loss, correct = kernels.train_batches(self.data.X, self.data.y, rows, self.bs, *sgd, threads)
-        if self.on_batches is not None:
-            self.on_batches(rows.shape[0])
-        return loss, correct
+    def _sgd(self, order, start: int, stop: int, chunk: int, sgd, threads: int, epoch: int | None):
+        """SGD over order[start:stop] in kernel calls of ``chunk`` rows; with ``epoch``, each call's
+        activations feed the sketches. Returns (loss sum, correct, whether the budget ended the part)."""
+        loss, correct, s = 0.0, 0, start
+        while s < stop:
+            n = min(chunk, stop - s)
+            if self.budget is not None and (n := self.budget.allow("train", n, order.shape[0] - s)) <= 0:
+                return loss, correct, True
+            rows = order[s:s + n]
+            t = time.perf_counter()
+            part_loss, part_correct = kernels.train_batches(self.data.X, self.data.y, rows, self.bs, *sgd, threads)
+            if self.budget is not None:
+                self.budget.spent("train", n, time.perf_counter() - t)
+            loss += part_loss
+            correct += part_correct
+            if epoch is not None:
+                self.policy.observe(level_views(self.act, self.net.sizes, n), rows, epoch)
+            s += n
+        return loss, correct, False
 
     def epoch(self, order, epoch: int, lr: float) -> tuple[float, float]:
         """Train on ``order`` (shuffled rows); returns (mean loss, training accuracy)."""
         c = self.config
         sgd = (self.shift, self.scale, *self.net, *self.buffers, np.float32(lr), np.float32(c.momentum),
                np.float32(c.l2))
-        loss, correct = 0.0, 0
+        loss, correct, stopped = 0.0, 0, False
         first = 0
         if self.policy.wants_sketch:
             # Sketch mode: the epoch's first S samples (a uniform sample, the order being shuffled)
@@ -188,31 +214,39 @@ class _EpochTrainer:
             # alternate with BLAS calls, and numba's workers still spinning after a parallel
             # region slowed the epoch 2x.
             first = min(order.shape[0], c.similarity_samples)
-            for s in range(0, first, self.bs):
-                rows = order[s:min(s + self.bs, first)]
-                part_loss, part_correct = self._sgd(rows, sgd, 1)
-                loss += part_loss
-                correct += part_correct
-                self.policy.observe(level_views(self.act, self.net.sizes, rows.shape[0]), rows, epoch)
-        step = BATCHES_PER_CALL * self.bs
-        for s in range(first, order.shape[0], step):
-            part_loss, part_correct = self._sgd(order[s:s + step], sgd, self.threads)
-            loss += part_loss
-            correct += part_correct
+            loss, correct, stopped = self._sgd(order, 0, first, self.bs, sgd, 1, epoch)
+        if not stopped:
+            more_loss, more_correct, _ = self._sgd(order, first, order.shape[0], BATCHES_PER_CALL * self.bs, sgd,
+                                                   self.threads, None)
+            loss, correct = loss + more_loss, correct + more_correct
         return float(loss / order.shape[0]), correct / order.shape[0]
 
 
 class Evaluator:
     """Validation accuracy of the packed network with one preallocated activation buffer."""
 
-    def __init__(self, net: PackedNet, shift, scale, batch_size: int):
-        self.net, self.shift, self.scale, self.bs = net, shift, scale, batch_size
+    def __init__(self, net: PackedNet, shift, scale, batch_size: int, budget: RowBudget | None = None):
+        self.net, self.shift, self.scale, self.bs, self.budget = net, shift, scale, batch_size, budget
         self.act = net.activation_buffer(batch_size)
 
     def accuracy(self, X, rows, y) -> float:
+        """Accuracy over X[rows]; under a budget, over the rows it allowed (evaluated in batches)."""
         if rows.shape[0] == 0:
             return 0.0
-        n = self.net
-        proba = np.empty((rows.shape[0], int(n.sizes[-1])), np.float32)
-        kernels.predict_batches(X, rows, self.shift, self.scale, *n.forward, self.bs, self.act, proba)
-        return float(np.mean(np.argmax(proba, axis=1) == y[rows]))
+        if self.budget is None:
+            return self._correct(X, rows, y) / rows.shape[0]
+        correct = done = 0
+        while done < rows.shape[0]:
+            n = self.budget.allow("validation", min(self.bs, rows.shape[0] - done), rows.shape[0] - done)
+            if n <= 0:
+                break
+            t = time.perf_counter()
+            correct += self._correct(X, rows[done:done + n], y)
+            self.budget.spent("validation", n, time.perf_counter() - t)
+            done += n
+        return correct / max(done, 1)
+
+    def _correct(self, X, rows, y) -> int:
+        proba = np.empty((rows.shape[0], int(self.net.sizes[-1])), np.float32)
+        kernels.predict_batches(X, rows, self.shift, self.scale, *self.net.forward, self.bs, self.act, proba)
+        return int(np.sum(np.argmax(proba, axis=1) == y[rows]))
