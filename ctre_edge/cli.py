@@ -23,7 +23,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import console, run
-from .config import KERNELS, METHODS, NAN_POLICIES, SCALINGS, SIMILARITIES, TrainConfig
+from .config import INITS, KERNELS, METHODS, NAN_POLICIES, SCALINGS, SIMILARITIES, TrainConfig
 from .console import err, print_json
 from .errors import ConfigError, CtreError, DataError
 
@@ -38,9 +38,9 @@ def _choices(name: str, names) -> type[enum.Enum]:
     return enum.Enum(name, {n: n for n in names}, type=str)
 
 
-Method, Similarity, Scaling, NanPolicy, Kernel = (_choices(n, t) for n, t in (
-    ("Method", METHODS), ("Similarity", SIMILARITIES), ("Scaling", SCALINGS), ("NanPolicy", NAN_POLICIES),
-    ("Kernel", KERNELS)))
+Method, Init, Similarity, Scaling, NanPolicy, Kernel = (_choices(n, t) for n, t in (
+    ("Method", METHODS), ("Init", INITS), ("Similarity", SIMILARITIES), ("Scaling", SCALINGS),
+    ("NanPolicy", NAN_POLICIES), ("Kernel", KERNELS)))
 
 
 def _value(v):
@@ -114,15 +114,17 @@ def train(
     method: Annotated[Method, typer.Option(help="Topology policy.")] = Method(_D.method),
     hidden: Annotated[str, typer.Option(help="Hidden layer widths, comma-separated.")] = ",".join(map(str, _D.hidden)),
     epsilon: Annotated[float, typer.Option(help="Erdos-Renyi sparsity: eps*(n_in+n_out) connections per layer.")] = _D.epsilon,
+    init: Annotated[Init, typer.Option(help="Initial weights: sparse (scaled to each neuron's actual fan-in) or dense-glorot (the paper's; vanishes at low epsilon).")] = Init(_D.init),
     zeta: Annotated[float, typer.Option(help="Fraction of connections dropped and regrown each epoch.")] = _D.zeta,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = _D.epochs,
+    epochs: Annotated[int, typer.Option(help="Most training epochs.")] = _D.epochs,
+    early_stop: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation accuracy (0: run all --epochs).")] = _D.early_stop,
     batch_size: Annotated[int, typer.Option(help="Minibatch size.")] = _D.batch_size,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = _D.lr,
     momentum: Annotated[float, typer.Option(help="Nesterov momentum.")] = _D.momentum,
     l2: Annotated[float, typer.Option(help="L2 weight decay on existing connections.")] = _D.l2,
     lr_drop_epoch: Annotated[Optional[int], typer.Option(help="Epoch at which lr drops to lr/3 (lr/9 twenty epochs later); default: constant.")] = _D.lr_drop_epoch,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, data and settings give the same model, bit for bit.")] = _D.seed,
-    scaling: Annotated[Scaling, typer.Option(help="Input scaling fitted on the training split.")] = Scaling(_D.scaling),
+    scaling: Annotated[Scaling, typer.Option(help="Input scaling fitted on the training split (auto: minmax for byte-valued features, else standard).")] = Scaling(_D.scaling),
     validation_fraction: Annotated[float, typer.Option(help="Stratified share of the training part held out for validation.")] = _D.validation_fraction,
     test_fraction: Annotated[float, typer.Option(help="Stratified test split when the data has no X_test.")] = _D.test_fraction,
     patience: Annotated[int, typer.Option(help="ctre-seq: epochs without validation improvement before random growth.")] = _D.patience,

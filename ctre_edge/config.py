@@ -2,7 +2,7 @@
 
 ``TrainConfig`` holds every setting with its default; ``validate`` checks it against one table
 (``RANGES``) with one message format. The choice tables (``METHODS``, ``SIMILARITIES``,
-``SCALINGS``, ``NAN_POLICIES``, ``KERNELS``) are the single list of names: the code dispatches on
+``SCALINGS``, ``INITS``, ``NAN_POLICIES``, ``KERNELS``) are the single list of names: the code dispatches on
 them and the CLI takes its ``--method``/``--similarity``/... choices from them. This module imports
 numpy alone, so a command can validate its settings (and refuse a run that does not fit) before
 numba or onnx is loaded.
@@ -19,7 +19,8 @@ from .errors import ConfigError
 
 METHODS = ("static", "set", "ctre-sim", "ctre-seq")  # topology policies (evolve.POLICIES)
 SIMILARITIES = ("exact", "sketch")  # cosine scoring of ctre-*: blocked exact top-k or a random sketch
-SCALINGS = ("minmax", "standard", "none")  # input scaling fitted on the training split (data.fit_scaling)
+SCALINGS = ("auto", "minmax", "standard", "none")  # input scaling fitted on the training split (data.fit_scaling)
+INITS = ("sparse", "dense-glorot")  # initial weights (layers.erdos_renyi_layer)
 NAN_POLICIES = ("error", "zero", "mean", "median")  # NaN/Inf features (data.load_data)
 KERNELS = ("auto", "sparse-ops", "dense", "sparse-initializer")  # ONNX per-layer compute (export.py)
 
@@ -30,20 +31,25 @@ class TrainConfig:
 
     ``lr_drop_epoch`` None keeps the learning rate constant; otherwise lr is divided by 3 at that
     epoch and by 9 twenty epochs later. ``similarity_samples`` is the S of the cosine scoring.
+    ``early_stop`` N ends the run after N epochs without a strictly better validation accuracy
+    (0: run all ``epochs``); for ctre-seq the count starts again when growth switches to random.
+    ``init`` is one of ``INITS``: "sparse" (per-neuron fan-in) or "dense-glorot" (the paper's).
     """
 
     hidden: tuple = (1000, 1000, 1000)
-    method: str = "set"
+    method: str = "ctre-sim"
     epsilon: float = 1.0
+    init: str = "sparse"
     zeta: float = 0.2
     epochs: int = 300
+    early_stop: int = 30
     batch_size: int = 100
     lr: float = 0.05
     momentum: float = 0.9
     l2: float = 1e-4
     lr_drop_epoch: int | None = None
     seed: int = 0
-    scaling: str = "minmax"
+    scaling: str = "auto"
     validation_fraction: float = 0.1
     test_fraction: float = 0.2
     patience: int = 40
@@ -90,6 +96,7 @@ RANGES = [  # (field, type, low, high): one table, one message format
     ("epsilon", float, 1e-9, 1e9),
     ("zeta", float, 0.0, 1.0),
     ("epochs", int, 1, 10**7),
+    ("early_stop", int, 0, 10**7),
     ("batch_size", int, 1, 10**7),
     ("lr", float, 0.0, 1e6),
     ("momentum", float, 0.0, 1.0),
@@ -105,4 +112,4 @@ RANGES = [  # (field, type, low, high): one table, one message format
     ("eval_batch_size", int, 1, 10**7),
 ]
 OPTIONAL = ("lr_drop_epoch",)  # fields whose None means "off"
-CHOICES = {"method": METHODS, "scaling": SCALINGS, "similarity": SIMILARITIES}
+CHOICES = {"method": METHODS, "scaling": SCALINGS, "similarity": SIMILARITIES, "init": INITS}

@@ -26,19 +26,19 @@ from .similarity import CosineSketch, topk_cosine
 NONE, RANDOM, COSINE, COSINE_READD = "none", "random", "cosine", "cosine-readd"
 
 
-def grow_static(policy, val_acc) -> str:
+def grow_static(policy, epoch, val_acc) -> str:
     return NONE
 
 
-def grow_set(policy, val_acc) -> str:
+def grow_set(policy, epoch, val_acc) -> str:
     return RANDOM
 
 
-def grow_ctre_sim(policy, val_acc) -> str:
+def grow_ctre_sim(policy, epoch, val_acc) -> str:
     return COSINE
 
 
-def grow_ctre_seq(policy, val_acc) -> str:
+def grow_ctre_seq(policy, epoch, val_acc) -> str:
     """Cosine with re-adding until validation stalls for ``patience`` epochs, random after."""
     if not policy.random_from_now:
         # Strict improvement resets the count; `patience` epochs without it switch to random growth.
@@ -46,7 +46,8 @@ def grow_ctre_seq(policy, val_acc) -> str:
             policy.best_val, policy.stale = val_acc, 0
         else:
             policy.stale += 1
-            policy.random_from_now = policy.stale >= policy.patience
+            if policy.stale >= policy.patience:
+                policy.random_from_now, policy.switched_at = True, epoch + 1
     return RANDOM if policy.random_from_now else COSINE_READD
 
 
@@ -73,6 +74,7 @@ class TopologyPolicy:
         self.best_val = -1.0
         self.stale = 0
         self.random_from_now = False
+        self.switched_at = None  # ctre-seq: the epoch after which growth became random
         self.sketched = config.similarity == "sketch"
         self.sketch_dim = config.sketch_dim
         self.sketches = None
@@ -95,13 +97,15 @@ class TopologyPolicy:
 
     def state(self) -> dict:
         """What a checkpoint must keep to continue the policy exactly."""
-        return {"best_val": self.best_val, "stale": self.stale, "random_from_now": self.random_from_now}
+        return {"best_val": self.best_val, "stale": self.stale, "random_from_now": self.random_from_now,
+                "switched_at": self.switched_at}
 
     def restore(self, state: dict) -> None:
         self.best_val, self.stale, self.random_from_now = state["best_val"], state["stale"], state["random_from_now"]
+        self.switched_at = state.get("switched_at")
 
     def update(self, net, epoch: int, val_acc: float, rng: np.random.Generator) -> tuple[int, int, int]:
-        growth = self.grow(self, val_acc)
+        growth = self.grow(self, epoch, val_acc)
         if growth == NONE:
             return 0, 0, 0
         pickers = [None] * net.n_layers
@@ -156,6 +160,12 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
     the (rows, cols) of the k best-|cosine| positions not kept, and those are grown; picks that were
     just removed are replaced by random positions (CTRE_sim) or, with ``readd``, get their old
     weight and momentum back (CTRE_seq). Returns [changed, grown by cosine, grown at random].
+
+    New weights are the paper's U(-b, b), b = sqrt(6/n_in), whatever the initialisation. With the
+    sparse initialisation they start about 20x smaller than the weights they join, so a new
+    connection must earn its place before the next drop. We tried sizing them to the neuron's
+    in-degree, and starting them at zero (as RigL does); on COIL-20, madelon and PCMAC with set and
+    ctre-sim neither was better overall, and in-degree sizing was the worst (docs/algorithm.md).
     """
     layer = net.layer(l)
     velocity = net.layer_velocity(l)

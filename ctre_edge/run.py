@@ -130,6 +130,7 @@ class Report:
                        "budget_bytes": plan.budget, "parts": plan.parts, "fit_changes": plan.changes},
             "out": str(self.out) if self.out is not None else None,
             "history": [vars(s) for s in hist],
+            "warnings": result.warnings,
         }
 
 

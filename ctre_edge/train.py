@@ -27,7 +27,7 @@ from .data import Dataset, fit_scaling, stratified_split
 from .errors import CtreError, DivergedError
 from .evolve import TopologyPolicy
 from .fileio import fault_point
-from .layers import SparseLayer, erdos_renyi_layer
+from .layers import LINEAR_GAIN, RELU_GAIN, SparseLayer, erdos_renyi_layer
 from .model import SparseMLP
 from .packed import PackedNet, level_views
 
@@ -45,6 +45,7 @@ class TrainResult:
     history: list[EpochStats] = field(default_factory=list)
     best_epoch: int = 0
     test_accuracy: float | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def split_data(data: Dataset, config: TrainConfig, rng_split: np.random.Generator):
@@ -59,8 +60,11 @@ def split_data(data: Dataset, config: TrainConfig, rng_split: np.random.Generato
     return rest[train_sub], rest[val_sub], X_test, y_test
 
 
-def init_layers(sizes: list[int], epsilon: float, rng: np.random.Generator) -> list[SparseLayer]:
-    return [erdos_renyi_layer(sizes[l], sizes[l + 1], epsilon, rng) for l in range(len(sizes) - 1)]
+def init_layers(sizes: list[int], epsilon: float, rng: np.random.Generator, init: str = "sparse") -> list[SparseLayer]:
+    """Erdos-Renyi layers; with ``init="sparse"`` hidden layers use the ReLU gain, the output layer the linear one."""
+    last = len(sizes) - 2
+    return [erdos_renyi_layer(sizes[l], sizes[l + 1], epsilon, rng, init, LINEAR_GAIN if l == last else RELU_GAIN)
+            for l in range(len(sizes) - 1)]
 
 
 class Interrupted(CtreError):
@@ -116,12 +120,18 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         state = TrainState.restore(arrays, meta, sizes, classes, rng_shuffle, rng_evolve)
         policy.restore(meta["policy"])
     else:
-        net = PackedNet.from_layers(init_layers(sizes, config.epsilon, rng_init))
+        net = PackedNet.from_layers(init_layers(sizes, config.epsilon, rng_init, config.init))
         state = TrainState(net, net.snapshot(), rng_shuffle, rng_evolve)
 
     trainer = _EpochTrainer(data, config, state.net, shift, scale, train_rows, policy, budget)
     evaluator = Evaluator(state.net, shift, scale, config.eval_batch_size, budget)
+    n_classes = len(classes)
+    majority = float(np.bincount(data.y[val_rows], minlength=n_classes).max() / max(1, val_rows.shape[0]))
+    warnings = [m for m in (not_learning(state.history[:e], n_classes, majority, config)
+                            for e in range(1, len(state.history) + 1)) if m][:1]
     for epoch in range(state.epoch, config.epochs):
+        if stop_early(config, state, policy, epoch):  # a resumed run that had already stopped early
+            break
         t0 = time.perf_counter()
         lr = learning_rate(config, epoch)
         loss, train_acc = trainer.epoch(state.rng_shuffle.permutation(train_rows), epoch, lr)
@@ -131,7 +141,8 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
                                 f"try a lower learning rate than --lr {config.lr:g}{last}")
         stats = EpochStats(epoch + 1, loss, train_acc, evaluator.accuracy(data.X, val_rows, data.y), 0.0, lr)
         state.record(stats)
-        if epoch < config.epochs - 1:  # an update after the last epoch would only add untrained weights
+        ending = epoch + 1 == config.epochs or stop_early(config, state, policy, epoch + 1)
+        if not ending:  # an update after the last epoch would only add untrained weights
             t1 = time.perf_counter()
             fault_point("update")
             stats.changed, stats.grown_cosine, stats.grown_random = policy.update(
@@ -140,9 +151,12 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         stats.seconds = time.perf_counter() - t0
         state.history.append(stats)
         state.epoch = epoch + 1
+        message = None if warnings else not_learning(state.history, n_classes, majority, config)
+        if message:
+            warnings.append(message)
+            warn(message)
         signal_number = stop_requested() if stop_requested is not None else 0
-        if checkpointing is not None and (signal_number or state.epoch % checkpointing.every == 0
-                                          or state.epoch == config.epochs):
+        if checkpointing is not None and (signal_number or state.epoch % checkpointing.every == 0 or ending):
             ckpt.save(checkpointing.directory, state.epoch, state.arrays(shift, scale, classes),
                       state.meta(config.to_dict(), data_print, policy.state()))
         if progress is not None:
@@ -150,20 +164,68 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         if signal_number:
             where = f"; checkpoint written to {checkpointing.directory}" if checkpointing else " (no checkpoint)"
             raise Interrupted(f"stopped after epoch {state.epoch} of {config.epochs}{where}", 128 + signal_number)
+        if ending:
+            break
 
     del evaluator, trainer  # the test pass below allocates its own buffers
-    return _result(state, config, shift, scale, classes, X_test, y_test, int(train_rows.shape[0]))
+    return _result(state, config, shift, scale, classes, X_test, y_test, int(train_rows.shape[0]), warnings)
 
 
-def _result(state: TrainState, config, shift, scale, classes, X_test, y_test, n_train: int) -> TrainResult:
+def stop_early(config: TrainConfig, state: TrainState, policy: TopologyPolicy, done: int) -> bool:
+    """Early stop once ``done`` epochs are ``early_stop`` past the best one (ctre-seq: past its switch too)."""
+    if not config.early_stop:
+        return False
+    since = state.best_epoch
+    if config.method == "ctre-seq":
+        if policy.switched_at is None:
+            return False  # its cosine phase ends by its own patience rule
+        since = max(since, policy.switched_at)
+    return done - since >= config.early_stop
+
+
+NOT_LEARNING_EPOCHS = 5  # consecutive epochs at a uniform output or the majority rate before we say so
+
+
+def not_learning(history: list[EpochStats], n_classes: int, majority: float, config: TrainConfig) -> str | None:
+    """A one-line warning when the last epochs show no learning, else None.
+
+    Signs: the training loss within 1% of ln(C), the loss of a uniform output (weights too small
+    for the signal to cross the layers), or validation accuracy no better than always predicting
+    the most common class.
+    """
+    if len(history) < NOT_LEARNING_EPOCHS:
+        return None
+    recent = history[-NOT_LEARNING_EPOCHS:]
+    uniform = math.log(n_classes)
+    if n_classes > 1 and all(abs(h.loss - uniform) <= 0.01 * uniform for h in recent):
+        sign = f"the training loss has stayed at ln({n_classes}) = {uniform:.3f}, a uniform output,"
+    elif all(h.val_accuracy <= majority + 1e-9 for h in recent):
+        sign = f"validation accuracy has stayed at the majority-class rate ({majority:.3f})"
+    else:
+        return None
+    causes = []
+    if config.init == "dense-glorot":
+        causes.append(f"weights initialised for a dense layer at epsilon {config.epsilon:g} (use --init sparse)")
+    if config.scaling in ("minmax", "none"):
+        causes.append(f"input scaling {config.scaling} (try --scaling auto or standard)")
+    causes.append(f"the learning rate (--lr {config.lr:g}: try 10x lower if the loss jumps, higher if it is flat)")
+    return (f"the network is not learning: {sign} for {NOT_LEARNING_EPOCHS} epochs; likely causes: "
+            + "; ".join(causes))
+
+
+def _result(state: TrainState, config, shift, scale, classes, X_test, y_test, n_train: int,
+            warnings: list[str]) -> TrainResult:
     """The best-validation model with its metrics, tested on the test part if there is one."""
     model = SparseMLP(state.best_layers, shift, scale, classes, config.to_dict())
     test_acc = None
     if X_test is not None and X_test.shape[0]:
         test_acc = float(np.mean(np.argmax(model.predict_proba(X_test, config.eval_batch_size), axis=1) == y_test))
     model.metrics = {"test_accuracy": test_acc, "best_epoch": state.best_epoch, "best_val_accuracy": state.best_acc,
-                     "epochs": config.epochs, "train_samples": n_train}
-    return TrainResult(model, state.history, state.best_epoch, test_acc)
+                     "epochs": config.epochs, "epochs_run": len(state.history),
+                     "stopped_early": len(state.history) < config.epochs, "train_samples": n_train}
+    if warnings:
+        model.metrics["warnings"] = warnings
+    return TrainResult(model, state.history, state.best_epoch, test_acc, warnings)
 
 
 class _EpochTrainer:

@@ -186,8 +186,9 @@ def test_every_train_config_field_arrives_from_its_option(monkeypatch):
     r = run("train", "--quiet")
     assert r.exit_code == 0, r.stderr
     assert seen[-1][0].config == TrainConfig(), "CLI defaults must equal TrainConfig's"
-    given = dict(hidden=(7, 5), method="ctre-seq", epsilon=2.5, zeta=0.3, epochs=4, batch_size=17, lr=0.02,
-                 momentum=0.8, l2=2e-4, lr_drop_epoch=3, seed=9, scaling="standard", validation_fraction=0.2,
+    given = dict(hidden=(7, 5), method="ctre-seq", epsilon=2.5, init="dense-glorot", zeta=0.3, epochs=4,
+                 early_stop=7, batch_size=17, lr=0.02, momentum=0.8, l2=2e-4, lr_drop_epoch=3, seed=9,
+                 scaling="standard", validation_fraction=0.2,
                  test_fraction=0.25, patience=6, similarity="sketch", similarity_samples=123,
                  similarity_workspace_mib=5, sketch_dim=64, eval_batch_size=77)
     assert set(given) == {f.name for f in fields(TrainConfig)}, "extend this test with the new field"
