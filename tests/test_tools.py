@@ -2,7 +2,7 @@
 
 The smoke tests run every tool in a subprocess (as a user would) with tiny settings, a few seconds
 each; the fast tests check that the dense-masked baseline of ``tools/bench_train.py`` computes the
-same training step as ctre-edge's kernels, so the benchmark compares like with like.
+same training step as ctre-edge's kernels (``tools/dense_baseline.py``), so the benchmark compares like with like.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `tools` is a package at the repository root, not installed
 
 
-def run_tool(name: str, *args: str, cwd=None, timeout: float = 120, check: bool = True):
-    r = subprocess.run([sys.executable, str(TOOLS / name), *args], capture_output=True, text=True, cwd=cwd,
-                       timeout=timeout)
+def run_tool(name: str, *args: str, timeout: float = 120, check: bool = True):
+    """Run ``python -m tools.NAME ARGS`` from the repository root, as the README says."""
+    r = subprocess.run([sys.executable, "-m", f"tools.{name.removesuffix('.py')}", *args], capture_output=True,
+                       text=True, cwd=REPO, timeout=timeout)
     if check:
         assert r.returncode == 0, f"{name} {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
     return r
@@ -106,11 +107,10 @@ def test_bench_infer_smoke():
 # --- the dense-masked baseline computes what ctre-edge computes ------------------------------------------
 
 def test_dense_masked_step_matches_ctre_kernels():
-    import bench_train as bt
-
     from ctre_edge import kernels
     from ctre_edge.packed import PackedNet
     from ctre_edge.train import init_layers
+    from tools import dense_baseline as bt
 
     rng = np.random.default_rng(3)
     sizes = [20, 16, 12, 5]
@@ -148,9 +148,8 @@ def test_dense_masked_step_matches_ctre_kernels():
 
 
 def test_dense_masked_set_update_keeps_counts():
-    import bench_train as bt
-
     from ctre_edge.train import init_layers
+    from tools import dense_baseline as bt
 
     rng = np.random.default_rng(4)
     dense = bt.DenseMLP(init_layers([30, 40, 6], 2.0, rng))

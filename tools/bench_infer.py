@@ -9,7 +9,7 @@ only numpy and onnxruntime (via ``ctre_edge.runtime``), as on an inference-only 
   peak is VmHWM minus the same baseline (from /proc/self/status, so Linux only).
 - latency: median of ``time.perf_counter`` around ``predict_proba`` at batch 1 and batch 64.
 
-Usage: ``python tools/bench_infer.py [--quick] [--threads N]``; prints a markdown table.
+Usage: ``python -m tools.bench_infer [--quick] [--threads N]``; prints a markdown table.
 """
 
 from __future__ import annotations

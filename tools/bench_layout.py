@@ -4,7 +4,7 @@ Prints a markdown table of median microseconds per call (forward, and backward w
 gradients) for a 1000 x 1000 layer at several densities. ctre-edge uses the feature-major layout
 (``ctre_edge/kernels.py``); the batch-major kernels here exist only for this comparison.
 
-    python tools/bench_layout.py [--batch 100] [--repeats 200]
+    python -m tools.bench_layout [--batch 100] [--repeats 200]
 """
 
 import argparse

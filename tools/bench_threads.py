@@ -4,7 +4,7 @@ Trains 784-1000-1000-1000-10 (MNIST shape) at each epsilon on 1 thread and on N 
 numba threads), in fresh processes, and prints the median epoch time (first epoch, which may compile,
 left out) and a hash of the trained model, which must be the same for every thread count.
 
-    python tools/bench_threads.py --data mnist.npz [--epochs 4] [--epsilons 1,20]
+    python -m tools.bench_threads --data mnist.npz [--epochs 4] [--epsilons 1,20]
 """
 
 import argparse

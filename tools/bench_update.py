@@ -5,7 +5,7 @@ ctre-sim, once per scoring mode, and prints the median seconds of the training p
 of the topology update, and their ratio. Sketch mode also spends time inside the epoch folding
 activations into the sketches; that cost is in the epoch column.
 
-    python tools/bench_update.py --data mnist.npz [--epochs 6] [--samples 2000]
+    python -m tools.bench_update --data mnist.npz [--epochs 6] [--samples 2000]
 """
 
 import argparse

@@ -5,7 +5,7 @@ planner's prediction next to the peak resident set the run measured itself, and 
 The first row trains a tiny network on builtin:digits: its measured peak is, to within a few MiB,
 the runtime constant `budget.RUNTIME_BYTES`.
 
-    python tools/plan_vs_measured.py [--data PATH.npz] [--quick]
+    python -m tools.plan_vs_measured [--data PATH.npz] [--quick]
 """
 
 import argparse

@@ -15,7 +15,7 @@ has them, else a stratified 20% test split; 10% of the rest is held out for vali
 accuracy is the one of the best validation epoch. Every run goes through the Python API
 (``ctre_edge.data.load_data``, ``ctre_edge.train.train`` with a ``TrainConfig``) in this one process.
 
-The dense MLP: by default (``--dense-engine numpy``) the numpy/BLAS MLP of ``tools/bench_train.py``
+The dense MLP: by default (``--dense-engine numpy``) the numpy/BLAS MLP of ``tools/dense_baseline.py``
 (``DenseMLP`` without masks) with the same seeds, split, scaling, Glorot initialisation, optimiser and
 best-validation model. ``--dense-engine ctre`` instead trains ctre-edge itself with epsilon 1e9 and
 method static, which ``er_nnz`` caps at n_in*n_out connections per layer (fully connected); that is
@@ -25,7 +25,7 @@ Prints a markdown table (test accuracy mean ± sample standard deviation over th
 seconds per run) and writes the same, with every run, as JSON to --out (written atomically; an
 existing file is kept unless --force). Progress goes to stderr.
 
-    python tools/reproduce.py [FILE.npz ...] [--seeds 5] [--epochs N] [--methods ctre-sim,set,...] [--quick]
+    python -m tools.reproduce [FILE.npz ...] [--seeds 5] [--epochs N] [--methods ctre-sim,set,...] [--quick]
                               [--out results.json [--force]]
 """
 
@@ -40,17 +40,19 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-bt = None  # tools/bench_train.py, imported in main() once --blas-threads is applied (it imports numpy)
+bt = None  # the shared tool helpers, imported in main() once --blas-threads is applied (they import numpy)
 
 
 def load_tools():
     global bt
     if bt is None:
-        import bench_train  # tools/ is not a package
+        import types
 
-        bt = bench_train
+        from tools import _common, dense_baseline  # numpy loads here, after the BLAS thread variables are set
+
+        bt = types.SimpleNamespace(dense_run=dense_baseline.dense_run, fmt_seconds=_common.fmt_seconds,
+                                   find_dataset=_common.find_dataset, machine_header=_common.machine_header,
+                                   warm_kernel_cache=_common.warm_kernel_cache)
     return bt
 
 
@@ -119,18 +121,6 @@ def train_cli_defaults(path: Path, seed: int) -> dict:
     return {"test_accuracy": doc["test_accuracy"], "density": doc["density"], "nnz": doc["nnz"],
             "best_epoch": doc["best_epoch"], "epochs_run": doc["epochs"], "warnings": doc["warnings"],
             "defaults": {k: doc["config"][k] for k in ("method", "init", "lr", "epochs", "early_stop", "scaling")}}
-
-
-def warm_up(data) -> None:
-    """Load the kernels this data set's dtype needs (training, evaluation, similarity) before any timing."""
-    import numpy as np
-
-    from ctre_edge.data import make_dataset
-    from ctre_edge.train import TrainConfig, train
-
-    rows = np.concatenate([np.flatnonzero(data.y == c)[:20] for c in range(len(data.classes))])
-    tiny = make_dataset(data.X[rows], data.y[rows], name="warm-up")
-    train(tiny, TrainConfig(hidden=(8, 8), method="ctre-sim", epochs=2, test_fraction=0.2, similarity_samples=32))
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -267,7 +257,7 @@ def main(argv=None):
     print(f"BLAS threads of the numpy dense MLP: {args.blas_threads or 'library default'}")
     print(f"settings: {args.settings}; input-{'-'.join(map(str, hidden))}-classes; sparse initialisation "
           f"{', '.join(inits)}; similarity samples {args.similarity_samples}; seeds 0..{args.seeds - 1}")
-    print("dense MLP: " + ("numpy/BLAS DenseMLP of tools/bench_train.py (fully connected, no masks, He/LeCun "
+    print("dense MLP: " + ("numpy/BLAS DenseMLP of tools/dense_baseline.py (fully connected, no masks, He/LeCun "
                             "uniform initialisation, same settings and early stop)"
                             if args.dense_engine == "numpy" else "ctre-edge, epsilon 1e9 (fully connected), static"))
     print()
@@ -281,7 +271,7 @@ def main(argv=None):
         labels = data.y_test if data.y_test is not None else data.y
         chance = float(np.bincount(labels).max() / labels.shape[0])
         print(f"{name}: {', '.join(f'{k} {v}' for k, v in settings.items())}", file=sys.stderr, flush=True)
-        warm_up(data)
+        load_tools().warm_kernel_cache()  # every kernel loaded before any timing
         jobs = [("cli defaults", "defaults")] if args.cli_defaults else []
         for method in methods:
             jobs += [("-", "dense")] if method == "dense" else [(init, method) for init in inits]

@@ -4,7 +4,7 @@ For each width h, a 784-h-h-h-10 network (--layers hidden layers) at epsilon 1 i
 synthetic MNIST-shaped uint8 data (60,000 x 784, 10 classes; 90% training, 10% validation, no test
 pass), each width in its own subprocess so its peak RSS (``resource.getrusage``) is its own. Where an
 epoch would take longer than --epoch-budget seconds, a fixed time's worth of batches (and validation
-rows) is run and the epoch extrapolated linearly (see ``TimeBox`` in ``bench_train.py``); the topology
+rows) is run and the epoch extrapolated linearly (see ``TimeBox`` in ``tools/_common.py``); the topology
 update always runs whole.
 
 Next to the measurement, the planner (``ctre_edge.budget``):
@@ -19,20 +19,17 @@ A width whose default settings (batch 100, evaluation batch 1000) do not fit the
 is measured with the settings the planner fitted, so the measured peak says whether the run really
 stays under the Pi's budget. Times are this machine's, not a Pi's.
 
-    python tools/scaling.py [--quick] [--widths 1000,10000,100000,1000000] [--layers 3] [--plot scaling.png]
+    python -m tools.scaling [--quick] [--widths 1000,10000,100000,1000000] [--layers 3] [--plot scaling.png]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import bench_train as bt  # noqa: E402  (tools/ is not a package)
+from tools import _common as bt
+from tools.bench_train import ctre_run
 
 PROFILE = "rpi-4b-2gb"
 MiB = 1 << 20
@@ -86,7 +83,7 @@ def child(spec: dict) -> dict:
     data = bt.synthetic_mnist(spec["n"])
     config = run_config(spec["width"], spec["layers"], spec["batch"], spec["eval_batch"], spec["epochs"])
     predicted = plan_training(shape_of(config, summarize_loaded(data), data.nbytes)).total
-    out = bt.ctre_run(data, config, timed_epochs=spec["epochs"], train_budget=spec["budget"],
+    out = ctre_run(data, config, timed_epochs=spec["epochs"], train_budget=spec["budget"],
                       val_budget=None if spec["budget"] is None else spec["budget"] / 3)
     out["predicted_bytes"] = predicted
     out["peak_rss_bytes"] = bt.peak_rss_bytes()
@@ -162,9 +159,8 @@ def main(argv=None):
                                     + [f"not run: predicted peak above {args.memory_fraction:.0%} of MemAvailable"])
                   + " |", flush=True)
             continue
-        res = bt.run_child({"width": width, "layers": args.layers, "n": args.samples, "batch": batch,
-                            "eval_batch": eval_batch, "epochs": args.epochs, "budget": args.epoch_budget},
-                           script=__file__)
+        res = bt.run_child("scaling", {"width": width, "layers": args.layers, "n": args.samples, "batch": batch,
+                            "eval_batch": eval_batch, "epochs": args.epochs, "budget": args.epoch_budget})
         if "error" in res:
             print("| " + " | ".join(base + ["-", "-", mib(predicted_run), "-"] + tail + [f"failed: {res['error']}"])
                   + " |", flush=True)
