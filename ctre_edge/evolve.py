@@ -160,6 +160,8 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
     the (rows, cols) of the k best-|cosine| positions not kept, and those are grown; picks that were
     just removed are replaced by random positions (CTRE_sim) or, with ``readd``, get their old
     weight and momentum back (CTRE_seq). Returns [changed, grown by cosine, grown at random].
+    One function for the three growth modes: they share the drop, the exclusions and the rebuild,
+    and their random draws must happen in this order for runs to repeat bit for bit.
 
     New weights are the paper's U(-b, b), b = sqrt(6/n_in), whatever the initialisation. With the
     sparse initialisation they start about 20x smaller than the weights they join, so a new

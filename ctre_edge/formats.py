@@ -477,6 +477,8 @@ def parse_libsvm(path: Path, n_features: int | None = None) -> Parsed:
     """Read ``label idx:val ...`` lines (1-based indices, ``#`` comments, ``qid:`` ignored) and
     densify to (n, max index), or to ``n_features`` columns for a test file.
 
+    One pass, in one function: the chunked parse keeps its running maxima and buffers in locals.
+
     The model's input layer reads dense rows, so the sparse file is expanded: n x max_index bytes
     when the values are integers in [0, 255], four times that otherwise, plus 12 bytes per stored
     value while parsing.

@@ -102,6 +102,10 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     as an uninterrupted run. ``stop_requested()`` returning a signal number ends the run after the
     epoch in progress, with a checkpoint, by raising ``Interrupted``. ``budget`` (a ``RowBudget``)
     lets a benchmark time and shorten epochs through a supported hook.
+
+    Longer than most functions on purpose: the order of the steps of an epoch (train, divergence
+    check, validation, best snapshot, update, checkpoint, progress, signal) is the contract that makes
+    a resumed run equal an uninterrupted one, so it reads top to bottom in one place.
     """
     config.validate()
     seeds = np.random.SeedSequence(config.seed).spawn(4)
