@@ -37,21 +37,19 @@ Scaling is fitted on the training split only and travels with the model.
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from . import formats
 from .config import NAN_POLICIES
 from .errors import ConfigError, DataError
-from .formats import Parsed, compact, count_nonfinite, fail
+from .io import FORMATS
+from .io import cache as parse_cache
+from .io import idx as idx_file
+from .io.common import SUPPORTED, Parsed, compact, fail, from_arrays, unreadable
 
 BUILTIN = ("digits",)
-SUPPORTED = ("builtin:NAME, .npz, .csv, .tsv, .txt, .libsvm/.svm/.svmlight, "
-             "IDX (*-images-idx3-ubyte[.gz], or IMAGES,LABELS)")
 _CHUNK = 8192
 _SMALL_TEXT = 32 << 20  # summarize_data parses text sources up to this size; larger ones are scanned
 
@@ -173,17 +171,19 @@ def summarize_data(spec: str, *, target=None, test_spec: str | None = None, nan_
     """
     _check_options(spec, target, nan_policy)
     kind, paths = _source(spec)
-    small = kind != "npz" and kind != "idx" and (
-        kind == "builtin" or sum(p.stat().st_size for p in paths) <= _SMALL_TEXT
-        or formats.cache_meta(paths, _options(kind, paths, target)) is not None)
+    fmt = FORMATS[kind]
+    options = fmt.cache_options(paths, target, None) if fmt.cache_options else None
+    small = fmt.shape is None and (
+        fmt.scan is None or sum(p.stat().st_size for p in paths) <= _SMALL_TEXT
+        or (options is not None and parse_cache.cache_meta(paths, options) is not None))
     if small and test_spec is None:
         return summarize_loaded(load_data(spec, target=target, nan_policy=nan_policy, cache=cache))
     n, d, n_classes, per_value = _shape_of(kind, paths, spec, target, cache)
     n_test, per_test = 0, 1
     if test_spec is not None:
         n_test, _, _, per_test = _shape_of(*_source(test_spec), test_spec, target, cache, n_features=d, test=True)
-    elif kind == "npz":
-        n_test = _npz_test_rows(paths[0])
+    elif fmt.test_rows is not None:
+        n_test = fmt.test_rows(paths)
     return DataSummary(n, d, n_classes, n_test, n * (d * per_value + 8) + n_test * (d * per_test + 8))
 
 
@@ -195,40 +195,20 @@ def summarize_loaded(d: Dataset) -> DataSummary:
 def _shape_of(kind, paths, spec, target, cache, n_features=None, test=False) -> tuple[int, int, int, int]:
     """(samples, features, classes, bytes per feature value as a lower bound) of one source; for a
     test file (``test``), of its test part when it has one."""
-    path = paths[0]
+    fmt = FORMATS[kind]
     try:
-        if kind == "npz":
-            with zipfile.ZipFile(path) as z:
-                keys = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
-                x, y = ("X_test", "y_test") if test and {"X_test", "y_test"} <= keys else ("X", "y")
-                shape = npz_header(z, x)[0] if {x, y} <= keys else ()
-                if len(shape) == 2:  # else the loader below gives its own message
-                    return shape[0], shape[1], int(np.unique(_read_member(z, y)).shape[0]), 1  # uint8 at least
-        elif kind == "idx":
-            dims, _ = formats.idx_shape(path)
-            y = formats.read_idx(paths[1])
-            if len(dims) >= 2 and y.ndim == 1:
-                return dims[0], int(np.prod(dims[1:])), int(np.unique(y).shape[0]), 1
-        elif kind != "builtin" and path.stat().st_size > _SMALL_TEXT:
-            if kind == "libsvm":
-                return (*formats.scan_libsvm(path), 1)
-            return (*formats.scan_delimited(path, suffix=path.suffix.lower(), target=target), 1)
+        if fmt.shape is not None and (shape := fmt.shape(paths, test)) is not None:  # from the headers
+            return shape
+        if fmt.scan is not None and paths[0].stat().st_size > _SMALL_TEXT:  # large text: no parse
+            return (*fmt.scan(paths, target), 1)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - the same boundary as the loaders
-        raise _unreadable(path, kind, e) from None
+        raise unreadable(paths[0], kind, e) from None
     main, part = _read(spec, target=target, cache=cache, n_features=n_features)  # the loader's own messages
     p = part if test and part is not None else main
     # imputation may turn float32 into uint8, so count a byte per value when there is NaN
     return p.X.shape[0], p.X.shape[1], len(p.classes), 1 if p.n_nonfinite else p.X.dtype.itemsize
-
-
-def _npz_test_rows(path: Path) -> int:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return npz_header(z, "X_test")[0][0] if "X_test.npy" in z.namelist() else 0
-    except Exception as e:  # noqa: BLE001
-        raise _unreadable(path, "npz", e) from None
 
 
 # ---------------------------------------------------------------- sources
@@ -259,20 +239,15 @@ def _source(spec) -> tuple[str, list]:
     path = Path(spec)
     if not path.exists() and "," in spec:
         images, labels = (Path(p.strip()) for p in spec.split(",", 1))
-        if not formats.IDX_PATTERN.search(images.name):
+        if not idx_file.IDX_PATTERN.search(images.name):
             raise fail(spec, "a comma joins two files only for IDX data (IMAGES,LABELS)",
                        "give one data file, or *-images-idx3-ubyte,*-labels-idx1-ubyte")
         return "idx", [_existing(images), _existing(labels)]
     path = _existing(path)
+    for fmt in FORMATS.values():
+        if fmt.matches is not None and fmt.matches(path):
+            return fmt.name, fmt.inputs(path)
     suffix = path.suffix.lower()
-    if formats.IDX_PATTERN.search(path.name):
-        return "idx", [path, formats.idx_labels_path(path)]
-    if suffix == ".npz":
-        return "npz", [path]
-    if suffix in (".csv", ".tsv", ".txt"):
-        return "delimited", [path]
-    if suffix in formats.LIBSVM_SUFFIXES:
-        return "libsvm", [path]
     raise fail(path, f"unsupported data format {suffix or '(no extension)'!r}", f"use one of: {SUPPORTED}")
 
 
@@ -286,55 +261,24 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _options(kind: str, paths: list, target, n_features=None) -> dict:
-    """The parse options a cache must match (JSON-native values only)."""
-    if kind == "delimited":
-        return {"format": kind, "target": target if isinstance(target, (str, type(None))) else int(target)}
-    if kind == "libsvm":
-        return {"format": kind, "n_features": n_features}
-    return {"format": kind, "labels": paths[-1].name}
-
-
 def _read(spec, *, target, cache: bool, n_features=None) -> tuple[Parsed, Parsed | None]:
-    """Parse one source into (main part, its own test part or None)."""
+    """Parse one source into (main part, its own test part or None), through the parse cache."""
     kind, paths = _source(spec)
-    if kind == "builtin":
-        with resources.as_file(resources.files("ctre_edge") / "datasets" / f"{paths[0]}.npz") as p:
-            return _load_npz(Path(p), str(spec))
-    path = paths[0]
+    fmt = FORMATS[kind]
     try:
-        if kind == "npz":
-            return _load_npz(path, str(path))
-        cacheable = cache and (kind != "idx" or any(p.name.lower().endswith(".gz") for p in paths))
-        options = _options(kind, paths, target, n_features)
-        if cacheable and (hit := formats.cache_load(paths, options)) is not None:
-            hit.source = str(path)  # messages name the file as given now
+        options = fmt.cache_options(paths, target, n_features) if cache and fmt.cache_options else None
+        if options is not None and (hit := parse_cache.cache_load(paths, options)) is not None:
+            hit.source = str(paths[0])  # messages name the file as given now
             return hit, None
-        inputs = formats.fingerprint(paths) if cacheable else None  # taken before parsing, so an edit
-        if kind == "delimited":  # during the parse leaves a cache that is already stale
-            parsed = formats.parse_delimited(path, suffix=path.suffix.lower(), target=target)
-        elif kind == "libsvm":
-            parsed = formats.parse_libsvm(path, n_features)
-        else:
-            parsed = formats.parse_idx(*paths)
-        if cacheable:
-            formats.cache_store(paths, options, inputs, parsed)
-        return parsed, None
+        inputs = parse_cache.fingerprint(paths) if options is not None else None  # taken before parsing, so
+        main, part = fmt.parse(paths, target, n_features)  # an edit during the parse leaves a stale cache
+        if options is not None:
+            parse_cache.cache_store(paths, options, inputs, main)
+        return main, part
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - damaged files fail in many ways (decoding, zlib, struct, EOF, ...)
-        raise _unreadable(path, kind, e) from None
-
-
-def _unreadable(path, kind: str, e: Exception) -> DataError:
-    if isinstance(e, MemoryError):
-        return fail(path, "does not fit in memory", "use a smaller file or a machine with more memory")
-    if isinstance(e, UnicodeError):
-        return fail(path, "is not UTF-8 text", f"save it as UTF-8, or use a binary format ({SUPPORTED})")
-    if isinstance(e, OSError) and e.strerror:
-        return fail(path, f"cannot read the file ({e.strerror})", "check that it exists and is readable")
-    kind = {"delimited": "delimited text", "libsvm": "LIBSVM text", "idx": "IDX"}.get(kind, kind)
-    return fail(path, f"cannot read as {kind} ({type(e).__name__}: {e})", "check that the file is complete")
+        raise unreadable(paths[0], kind, e) from None
 
 
 def _read_pair(spec, target, test_spec, cache) -> tuple[Parsed, Parsed | None]:
@@ -352,27 +296,8 @@ def _read_pair(spec, target, test_spec, cache) -> tuple[Parsed, Parsed | None]:
 
 def make_dataset(X, y, X_test=None, y_test=None, *, name: str = "", source: str = "data") -> Dataset:
     """Validate arrays and code labels as 0..C-1 (classes sorted). Used by the loaders and the API."""
-    train, test = _arrays(X, y, X_test, y_test, source)
+    train, test = from_arrays(X, y, X_test, y_test, source)
     return _finish(train, test, "error", name)
-
-
-def _arrays(X, y, X_test, y_test, source) -> tuple[Parsed, Parsed | None]:
-    if (X_test is None) != (y_test is None):
-        raise fail(source, "X_test and y_test must come together")
-    parts = []
-    for Xp, yp, what in ((X, y, "X"), (X_test, y_test, "X_test")):
-        if Xp is None:
-            parts.append(None)
-            continue
-        Xp = _check_X(np.asarray(Xp), source, what)
-        yp = _check_y(np.asarray(yp), Xp.shape[0], source, "y" + what[1:])
-        classes, codes = np.unique(yp, return_inverse=True)
-        n_bad, where = count_nonfinite(Xp, lambda i, j, w=what: f"{w}[{i}, {j}]")
-        parts.append(Parsed(Xp, codes.astype(np.int64).reshape(-1), [c.item() for c in classes], str(source),
-                            None, n_bad, where))
-    if parts[1] is not None and parts[1].X.shape[1] != parts[0].X.shape[1]:
-        raise fail(source, f"X_test has {parts[1].X.shape[1]} features but X has {parts[0].X.shape[1]}")
-    return parts[0], parts[1]
 
 
 def _finish(train: Parsed, test: Parsed | None, nan_policy: str, name: str) -> Dataset:
@@ -441,103 +366,6 @@ def _impute(X: np.ndarray, fill: np.ndarray) -> np.ndarray:
         c = X[s:s + _CHUNK]
         np.copyto(c, np.broadcast_to(fill, c.shape), where=~np.isfinite(c))
     return compact(X)
-
-
-# ---------------------------------------------------------------- .npz
-
-def _load_npz(path: Path, source: str) -> tuple[Parsed, Parsed | None]:
-    try:
-        with zipfile.ZipFile(path) as z:
-            keys = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
-            missing = {"X", "y"} - keys
-            if missing:
-                raise fail(path, f"missing array(s) {', '.join(sorted(missing))}",
-                           "an .npz data file needs X (samples x features) and y (labels)")
-            X, y = _read_member(z, "X", compact=True), _read_member(z, "y")
-            X_test = _read_member(z, "X_test", compact=True) if "X_test" in keys else None
-            y_test = _read_member(z, "y_test") if "y_test" in keys else None
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - damaged archives fail in many ways (zlib, struct, EOF, ...)
-        raise _unreadable(path, ".npz", e) from None
-    return _arrays(X, y, X_test, y_test, source)
-
-
-def npz_header(z: zipfile.ZipFile, key: str):
-    """(shape, dtype) of an array in an open .npz, read from its header only."""
-    with z.open(key + ".npy") as f:
-        shape, _, dtype = _read_header(f)
-    return shape, dtype
-
-
-def _read_header(f):
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    return np.lib.format.read_array_header_2_0(f)
-
-
-def _read_member(z: zipfile.ZipFile, key: str, compact: bool = False) -> np.ndarray:
-    """Read one array of an .npz, streaming rows in chunks (no whole-array temporary).
-
-    With ``compact``, numeric features that are integers in [0, 255] are stored as uint8 as they
-    stream in; at the first chunk that is not, the array switches to float32.
-    """
-    with z.open(key + ".npy") as f:
-        shape, fortran, dtype = _read_header(f)
-        if dtype.hasobject:
-            raise fail(z.filename, f"{key} holds Python objects", "store numbers or strings (no pickle)")
-        if fortran or len(shape) != 2 or not compact or dtype.kind not in "fiub":
-            count = int(np.prod(shape)) if shape else 1
-            data = f.read(count * dtype.itemsize)
-            if len(data) != count * dtype.itemsize:
-                raise fail(z.filename, f"{key} is truncated", "write the file again")
-            arr = np.frombuffer(data, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
-            return arr.copy() if not arr.flags.writeable else arr
-        n, d = shape
-        out = np.empty(shape, dtype=np.uint8)
-        row_bytes = d * dtype.itemsize
-        step = max(1, (8 << 20) // max(1, row_bytes))
-        for s in range(0, n, step):
-            rows = min(step, n - s)
-            data = f.read(rows * row_bytes)
-            if len(data) != rows * row_bytes:
-                raise fail(z.filename, f"{key} is truncated", "write the file again")
-            chunk = np.frombuffer(data, dtype=dtype).reshape(rows, d)
-            if out.dtype == np.uint8 and not formats.is_byte_valued(chunk):
-                wide = np.empty(shape, dtype=np.float32)
-                wide[:s] = out[:s]
-                out = wide
-            with np.errstate(over="ignore"):
-                out[s:s + rows] = chunk
-        return out
-
-
-def _check_X(X: np.ndarray, source, what: str) -> np.ndarray:
-    """2-d, non-empty, numeric; returned as uint8 (integers in [0, 255]) or float32 (NaN/Inf kept)."""
-    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise fail(source, f"{what} must be a non-empty 2-d array (samples x features), got shape {X.shape}")
-    if X.dtype.kind not in "uifb":
-        raise fail(source, f"{what} must be numeric, got dtype {X.dtype}")
-    if X.dtype.kind == "f":
-        with np.errstate(over="ignore"):
-            X = X if X.dtype == np.float32 else X.astype(np.float32)
-    else:
-        X = compact(X)
-    return np.ascontiguousarray(X)
-
-
-def _check_y(y: np.ndarray, n: int, source, what: str) -> np.ndarray:
-    y = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y
-    if y.ndim != 1 or y.shape[0] != n:
-        raise fail(source, f"{what} must hold one label per sample ({n}), got shape {y.shape}")
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise fail(source, f"{what} must hold integer or string class labels")
-        y = y.astype(np.int64)
-    if y.dtype.kind not in "iuUSb":
-        raise fail(source, f"{what} must hold integer or string class labels, got dtype {y.dtype}")
-    return y
 
 
 # ---------------------------------------------------------------- splits and scaling

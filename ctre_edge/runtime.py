@@ -124,7 +124,7 @@ def read_features(path) -> np.ndarray:
     A CSV may start with one header row; every other field must be a number. Labels are not
     expected (a CSV column of labels would be counted as a feature and fail the shape check).
     """
-    from .formats import is_float  # the data layer's number test; predict needs nothing else of it
+    from .io.common import is_float  # the data layer's number test; predict needs nothing else of it
 
     path = Path(path)
     if not path.is_file():

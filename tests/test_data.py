@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ctre_edge import data as data_module
-from ctre_edge import formats
 from ctre_edge.data import inspect_data, load_data, make_dataset, stratified_split, summarize_data
 from ctre_edge.errors import ConfigError, DataError, OutputWriteError
+from ctre_edge.io import cache as parse_cache
+from ctre_edge.io import delimited
 
 
 @pytest.fixture(scope="module")
@@ -347,13 +348,13 @@ def test_large_file_summaries_are_lower_bounds(digits, tmp_path, monkeypatch):
 
 def _spy(monkeypatch):
     calls = []
-    real = formats.parse_delimited
+    real = delimited.parse_delimited
 
     def spy(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(formats, "parse_delimited", spy)
+    monkeypatch.setattr(delimited, "parse_delimited", spy)
     return calls
 
 
@@ -404,7 +405,7 @@ def test_read_only_directory_still_loads(digits, tmp_path, monkeypatch):
             def refuse(path, write, force=False):
                 raise OutputWriteError(f"cannot write {path}: the directory is read-only or not writable")
 
-            monkeypatch.setattr(formats, "atomic_write", refuse)
+            monkeypatch.setattr(parse_cache, "atomic_write", refuse)
             monkeypatch.setattr(Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "ro")))
         for _ in range(2):
             d = load_data(str(path))
