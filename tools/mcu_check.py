@@ -12,11 +12,13 @@ clock, so 40 instructions per tick. These are EMULATED INSTRUCTIONS, not cycles 
 QEMU models no pipeline, caches, flash wait states or FPU latency. The stack is measured by
 painting it before the run and finding the deepest word touched.
 
-    python tools/mcu_check.py                     # quick digits models, float32 and int8
+    python tools/mcu_check.py                     # every method, 64-1000-1000-1000-10 and 64-32-10, 300 epochs
     python tools/mcu_check.py --model m.ctre --quantize int8 --samples 500 --json
 
-Needs ``apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm``; without them it
-says so and exits 2. ``run_host`` (the host-compiler build used by the tests) needs only ``cc``.
+Before the emulated run, each model's export is also built with the host compiler and compared with
+onnxruntime on 1,000 inputs (float32 and int8 labels, and the int8 accuracy change on the model's own
+test split). The emulated part needs ``apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi
+qemu-system-arm``; without them the tool says so and runs the host part only.
 """
 
 from __future__ import annotations
@@ -335,67 +337,165 @@ def compare(model, export_report, X, workdir: Path, onnx_proba: np.ndarray, host
     return row
 
 
-def _quick_models(workdir: Path):
+def _train_models(methods, shapes, epochs):
     from ctre_edge.data import load_data
     from ctre_edge.train import TrainConfig, train
 
     data = load_data("builtin:digits")
-    for hidden, epochs in (((1000, 1000, 1000), 5), ((32,), 60)):
-        config = TrainConfig(hidden=hidden, epsilon=1.0, method="set", epochs=epochs, seed=0)
-        yield "-".join(map(str, [64, *hidden, 10])), train(data, config).model
-    return
+    for hidden in shapes:
+        for method in methods:
+            config = TrainConfig(hidden=hidden, epsilon=1.0, method=method, epochs=epochs, seed=0)
+            yield f"{method} {'-'.join(map(str, [64, *hidden, 10]))}", train(data, config).model
+
+
+def host_row(model, data, X, onnx_proba, work: Path) -> dict:
+    """float32 C against onnxruntime, int8 C against float32, and accuracy on the model's own test split."""
+    from ctre_edge.export_c import export_c, own_test_split
+
+    check = own_test_split(model, data) if model.n_features == data.n_features else None
+    f32 = export_c(model, work / "host_f32.c", force=True, check=check)
+    i8 = export_c(model, work / "host_i8.c", quantize="int8", force=True, check=check)
+    labels, proba = run_host(f32, X, len(model.classes), work)
+    labels8, _ = run_host(i8, X, len(model.classes), work)
+    want = np.argmax(onnx_proba, axis=1)
+    return {"samples": int(X.shape[0]), "max_abs_diff_onnxruntime": float(np.max(np.abs(proba - onnx_proba))),
+            "labels_equal_onnxruntime": float(np.mean(labels == want)),
+            "int8_labels_equal_onnxruntime": float(np.mean(labels8 == want)),
+            "accuracy_float32": i8.get("accuracy_float32"), "accuracy_int8": i8.get("accuracy_int8"),
+            "test_samples": i8.get("check_count")}
+
+
+FIT_SHAPES = [[64, 32, 10], [64, 100, 10], [64, 100, 100, 10], [64, 100, 100, 100, 10], [784, 1000, 1000, 1000, 10],
+              [64, 300, 300, 10], [64, 1000, 10], [20, 5, 3], [64, 2000, 2000, 10]]
+
+
+def fit_code(workdir: Path) -> int:
+    """Print code bytes (.text of NAME.o) over shapes and the least-squares CODE_* constants of export_c."""
+    from ctre_edge import export_c as xc
+    from ctre_edge.layers import erdos_renyi_layer
+    from ctre_edge.model import SparseMLP
+
+    rng = np.random.default_rng(0)
+    samples = {"none": [], "int8": []}
+    print("| quantize | sizes | epsilon | kernels | layers | .text of NAME.o | estimate |")
+    print("|---|---|---|---|---|---|---|")
+    for sizes in FIT_SHAPES:
+        for eps in (1, 20):
+            layers = [erdos_renyi_layer(a, b, eps, rng) for a, b in zip(sizes[:-1], sizes[1:])]
+            model = SparseMLP(layers, np.zeros(sizes[0], np.float32), np.ones(sizes[0], np.float32),
+                              list(range(sizes[-1])))
+            kernels = len({xc._kernel_types(a, b, z) for a, b, z in zip(sizes[:-1], sizes[1:], model.nnz)})
+            for quantize in samples:
+                report = xc.export_c(model, workdir / "fit.c", quantize=quantize, force=True)
+                obj = workdir / "fit.o"
+                subprocess.run(["arm-none-eabi-gcc", *ARM_FLAGS, "-c", report["source"], "-o", str(obj)], check=True)
+                out = subprocess.run(["arm-none-eabi-size", "-A", str(obj)], capture_output=True, text=True).stdout
+                text = int(re.search(r"^\.text\s+(\d+)", out, re.M).group(1))
+                samples[quantize].append((kernels, len(layers), text))
+                print(f"| {quantize} | {'-'.join(map(str, sizes))} | {eps} | {kernels} | {len(layers)} | {text} "
+                      f"| {report['memory']['flash']['code']} |")
+    for quantize, rows in samples.items():
+        A = np.array([[1, k, n] for k, n, _ in rows], dtype=float)
+        b = np.array([t for *_, t in rows], dtype=float)
+        coef = np.linalg.lstsq(A, b, rcond=None)[0]
+        print(f"\n{quantize}: CODE_BASE {coef[0]:.0f}, CODE_PER_KERNEL {coef[1]:.0f}, CODE_PER_LAYER {coef[2]:.0f}; "
+              f"largest error {np.abs(A @ coef - b).max():.0f} bytes over {len(rows)} builds")
+    return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="a model written by train --out (default: quick digits models)")
-    parser.add_argument("--quantize", default="none,int8", help="comma-separated: none, int8")
-    parser.add_argument("--samples", type=int, default=200, help="stored inputs the firmware runs")
+    parser.add_argument("--model", type=Path, action="append", help="a model written by train --out (repeatable); "
+                        "default: train on builtin:digits with --methods, --hidden and --epochs")
+    parser.add_argument("--methods", default="static,set,ctre-sim,ctre-seq", help="comma-separated methods to train")
+    parser.add_argument("--hidden", action="append", help="hidden widths of a shape to train (repeatable; default "
+                        "1000,1000,1000 and 32)")
+    parser.add_argument("--epochs", type=int, default=300, help="training epochs (300: the trainer's default)")
+    parser.add_argument("--quantize", default="none,int8", help="emulated builds: comma-separated none, int8")
+    parser.add_argument("--samples", type=int, default=200, help="stored inputs the emulated firmware runs")
+    parser.add_argument("--host-samples", type=int, default=1000, help="inputs of the host-compiler comparison")
     parser.add_argument("--keep", type=Path, help="build in this directory and keep it")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    parser.add_argument("--fit-code", action="store_true", help="only measure code size over shapes and fit "
+                        "the planner's CODE_* constants")
     args = parser.parse_args(argv)
-    reason = missing_tools()
-    if reason:
-        print(f"cannot run the emulated check: {reason}", file=sys.stderr)
-        return 2
+    if args.fit_code:
+        reason = missing_tools()
+        if reason:
+            print(f"cannot measure code size: {reason}", file=sys.stderr)
+            return 2
+        work = args.keep or Path(tempfile.mkdtemp(prefix="mcu-fit-"))
+        work.mkdir(parents=True, exist_ok=True)
+        return fit_code(work)
     from ctre_edge.data import load_data
-    from ctre_edge.export import export_onnx
+    from ctre_edge.export import check_inputs, export_onnx
     from ctre_edge.export_c import export_c
     from ctre_edge.model import SparseMLP
     from ctre_edge.runtime import OnnxModel
 
+    reason = missing_tools()
+    if reason:
+        print(f"emulated check skipped: {reason}", file=sys.stderr)
     base = args.keep or Path(tempfile.mkdtemp(prefix="mcu-check-"))
     base.mkdir(parents=True, exist_ok=True)
-    models = [(args.model.stem, SparseMLP.load(args.model))] if args.model else list(_quick_models(base))
-    rows = []
+    if args.model:
+        models = [(p.stem, SparseMLP.load(p)) for p in args.model]
+    else:
+        shapes = [tuple(int(h) for h in text.split(",")) for text in (args.hidden or ["1000,1000,1000", "32"])]
+        models = _train_models(args.methods.split(","), shapes, args.epochs)
+    data = load_data("builtin:digits")
+    host_rows, rows = [], []
     for label, model in models:
-        if model.n_features == 64:
-            X = load_data("builtin:digits").X[:args.samples].astype(np.float32)
-        else:
-            from ctre_edge.export import check_inputs
+        def inputs(n):
+            return data.X[:n].astype(np.float32) if model.n_features == data.n_features else check_inputs(model, n)
 
-            X = check_inputs(model, args.samples)
-        onnx_path = base / f"{label}.onnx"
+        work = base / re.sub(r"\W+", "_", label)
+        work.mkdir(exist_ok=True)
+        if not args.model:  # kept, so the same models can be checked again with --model
+            model.save(work / "model.ctre", force=True)
+        onnx_path = work / "model.onnx"
         export_onnx(model, onnx_path, force=True)
-        onnx_proba = OnnxModel(onnx_path).predict_proba(X)
+        onnx_model = OnnxModel(onnx_path)
+        if shutil.which("cc"):
+            X = inputs(args.host_samples)
+            host_rows.append({"model": label, **host_row(model, data, X, onnx_model.predict_proba(X), work)})
+        if reason:
+            continue
+        X = inputs(args.samples)
+        onnx_proba = onnx_model.predict_proba(X)
         for quantize in args.quantize.split(","):
-            work = base / f"{label}-{quantize}"
-            work.mkdir(exist_ok=True)
-            report = export_c(model, work / "model.c", quantize=quantize, force=True)
-            host = run_host(report, X, len(model.classes), work) if shutil.which("cc") else None
-            row = compare(model, report, X, work, onnx_proba, host)
+            qwork = work / quantize
+            qwork.mkdir(exist_ok=True)
+            report = export_c(model, qwork / "model.c", quantize=quantize, force=True)
+            host = run_host(report, X, len(model.classes), qwork) if shutil.which("cc") else None
+            row = compare(model, report, X, qwork, onnx_proba, host)
             row["model"] = label
             rows.append(row)
     if args.json:
-        print(json.dumps({"rows": rows, "build_dir": str(base)}, indent=1))
+        print(json.dumps({"host": host_rows, "rows": rows, "build_dir": str(base), "skipped": reason}, indent=1))
     else:
-        _print_tables(rows)
-    ok = all(r["labels_equal_reference"] == 1.0 and not r["heap_symbols"] and 0.9 <= r["flash_ratio"] <= 1.1
-             and 0.9 <= r["workspace_ratio"] <= 1.1 for r in rows)
+        _print_tables(host_rows, rows)
+    ok = all(r["max_abs_diff_onnxruntime"] <= TOLERANCE for r in host_rows)
+    ok &= all(r["labels_equal_reference"] == 1.0 and not r["heap_symbols"] and 0.9 <= r["flash_ratio"] <= 1.1
+              and 0.9 <= r["workspace_ratio"] <= 1.1 for r in rows)
     return 0 if ok else 1
 
 
-def _print_tables(rows) -> None:
+def _print_tables(host_rows, rows) -> None:
+    if host_rows:
+        print("Host build (cc -std=c99 -Wall -Wextra -Werror -O2) against onnxruntime on the first builtin:digits "
+              "samples; accuracy on the model's own test split:\n")
+        print("| model | samples | float32 max abs diff | float32 labels = onnxruntime | int8 labels = onnxruntime "
+              "| test accuracy float32 | test accuracy int8 |")
+        print("|---|---|---|---|---|---|---|")
+        for r in host_rows:
+            acc = ("-", "-") if r["accuracy_float32"] is None else \
+                (f"{r['accuracy_float32']:.4f}", f"{r['accuracy_int8']:.4f} ({100 * (r['accuracy_int8'] - r['accuracy_float32']):+.2f})")
+            print(f"| {r['model']} | {r['samples']} | {r['max_abs_diff_onnxruntime']:.1e} "
+                  f"| {r['labels_equal_onnxruntime']:.1%} | {r['int8_labels_equal_onnxruntime']:.1%} | {acc[0]} | {acc[1]} |")
+        print()
+    if not rows:
+        return
     print("Planner against arm-none-eabi-size of the exported object (Cortex-M7, -Os):\n")
     print("| model | weights | planned flash | text + data | ratio | planned workspace | bss + data | ratio "
           "| stack estimate | stack measured | heap symbols |")
