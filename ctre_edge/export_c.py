@@ -583,17 +583,16 @@ int {name}_predict(const float *x, float *probabilities);
                 src.append(f"    relu(h, {layer.n_out});\n")
         src.append(f"    return softmax(h, {sizes[-1]}, probabilities);\n}}\n")
     else:
-        src.append("    float *h = workspace_a, *y = workspace_b, *t;\n    int j;\n"
+        src.append("    float *h = workspace_a, *y = workspace_b" + (", *t" if n_layers > 1 else "") + ";\n    int j;\n"
                    f"    for (j = 0; j < {sizes[0]}; j++) {{\n"
                    "        h[j] = (x[j] - input_shift[j]) * input_scale[j];\n    }\n")
         for l, layer in enumerate(model.layers):
             tag = kernels[_kernel_types(layer.n_in, layer.n_out, layer.nnz)]
             src.append(f"    layer_{tag}(layer{l}_row_start, layer{l}_output, layer{l}_weight, layer{l}_bias, "
                        f"{layer.n_in}, {layer.n_out}, h, y);\n")
-            if l < n_layers - 1:
-                src.append(f"    relu(y, {layer.n_out});\n")
-            src.append("    t = h;\n    h = y;\n    y = t;\n")
-        src.append(f"    (void)y;\n    return softmax(h, {sizes[-1]}, probabilities);\n}}\n")
+            if l < n_layers - 1:  # ReLU, then this layer's output is the next one's input
+                src.append(f"    relu(y, {layer.n_out});\n    t = h;\n    h = y;\n    y = t;\n")
+        src.append(f"    return softmax(y, {sizes[-1]}, probabilities);\n}}\n")
     return header, "".join(src)
 
 
