@@ -175,7 +175,7 @@ def test_same_model_same_bytes_and_a_readable_header(tmp_path):
     subprocess.run(["cc", *HOST_FLAGS, "-o", str(exe), str(main), b["source"], "-lm"], check=True)
     assert subprocess.run([str(exe)], capture_output=True, check=True).stdout.decode("utf-8").splitlines() == \
         [str(c) for c in model.classes]
-    # no heap, no other library function than expf (and what a compiler may emit for loops)
+    # no heap, no external function but expf (and what a compiler may emit for loops)
     obj = tmp_path / "net.o"
     subprocess.run(["cc", *HOST_FLAGS, "-c", b["source"], "-o", str(obj)], check=True)
     undefined = set(subprocess.run(["nm", "-u", str(obj)], capture_output=True, text=True, check=True).stdout.split()) - {"U"}
