@@ -23,7 +23,17 @@ from typing import Annotated, Optional
 import typer
 
 from . import console, run
-from .config import INITS, KERNELS, METHODS, NAN_POLICIES, SCALINGS, SIMILARITIES, TrainConfig
+from .config import (
+    EXPORT_FORMATS,
+    INITS,
+    KERNELS,
+    METHODS,
+    NAN_POLICIES,
+    QUANTIZATIONS,
+    SCALINGS,
+    SIMILARITIES,
+    TrainConfig,
+)
 from .console import err, print_json
 from .errors import ConfigError, CtreError, DataError
 
@@ -41,6 +51,8 @@ def _choices(name: str, names) -> type[enum.Enum]:
 Method, Init, Similarity, Scaling, NanPolicy, Kernel = (_choices(n, t) for n, t in (
     ("Method", METHODS), ("Init", INITS), ("Similarity", SIMILARITIES), ("Scaling", SCALINGS),
     ("NanPolicy", NAN_POLICIES), ("Kernel", KERNELS)))
+# --format and --quantize stay strings that export_c checks with its own one-line messages (the C
+# export's options are validated together with OUT's suffix); their help lists the same tables.
 
 
 def _value(v):
@@ -328,18 +340,27 @@ def warmup():
 @app.command()
 def export(
     model_path: ModelArg,
-    out: Annotated[Path, typer.Argument(metavar="OUT.onnx", help="The ONNX file to write.")],
-    kernel: Annotated[Kernel, typer.Option(help="Per-layer compute.")] = Kernel.auto,
-    profile: Annotated[Optional[str], typer.Option(help="Target device profile: dense forms never exceed its memory budget; microcontrollers check the model size.")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite OUT.onnx if it exists.")] = False,
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="OUT.onnx, or NAME.c / NAME.h for C (both files are written).")],
+    fmt: Annotated[Optional[str], typer.Option("--format", help=f"{' or '.join(EXPORT_FORMATS)} (default: from OUT: .c or .h is C, anything else ONNX).")] = None,
+    kernel: Annotated[Kernel, typer.Option(help="ONNX: per-layer compute.")] = Kernel.auto,
+    quantize: Annotated[str, typer.Option(help=f"C: {' or '.join(QUANTIZATIONS)}: none is float32; int8 is int8 weights with a scale per neuron, int8 activations, int32 accumulation.")] = "none",
+    data: Annotated[Optional[str], typer.Option(help="C: the model's training data (any train --data format): report float32 and int8 accuracy on its own test split, rebuilt from the model's seed.")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="Target device profile: microcontrollers check flash and RAM (C) or the model size (ONNX); for ONNX, dense forms never exceed its memory budget.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite OUT if it exists.")] = False,
     as_json: JsonOpt = False,
 ):
-    """Export a trained model to ONNX, checked against the trainer's own predictions before writing."""
+    """Export a trained model to ONNX or to C for microcontrollers, checked before anything is written."""
 
     def body():
         from .export import export_onnx  # loads onnx, which only export needs
+        from .export_c import infer_format
         from .model import SparseMLP
 
+        if infer_format(out, _value(fmt)) == "c":
+            _export_c(model_path, out, _value(quantize), data, profile, force, as_json)
+            return
+        if _value(quantize) != "none" or data is not None:
+            raise ConfigError("--quantize and --data apply to the C export (--format c); ONNX export is float32")
         run.check_output(out, force)
         model = SparseMLP.load(model_path)
         report = export_onnx(model, out, kernel=_value(kernel), budget_bytes=run.export_budget(model, profile), force=force)
@@ -350,6 +371,20 @@ def export(
                       f"{', '.join(report['kernels'])}; max |difference| from the trainer {report['max_abs_diff']:.2e})")
 
     _run(body)
+
+
+def _export_c(model_path, out, quantize, data, profile, force, as_json) -> None:
+    from .data import load_data  # with export_c below: only `export --format c` needs them
+    from .export_c import c_paths, export_c, own_test_split
+    from .model import SparseMLP
+
+    for path in c_paths(out):
+        run.check_output(path, force)
+    model = SparseMLP.load(model_path)
+    prof = run.resolve_profile(profile)
+    check = own_test_split(model, load_data(data)) if data is not None else None
+    report = export_c(model, out, quantize=quantize, profile=prof, force=force, check=check)
+    print_json(report) if as_json else console.show_c_export(report, quantize, data, prof)
 
 
 @app.command()

@@ -23,6 +23,8 @@ SCALINGS = ("auto", "minmax", "standard", "none")  # input scaling fitted on the
 INITS = ("sparse", "dense-glorot")  # initial weights (layers.erdos_renyi_layer)
 NAN_POLICIES = ("error", "zero", "mean", "median")  # NaN/Inf features (data.load_data)
 KERNELS = ("auto", "sparse-ops", "dense", "sparse-initializer")  # ONNX per-layer compute (export.py)
+EXPORT_FORMATS = ("onnx", "c")  # export targets (export.py, export_c.py)
+QUANTIZATIONS = ("none", "int8")  # weights of the C export (export_c.py)
 
 
 @dataclass

@@ -73,16 +73,17 @@ def table(title: str, columns, rows, justify: str = "left") -> Table:
 # --- train and plan -----------------------------------------------------------------------------------
 
 def show_plan(plan) -> None:
-    """The predicted peak memory (or exported size) part by part, against the budget."""
-    inference = "weights" in plan.parts
+    """The predicted peak memory (or, on a microcontroller, the C export's flash and RAM) part by part."""
+    if hasattr(plan, "flash"):
+        show_mcu_plan(plan)
+        return
     rows = [(PART_LABELS[k], format_bytes(v)) for k, v in plan.parts.items()]
-    total = "total" if inference else "peak (per-epoch parts overlap: only the larger counts)"
+    total = "peak (per-epoch parts overlap: only the larger counts)"
     rows.append((f"[bold]{total}[/bold]", f"[bold]{format_bytes(plan.total)}[/bold]"))
     if plan.budget is not None:
         rows.append(("budget" + (f" ({plan.headroom:.0%} usable)" if plan.headroom < 1 else ""),
                      format_bytes(plan.budget)))
-    title = "exported model size" if inference else "predicted peak memory"
-    title += f" on {plan.profile}" if plan.profile else ""
+    title = "predicted peak memory" + (f" on {plan.profile}" if plan.profile else "")
     t = table(title, ("part", "bytes"), rows)
     t.columns[1].justify = "right"
     err.print(t)
@@ -128,6 +129,49 @@ class Progress:
         if not self.quiet:
             self.bar.__exit__(*exc)
         return False
+
+
+def show_mcu_plan(plan) -> None:
+    from .export_c import part_label  # numpy only; the module is large, so only microcontroller plans load it
+
+    rows = []
+    for where, parts, total, budget in (("flash", plan.flash, plan.flash_total, plan.flash_budget),
+                                        ("RAM", plan.ram, plan.ram_total, plan.ram_budget)):
+        rows += [(where, part_label(k, plan.quantize), f"{v:,}") for k, v in parts.items()]
+        rows.append((where, f"[bold]total[/bold] (budget {'-' if budget is None else f'{budget:,}'})",
+                     f"[bold]{total:,}[/bold]"))
+    t = table(f"C export ({'float32' if plan.quantize == 'none' else plan.quantize}) on {plan.profile}",
+              ("memory", "part", "bytes"), rows)
+    t.columns[2].justify = "right"
+    err.print(t)
+    err.print("[green]fits[/green]" if plan.fits else "[red]does not fit[/red]")
+
+
+def show_c_export(report: dict, quantize: str, data, prof) -> None:
+    """What ``export --format c`` wrote, its flash and RAM, and (int8) the accuracy change."""
+    m = report["memory"]
+    if not report.get("split_matches_training", True):
+        warn(f"float32 accuracy on {data} differs from the accuracy stored at training: it is not the data "
+             "(or test split) the model was trained with")
+    budget = (f" ({prof.name} allows {format_bytes(m['flash_budget_bytes'])} and "
+              f"{format_bytes(m['ram_budget_bytes'])})") if prof and m["flash_budget_bytes"] else ""
+    err.print(f"wrote {report['header']} and {report['source']}: about {format_bytes(m['flash_bytes'])} of flash "
+              f"({format_bytes(m['flash']['code'])} of it code) and {format_bytes(m['ram']['workspace'])} of static "
+              f"RAM + ~{m['ram']['stack']} B of stack on a Cortex-M" + budget)
+    if quantize == "int8":
+        line = (f"int8: labels agree with float32 on {report['agreement']:.1%} of {report['agreement_samples']} "
+                "deterministic inputs")
+        if "accuracy_int8" in report:
+            change = 100 * (report["accuracy_int8"] - report["accuracy_float32"])
+            line += (f"; test accuracy {report['accuracy_float32']:.4f} (float32) -> {report['accuracy_int8']:.4f} "
+                     f"(int8), {change:+.2f} points on the model's test split ({report['check_count']} samples of "
+                     f"{data})")
+        else:
+            line += "; pass --data with the training data to measure the accuracy change on the model's test split"
+        err.print(line)
+    elif "accuracy_float32" in report:
+        err.print(f"test accuracy {report['accuracy_float32']:.4f} on the model's test split "
+                  f"({report['check_count']} samples of {data})")
 
 
 # --- models, data, profiles ---------------------------------------------------------------------------
@@ -211,6 +255,7 @@ def profile_rows(profile) -> list[tuple[str, str]]:
         ("can_train", "yes" if profile.can_train else "no (inference only)"),
         ("train_budget_bytes", size(profile.train_budget_bytes)),
         ("model_budget_bytes", size(profile.model_budget_bytes)),
+        ("workspace_budget_bytes", size(profile.workspace_budget_bytes)),
         ("max_params", f"{profile.max_params:,}"),
         ("max_layer_width", f"{profile.max_layer_width:,}"),
         ("similarity_sample_cap", f"{profile.similarity_sample_cap:,}"),
