@@ -214,13 +214,15 @@ BATCHES_PER_CALL = 32  # Python regains control this often within an epoch (sign
 
 def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], None] | None = None, *,
           checkpointing: Checkpointing | None = None, stop_requested: Callable[[], int] | None = None,
-          warn: Callable[[str], None] = lambda message: None) -> TrainResult:
+          warn: Callable[[str], None] = lambda message: None, start_from: SparseMLP | None = None) -> TrainResult:
     """Train a sparse MLP on ``data``; returns the best-validation model and the per-epoch history.
 
     With ``checkpointing``, the full state is saved every ``every`` epochs (and at the last one),
     and ``resume`` continues from the newest valid checkpoint, giving the same model bit for bit
     as an uninterrupted run. ``stop_requested()`` returning a signal number ends the run after the
-    epoch in progress, with a checkpoint, by raising ``Interrupted``.
+    epoch in progress, with a checkpoint, by raising ``Interrupted``. ``start_from`` continues
+    training a given model (its layers and input scaling replace the Erdos-Renyi init and the
+    scaling fit; momentum starts at zero), as a fleet client does each round.
     """
     import numba
 
@@ -232,9 +234,17 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     seeds = np.random.SeedSequence(config.seed).spawn(4)
     rng_split, rng_init, rng_shuffle, rng_evolve = (np.random.default_rng(s) for s in seeds)
     train_rows, val_rows, X_test, y_test = split_data(data, config, rng_split)
-    shift, scale = fit_scaling(data.X, train_rows, config.scaling)
     sizes = [data.n_features, *config.hidden, len(data.classes)]
     classes = list(data.classes)
+    if start_from is not None:
+        if checkpointing is not None and checkpointing.resume:
+            raise ConfigError("start_from and resume exclude each other: a resumed run continues its checkpoint")
+        if start_from.sizes != sizes or [str(c) for c in start_from.classes] != [str(c) for c in classes]:
+            raise ConfigError(f"start_from has layer sizes {start_from.sizes} and classes {start_from.classes}; "
+                              f"this data and config need {sizes} and {classes}")
+        shift, scale = start_from.shift, start_from.scale
+    else:
+        shift, scale = fit_scaling(data.X, train_rows, config.scaling)
 
     history: list[EpochStats] = []
     start = 0
@@ -255,7 +265,7 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         policy = TopologyPolicy(config, data.X, train_rows, shift, scale)
         policy.restore(meta["policy"])
     else:
-        net = PackedNet(init_layers(sizes, config.epsilon, rng_init))
+        net = PackedNet(start_from.layers if start_from is not None else init_layers(sizes, config.epsilon, rng_init))
         policy = TopologyPolicy(config, data.X, train_rows, shift, scale)
         best_acc, best_epoch, best_layers = -1.0, 0, net.snapshot()
 
