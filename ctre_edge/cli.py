@@ -693,6 +693,11 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+from .fleet.cli import fleet_app  # noqa: E402 - imports no Flower module; the commands check for it
+
+app.add_typer(fleet_app, name="fleet")
+
+
 def main():  # pragma: no cover - console entry point
     app()
 
