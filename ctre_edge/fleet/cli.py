@@ -29,8 +29,16 @@ fleet_app = typer.Typer(no_args_is_help=True,
 
 
 def require_flwr() -> None:
-    if sys.version_info < (3, 11) or importlib.util.find_spec("flwr") is None:
-        raise ConfigError(INSTALL_HINT)
+    try:
+        found = sys.version_info >= (3, 11) and importlib.util.find_spec("flwr") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        from .. import cli
+
+        cli.err.print("[red]error:[/red] ", end="")
+        cli.err.print(INSTALL_HINT, markup=False)  # the brackets of [fleet] are not markup
+        raise typer.Exit(ConfigError.exit_code)
 
 
 def _cli():
@@ -119,11 +127,11 @@ def server(
 ):
     """Run the SuperLink and the fleet run; clients join with `ctre-edge fleet client`."""
     cli = _cli()
+    require_flwr()
 
     def body():
         from .runner import Server, make_settings
 
-        require_flwr()
         if out is not None and out.exists() and not force:
             cli.raise_exists(out)
         if (ssl_certfile is None) != (ssl_keyfile is None):
@@ -137,6 +145,8 @@ def server(
         tls = None if ssl_certfile is None else {"certfile": str(ssl_certfile), "keyfile": str(ssl_keyfile),
                                                  "ca_certfile": str(ssl_ca_certfile) if ssl_ca_certfile else None}
         srv = Server(dir, host, port, tls, enable_supernode_auth)
+        if resume:
+            cli.err.print(f"resuming after round {_read_progress(dir).metrics['round']} of {rounds}")
         try:
             srv.start()
             run_id = srv.submit()
@@ -153,8 +163,11 @@ def server(
     cli._run(body)
 
 
-def _follow(srv, settings: dict, on_round, poll: float = 0.5):
-    """Report each new checkpointed round until the run is over; the final model, or FleetError."""
+def _follow(srv, settings: dict, on_round, poll: float = 0.5, on_first=None):
+    """Report each new checkpointed round until the run is over; the final model, or FleetError.
+
+    ``on_first(model)`` is called when the first checkpoint appears (the setup is done).
+    """
     from .runner import FleetError
 
     seen = None
@@ -167,6 +180,8 @@ def _follow(srv, settings: dict, on_round, poll: float = 0.5):
             r = int(m.metrics["round"])
             if seen is None:
                 seen = r  # rounds before a resume were reported by the previous server
+                if on_first is not None:
+                    on_first(m)
             while seen < r:
                 seen += 1
                 on_round(m.metrics["history"][seen - 1], m)
@@ -209,6 +224,7 @@ def client(
 ):
     """Check that this device can hold the run, then join the fleet as a Flower SuperNode."""
     cli = _cli()
+    require_flwr()
 
     def body():
         from ..budget import plan_run
@@ -217,7 +233,6 @@ def client(
         from ..train import TrainConfig
         from .runner import flower_command, supernode_argv
 
-        require_flwr()
         if insecure == (root_certificates is not None):
             raise ConfigError("give exactly one of --insecure and --root-certificates")
         config = TrainConfig(hidden=cli._parse_hidden(hidden), method=method, epsilon=epsilon, batch_size=batch_size,
@@ -266,9 +281,9 @@ def simulate(
 ):
     """Fleet training on this machine: a real SuperLink and N real SuperNodes on loopback."""
     cli = _cli()
+    require_flwr()
 
     def body():
-        require_flwr()
         if out is not None and out.exists() and not force:
             cli.raise_exists(out)
         if clients < 1:
@@ -343,7 +358,7 @@ def _simulate(run_dir: Path, train: dict, *, clients: int, data: str, partition:
             say(f"round {h['round']}/{rounds}: test accuracy {acc:.4f}, {h['replies']}/{h['sent']} replies, "
                 f"{down / 1e3:.1f} KB down / {up / 1e3:.1f} KB up per client at the socket, {h['seconds']:.1f} s")
 
-        model = _follow(srv, settings, on_round)
+        model = _follow(srv, settings, on_round, on_first=lambda m: last.__setitem__(slice(None), [r.counts() for r in relays]))
         flower = srv.status()
     finally:
         for p in nodes:

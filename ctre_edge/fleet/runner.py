@@ -169,6 +169,7 @@ class Server:
         (self.home / "config.toml").write_text("\n".join(lines) + "\n")
         self.proc = start(superlink_argv(self.run_dir, self.host, self.port, self.tls, self.auth),
                           self.run_dir / "superlink.log", self.env)
+        (self.run_dir / "superlink.pid").write_text(str(self.proc.pid))
         wait_port(connect, self.port, timeout, self.proc, "flower-superlink")
 
     def submit(self) -> int:
