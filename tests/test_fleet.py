@@ -209,13 +209,13 @@ def test_client_that_cannot_hold_the_run_refuses_before_joining(tmp_path):
 
 
 # -- real processes on loopback -------------------------------------------------------------------
-SMALL = ["--hidden", "24,24", "--epsilon", "3", "--similarity-samples", "100"]
+SMALL = ["--hidden", "24,24", "--epsilon", "3", "--similarity-samples", "100", "--lr", "0.2"]
 
 
 @needs_flwr
 @pytest.mark.slow
 def test_simulate_trains_and_measures_bytes_at_the_socket(tmp_path):
-    r = run_cli("fleet", "simulate", "--clients", "3", "--rounds", "3", "--method", "ctre-sim", *SMALL,
+    r = run_cli("fleet", "simulate", "--clients", "3", "--rounds", "3", "--local-epochs", "3", "--method", "ctre-sim", *SMALL,
                 "--dir", str(tmp_path / "run"), "--json", timeout=400)
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(r.stdout)
