@@ -151,7 +151,7 @@ def server(
             srv.start()
             run_id = srv.submit()
             cli.err.print(f"fleet run {run_id} on {host}:{port}; clients join with: ctre-edge fleet client "
-                          f"--superlink HOST:{port} --data FILE")
+                          f"--superlink HOST:{port} --data FILE" + ("" if tls else " --insecure"))
             model = _follow(srv, settings, lambda h, m: cli.err.print(_round_line(h, settings["rounds"])))
         finally:
             srv.stop()
