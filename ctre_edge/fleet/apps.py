@@ -92,8 +92,9 @@ class SparseFleet(Strategy):
                 samples = float(met["samples"])
                 if not (np.isfinite(samples) and samples >= 1):
                     raise wire.WireError(f"reply has an invalid sample count {samples!r}")
-            except (wire.WireError, KeyError, TypeError, ValueError) as e:
-                log(WARNING, "round %s: rejected the reply of node %s: %s", server_round, node, e)
+            except Exception as e:  # noqa: BLE001 - no reply, however malformed, stops the server
+                log(WARNING, "round %s: rejected the reply of node %s: %s", server_round, node,
+                    e if isinstance(e, wire.WireError) else f"{type(e).__name__}: {e}")
                 continue
             self.has_scaling.add(node)
             models.append(m.layers)
