@@ -142,8 +142,12 @@ def server(
                                  min_clients=min_clients, min_replies=min_replies or max(1, min_clients // 2),
                                  round_timeout=round_timeout, join_timeout=join_timeout, value_dtype=value_dtype,
                                  resume=resume)
-        tls = None if ssl_certfile is None else {"certfile": str(ssl_certfile), "keyfile": str(ssl_keyfile),
-                                                 "ca_certfile": str(ssl_ca_certfile) if ssl_ca_certfile else None}
+        for path in (ssl_certfile, ssl_keyfile, ssl_ca_certfile):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"TLS file {path} not found")
+        tls = None if ssl_certfile is None else {
+            "certfile": str(ssl_certfile.resolve()), "keyfile": str(ssl_keyfile.resolve()),
+            "ca_certfile": str(ssl_ca_certfile.resolve()) if ssl_ca_certfile else None}
         srv = Server(dir, host, port, tls, enable_supernode_auth)
         if resume:
             cli.err.print(f"resuming after round {_read_progress(dir).metrics['round']} of {rounds}")
@@ -244,8 +248,8 @@ def client(
         if profile:
             node_config["profile"] = str(Path(profile).resolve()) if profile.endswith(".toml") else profile
         argv = supernode_argv(superlink, port, node_config,
-                              root_certificates=str(root_certificates) if root_certificates else None,
-                              private_key=str(auth_private_key) if auth_private_key else None)
+                              root_certificates=str(root_certificates.resolve()) if root_certificates else None,
+                              private_key=str(auth_private_key.resolve()) if auth_private_key else None)
         os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         sys.stderr.flush()
         os.execv(flower_command("flower-supernode"), argv)
