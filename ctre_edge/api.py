@@ -36,8 +36,9 @@ class SparseMLPClassifier:
     test_accuracy_ : float or None
     """
 
-    def __init__(self, *, hidden=(1000, 1000, 1000), method="set", epsilon=1.0, zeta=0.2, epochs=300,
-                 batch_size=100, lr=0.05, momentum=0.9, l2=1e-4, lr_drop_epoch=None, seed=0, scaling="minmax",
+    def __init__(self, *, hidden=(1000, 1000, 1000), method="ctre-sim", epsilon=1.0, init="sparse", zeta=0.2, epochs=300,
+                 early_stop=30, batch_size=100, lr=0.05, momentum=0.9, l2=1e-4, lr_drop_epoch=None, seed=0,
+                 scaling="auto",
                  validation_fraction=0.1, test_fraction=0.2, patience=40, similarity="exact",
                  similarity_samples=1000, similarity_workspace_mib=32, sketch_dim=256,
                  eval_batch_size=1000):

@@ -49,7 +49,7 @@ from .errors import ConfigError, DataError
 from .formats import Parsed, compact, count_nonfinite, fail
 
 BUILTIN = ("digits",)
-SCALINGS = ("minmax", "standard", "none")
+SCALINGS = ("auto", "minmax", "standard", "none")
 NAN_POLICIES = ("error", "zero", "mean", "median")
 SUPPORTED = ("builtin:NAME, .npz, .csv, .tsv, .txt, .libsvm/.svm/.svmlight, "
              "IDX (*-images-idx3-ubyte[.gz], or IMAGES,LABELS)")
@@ -564,13 +564,23 @@ def stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator, w
     return np.flatnonzero(mask), held
 
 
+def resolve_scaling(X: np.ndarray, method: str) -> str:
+    """The scaling ``auto`` stands for: min-max for byte-valued features (images), else standardise."""
+    if method != "auto":
+        return method
+    return "minmax" if X.dtype == np.uint8 else "standard"
+
+
 def fit_scaling(X: np.ndarray, rows: np.ndarray, method: str):
     """(shift, scale) float32 such that (x - shift) * scale is min-max to [0, 1] or standardised.
+
+    ``method`` "auto" is ``resolve_scaling``'s choice for this array.
 
     Fitted on ``X[rows]`` in chunks (no float copy of the whole set). Constant features get
     scale 1, so they map to 0.
     """
     n_features = X.shape[1]
+    method = resolve_scaling(X, method)
     if method == "none":
         return np.zeros(n_features, np.float32), np.ones(n_features, np.float32)
     lo = np.full(n_features, np.inf)

@@ -33,6 +33,7 @@ class TopologyPolicy:
         self.best_val = -1.0
         self.stale = 0
         self.random_from_now = config.method == "set"
+        self.switched_at = None  # ctre-seq: the epoch after which growth became random
         self.sketch_dim = config.sketch_dim if config.similarity == "sketch" else 0
         self.sketches = None
         self.seed = config.seed
@@ -56,10 +57,12 @@ class TopologyPolicy:
 
     def state(self) -> dict:
         """What a checkpoint must keep to continue the policy exactly."""
-        return {"best_val": self.best_val, "stale": self.stale, "random_from_now": self.random_from_now}
+        return {"best_val": self.best_val, "stale": self.stale, "random_from_now": self.random_from_now,
+                "switched_at": self.switched_at}
 
     def restore(self, state: dict) -> None:
         self.best_val, self.stale, self.random_from_now = state["best_val"], state["stale"], state["random_from_now"]
+        self.switched_at = state.get("switched_at")
 
     def update(self, net, epoch: int, val_acc: float, rng: np.random.Generator) -> tuple[int, int, int]:
         if self.mode == "static":
@@ -72,6 +75,7 @@ class TopologyPolicy:
                 self.stale += 1
                 if self.stale >= self.patience:
                     self.random_from_now = True
+                    self.switched_at = epoch + 1
         pickers = [None] * net.n_layers
         if not self.random_from_now and self.sketch_dim:
             # Sketch mode: rank by the cosine of the sketches; there are no exact activations to
@@ -130,6 +134,12 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
     the (rows, cols) of the k best-|cosine| positions not kept, and those are grown; picks that were
     just removed are replaced by random positions (CTRE_sim) or, with ``readd``, get their old
     weight and momentum back (CTRE_seq). Returns [changed, grown by cosine, grown at random].
+
+    New weights are the paper's U(-b, b), b = sqrt(6/n_in), whatever the initialisation. With the
+    sparse initialisation they start about 20x smaller than the weights they join, so a new
+    connection must earn its place before the next drop. We tried sizing them to the neuron's
+    in-degree, and starting them at zero (as RigL does); on COIL-20, madelon and PCMAC with set and
+    ctre-sim neither was better overall, and in-degree sizing was the worst (docs/algorithm.md).
     """
     layer = net.layer(l)
     velocity = net.layer_velocity(l)

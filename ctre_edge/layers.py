@@ -113,17 +113,44 @@ def linear_positions(layer: SparseLayer) -> np.ndarray:
     return layer.rows() * layer.n_out + layer.indices.astype(np.int64)
 
 
-def erdos_renyi_layer(n_in: int, n_out: int, epsilon: float, rng: np.random.Generator) -> SparseLayer:
+INITS = ("sparse", "dense-glorot")
+RELU_GAIN, LINEAR_GAIN = 2.0, 1.0  # weight variance times fan-in: He for ReLU layers, LeCun for the linear output
+
+
+def fanin_limits(indices: np.ndarray, n_out: int, gain: float) -> np.ndarray:
+    """Per-output-neuron bound ``sqrt(3 * gain / d_j)`` of a uniform draw, ``d_j`` its actual in-degree.
+
+    U(-b, b) has variance b^2 / 3, so each neuron's pre-activation keeps ``gain`` times the variance
+    of one input whatever its in-degree (Evci et al., AAAI 2022). A neuron with no input gets the
+    bound of in-degree 1 (it has no weight to use it on; a connection grown later does).
+    """
+    degree = np.bincount(indices, minlength=n_out)
+    return np.sqrt(3.0 * gain / np.maximum(degree, 1)).astype(np.float64)
+
+
+def erdos_renyi_layer(n_in: int, n_out: int, epsilon: float, rng: np.random.Generator, init: str = "sparse",
+                      gain: float = RELU_GAIN) -> SparseLayer:
     """A layer with exactly ``er_nnz(n_in, n_out, epsilon)`` connections placed uniformly at random.
 
-    Weights are Glorot uniform, U(-a, a) with a = sqrt(6/(n_in+n_out)), drawn for existing
-    connections only; the bias is zero.
+    Weights are drawn for existing connections only; the bias is zero.
+
+    - ``init="sparse"`` (ctre-edge's default): U(-b_j, b_j) with b_j from each output neuron's actual
+      in-degree (``fanin_limits``; ``gain`` 2 for a ReLU layer, 1 for the linear output layer).
+    - ``init="dense-glorot"`` (the paper's): Glorot uniform, U(-a, a) with a = sqrt(6/(n_in+n_out)),
+      the bound of a *dense* layer. At epsilon 1 a hidden neuron has about 2 inputs, and this bound
+      makes the signal vanish layer by layer (docs/algorithm.md, "Initial weights").
     """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
     nnz = er_nnz(n_in, n_out, epsilon)
     positions = sample_positions(n_in * n_out, nnz, np.empty(0, dtype=np.int64), rng)
     indptr, indices, order = csr_from_positions(n_in, n_out, positions)
-    limit = np.sqrt(6.0 / (n_in + n_out))
-    values = rng.uniform(-limit, limit, size=nnz).astype(np.float32)[order]
+    if init == "dense-glorot":
+        limit = np.sqrt(6.0 / (n_in + n_out))
+        values = rng.uniform(-limit, limit, size=nnz).astype(np.float32)[order]
+    else:
+        unit = rng.uniform(-1.0, 1.0, size=nnz)[order]
+        values = (unit * fanin_limits(indices, n_out, gain)[indices]).astype(np.float32)
     return SparseLayer(n_in, n_out, indptr, indices, values, np.zeros(n_out, dtype=np.float32))
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from .data import SCALINGS, Dataset, fit_scaling, stratified_split
 from .errors import ConfigError, CtreError, DivergedError
 from .fileio import fault_point
-from .layers import SparseLayer, erdos_renyi_layer
+from .layers import INITS, LINEAR_GAIN, RELU_GAIN, SparseLayer, erdos_renyi_layer
 from .model import SparseMLP, pack_layers
 
 METHODS = ("static", "set", "ctre-sim", "ctre-seq")
@@ -35,20 +35,25 @@ class TrainConfig:
 
     ``lr_drop_epoch`` None keeps the learning rate constant; otherwise lr is divided by 3 at that
     epoch and by 9 twenty epochs later. ``similarity_samples`` is the S of the cosine scoring.
+    ``early_stop`` N ends the run after N epochs without a strictly better validation accuracy
+    (0: run all ``epochs``); for ctre-seq the count starts again when growth switches to random.
+    ``init`` is ``layers.INITS``: "sparse" (per-neuron fan-in) or "dense-glorot" (the paper's).
     """
 
     hidden: tuple = (1000, 1000, 1000)
-    method: str = "set"
+    method: str = "ctre-sim"
     epsilon: float = 1.0
+    init: str = "sparse"
     zeta: float = 0.2
     epochs: int = 300
+    early_stop: int = 30
     batch_size: int = 100
     lr: float = 0.05
     momentum: float = 0.9
     l2: float = 1e-4
     lr_drop_epoch: int | None = None
     seed: int = 0
-    scaling: str = "minmax"
+    scaling: str = "auto"
     validation_fraction: float = 0.1
     test_fraction: float = 0.2
     patience: int = 40
@@ -74,7 +79,8 @@ class TrainConfig:
             if not ok_type or not (lo <= value <= hi) or (kind is float and not math.isfinite(value)):
                 raise ConfigError(f"'{name}' must be {'an int' if kind is int else 'a number'} in "
                                   f"[{lo}, {hi}]; got {value!r}")
-        for name, choices in (("method", METHODS), ("scaling", SCALINGS), ("similarity", SIMILARITIES)):
+        for name, choices in (("method", METHODS), ("scaling", SCALINGS), ("similarity", SIMILARITIES),
+                              ("init", INITS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"'{name}' must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         return self
@@ -94,6 +100,7 @@ _RANGES = [  # (field, type, low, high): one table, one message format
     ("epsilon", float, 1e-9, 1e9),
     ("zeta", float, 0.0, 1.0),
     ("epochs", int, 1, 10**7),
+    ("early_stop", int, 0, 10**7),
     ("batch_size", int, 1, 10**7),
     ("lr", float, 0.0, 1e6),
     ("momentum", float, 0.0, 1.0),
@@ -173,6 +180,7 @@ class TrainResult:
     history: list[EpochStats] = field(default_factory=list)
     best_epoch: int = 0
     test_accuracy: float | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def split_data(data: Dataset, config: TrainConfig, rng_split: np.random.Generator):
@@ -187,8 +195,11 @@ def split_data(data: Dataset, config: TrainConfig, rng_split: np.random.Generato
     return rest[train_sub], rest[val_sub], X_test, y_test
 
 
-def init_layers(sizes: list[int], epsilon: float, rng: np.random.Generator) -> list[SparseLayer]:
-    return [erdos_renyi_layer(sizes[l], sizes[l + 1], epsilon, rng) for l in range(len(sizes) - 1)]
+def init_layers(sizes: list[int], epsilon: float, rng: np.random.Generator, init: str = "sparse") -> list[SparseLayer]:
+    """Erdos-Renyi layers; with ``init="sparse"`` hidden layers use the ReLU gain, the output layer the linear one."""
+    last = len(sizes) - 2
+    return [erdos_renyi_layer(sizes[l], sizes[l + 1], epsilon, rng, init, LINEAR_GAIN if l == last else RELU_GAIN)
+            for l in range(len(sizes) - 1)]
 
 
 @dataclass
@@ -265,7 +276,8 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         policy = TopologyPolicy(config, data.X, train_rows, shift, scale)
         policy.restore(meta["policy"])
     else:
-        net = PackedNet(start_from.layers if start_from is not None else init_layers(sizes, config.epsilon, rng_init))
+        net = PackedNet(start_from.layers if start_from is not None
+                        else init_layers(sizes, config.epsilon, rng_init, config.init))
         policy = TopologyPolicy(config, data.X, train_rows, shift, scale)
         best_acc, best_epoch, best_layers = -1.0, 0, net.snapshot()
 
@@ -279,7 +291,25 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     evaluator = Evaluator(net, shift, scale, config.eval_batch_size)
     threads = numba.get_num_threads()  # set from the device profile; any count gives the same model
 
+    n_classes = len(classes)
+    majority = float(np.bincount(data.y[val_rows], minlength=n_classes).max() / max(1, val_rows.shape[0]))
+    warnings = [m for m in (not_learning(history[:e], n_classes, majority, config) for e in range(1, len(history) + 1))
+                if m][:1]
+
+    def stop_after(done: int) -> bool:
+        """Early stop once ``done`` epochs are ``early_stop`` past the best one (ctre-seq: past its switch too)."""
+        if not config.early_stop:
+            return False
+        since = best_epoch
+        if config.method == "ctre-seq":
+            if policy.switched_at is None:
+                return False  # its cosine phase ends by its own patience rule
+            since = max(since, policy.switched_at)
+        return done - since >= config.early_stop
+
     for epoch in range(start, config.epochs):
+        if stop_after(epoch):  # a resumed run that had already stopped early
+            break
         t0 = time.perf_counter()
         lr = learning_rate(config, epoch)
         order = rng_shuffle.permutation(train_rows)
@@ -314,7 +344,8 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         if val_acc > best_acc:
             best_acc, best_epoch, best_layers = val_acc, epoch + 1, net.snapshot()
         stats = EpochStats(epoch + 1, float(loss), correct / order.shape[0], val_acc, 0.0, lr)
-        if epoch < config.epochs - 1:  # an update after the last epoch would only add untrained weights
+        ending = epoch + 1 == config.epochs or stop_after(epoch + 1)
+        if not ending:  # an update after the last epoch would only add untrained weights
             t1 = time.perf_counter()
             fault_point("update")
             changed = policy.update(net, epoch, val_acc, rng_evolve)
@@ -322,9 +353,13 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
             stats.update_seconds = time.perf_counter() - t1
         stats.seconds = time.perf_counter() - t0
         history.append(stats)
+        message = None if warnings else not_learning(history, n_classes, majority, config)
+        if message:
+            warnings.append(message)
+            warn(message)
         signal_number = stop_requested() if stop_requested is not None else 0
         if checkpointing is not None and (signal_number or (epoch + 1) % checkpointing.every == 0
-                                          or epoch + 1 == config.epochs):
+                                          or ending):
             arrays = SparseMLP(net.snapshot(), shift, scale, classes).arrays()
             arrays.update(velocity=net.velocity, bias_velocity=net.bias_velocity)
             arrays.update({"best." + k: v for k, v in SparseMLP(best_layers, shift, scale, classes).arrays().items()})
@@ -337,6 +372,8 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         if signal_number:
             where = f"; checkpoint written to {checkpointing.directory}" if checkpointing else " (no checkpoint)"
             raise Interrupted(f"stopped after epoch {epoch + 1} of {config.epochs}{where}", 128 + signal_number)
+        if ending:
+            break
 
     del evaluator, act, delta_a, delta_b, grad, net  # the test pass below allocates its own buffers
     model = SparseMLP(best_layers, shift, scale, classes, config.to_dict())
@@ -344,8 +381,41 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     if X_test is not None and X_test.shape[0]:
         test_acc = float(np.mean(np.argmax(model.predict_proba(X_test, config.eval_batch_size), axis=1) == y_test))
     model.metrics = {"test_accuracy": test_acc, "best_epoch": best_epoch, "best_val_accuracy": best_acc,
-                     "epochs": config.epochs, "train_samples": int(train_rows.shape[0])}
-    return TrainResult(model, history, best_epoch, test_acc)
+                     "epochs": config.epochs, "epochs_run": len(history),
+                     "stopped_early": len(history) < config.epochs, "train_samples": int(train_rows.shape[0])}
+    if warnings:
+        model.metrics["warnings"] = warnings
+    return TrainResult(model, history, best_epoch, test_acc, warnings)
+
+
+NOT_LEARNING_EPOCHS = 5  # consecutive epochs at a uniform output or the majority rate before we say so
+
+
+def not_learning(history: list[EpochStats], n_classes: int, majority: float, config: TrainConfig) -> str | None:
+    """A one-line warning when the last epochs show no learning, else None.
+
+    Signs: the training loss within 1% of ln(C), the loss of a uniform output (weights too small
+    for the signal to cross the layers), or validation accuracy no better than always predicting
+    the most common class.
+    """
+    if len(history) < NOT_LEARNING_EPOCHS:
+        return None
+    recent = history[-NOT_LEARNING_EPOCHS:]
+    uniform = math.log(n_classes)
+    if n_classes > 1 and all(abs(h.loss - uniform) <= 0.01 * uniform for h in recent):
+        sign = f"the training loss has stayed at ln({n_classes}) = {uniform:.3f}, a uniform output,"
+    elif all(h.val_accuracy <= majority + 1e-9 for h in recent):
+        sign = f"validation accuracy has stayed at the majority-class rate ({majority:.3f})"
+    else:
+        return None
+    causes = []
+    if config.init == "dense-glorot":
+        causes.append(f"weights initialised for a dense layer at epsilon {config.epsilon:g} (use --init sparse)")
+    if config.scaling in ("minmax", "none"):
+        causes.append(f"input scaling {config.scaling} (try --scaling auto or standard)")
+    causes.append(f"the learning rate (--lr {config.lr:g}: try 10x lower if the loss jumps, higher if it is flat)")
+    return (f"the network is not learning: {sign} for {NOT_LEARNING_EPOCHS} epochs; likely causes: "
+            + "; ".join(causes))
 
 
 

@@ -160,3 +160,27 @@ def test_plan_json_and_profiles_commands():
     assert r.exit_code == 0 and "train_budget_bytes" in r.stderr
     r = run("profiles", "show", "rpi-zero")
     assert r.exit_code == 2 and "rpi-zero-2w" in r.stderr
+
+
+def test_cli_defaults_are_the_config_defaults():
+    """Every `train` option named like a TrainConfig field has the same default as TrainConfig and the API."""
+    import inspect
+    from dataclasses import fields
+
+    from ctre_edge.api import SparseMLPClassifier
+    from ctre_edge.cli import train
+    from ctre_edge.train import TrainConfig
+
+    cli = inspect.signature(train).parameters
+    api = inspect.signature(SparseMLPClassifier).parameters
+    config = TrainConfig()
+    for f in fields(TrainConfig):
+        expected = getattr(config, f.name)
+        if f.name in cli:
+            default = cli[f.name].default
+            assert (_parse_hidden_default(default) if f.name == "hidden" else default) == expected, f.name
+        assert api[f.name].default == expected, f.name
+
+
+def _parse_hidden_default(text):
+    return tuple(int(h) for h in text.split(","))

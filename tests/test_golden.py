@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                                 reason="golden hashes were recorded on x86-64")
 
 LEGACY = dict(hidden=(100, 100), epsilon=2.0, epochs=4, lr=0.05, scaling="minmax", seed=3, batch_size=50,
-              similarity_samples=300)
+              similarity_samples=300, init="dense-glorot", early_stop=0)
 
 CASES = {
     "static": dict(method="static"),

@@ -6,19 +6,46 @@ from hypothesis import given, settings, strategies as st
 
 from ctre_edge import kernels
 from ctre_edge.evolve import update_layer
-from ctre_edge.layers import (SparseLayer, check_layer, csr_from_positions, er_nnz, erdos_renyi_layer,
+from ctre_edge.layers import (INITS, SparseLayer, check_layer, csr_from_positions, er_nnz, erdos_renyi_layer,
                               linear_positions, sample_positions)
 from ctre_edge.train import PackedNet
 
 
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 300), st.integers(1, 300), st.floats(0.01, 400), st.integers(0, 2**32 - 1))
-def test_erdos_renyi_exact_count_valid_structure_glorot(n_in, n_out, eps, seed):
-    layer = erdos_renyi_layer(n_in, n_out, eps, np.random.default_rng(seed))
-    check_layer(layer)
-    assert layer.nnz == er_nnz(n_in, n_out, eps) == min(n_in * n_out, max(1, round(eps * (n_in + n_out))))
-    assert np.all(np.abs(layer.values) <= np.sqrt(6 / (n_in + n_out)))
-    assert np.all(layer.bias == 0)
+def test_erdos_renyi_exact_count_valid_structure_both_inits(n_in, n_out, eps, seed):
+    glorot = erdos_renyi_layer(n_in, n_out, eps, np.random.default_rng(seed), init="dense-glorot")
+    sparse = erdos_renyi_layer(n_in, n_out, eps, np.random.default_rng(seed), init="sparse")
+    for layer in (glorot, sparse):
+        check_layer(layer)
+        assert layer.nnz == er_nnz(n_in, n_out, eps) == min(n_in * n_out, max(1, round(eps * (n_in + n_out))))
+        assert np.all(layer.bias == 0)
+    # Same topology; weights bounded by the dense fan (paper) or by each neuron's own in-degree.
+    np.testing.assert_array_equal(glorot.indices, sparse.indices)
+    assert np.all(np.abs(glorot.values) <= np.sqrt(6 / (n_in + n_out)))
+    degree = np.bincount(sparse.indices, minlength=n_out)
+    assert np.all(np.abs(sparse.values) <= np.sqrt(6 / degree[sparse.indices]))
+
+
+def test_sparse_init_keeps_the_signal_alive_at_epsilon_1():
+    """Three 1000-wide layers at ~0.2% density: RMS activation stays of order 1 (Glorot: it vanishes)."""
+    rng = np.random.default_rng(0)
+    x = rng.random((200, 784))
+    rms = {}
+    for init in INITS:
+        h, r = x, np.random.default_rng(1)
+        for n_in, n_out in ((784, 1000), (1000, 1000), (1000, 1000)):
+            layer = erdos_renyi_layer(n_in, n_out, 1.0, r, init=init)
+            w = np.zeros((n_in, n_out))  # small dense view for the check only
+            w[layer.rows(), layer.indices] = layer.values
+            h = np.maximum(h @ w, 0)
+        rms[init] = float(np.sqrt(np.mean(h ** 2)))
+    assert rms["dense-glorot"] < 1e-3 < 0.05 < rms["sparse"]
+
+
+def test_unknown_init_is_refused(rng):
+    with pytest.raises(ValueError, match="init must be one of sparse, dense-glorot"):
+        erdos_renyi_layer(3, 4, 1.0, rng, init="he")
 
 
 @settings(max_examples=60, deadline=None)

@@ -68,7 +68,7 @@ def test_reproduce_smoke_writes_json_and_refuses_to_overwrite(tmp_path, digits_n
     out = tmp_path / "results.json"
     r = run_tool("reproduce.py", "--smoke", str(digits_npz), "--out", str(out))
     rows = table_rows(r.stdout)
-    assert [row[1] for row in rows] == ["ctre-sim", "ctre-seq", "set", "static", "dense"]
+    assert [row[2] for row in rows] == ["ctre-sim", "ctre-seq", "set", "static", "dense"]
     doc = json.loads(out.read_text())
     assert len(doc["runs"]) == 5 and all(0 <= run["test_accuracy"] <= 1 for run in doc["runs"])
     assert doc["summary"][-1]["density"] == 1.0

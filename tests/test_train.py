@@ -86,6 +86,50 @@ def test_digits_default_settings_reach_090(digits):
     assert result.test_accuracy >= 0.90
 
 
+def test_not_learning_is_reported_for_the_papers_init_at_epsilon_1(digits):
+    """Glorot sized for the dense fan at ~0.3% density: a uniform output, and a warning saying so."""
+    told = []
+    config = TrainConfig(hidden=(1000, 1000, 1000), epsilon=1, init="dense-glorot", scaling="minmax", method="set",
+                         epochs=6, early_stop=0)
+    result = train(digits, config, warn=told.append)
+    assert len(told) == 1 and result.warnings == told and result.model.metrics["warnings"] == told
+    assert "not learning" in told[0] and "--init sparse" in told[0] and "\n" not in told[0]
+
+
+def test_no_warning_when_the_network_learns(digits):
+    told = []
+    result = train(digits, TrainConfig(hidden=(1000, 1000, 1000), epsilon=1, method="set", epochs=6, early_stop=0),
+                   warn=told.append)
+    assert told == [] and result.warnings == [] and "warnings" not in result.model.metrics
+    assert result.history[-1].loss < 0.8 * np.log(10)
+
+
+def test_majority_rate_is_a_sign_of_not_learning():
+    """Features that carry nothing and 70/30 labels: the net learns the prior and predicts the majority."""
+    y = (np.random.default_rng(0).random(400) < 0.3).astype(np.int64)
+    told = []
+    train(make_dataset(np.zeros((400, 6), np.float32), y), small(hidden=(16,), epochs=6, early_stop=0),
+          warn=told.append)
+    assert len(told) == 1 and "majority-class rate" in told[0]
+
+
+def test_early_stop_ends_the_run_after_a_plateau(digits):
+    result = train(digits, small(method="set", epochs=200, early_stop=3, seed=2))
+    ran = len(result.history)
+    assert ran < 200 and result.model.metrics["stopped_early"] and result.model.metrics["epochs_run"] == ran
+    assert ran - result.best_epoch == 3
+    vals = [s.val_accuracy for s in result.history]
+    assert max(vals[result.best_epoch:]) <= vals[result.best_epoch - 1]
+    assert result.history[-1].changed == 0  # no topology update after the last epoch run
+
+
+def test_ctre_seq_early_stop_counts_from_its_switch_to_random(digits):
+    result = train(digits, small(method="ctre-seq", epochs=200, early_stop=2, patience=3, seed=2))
+    switched = next(s.epoch for s in result.history if s.changed and s.grown_cosine == 0)
+    assert len(result.history) >= switched + 2
+    assert len(result.history) - max(result.best_epoch, switched - 1) >= 2
+
+
 def test_start_from_continues_the_given_model(digits):
     first = train(digits, small(method="set", epochs=3, seed=2)).model
     # lr 0 with a static topology: the model comes back unchanged, scaling included.

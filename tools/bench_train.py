@@ -354,12 +354,15 @@ def scaled(X, rows, shift, scale) -> np.ndarray:
 
 def dense_run(data, hidden, epsilon, epochs, seed=SEED, *, masked=True, method="set", lr=LR, momentum=MOMENTUM,
               l2=L2, zeta=ZETA, batch=BATCH, scaling="minmax", keep_best=False, train_budget=None,
-              val_budget=None, min_batches=2, test=False, timed_epochs=None) -> dict:
+              val_budget=None, min_batches=2, test=False, timed_epochs=None, init="dense-glorot",
+              early_stop=0) -> dict:
     """Train the numpy DenseMLP with ctre-edge's seeds, split, scaling and initial network.
 
     Returns per-epoch timings (with extrapolation where a budget cut the epoch short) and, with
     ``test``, the test accuracy of the best validation epoch (``keep_best`` must be set). With
     ``timed_epochs``, only that many of the ``epochs`` are run (each with its topology update).
+    ``init`` as ``TrainConfig.init`` ("sparse" on a fully connected layer is He/LeCun uniform);
+    ``early_stop`` N > 0 ends the run N epochs after the best validation epoch, as ctre-edge does.
     """
     from ctre_edge.data import fit_scaling
     from ctre_edge.train import TrainConfig, init_layers, split_data
@@ -371,10 +374,12 @@ def dense_run(data, hidden, epsilon, epochs, seed=SEED, *, masked=True, method="
     train_rows, val_rows, X_test, y_test = split_data(data, config, rng_split)
     shift, scale = fit_scaling(data.X, train_rows, scaling)
     sizes = [data.n_features, *hidden, len(data.classes)]
-    net = DenseMLP(init_layers(sizes, epsilon, rng_init), masked=masked, keep_best=keep_best)
+    net = DenseMLP(init_layers(sizes, epsilon, rng_init, init), masked=masked, keep_best=keep_best)
     lr, momentum, l2 = np.float32(lr), np.float32(momentum), np.float32(l2)
     history, best_acc, best_epoch = [], -1.0, 0
     for epoch in range(epochs if timed_epochs is None else min(epochs, timed_epochs)):
+        if early_stop and keep_best and epoch - best_epoch >= early_stop:
+            break
         t0 = time.perf_counter()
         order = rng_shuffle.permutation(train_rows)
         n_batches = math.ceil(order.shape[0] / batch)

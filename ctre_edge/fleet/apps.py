@@ -172,8 +172,9 @@ def _collect_summaries(grid: Grid, settings: dict) -> list[dict]:
                 continue
             try:
                 doc = json.loads(str(reply.content.config_records["summary"]["json"]))
-                stats = wire.decode(unpack(reply.content.array_records["stats"]))
-                doc["lo"], doc["hi"] = stats.shift, stats.scale
+                for name, (a, b) in (("range", ("lo", "hi")), ("moments", ("s1", "s2"))):
+                    stats = wire.decode(unpack(reply.content.array_records[name]))
+                    doc[a], doc[b] = stats.shift, stats.scale
                 out.append(doc)
             except (wire.WireError, KeyError, TypeError, ValueError) as e:
                 log(WARNING, "setup: rejected the reply of node %s: %s", reply.metadata.src_node_id, e)
@@ -206,24 +207,23 @@ def _client_query(msg: Message, context: Context) -> Message:
     """The node's data summary and feature statistics, for the run's shared input scaling."""
     from ..data import load_data
 
+    from ..data import resolve_scaling
+    from ..layers import SparseLayer
+
     try:
         data = load_data(str(context.node_config["data"]))
         X = data.X
-        method = str(msg.content.config_records["config"]["scaling"])
-        if method == "standard":
-            lo = X.astype(np.float64).sum(axis=0)
-            hi = (X.astype(np.float64) ** 2).sum(axis=0)
-        else:
-            lo, hi = X.min(axis=0).astype(np.float64), X.max(axis=0).astype(np.float64)
-        # The statistics travel in the wire format's scaling slot, over a 1-connection stub layer.
-        from ..layers import SparseLayer
-
+        method = resolve_scaling(X, str(msg.content.config_records["config"]["scaling"]))
+        X64 = X.astype(np.float64)
+        # The statistics travel in the wire format's scaling slot, over a stub layer with no connections.
         stub = SparseLayer(X.shape[1], 1, np.zeros(X.shape[1] + 1, np.int64), np.zeros(0, np.int32),
                            np.zeros(0, np.float32), np.zeros(1, np.float32))
-        blob = wire.encode(wire.WireModel([stub], 0, lo.astype(np.float32), hi.astype(np.float32)))
-        doc = {"n": int(X.shape[0]), "n_features": int(X.shape[1]), "classes": [_plain(c) for c in data.classes]}
-        return Message(RecordDict({"stats": pack(blob), "summary": ConfigRecord({"json": json.dumps(doc)})}),
-                       reply_to=msg)
+        pair = lambda a, b: pack(wire.encode(wire.WireModel([stub], 0, a.astype(np.float32), b.astype(np.float32))))  # noqa: E731
+        doc = {"n": int(X.shape[0]), "n_features": int(X.shape[1]), "scaling": method,
+               "classes": [_plain(c) for c in data.classes]}
+        return Message(RecordDict({"range": pair(X64.min(axis=0), X64.max(axis=0)),
+                                   "moments": pair(X64.sum(axis=0), (X64 * X64).sum(axis=0)),
+                                   "summary": ConfigRecord({"json": json.dumps(doc)})}), reply_to=msg)
     except Exception as e:  # noqa: BLE001 - a node reports its failure instead of dying silently
         return _refusal(msg, f"{type(e).__name__}: {e}")
 
@@ -274,7 +274,8 @@ def _train_round(msg: Message, context: Context) -> Message:
     except KeyError as e:
         return _refusal(msg, f"label {e} of this node's data is not among the run's classes {classes}")
     data = Dataset(data.X, codes[data.y], classes, name=data.name)
-    config = TrainConfig.from_dict(dict(s["train"], epochs=s["local_epochs"], test_fraction=0.0,
+    # early_stop 0: a round's few local epochs all run; the server decides when the run ends.
+    config = TrainConfig.from_dict(dict(s["train"], epochs=s["local_epochs"], test_fraction=0.0, early_stop=0,
                                         seed=(s["train"]["seed"] * 1_000_003 + r * 7919 + context.node_id) % 2**63))
     config.validate()
     profile = str(context.node_config.get("profile", "") or "")

@@ -47,8 +47,21 @@ def _cli():
     return cli
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every process this command started is stopped on the way out."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass
+
+
 # Options shared by server and simulate: the run's training settings.
-Method = Annotated[str, typer.Option(help="Topology policy on the clients: static, set, ctre-sim or ctre-seq.")]
+Method = Annotated[str, typer.Option(help="Topology policy on the clients: static, set, ctre-sim or ctre-seq (ctre-* also vote for growth).")]
 Hidden = Annotated[str, typer.Option(help="Hidden layer widths, comma-separated.")]
 Epsilon = Annotated[float, typer.Option(help="Erdos-Renyi sparsity: eps*(n_in+n_out) connections per layer.")]
 Zeta = Annotated[float, typer.Option(help="Fraction of connections dropped and regrown (per local epoch and per round).")]
@@ -106,7 +119,7 @@ def server(
     round_timeout: RoundTimeout = 600.0,
     join_timeout: Annotated[float, typer.Option(help="Seconds to wait for --min-clients to join.")] = 3600.0,
     rule: Rule = "regrow",
-    method: Method = "set",
+    method: Method = "ctre-sim",
     hidden: Hidden = "1000,1000,1000",
     epsilon: Epsilon = 1.0,
     zeta: Zeta = 0.2,
@@ -149,6 +162,7 @@ def server(
             "certfile": str(ssl_certfile.resolve()), "keyfile": str(ssl_keyfile.resolve()),
             "ca_certfile": str(ssl_ca_certfile.resolve()) if ssl_ca_certfile else None}
         srv = Server(dir, host, port, tls, enable_supernode_auth)
+        _stop_on_sigterm()
         if resume:
             cli.err.print(f"resuming after round {_read_progress(dir).metrics['round']} of {rounds}")
         try:
@@ -215,7 +229,7 @@ def client(
     data: Annotated[str, typer.Option(help="This device's training data (any `train --data` format).")],
     superlink: Annotated[str, typer.Option(help="The server's address, HOST:PORT.")] = "127.0.0.1:9092",
     profile: Annotated[Optional[str], typer.Option(help="Device profile: refuse a run that does not fit, and use its thread count.")] = None,
-    method: Method = "set",
+    method: Method = "ctre-sim",
     hidden: Hidden = "1000,1000,1000",
     epsilon: Epsilon = 1.0,
     batch_size: BatchSize = 100,
@@ -259,7 +273,7 @@ def client(
 
 @fleet_app.command()
 def simulate(
-    clients: Annotated[int, typer.Option(help="SuperNodes to start on 127.0.0.1, one process each.")] = 3,
+    clients: Annotated[int, typer.Option(help="SuperNodes to start on 127.0.0.1, one process each.")] = 10,
     data: Annotated[str, typer.Option(help="Data to partition among the clients (any `train --data` format).")] = "builtin:digits",
     partition: Annotated[str, typer.Option(help="iid, or dirichlet:ALPHA (label skew; smaller ALPHA, more skew).")] = "iid",
     rounds: Rounds = 20,
@@ -267,7 +281,7 @@ def simulate(
     min_replies: MinReplies = None,
     round_timeout: RoundTimeout = 600.0,
     rule: Rule = "regrow",
-    method: Method = "set",
+    method: Method = "ctre-sim",
     hidden: Hidden = "1000,1000,1000",
     epsilon: Epsilon = 1.0,
     zeta: Zeta = 0.2,
@@ -332,6 +346,7 @@ def _simulate(run_dir: Path, train: dict, *, clients: int, data: str, partition:
                              min_clients=clients, min_replies=min_replies, round_timeout=round_timeout,
                              join_timeout=300.0, value_dtype=value_dtype, resume=False)
     srv = Server(run_dir, port=free_port())
+    _stop_on_sigterm()
     nodes, relays = [], []
     rows = []
     try:

@@ -97,20 +97,44 @@ def start(argv: list[str], log: Path, env: dict) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen, grace: float = 5.0, sig: int = signal.SIGTERM) -> None:
-    """Stop a process we started and its children (its own session's process group)."""
-    if proc.poll() is not None:
-        _kill_group(proc.pid, signal.SIGKILL)
-        return
-    _kill_group(proc.pid, sig)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
+    """Stop a process we started and everything it started: its process group, and descendants
+    that made sessions of their own (the SuperLink's SuperExec does)."""
+    family = descendants(proc.pid)
+    if proc.poll() is None:
+        _kill_group(proc.pid, sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
     _kill_group(proc.pid, signal.SIGKILL)
+    for pid in family:
+        _kill_group(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     try:
         proc.wait(grace)
     except subprocess.TimeoutExpired:
         pass
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (by parent links in /proc; empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _kill_group(pgid: int, sig: int) -> None:

@@ -32,7 +32,13 @@ def read_checkpoint(run_dir: Path) -> SparseMLP | None:
 
 
 def merge_scaling(summaries: list[dict], method: str, n_features: int) -> tuple[np.ndarray, np.ndarray]:
-    """The shared input scaling from every node's statistics (min/max, or sums for ``standard``)."""
+    """The shared input scaling from every node's statistics: min/max, or sums for ``standard``.
+
+    ``auto`` is min-max when every node chose it for its data (byte-valued features), else standard.
+    """
+    if method == "auto":
+        chosen = {s["scaling"] for s in summaries}
+        method = chosen.pop() if len(chosen) == 1 else "standard"
     if method == "none":
         return np.zeros(n_features, np.float32), np.ones(n_features, np.float32)
     if method == "minmax":
@@ -40,8 +46,8 @@ def merge_scaling(summaries: list[dict], method: str, n_features: int) -> tuple[
         span = np.max([s["hi"] for s in summaries], axis=0).astype(np.float64) - shift
     else:
         n = sum(s["n"] for s in summaries)
-        shift = np.sum([s["lo"] for s in summaries], axis=0, dtype=np.float64) / n
-        span = np.sqrt(np.maximum(np.sum([s["hi"] for s in summaries], axis=0, dtype=np.float64) / n - shift ** 2, 0))
+        shift = np.sum([s["s1"] for s in summaries], axis=0, dtype=np.float64) / n
+        span = np.sqrt(np.maximum(np.sum([s["s2"] for s in summaries], axis=0, dtype=np.float64) / n - shift ** 2, 0))
     scale = np.where(span > 0, 1.0 / np.where(span > 0, span, 1.0), 1.0)
     return shift.astype(np.float32), scale.astype(np.float32)
 
@@ -82,7 +88,7 @@ class RunState:
         config = TrainConfig.from_dict(self.settings["train"]).validate()
         sizes = [n_features.pop(), *config.hidden, len(classes)]
         shift, scale = merge_scaling(summaries, config.scaling, sizes[0])
-        layers = init_layers(sizes, config.epsilon, np.random.default_rng(config.seed))
+        layers = init_layers(sizes, config.epsilon, np.random.default_rng(config.seed), config.init)
         self.settings["targets"] = [layer.nnz for layer in layers]
         self.model = SparseMLP(layers, shift, scale, classes, config.to_dict())
         self.save()
