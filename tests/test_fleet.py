@@ -32,12 +32,16 @@ def layers_of(sizes, epsilon=2.0, seed=0):
 def test_wire_round_trip_is_exact_and_deterministic():
     layers = layers_of([30, 300, 10])
     m = wire.WireModel(layers, 7, np.arange(30, dtype=np.float32), np.ones(30, np.float32),
-                       votes=[np.array([5, 9], np.int64), np.array([], np.int64)])
+                       votes=[np.array([9, 5], np.int64), np.array([2999, 7, 70000 % 3000], np.int64)],
+                       note={"samples": 12, "x": [1.5]})
     blob = wire.encode(m)
     assert blob == wire.encode(m)
     back = wire.decode(blob, [30, 300, 10])
     assert back.round == 7 and np.array_equal(back.shift, m.shift) and np.array_equal(back.scale, m.scale)
-    assert [v.tolist() for v in back.votes] == [[5, 9], []]
+    assert [v.tolist() for v in back.votes] == [[5, 9], [7, 1000, 2999]]  # sorted, gap-coded
+    assert back.note == {"samples": 12, "x": [1.5]}
+    far = wire.decode(wire.encode(wire.WireModel(layers, votes=[np.array([0, 8999]), np.array([3])])))
+    assert [v.tolist() for v in far.votes] == [[0, 8999], [3]]
     for a, b in zip(layers, back.layers):
         for name in ("indptr", "indices", "values", "bias"):
             assert np.array_equal(getattr(a, name), getattr(b, name))
@@ -337,7 +341,7 @@ def test_server_killed_mid_run_resumes_from_its_last_round(tmp_path, client_file
 
 @needs_flwr
 def test_strategy_rejects_hostile_replies_and_aggregates_the_rest(tmp_path, caplog, monkeypatch):
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -361,16 +365,21 @@ def test_strategy_rejects_hostile_replies_and_aggregates_the_rest(tmp_path, capl
         sent = Message(RecordDict({"config": ConfigRecord({"round": 2})}), dst_node_id=7, message_type="train")
         return Message(content, reply_to=sent)
 
-    good = wire.encode(wire.WireModel(layers_of(sizes, seed=4), 2))
-    metrics = MetricRecord({"samples": 10, "val_before": 0.5, "val_after": 0.6})
+    note = {"samples": 10, "val_before": 0.5, "val_after": 0.6, "seconds": 1.0}
+    good = wire.encode(wire.WireModel(layers_of(sizes, seed=4), 2, note=note))
     other = layers_of([16, 13, 3])
+
+    def model(layers_, rnd=2, **kw):
+        return RecordDict({"model": pack(wire.encode(wire.WireModel(layers_, rnd, note=dict(note, **kw))))})
+
     replies = [
-        reply(RecordDict({"model": pack(good), "metrics": metrics})),
-        reply(RecordDict({"model": pack(good[:-1] + bytes([good[-1] ^ 1])), "metrics": metrics})),  # corrupt
-        reply(RecordDict({"model": pack(wire.encode(wire.WireModel(other, 2))), "metrics": metrics})),  # shape
-        reply(RecordDict({"model": pack(wire.encode(wire.WireModel(layers, 1))), "metrics": metrics})),  # stale
-        reply(RecordDict({"model": pack(good), "metrics": MetricRecord({"samples": -3})})),  # bad count
-        reply(RecordDict({"model": ArrayRecord(), "metrics": metrics})),  # no array at all
+        reply(RecordDict({"model": pack(good)})),
+        reply(RecordDict({"model": pack(good[:-1] + bytes([good[-1] ^ 1]))})),  # corrupt
+        reply(model(other)),  # another network
+        reply(model(layers, 1)),  # a stale round
+        reply(model(layers, samples=-3)),  # a bad sample count
+        reply(RecordDict({"model": ArrayRecord()})),  # no array at all
+        reply(RecordDict({"model": pack(wire.encode(wire.WireModel(layers, 2)))})),  # no note
         reply(RecordDict({"status": ConfigRecord({"error": "does not fit"})})),
     ]
     with caplog.at_level("WARNING"):
@@ -378,5 +387,5 @@ def test_strategy_rejects_hostile_replies_and_aggregates_the_rest(tmp_path, capl
     assert len(used) == 1 and [l.nnz for l in new] == run.targets
     text = caplog.text
     for expected in ("checksum", "layer sizes", "round 1, not 2", "sample count", "one ctre-edge model array",
-                     "does not fit"):
+                     "does not fit", "no note"):
         assert expected in text

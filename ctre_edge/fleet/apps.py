@@ -22,7 +22,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -55,17 +55,18 @@ class SparseFleet(Strategy):
 
     def configure_train(self, server_round, arrays, config, grid):
         model = self.run.model
-        plain = wire.encode(wire.WireModel(model.layers, server_round), self.run.settings["value_dtype"])
+        note = {"settings": self.run.client_settings()}  # in the model array: no extra Flower object
+        plain = wire.encode(wire.WireModel(model.layers, server_round, note=note), self.run.settings["value_dtype"])
         scaled = None
         messages = []
         for node in grid.get_node_ids():
             if node in self.has_scaling:
                 blob = plain
             else:
-                scaled = scaled or wire.encode(wire.WireModel(model.layers, server_round, model.shift, model.scale),
-                                               self.run.settings["value_dtype"])
+                scaled = scaled or wire.encode(wire.WireModel(model.layers, server_round, model.shift, model.scale,
+                                                              note=note), self.run.settings["value_dtype"])
                 blob = scaled
-            content = RecordDict({"model": pack(blob), "config": config})
+            content = RecordDict({"model": pack(blob)})
             messages.append(Message(content, dst_node_id=node, message_type="train"))
         return messages
 
@@ -88,8 +89,10 @@ class SparseFleet(Strategy):
                 m = wire.decode(blob, self.run.model.sizes)
                 if m.round != server_round:
                     raise wire.WireError(f"reply is for round {m.round}, not {server_round}")
-                met = reply.content.metric_records["metrics"]
-                samples = float(met["samples"])
+                if m.note is None:
+                    raise wire.WireError("reply carries no note with its sample count")
+                met = {k: float(m.note[k]) for k in ("samples", "val_before", "val_after", "seconds")}
+                samples = met["samples"]
                 if not (np.isfinite(samples) and samples >= 1):
                     raise wire.WireError(f"reply has an invalid sample count {samples!r}")
             except Exception as e:  # noqa: BLE001 - no reply, however malformed, stops the server
@@ -100,7 +103,7 @@ class SparseFleet(Strategy):
             models.append(m.layers)
             weights.append(samples)
             votes.append(m.votes)
-            metrics.append({k: float(v) for k, v in met.items()} | {"node": node, "bytes_up": len(blob)})
+            metrics.append(met | {"node": node, "bytes_up": len(blob)})
         if len(models) < self.run.settings["min_replies"]:
             return None, metrics
         s = self.run.settings
@@ -136,8 +139,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     while run.round < settings["rounds"]:
         r = run.round + 1
         t0 = time.perf_counter()
-        config = ConfigRecord({"round": r, "settings": json.dumps(run.client_settings())})
-        messages = list(strategy.configure_train(r, None, config, grid))
+        messages = list(strategy.configure_train(r, None, ConfigRecord(), grid))
         replies, missing = _send_and_wait(grid, messages, settings)
         layers, metrics = strategy.aggregate_train(r, replies)
         seconds = time.perf_counter() - t0
@@ -248,10 +250,10 @@ def _train_round(msg: Message, context: Context) -> Message:
     from ..train import TrainConfig, split_data, train
 
     t0 = time.perf_counter()
-    cfg = msg.content.config_records["config"]
-    r = int(cfg["round"])
-    s = json.loads(str(cfg["settings"]))
     g = wire.decode(unpack(msg.content.array_records["model"]))
+    r, s = g.round, (g.note or {}).get("settings")
+    if not isinstance(s, dict):
+        return _refusal(msg, "the server's model message carries no settings")
     state_dir = Path(str(context.node_config.get("state-dir", ".")))
     scaling_file = state_dir / f"scaling-{s['run_id']}.npz"
     if g.shift is not None:
@@ -293,11 +295,10 @@ def _train_round(msg: Message, context: Context) -> Message:
     result = train(data, config, start_from=start)
     local = result.model
     votes = _votes(local, data, config, s) if s["rule"] == "regrow" and config.method.startswith("ctre") else []
-    blob = wire.encode(wire.WireModel(local.layers, r, votes=votes), s["value_dtype"])
-    metrics = MetricRecord({"samples": int(local.metrics["train_samples"]), "val_before": val_before,
-                            "val_after": float(local.metrics["best_val_accuracy"]),
-                            "seconds": time.perf_counter() - t0})
-    return Message(RecordDict({"model": pack(blob), "metrics": metrics}), reply_to=msg)
+    note = {"samples": int(local.metrics["train_samples"]), "val_before": val_before,
+            "val_after": float(local.metrics["best_val_accuracy"]), "seconds": time.perf_counter() - t0}
+    blob = wire.encode(wire.WireModel(local.layers, r, votes=votes, note=note), s["value_dtype"])
+    return Message(RecordDict({"model": pack(blob)}), reply_to=msg)
 
 
 def _votes(model, data, config, s) -> list:
