@@ -138,7 +138,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         run.setup(_collect_summaries(grid, settings))
     while run.round < settings["rounds"]:
         r = run.round + 1
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         messages = list(strategy.configure_train(r, None, ConfigRecord(), grid))
         replies, missing = _send_and_wait(grid, messages, settings)
         layers, metrics = strategy.aggregate_train(r, replies)
@@ -150,7 +150,8 @@ def _server_main(grid: Grid, context: Context) -> None:
             time.sleep(1.0)
             continue
         down = sum(len(m.content.array_records["model"]["m"].data) for m in messages)
-        run.finish_round(layers, metrics, seconds, sent=len(messages), missing=missing, payload_down=down)
+        run.finish_round(layers, metrics, seconds, sent=len(messages), missing=missing, payload_down=down,
+                         started=started)
         log(INFO, "round %s: %s replies, %s missing, %.1f s", r, len(metrics), missing, seconds)
     run.finish()
 

@@ -363,21 +363,25 @@ def _simulate(run_dir: Path, train: dict, *, clients: int, data: str, partition:
         say(f"fleet run {run_id}: {clients} SuperNodes and a SuperLink on 127.0.0.1, {partition} partition, "
             f"{rounds} rounds x {local_epochs} local epoch(s)")
         t_start = time.perf_counter()
-        last = [r.counts() for r in relays]
 
         def on_round(h, m):
-            now = [r.counts() for r in relays]
-            up = sum(n[0] - p[0] for n, p in zip(now, last)) / clients
-            down = sum(n[1] - p[1] for n, p in zip(now, last)) / clients
-            last[:] = now
             acc = float(np.mean(np.argmax(m.predict_proba(X_test), axis=1) == y_test)) if h["round"] == m.metrics["round"] \
                 else float("nan")
-            row = dict(h, test_accuracy=acc, socket_up=up, socket_down=down, elapsed=time.perf_counter() - t_start)
-            rows.append(row)
+            rows.append(dict(h, test_accuracy=acc, elapsed=time.perf_counter() - t_start))
             say(f"round {h['round']}/{rounds}: test accuracy {acc:.4f}, {h['replies']}/{h['sent']} replies, "
-                f"{down / 1e3:.1f} KB down / {up / 1e3:.1f} KB up per client at the socket, {h['seconds']:.1f} s")
+                f"{h['seconds']:.1f} s")
 
-        model = _follow(srv, settings, on_round, on_first=lambda m: last.__setitem__(slice(None), [r.counts() for r in relays]))
+        model = _follow(srv, settings, on_round)
+        time.sleep(0.5)
+        # Bytes of round r: from its start to the next round's start (the last: to its end), at every socket.
+        for i, row in enumerate(rows):
+            end = rows[i + 1]["started"] if i + 1 < len(rows) else row["finished"] + 0.3
+            a = [r.counts_at(row["started"]) for r in relays]
+            b = [r.counts_at(end) for r in relays]
+            row["socket_up"] = sum(y[0] - x[0] for x, y in zip(a, b)) / clients
+            row["socket_down"] = sum(y[1] - x[1] for x, y in zip(a, b)) / clients
+        total = [r.counts() for r in relays]
+        run_up, run_down = (sum(t[k] for t in total) / clients for k in (0, 1))
         flower = srv.status()
     finally:
         for p in nodes:
@@ -392,7 +396,8 @@ def _simulate(run_dir: Path, train: dict, *, clients: int, data: str, partition:
     doc = {"clients": clients, "partition": partition, "rounds": rounds, "local_epochs": local_epochs, "rule": rule,
            "method": train["method"], "sizes": model.sizes, "nnz": model.nnz, "value_dtype": value_dtype,
            "test_accuracy": rows[-1]["test_accuracy"] if rows else None, "payload_floor_bytes": floor,
-           "dense_fedavg_bytes": dense, "flower_traffic": traffic, "history": rows, "model": model}
+           "dense_fedavg_bytes": dense, "flower_traffic": traffic, "history": rows, "model": model,
+           "socket_total_per_client": {"up": run_up, "down": run_down}}
     if not quiet:
         _table(doc)
     return doc
@@ -402,18 +407,25 @@ def _table(doc: dict) -> None:
     from rich.table import Table
 
     cli = _cli()
-    t = Table(title=f"fleet simulate: {doc['clients']} clients, {doc['partition']}, {doc['method']}, rule {doc['rule']}")
-    for c in ("round", "test acc", "replies", "down KB/client", "up KB/client", "payload KB", "x floor (down)",
-              "dense / down", "seconds"):
+    t = Table(caption="KB per client at the socket; payload KB: the model message down", title=f"fleet simulate: {doc['clients']} clients, {doc['partition']}, {doc['method']}, rule {doc['rule']}")
+    for c in ("round", "test acc", "replies", "down KB", "up KB", "payload KB", "down/floor", "up/floor", "seconds"):
         t.add_column(c, justify="right")
     floor, dense = doc["payload_floor_bytes"], doc["dense_fedavg_bytes"]
     for h in doc["history"]:
         t.add_row(str(h["round"]), f"{h['test_accuracy']:.4f}", f"{h['replies']}/{h['sent']}",
                   f"{h['socket_down'] / 1e3:.1f}", f"{h['socket_up'] / 1e3:.1f}",
                   f"{h['payload_down'] / h['sent'] / 1e3:.1f}", f"{h['socket_down'] / floor:.2f}",
-                  f"{dense / max(1.0, h['socket_down']):.0f}x", f"{h['seconds']:.1f}")
+                  f"{h['socket_up'] / floor:.2f}", f"{h['seconds']:.1f}")
     cli.err.print(t)
     tr = doc["flower_traffic"]
+    n = len(doc["history"])
+    mean_down = sum(h["socket_down"] for h in doc["history"]) / max(1, n)
+    mean_up = sum(h["socket_up"] for h in doc["history"]) / max(1, n)
+    tot = doc["socket_total_per_client"]
+    cli.err.print(f"mean per client per round at the socket: {mean_down / 1e3:.1f} KB down ({mean_down / floor:.2f}x "
+                  f"the floor, {dense / mean_down:.0f}x less than dense), {mean_up / 1e3:.1f} KB up ({mean_up / floor:.2f}x, "
+                  f"{dense / mean_up:.0f}x less); whole run per client, setup included: {tot['down'] / 1e3:.1f} KB down, "
+                  f"{tot['up'] / 1e3:.1f} KB up")
     cli.err.print(f"payload floor {floor / 1e3:.1f} KB (connections x (2 + 4) + biases x 4); dense FedAvg "
                   f"{dense / 1e6:.2f} MB per client per direction; Flower's own count for the run: "
                   f"{tr.get('inbound-bytes', 0) / 1e3:.1f} KB in, {tr.get('outbound-bytes', 0) / 1e3:.1f} KB out")

@@ -242,11 +242,25 @@ class CountingRelay:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.closed = False
+        self.samples: list[tuple[float, int, int]] = []  # (wall time, up, down), every 0.1 s
         threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._sample, daemon=True).start()
 
     def counts(self) -> tuple[int, int]:
         with self.lock:
             return self.up, self.down
+
+    def counts_at(self, when: float) -> tuple[int, int]:
+        """(up, down) as they were at wall time ``when`` (the last sample before it)."""
+        import bisect
+
+        i = bisect.bisect_right(self.samples, (when, float("inf"), float("inf"))) - 1
+        return self.samples[i][1:] if i >= 0 else (0, 0)
+
+    def _sample(self) -> None:
+        while not self.closed:
+            self.samples.append((time.time(), *self.counts()))
+            time.sleep(0.1)
 
     def _accept(self) -> None:
         while not self.closed:

@@ -8,6 +8,7 @@ disagree after a crash. ``resume`` reloads it and continues with the next round.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,12 +100,12 @@ class RunState:
                 "value_dtype": s["value_dtype"], "classes": list(self.model.classes)}
 
     def finish_round(self, layers, metrics: list[dict], seconds: float, *, sent: int, missing: int,
-                     payload_down: int) -> None:
+                     payload_down: int, started: float = 0.0) -> None:
         self.model.layers = layers
         self.round += 1
         w = np.array([m["samples"] for m in metrics])
         self.history.append({
-            "round": self.round, "sent": sent, "replies": len(metrics), "missing": missing,
+            "round": self.round, "started": started, "finished": time.time(), "sent": sent, "replies": len(metrics), "missing": missing,
             "seconds": seconds, "samples": int(w.sum()),
             "val_before": float(np.average([m["val_before"] for m in metrics], weights=w)),
             "val_after": float(np.average([m["val_after"] for m in metrics], weights=w)),
