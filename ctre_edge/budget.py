@@ -40,9 +40,6 @@ PART_LABELS = {
     "similarity": "similarity scoring workspace (per epoch)",
     "update": "topology update temporaries (per epoch)",
     "compile": "numba compilation (cold cache only)",
-    "weights": "exported weights + indices + row pointers",
-    "biases": "exported biases and input scaling",
-    "inference": "activations for one sample",
 }
 
 
@@ -131,29 +128,29 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
     return MemoryPlan(parts, budget, profile)
 
 
-def plan_inference(sizes: list[int], nnz: list[int], profile) -> MemoryPlan:
-    """Bytes of the exported model on an inference-only device, against its model budget.
+def plan_inference(sizes: list[int], nnz: list[int], profile, quantize: str = "none",
+                   epsilon: float | None = None):
+    """Flash and RAM of the exported model on an inference-only device: the C export's ``McuPlan``.
 
-    Counted as a device runtime would hold the CSR form: float32 weights with 32-bit column
-    indices and row pointers, float32 biases and scaling, and two activation vectors for one sample.
+    Counted as ``export --format c`` writes it (``export_c.plan_c``): flash = const CSR data with
+    the smallest index types + code, RAM = static workspace + stack. Refuses (BudgetError) a
+    network above the profile's parameter or width caps, or whose flash exceeds
+    ``model_budget_bytes`` or RAM ``workspace_budget_bytes``, naming the part and the fix.
     """
+    from .export_c import plan_c, refuse_unless_fits
+
     params = sum(nnz) + sum(sizes[1:])
-    parts = {
-        "weights": sum(8 * z + 4 * (a + 1) for z, a in zip(nnz, sizes[:-1])),
-        "biases": 4 * sum(sizes[1:]) + 8 * sizes[0],
-        "inference": 8 * max(sizes),
-    }
-    plan = MemoryPlan(parts, profile.model_budget_bytes, profile.name, headroom=1.0)
     caps = []
     if params > profile.max_params:
         caps.append(f"{params:,} parameters exceed the cap of {profile.max_params:,}")
     if max(sizes[1:-1], default=0) > profile.max_layer_width:
         caps.append(f"a hidden layer exceeds the width cap of {profile.max_layer_width:,}")
-    if caps or not plan.fits:
-        need = f"about {plan.total / 1024:.0f} KiB" if plan.total < MiB else f"about {plan.total / MiB:.1f} MiB"
-        raise BudgetError(f"the exported model needs {need} on {profile.name}, which allows "
-                          f"{profile.model_budget_bytes / 1024:.0f} KiB" + (f" ({'; '.join(caps)})" if caps else "")
-                          + "; lower --epsilon or use fewer or narrower --hidden layers")
+    plan = plan_c(sizes, nnz, quantize, None, profile)
+    if caps:
+        raise BudgetError(f"the exported model needs about {plan.flash_total / 1024:.0f} KiB on {profile.name}, "
+                          f"which allows {profile.model_budget_bytes / 1024:.0f} KiB ({'; '.join(caps)}); "
+                          f"lower --epsilon or use fewer or narrower --hidden layers")
+    refuse_unless_fits(plan, sizes, nnz, epsilon)
     return plan
 
 
@@ -257,7 +254,7 @@ def plan_run(config, summary, profile=None, *, fit: bool = False, cold_cache: bo
         config.similarity_samples = min(config.similarity_samples, profile.similarity_sample_cap)
     shape = shape_of(config, summary, data_bytes)
     if profile is not None and not profile.can_train and inference_only_ok:
-        return plan_inference(shape.sizes, shape.nnz, profile)
+        return plan_inference(shape.sizes, shape.nnz, profile, epsilon=shape.epsilon)
     if profile is None:
         return plan_training(shape, cold_cache=cold_cache)
     check_caps(shape, profile)

@@ -310,15 +310,15 @@ def _show_plan(plan, as_json: bool) -> None:
         return
     from rich.table import Table
 
-    inference = "weights" in plan.parts
-    t = Table(title=("exported model size" if inference else "predicted peak memory")
-              + (f" on {plan.profile}" if plan.profile else ""))
+    if hasattr(plan, "flash"):  # a microcontroller: the C export's flash and RAM
+        _show_mcu_plan(plan)
+        return
+    t = Table(title="predicted peak memory" + (f" on {plan.profile}" if plan.profile else ""))
     t.add_column("part")
     t.add_column("bytes", justify="right")
     for k, v in plan.parts.items():
         t.add_row(PART_LABELS[k], _bytes(v))
-    total = "total" if inference else "peak (per-epoch parts overlap: only the larger counts)"
-    t.add_row(f"[bold]{total}[/bold]", f"[bold]{_bytes(plan.total)}[/bold]")
+    t.add_row("[bold]peak (per-epoch parts overlap: only the larger counts)[/bold]", f"[bold]{_bytes(plan.total)}[/bold]")
     if plan.budget is not None:
         t.add_row("budget" + (f" ({plan.headroom:.0%} usable)" if plan.headroom < 1 else ""), _bytes(plan.budget))
     err.print(t)
@@ -326,6 +326,24 @@ def _show_plan(plan, as_json: bool) -> None:
         err.print("--fit would change: " + ", ".join(plan.changes))
     if plan.budget is not None:
         err.print("[green]fits[/green]" if plan.fits else "[red]does not fit[/red]")
+
+
+def _show_mcu_plan(plan) -> None:
+    from rich.table import Table
+
+    from .export_c import part_label
+
+    t = Table(title=f"C export ({'float32' if plan.quantize == 'none' else plan.quantize}) on {plan.profile}")
+    t.add_column("memory")
+    t.add_column("part")
+    t.add_column("bytes", justify="right")
+    for where, parts, total, budget in (("flash", plan.flash, plan.flash_total, plan.flash_budget),
+                                        ("RAM", plan.ram, plan.ram_total, plan.ram_budget)):
+        for k, v in parts.items():
+            t.add_row(where, part_label(k, plan.quantize), f"{v:,}")
+        t.add_row(where, f"[bold]total[/bold] (budget {'-' if budget is None else f'{budget:,}'})", f"[bold]{total:,}[/bold]")
+    err.print(t)
+    err.print("[green]fits[/green]" if plan.fits else "[red]does not fit[/red]")
 
 
 def raise_exists(path: Path):
@@ -466,20 +484,29 @@ def warmup():
 @app.command()
 def export(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model written by train --out.")],
-    out: Annotated[Path, typer.Argument(metavar="OUT.onnx", help="The ONNX file to write.")],
-    kernel: Annotated[str, typer.Option(help="Per-layer compute: auto, sparse-ops, dense or sparse-initializer.")] = "auto",
-    profile: Annotated[Optional[str], typer.Option(help="Target device profile: dense forms never exceed its memory budget; microcontrollers check the model size.")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite OUT.onnx if it exists.")] = False,
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="OUT.onnx, or NAME.c / NAME.h for C (both files are written).")],
+    fmt: Annotated[Optional[str], typer.Option("--format", help="onnx or c (default: from OUT: .c or .h is C, anything else ONNX).")] = None,
+    kernel: Annotated[str, typer.Option(help="ONNX: per-layer compute: auto, sparse-ops, dense or sparse-initializer.")] = "auto",
+    quantize: Annotated[str, typer.Option(help="C: none (float32) or int8 (int8 weights with a scale per neuron, int8 activations, int32 accumulation).")] = "none",
+    data: Annotated[Optional[str], typer.Option(help="C: the model's training data (any train --data format): report float32 and int8 accuracy on its own test split, rebuilt from the model's seed.")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="Target device profile: microcontrollers check flash and RAM (C) or the model size (ONNX); for ONNX, dense forms never exceed its memory budget.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite OUT if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ):
-    """Export a trained model to ONNX, checked against the trainer's own predictions before writing."""
+    """Export a trained model to ONNX or to C for microcontrollers, checked before anything is written."""
 
     def body():
         from .budget import plan_inference
         from .export import export_onnx
+        from .export_c import infer_format
         from .model import SparseMLP
         from .profiles import load_profile
 
+        if infer_format(out, fmt) == "c":
+            _export_c(model_path, out, quantize, data, profile, force, as_json)
+            return
+        if quantize != "none" or data is not None:
+            raise ConfigError("--quantize and --data apply to the C export (--format c); ONNX export is float32")
         if out.exists() and not force:
             raise_exists(out)
         model = SparseMLP.load(model_path)
@@ -489,7 +516,7 @@ def export(
             if prof.can_train:
                 budget = prof.train_budget_bytes
             else:  # a microcontroller: the model must fit its memory, or nothing is written
-                plan_inference(model.sizes, model.nnz, prof)
+                plan_inference(model.sizes, model.nnz, prof, epsilon=model.config.get("epsilon"))
                 budget = prof.model_budget_bytes
         report = export_onnx(model, out, kernel=kernel, budget_bytes=budget, force=force)
         if as_json:
@@ -499,6 +526,47 @@ def export(
                       f"max |difference| from the trainer {report['max_abs_diff']:.2e})")
 
     _run(body)
+
+
+def _export_c(model_path, out, quantize, data, profile, force, as_json) -> None:
+    from .export_c import c_paths, export_c, own_test_split
+    from .model import SparseMLP
+    from .profiles import load_profile
+
+    for path in c_paths(out):
+        if path.exists() and not force:
+            raise_exists(path)
+    model = SparseMLP.load(model_path)
+    prof = load_profile(profile) if profile else None
+    check = None
+    if data is not None:
+        from .data import load_data
+
+        check = own_test_split(model, load_data(data))
+    report = export_c(model, out, quantize=quantize, profile=prof, force=force, check=check)
+    if as_json:
+        _print_json(report)
+        return
+    m = report["memory"]
+    if not report.get("split_matches_training", True):
+        err.print(f"[yellow]warning:[/yellow] float32 accuracy on {data} differs from the accuracy stored at training: "
+                  f"it is not the data (or test split) the model was trained with")
+    err.print(f"wrote {report['header']} and {report['source']}: about {_bytes(m['flash_bytes'])} of flash "
+              f"({_bytes(m['flash']['code'])} of it code) and {_bytes(m['ram']['workspace'])} of static RAM + "
+              f"~{m['ram']['stack']} B of stack on a Cortex-M" + (f" ({prof.name} allows {_bytes(m['flash_budget_bytes'])} "
+                                                                   f"and {_bytes(m['ram_budget_bytes'])})" if prof and m['flash_budget_bytes'] else ""))
+    if quantize == "int8":
+        line = f"int8: labels agree with float32 on {report['agreement']:.1%} of {report['agreement_samples']} deterministic inputs"
+        if "accuracy_int8" in report:
+            change = 100 * (report["accuracy_int8"] - report["accuracy_float32"])
+            line += (f"; test accuracy {report['accuracy_float32']:.4f} (float32) -> {report['accuracy_int8']:.4f} (int8), "
+                     f"{change:+.2f} points on the model's test split ({report['check_count']} samples of {data})")
+        else:
+            line += "; pass --data with the training data to measure the accuracy change on the model's test split"
+        err.print(line)
+    elif "accuracy_float32" in report:
+        err.print(f"test accuracy {report['accuracy_float32']:.4f} on the model's test split "
+                  f"({report['check_count']} samples of {data})")
 
 
 @app.command()

@@ -8,30 +8,33 @@ Profile file schema
 -------------------
 One flat TOML table; sub-tables and unknown keys are rejected.
 
-=====================  ====  ================  ==========================================
-key                    type  required          constraint and meaning
-=====================  ====  ================  ==========================================
-name                   str   always            non-empty; equals the file stem for shipped
-                                               profiles (``rpi-zero-2w.toml`` -> ``rpi-zero-2w``)
-description            str   always            non-empty, human-readable device name
-arch                   str   always            non-empty, e.g. "aarch64", "xtensa",
-                                               "armv7e-m", "armv8-m"
-cores                  int   always            >= 1, CPU cores
-ram_bytes              int   always            >= 1, physical RAM (or SRAM) in bytes
-can_train              bool  always            false for inference-only microcontrollers
-train_budget_bytes     int   if can_train      in [1, ram_bytes]; RAM minus what the OS and
-                                               its services keep. The Python interpreter and
-                                               libraries are NOT subtracted here: the memory
-                                               planner counts them.
-threads                int   always            in [1, cores], worker threads for kernels
-max_params             int   always            >= 1, cap on connections + biases
-max_layer_width        int   always            >= 1, cap on neurons in one hidden layer
-similarity_sample_cap  int   always            >= 1, training samples used for the cosine
-                                               similarity scores each epoch
-flash_bytes            int   optional          >= 1, on-chip (or on-module) flash
-model_budget_bytes     int   if not can_train  in [1, ram_bytes + flash_bytes]; bytes the
-                                               exported weights + indices may occupy
-=====================  ====  ================  ==========================================
+======================  ====  ================  ==========================================
+key                     type  required          constraint and meaning
+======================  ====  ================  ==========================================
+name                    str   always            non-empty; equals the file stem for shipped
+                                                profiles (``rpi-zero-2w.toml`` -> ``rpi-zero-2w``)
+description             str   always            non-empty, human-readable device name
+arch                    str   always            non-empty, e.g. "aarch64", "xtensa",
+                                                "armv7e-m", "armv8-m"
+cores                   int   always            >= 1, CPU cores
+ram_bytes               int   always            >= 1, physical RAM (or SRAM) in bytes
+can_train               bool  always            false for inference-only microcontrollers
+train_budget_bytes      int   if can_train      in [1, ram_bytes]; RAM minus what the OS and
+                                                its services keep. The Python interpreter and
+                                                libraries are NOT subtracted here: the memory
+                                                planner counts them.
+threads                 int   always            in [1, cores], worker threads for kernels
+max_params              int   always            >= 1, cap on connections + biases
+max_layer_width         int   always            >= 1, cap on neurons in one hidden layer
+similarity_sample_cap   int   always            >= 1, training samples used for the cosine
+                                                similarity scores each epoch
+flash_bytes             int   optional          >= 1, on-chip (or on-module) flash
+model_budget_bytes      int   if not can_train  in [1, ram_bytes + flash_bytes]; bytes the
+                                                exported model may occupy (for the C export:
+                                                its const data + code, ``text`` of NAME.o)
+workspace_budget_bytes  int   optional          in [1, ram_bytes]; RAM the C export's static
+                                                workspace + stack may use (default ram_bytes)
+======================  ====  ================  ==========================================
 
 "int" means a TOML integer: ``true`` and ``4.0`` are rejected for int keys.
 """
@@ -81,6 +84,7 @@ class Profile:
     train_budget_bytes: int | None = None
     model_budget_bytes: int | None = None
     flash_bytes: int | None = None
+    workspace_budget_bytes: int | None = None
     path: Path | None = None  # the TOML file it came from; None when built in code
 
 
@@ -103,6 +107,7 @@ _SCHEMA: tuple[tuple[str, type, tuple[int, tuple[str, ...]] | None, str], ...] =
     ("max_layer_width", int, (1, ()), _ALWAYS),
     ("similarity_sample_cap", int, (1, ()), _ALWAYS),
     ("model_budget_bytes", int, (1, ("ram_bytes", "flash_bytes")), _IF_INFER),
+    ("workspace_budget_bytes", int, (1, ("ram_bytes",)), _OPTIONAL),
 )
 _KEYS = [row[0] for row in _SCHEMA]
 _WHEN = {
@@ -359,6 +364,7 @@ def profile_rows(profile: Profile) -> list[tuple[str, str]]:
         ("can_train", "yes" if profile.can_train else "no (inference only)"),
         ("train_budget_bytes", size(profile.train_budget_bytes)),
         ("model_budget_bytes", size(profile.model_budget_bytes)),
+        ("workspace_budget_bytes", size(profile.workspace_budget_bytes)),
         ("max_params", f"{profile.max_params:,}"),
         ("max_layer_width", f"{profile.max_layer_width:,}"),
         ("similarity_sample_cap", f"{profile.similarity_sample_cap:,}"),

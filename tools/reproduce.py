@@ -203,6 +203,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, help=f"epochs for every data set (default: the protocol's; paper {DEFAULT_EPOCHS})")
     ap.add_argument("--epochs-for", default="", help="per data set epochs, e.g. mnist=20 (overrides --epochs)")
     ap.add_argument("--hidden", default="1000,1000,1000", help="hidden layer widths")
+    ap.add_argument("--epsilon", type=float, help="Erdos-Renyi epsilon of the sparse methods (default: the protocol's, 1)")
     ap.add_argument("--similarity-samples", type=int,
                     help="S for the cosine scores of ctre-* (default: paper 2000, defaults TrainConfig's)")
     ap.add_argument("--dense-engine", choices=("numpy", "ctre"), default="numpy",
@@ -274,6 +275,8 @@ def main(argv=None):
         data = load_data(str(path))
         name = dataset_name(path)
         settings = settings_for(args.settings, name, epochs_for.get(name.lower(), args.epochs))
+        if args.epsilon is not None:
+            settings["epsilon"] = args.epsilon
         labels = data.y_test if data.y_test is not None else data.y
         chance = float(np.bincount(labels).max() / labels.shape[0])
         print(f"{name}: {', '.join(f'{k} {v}' for k, v in settings.items())}", file=sys.stderr, flush=True)
