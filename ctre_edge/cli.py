@@ -467,5 +467,10 @@ def profiles_show(name: Annotated[str, typer.Argument(help="A profile name or a 
     _run(body)
 
 
+from .fleet.cli import fleet_app  # noqa: E402 - after the commands it reuses; imports no Flower module
+
+app.add_typer(fleet_app, name="fleet")
+
+
 if __name__ == "__main__":
     app()

@@ -24,7 +24,7 @@ from . import kernels
 from .checkpoint import Checkpointing, EpochStats, TrainState
 from .config import TrainConfig
 from .data import Dataset, fit_scaling, stratified_split
-from .errors import CtreError, DivergedError
+from .errors import ConfigError, CtreError, DivergedError
 from .evolve import TopologyPolicy
 from .fileio import fault_point
 from .layers import LINEAR_GAIN, RELU_GAIN, SparseLayer, erdos_renyi_layer
@@ -94,14 +94,17 @@ BATCHES_PER_CALL = 32  # Python regains control this often within an epoch (sign
 
 def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], None] | None = None, *,
           checkpointing: Checkpointing | None = None, stop_requested: Callable[[], int] | None = None,
-          warn: Callable[[str], None] = lambda message: None, budget: RowBudget | None = None) -> TrainResult:
+          warn: Callable[[str], None] = lambda message: None, budget: RowBudget | None = None,
+          start_from: SparseMLP | None = None) -> TrainResult:
     """Train a sparse MLP on ``data``; returns the best-validation model and the per-epoch history.
 
     With ``checkpointing``, the full state is saved every ``every`` epochs (and at the last one),
     and ``resume`` continues from the newest valid checkpoint, giving the same model bit for bit
     as an uninterrupted run. ``stop_requested()`` returning a signal number ends the run after the
     epoch in progress, with a checkpoint, by raising ``Interrupted``. ``budget`` (a ``RowBudget``)
-    lets a benchmark time and shorten epochs through a supported hook.
+    lets a benchmark time and shorten epochs through a supported hook. ``start_from`` continues
+    training a given model (its layers and input scaling replace the Erdos-Renyi init and the
+    scaling fit; momentum starts at zero), as a fleet client does each round.
 
     Longer than most functions on purpose: the order of the steps of an epoch (train, divergence
     check, validation, best snapshot, update, checkpoint, progress, signal) is the contract that makes
@@ -111,9 +114,17 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     seeds = np.random.SeedSequence(config.seed).spawn(4)
     rng_split, rng_init, rng_shuffle, rng_evolve = (np.random.default_rng(s) for s in seeds)
     train_rows, val_rows, X_test, y_test = split_data(data, config, rng_split)
-    shift, scale = fit_scaling(data.X, train_rows, config.scaling)
     sizes = [data.n_features, *config.hidden, len(data.classes)]
     classes = list(data.classes)
+    if start_from is not None:
+        if checkpointing is not None and checkpointing.resume:
+            raise ConfigError("start_from and resume exclude each other: a resumed run continues its checkpoint")
+        if start_from.sizes != sizes or [str(c) for c in start_from.classes] != [str(c) for c in classes]:
+            raise ConfigError(f"start_from has layer sizes {start_from.sizes} and classes {start_from.classes}; "
+                              f"this data and config need {sizes} and {classes}")
+        shift, scale = start_from.shift, start_from.scale
+    else:
+        shift, scale = fit_scaling(data.X, train_rows, config.scaling)
     policy = TopologyPolicy(config, data.X, train_rows, shift, scale)
     data_print = ""
     if checkpointing is not None:
@@ -124,7 +135,8 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         state = TrainState.restore(arrays, meta, sizes, classes, rng_shuffle, rng_evolve)
         policy.restore(meta["policy"])
     else:
-        net = PackedNet.from_layers(init_layers(sizes, config.epsilon, rng_init, config.init))
+        net = PackedNet.from_layers(start_from.layers if start_from is not None
+                                    else init_layers(sizes, config.epsilon, rng_init, config.init))
         state = TrainState(net, net.snapshot(), rng_shuffle, rng_evolve)
 
     trainer = _EpochTrainer(data, config, state.net, shift, scale, train_rows, policy, budget)

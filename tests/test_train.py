@@ -128,3 +128,19 @@ def test_ctre_seq_early_stop_counts_from_its_switch_to_random(digits):
     switched = next(s.epoch for s in result.history if s.changed and s.grown_cosine == 0)
     assert len(result.history) >= switched + 2
     assert len(result.history) - max(result.best_epoch, switched - 1) >= 2
+
+
+def test_start_from_continues_the_given_model(digits):
+    first = train(digits, small(method="set", epochs=3, seed=2)).model
+    # lr 0 with a static topology: the model comes back unchanged, scaling included.
+    same = train(digits, small(method="static", epochs=1, lr=0.0, seed=5), start_from=first).model
+    for a, b in zip(first.layers, same.layers):
+        assert np.array_equal(a.indices, b.indices) and np.array_equal(a.values, b.values)
+        assert np.array_equal(a.bias, b.bias)
+    assert np.array_equal(first.shift, same.shift) and np.array_equal(first.scale, same.scale)
+    # Continuing to train starts from the trained weights, not from a fresh random network.
+    fresh = train(digits, small(method="set", epochs=1, seed=5)).history[0].val_accuracy
+    continued = train(digits, small(method="set", epochs=1, seed=5), start_from=first).history[0].val_accuracy
+    assert continued > fresh + 0.1
+    with pytest.raises(ConfigError, match="start_from has layer sizes"):
+        train(digits, small(hidden=(32, 64)), start_from=first)

@@ -1,0 +1,390 @@
+"""Fleet training (issue 14): wire format, aggregation, partitions, and real Flower processes on loopback."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctre_edge.errors import ConfigError, DataError
+from ctre_edge.fleet import wire
+from ctre_edge.fleet.aggregate import aggregate
+from ctre_edge.fleet.partition import assign, parse_partition
+from ctre_edge.layers import check_layer, erdos_renyi_layer, linear_positions
+
+HAS_FLWR = sys.version_info >= (3, 11) and importlib.util.find_spec("flwr") is not None
+needs_flwr = pytest.mark.skipif(not HAS_FLWR, reason="the 'fleet' extra (flwr) is not installed")
+
+
+def layers_of(sizes, epsilon=2.0, seed=0):
+    rng = np.random.default_rng(seed)
+    layers = [erdos_renyi_layer(sizes[l], sizes[l + 1], epsilon, rng) for l in range(len(sizes) - 1)]
+    return [l._replace(bias=rng.normal(size=l.n_out).astype(np.float32)) for l in layers]
+
+
+# -- wire format ----------------------------------------------------------------------------------
+def test_wire_round_trip_is_exact_and_deterministic():
+    layers = layers_of([30, 300, 10])
+    m = wire.WireModel(layers, 7, np.arange(30, dtype=np.float32), np.ones(30, np.float32),
+                       votes=[np.array([9, 5], np.int64), np.array([2999, 7, 70000 % 3000], np.int64)],
+                       note={"samples": 12, "x": [1.5]})
+    blob = wire.encode(m)
+    assert blob == wire.encode(m)
+    back = wire.decode(blob, [30, 300, 10])
+    assert back.round == 7 and np.array_equal(back.shift, m.shift) and np.array_equal(back.scale, m.scale)
+    assert [v.tolist() for v in back.votes] == [[5, 9], [7, 1000, 2999]]  # sorted, gap-coded
+    assert back.note == {"samples": 12, "x": [1.5]}
+    far = wire.decode(wire.encode(wire.WireModel(layers, votes=[np.array([0, 8999]), np.array([3])])))
+    assert [v.tolist() for v in far.votes] == [[0, 8999], [3]]
+    for a, b in zip(layers, back.layers):
+        for name in ("indptr", "indices", "values", "bias"):
+            assert np.array_equal(getattr(a, name), getattr(b, name))
+        check_layer(b)
+    # Widths follow the numbers: a 10-wide layer needs one byte per column index.
+    assert len(wire.encode(wire.WireModel(layers))) < sum(l.nnz * 6 + l.n_in * 2 + l.n_out * 4 for l in layers)
+
+
+def test_wire_float16_halves_values():
+    layers = layers_of([50, 60, 10])
+    f32, f16 = wire.encode(wire.WireModel(layers)), wire.encode(wire.WireModel(layers), "float16")
+    assert len(f32) - len(f16) == sum(2 * (l.nnz + l.n_out) for l in layers)
+    back = wire.decode(f16)
+    assert np.allclose(back.layers[0].values, layers[0].values, rtol=1e-3, atol=1e-3)
+
+
+def test_wire_size_of_the_mnist_network_is_near_the_floor():
+    sizes = [784, 1000, 1000, 1000, 10]
+    layers = layers_of(sizes, epsilon=1.0)
+    assert sum(l.nnz for l in layers) == 6794
+    blob = wire.encode(wire.WireModel(layers))
+    floor = wire.payload_floor(layers)
+    assert floor == 6794 * 6 + 3010 * 4
+    assert len(blob) < 1.1 * floor
+    assert wire.dense_bytes(sizes) / len(blob) > 185
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:10], "too short"),
+    (lambda b: b"XXXXXXX" + b[7:], "bad magic"),
+    (lambda b: b[:7] + bytes([9]) + b[8:], "version 9"),
+    (lambda b: b[:40] + bytes([b[40] ^ 1]) + b[41:], "checksum"),
+    (lambda b: b[:-20] + b[-8:], "checksum"),
+])
+def test_wire_rejects_damaged_messages(damage, message):
+    blob = wire.encode(wire.WireModel(layers_of([20, 30, 5])))
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode(damage(blob))
+
+
+def _reseal(body: bytes) -> bytes:
+    import hashlib
+
+    return body + hashlib.blake2b(body, digest_size=wire.DIGEST).digest()
+
+
+def test_wire_rejects_well_sealed_hostile_messages():
+    layers = layers_of([20, 30, 5])
+    # A correct checksum does not make a bad topology acceptable: duplicate columns in a row.
+    bad = layers[0]._replace(indices=np.zeros_like(layers[0].indices))
+    with pytest.raises(wire.WireError, match="invalid topology"):
+        wire.decode(wire.encode(wire.WireModel([bad, layers[1]])))
+    nan = layers[1]._replace(values=np.full_like(layers[1].values, np.nan))
+    with pytest.raises(wire.WireError, match="NaN"):
+        wire.decode(wire.encode(wire.WireModel([layers[0], nan])))
+    blob = wire.encode(wire.WireModel(layers))[:-wire.DIGEST]
+    # A header claiming huge layers must fail on the length check, before any allocation.
+    huge = bytearray(blob)
+    huge[wire._HEAD.size:wire._HEAD.size + 4] = np.uint32(1 << 24).tobytes()
+    with pytest.raises(wire.WireError):
+        wire.decode(_reseal(bytes(huge)))
+    with pytest.raises(wire.WireError, match="describes"):
+        wire.decode(_reseal(blob + b"\0"))
+    with pytest.raises(wire.WireError, match="layer sizes"):
+        wire.decode(wire.encode(wire.WireModel(layers)), [20, 31, 5])
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # random bytes never raise anything but WireError
+        junk = bytes(rng.integers(0, 256, rng.integers(0, 300), dtype=np.uint8))
+        with pytest.raises(wire.WireError):
+            wire.decode(junk)
+
+
+# -- aggregation ----------------------------------------------------------------------------------
+def test_aggregate_weighted_mean_over_holders_then_magnitude_cut():
+    a = layers_of([8, 6], epsilon=1.0, seed=1)
+    b = layers_of([8, 6], epsilon=1.0, seed=2)
+    target = a[0].nnz
+    out = aggregate([a, b], [3.0, 1.0], [target], rule="feddst")[0]
+    check_layer(out)
+    assert out.nnz == target
+    pa, pb = linear_positions(a[0]), linear_positions(b[0])
+    expect = {}
+    for p in np.union1d(pa, pb):
+        vals, ws = [], []
+        for pos, layer, w in ((pa, a[0], 3.0), (pb, b[0], 1.0)):
+            if p in pos:
+                vals.append(layer.values[np.searchsorted(pos, p)] * w)
+                ws.append(w)
+        expect[int(p)] = sum(vals) / sum(ws)  # clients without the connection do not count
+    strongest = sorted(expect, key=lambda p: (-abs(expect[p]), p))[:target]
+    assert sorted(linear_positions(out).tolist()) == sorted(strongest)
+    got = dict(zip(linear_positions(out).tolist(), out.values.tolist()))
+    assert all(abs(got[p] - expect[p]) < 1e-6 for p in strongest)
+    assert np.allclose(out.bias, (3 * a[0].bias + b[0].bias) / 4)
+
+
+def test_aggregate_regrow_grows_voted_positions_with_zero_weight():
+    a = layers_of([40, 30], epsilon=2.0, seed=3)
+    target = a[0].nnz
+    k = int(np.floor(0.2 * target))
+    held = set(linear_positions(a[0]).tolist())
+    voted = np.array([p for p in range(40 * 30) if p not in held][:k], np.int64)
+    out = aggregate([a], [1.0], [target], rule="regrow", zeta=0.2, votes=[[voted]])[0]
+    check_layer(out)
+    pos = linear_positions(out)
+    assert out.nnz == target and set(voted.tolist()) <= set(pos.tolist())
+    assert np.all(out.values[np.isin(pos, voted)] == 0)
+    # Without votes, as many grow at random; the result is the same for the same generator.
+    r1 = aggregate([a], [1.0], [target], rule="regrow", rng=np.random.default_rng(5))[0]
+    r2 = aggregate([a], [1.0], [target], rule="regrow", rng=np.random.default_rng(5))[0]
+    assert r1.nnz == target and np.array_equal(r1.indices, r2.indices)
+    assert int(np.sum(r1.values == 0)) == k
+
+
+def test_partitions():
+    y = np.repeat(np.arange(5), 40)
+    rng = np.random.default_rng(0)
+    iid = assign(y, 4, "iid", 0.0, rng)
+    assert sorted(np.concatenate(iid).tolist()) == list(range(200))
+    skew = assign(y, 4, "dirichlet", 0.1, rng)
+    assert sorted(np.concatenate(skew).tolist()) == list(range(200))
+    counts = np.array([np.bincount(y[p], minlength=5) for p in skew])
+    assert counts.min() >= 2  # the stratified validation split needs 2 per class
+    assert counts.max() > 3 * counts.mean()  # and alpha 0.1 is visibly skewed
+    assert parse_partition("dirichlet:0.3") == ("dirichlet", 0.3)
+    for bad in ("dirichlet:0", "dirichlet:x", "shards"):
+        with pytest.raises(ConfigError, match="--partition"):
+            parse_partition(bad)
+    with pytest.raises(DataError, match="fewer --clients"):
+        assign(y, 30, "iid", 0.0, rng)
+
+
+# -- command line without and with the extra ------------------------------------------------------
+def run_cli(*args, env=None, timeout=120, **kw):
+    return subprocess.run([sys.executable, "-m", "ctre_edge.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL, **kw)
+
+
+def test_fleet_without_the_extra_says_how_to_install(tmp_path):
+    # A stand-in package that hides flwr, as on a machine without the extra.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nclass _Hide:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'flwr' or name.startswith('flwr.'):\n            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, _Hide())\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    r = run_cli("fleet", "simulate", "--clients", "2", env=env)
+    assert r.returncode == 2, r.stderr
+    assert "pip install 'ctre-edge[fleet]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["train", "--epochs", "1", "--hidden", "8", "--no-checkpoint", "--quiet"],
+                                  ["profiles", "list"], ["data", "inspect", "builtin:digits"],
+                                  ["fleet", "--help"]])
+def test_no_other_command_imports_flwr(args):
+    code = ("import sys\nfrom ctre_edge.cli import app\ntry:\n    app(%r, standalone_mode=False)\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('FLWR:' + str(any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules)))\n") % (args,)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "FLWR:False"
+
+
+@needs_flwr
+def test_client_that_cannot_hold_the_run_refuses_before_joining(tmp_path):
+    r = run_cli("fleet", "client", "--data", "builtin:digits", "--profile", "rpi-zero-2w", "--hidden",
+                "20000,20000", "--epsilon", "50", "--insecure", "--superlink", "127.0.0.1:9")
+    assert r.returncode == 3, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "error:" in r.stderr
+
+
+# -- real processes on loopback -------------------------------------------------------------------
+SMALL = ["--hidden", "24,24", "--epsilon", "3", "--similarity-samples", "100", "--lr", "0.2"]
+
+
+@needs_flwr
+@pytest.mark.slow
+def test_simulate_trains_and_measures_bytes_at_the_socket(tmp_path):
+    r = run_cli("fleet", "simulate", "--clients", "3", "--rounds", "3", "--local-epochs", "3", "--method", "ctre-sim", *SMALL,
+                "--dir", str(tmp_path / "run"), "--json", timeout=400)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(r.stdout)
+    assert [h["round"] for h in doc["history"]] == [1, 2, 3]
+    assert all(h["replies"] == 3 for h in doc["history"])
+    assert doc["test_accuracy"] > 0.3  # digits: chance is 0.1
+    for h in doc["history"]:
+        # Real traffic: at least the payload went over the socket, both ways.
+        assert h["socket_down"] >= h["payload_down"] / h["sent"]
+        assert h["socket_up"] >= h["payload_up"] / h["replies"]
+    assert doc["flower_traffic"]["total-bytes"] > 0
+    assert sum(doc["nnz"]) == sum(round(3 * (a + b)) for a, b in zip([64, 24, 24], [24, 24, 10]))
+
+
+def _wait_round(run_dir: Path, r: int, timeout: float) -> dict:
+    from ctre_edge.fleet.state import read_checkpoint
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            m = read_checkpoint(run_dir)
+        except Exception:  # noqa: BLE001 - being replaced
+            m = None
+        if m is not None and m.metrics["round"] >= r:
+            return m.metrics
+        time.sleep(0.3)
+    raise AssertionError(f"round {r} not reached in {timeout} s; see {run_dir}")
+
+
+def _client(i, port, data, tmp_path):
+    log = open(tmp_path / f"client{i}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "ctre_edge.cli", "fleet", "client", "--data", str(data),
+                             "--superlink", f"127.0.0.1:{port}", "--insecure", "--port", str(_free_port()),
+                             "--state-dir", str(tmp_path / f"state{i}"), *SMALL[:4]],
+                            stdout=log, stderr=log, start_new_session=True,
+                            env=dict(os.environ, FLWR_HOME=str(tmp_path / f"home{i}")))
+
+
+def _server(run_dir, port, rounds, *extra):
+    log = open(run_dir.parent / "server.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "ctre_edge.cli", "fleet", "server", "--dir", str(run_dir),
+                             "--port", str(port), "--rounds", str(rounds), "--min-clients", "3", "--min-replies", "2",
+                             "--round-timeout", "30", *SMALL, *extra],
+                            stdout=log, stderr=log, start_new_session=True)
+
+
+def _free_port():
+    from ctre_edge.fleet.runner import free_port
+
+    return free_port()
+
+
+def _kill(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+@pytest.fixture
+def client_files(tmp_path):
+    from ctre_edge.data import load_data
+
+    d = load_data("builtin:digits")
+    files = []
+    for i, part in enumerate(np.array_split(np.random.default_rng(0).permutation(d.X.shape[0]), 3)):
+        files.append(tmp_path / f"part{i}.npz")
+        np.savez(files[-1], X=d.X[part], y=np.asarray(d.classes)[d.y[part]])
+    return files
+
+
+@needs_flwr
+@pytest.mark.slow
+def test_killed_clients_do_not_stop_the_run_and_rejoin(tmp_path, client_files):
+    port, run_dir = _free_port(), tmp_path / "run"
+    server = _server(run_dir, port, 4)
+    clients = [_client(i, port, f, tmp_path) for i, f in enumerate(client_files)]
+    try:
+        first = _wait_round(run_dir, 1, 180)
+        _kill(clients[0])  # mid-run: round 2 is under way
+        _wait_round(run_dir, 2, 120)
+        clients[0] = _client(0, port, client_files[0], tmp_path)  # restarted: a new node joins
+        metrics = _wait_round(run_dir, 4, 300)
+        assert server.wait(120) == 0, (tmp_path / "server.log").read_text()[-2000:]
+    finally:
+        for p in clients + [server]:
+            _kill(p)
+    history = metrics["history"]
+    assert [h["round"] for h in history] == [1, 2, 3, 4]
+    before = set(first["history"][0]["nodes"])
+    assert len(before) == 3
+    assert history[1]["replies"] == 2 and set(history[1]["nodes"]) < before  # the round it died in still counted
+    rejoined = {n for h in history[2:] for n in h["nodes"]} - before
+    assert len(rejoined) == 1  # the restarted client took part in a later round as a new node
+
+
+@needs_flwr
+@pytest.mark.slow
+def test_server_killed_mid_run_resumes_from_its_last_round(tmp_path, client_files):
+    port, run_dir = _free_port(), tmp_path / "run"
+    server = _server(run_dir, port, 4)
+    clients = [_client(i, port, f, tmp_path) for i, f in enumerate(client_files)]
+    try:
+        _wait_round(run_dir, 2, 240)
+        _kill(server)
+        os.killpg(int((run_dir / "superlink.pid").read_text()), signal.SIGKILL)
+        crashed_at = _wait_round(run_dir, 0, 5)["round"]
+        server = _server(run_dir, port, 4, "--resume")
+        metrics = _wait_round(run_dir, 4, 300)
+        assert server.wait(120) == 0, (tmp_path / "server.log").read_text()[-2000:]
+    finally:
+        for p in clients + [server]:
+            _kill(p)
+    assert crashed_at >= 2
+    assert [h["round"] for h in metrics["history"]] == [1, 2, 3, 4]
+    assert f"resuming after round {crashed_at}" in (tmp_path / "server.log").read_text()
+
+
+@needs_flwr
+def test_strategy_rejects_hostile_replies_and_aggregates_the_rest(tmp_path, caplog, monkeypatch):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from ctre_edge.fleet.apps import SparseFleet, pack
+    from ctre_edge.fleet.state import RunState
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # what a ServerApp process sets before making messages
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    from ctre_edge.model import SparseMLP
+    from ctre_edge.train import TrainConfig
+
+    sizes = [16, 12, 3]
+    layers = layers_of(sizes)
+    run = RunState({"run_dir": str(tmp_path), "train": TrainConfig(seed=1).to_dict(), "rule": "regrow",
+                    "min_replies": 1, "targets": [l.nnz for l in layers], "rounds": 3, "local_epochs": 1,
+                    "round_timeout": 5.0, "value_dtype": "float32"})
+    run.model = SparseMLP(layers, np.zeros(16, np.float32), np.ones(16, np.float32), [0, 1, 2])
+    strategy = SparseFleet(run)
+
+    def reply(content):
+        sent = Message(RecordDict({"config": ConfigRecord({"round": 2})}), dst_node_id=7, message_type="train")
+        return Message(content, reply_to=sent)
+
+    note = {"samples": 10, "val_before": 0.5, "val_after": 0.6, "seconds": 1.0}
+    good = wire.encode(wire.WireModel(layers_of(sizes, seed=4), 2, note=note))
+    other = layers_of([16, 13, 3])
+
+    def model(layers_, rnd=2, **kw):
+        return RecordDict({"model": pack(wire.encode(wire.WireModel(layers_, rnd, note=dict(note, **kw))))})
+
+    replies = [
+        reply(RecordDict({"model": pack(good)})),
+        reply(RecordDict({"model": pack(good[:-1] + bytes([good[-1] ^ 1]))})),  # corrupt
+        reply(model(other)),  # another network
+        reply(model(layers, 1)),  # a stale round
+        reply(model(layers, samples=-3)),  # a bad sample count
+        reply(RecordDict({"model": ArrayRecord()})),  # no array at all
+        reply(RecordDict({"model": pack(wire.encode(wire.WireModel(layers, 2)))})),  # no note
+        reply(RecordDict({"status": ConfigRecord({"error": "does not fit"})})),
+    ]
+    with caplog.at_level("WARNING"):
+        new, used = strategy.aggregate_train(2, replies)
+    assert len(used) == 1 and [l.nnz for l in new] == run.targets
+    text = caplog.text
+    for expected in ("checksum", "layer sizes", "round 1, not 2", "sample count", "one ctre-edge model array",
+                     "does not fit", "no note"):
+        assert expected in text
