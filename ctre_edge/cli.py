@@ -472,5 +472,28 @@ from .fleet.cli import fleet_app  # noqa: E402 - after the commands it reuses; i
 app.add_typer(fleet_app, name="fleet")
 
 
+def main() -> None:
+    """The console entry point: Click's usage errors (an unknown option, a value of the wrong type, a typo
+    in a choice) become one line on stderr and exit code 2, like every other error (``--debug``: Click's
+    own message). Tests call ``app`` itself and see Click's behaviour unchanged."""
+    try:  # typer >= 0.26 vendors its own Click; older typer (as flwr pins it) uses the click package
+        from typer._click.exceptions import ClickException, UsageError
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        from click.exceptions import ClickException, UsageError
+    from rich.markup import escape
+
+    try:
+        code = app(standalone_mode=False)
+    except ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError" or "--debug" in sys.argv[1:]:
+            e.show()
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        where = f"; see `{ctx.command_path} --help`" if isinstance(e, UsageError) and ctx is not None else ""
+        err.print(f"[red]error:[/red] {escape(e.format_message().rstrip('.'))}{escape(where)}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -233,3 +233,20 @@ def test_a_profile_cap_is_listed_among_the_changes(monkeypatch):
     assert prepared.config.similarity_samples < 100000
     assert any(c.startswith("--similarity-samples") for c in prepared.changes), prepared.changes
     assert "--similarity-samples" in r.stderr
+
+
+@pytest.mark.parametrize("args, option", [
+    (["train", "--method", "sett"], "--method"),
+    (["train", "--epochs", "abc"], "--epochs"),
+    (["train", "--no-such-option"], "--no-such-option"),
+])
+def test_usage_errors_from_the_console_entry_point_are_one_line(args, option):
+    """A typo rejected by the parser gets the same one-line error as any other bad input, and exit 2."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ctre_edge.cli", *args], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and option in lines[0] and "--help" in lines[0]
+    assert "Traceback" not in r.stderr
