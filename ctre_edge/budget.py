@@ -137,7 +137,7 @@ def plan_inference(sizes: list[int], nnz: list[int], profile, quantize: str = "n
     network above the profile's parameter or width caps, or whose flash exceeds
     ``model_budget_bytes`` or RAM ``workspace_budget_bytes``, naming the part and the fix.
     """
-    from .export_c import plan_c, refuse_unless_fits  # local: its refuse_unless_fits is not this module's
+    from .mcu_plan import plan_c, refuse_unless_fits  # local: its refuse_unless_fits is not this module's
 
     params = sum(nnz) + sum(sizes[1:])
     caps = []

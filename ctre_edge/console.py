@@ -132,7 +132,7 @@ class Progress:
 
 
 def show_mcu_plan(plan) -> None:
-    from .export_c import part_label  # numpy only; the module is large, so only microcontroller plans load it
+    from .mcu_plan import part_label  # only microcontroller plans need it
 
     rows = []
     for where, parts, total, budget in (("flash", plan.flash, plan.flash_total, plan.flash_budget),

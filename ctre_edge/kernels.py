@@ -239,6 +239,10 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
     identical to serial (``sparse_backward_threads``). The forward pass stays serial: split by
     batch columns it ran 6x slower inside numba's parallel region (the column loop no longer
     vectorises), and it is the smaller part (about 1/5 of the backward's time).
+
+    Long on purpose: forward, loss, backward and the update of every layer run inside one compiled
+    loop over the batches, so no Python (and no allocation) happens per batch; each phase is a
+    call to one of the kernels above.
     """
     n = order.shape[0]
     n_layers = sizes.shape[0] - 1
@@ -555,6 +559,9 @@ def scan_block(
     ascending in each row); ``v_*`` float32; ``kind_*`` int8; ``inv_*`` float64; ``best_scores``
     float32 (k,), ``best_positions`` int64 (k,); ``state`` int64 (3,): sizes of the two heaps and
     the running count of canonical scores computed, updated in place.
+
+    Long on purpose: both passes share the block's loop state and the heaps, and splitting them
+    into separate njit functions would pass a dozen arrays per call for no reuse elsewhere.
     """
     n_rows, n_out = dots.shape
     k = lower_heap.shape[0]

@@ -20,18 +20,17 @@ from ctre_edge.data import load_data
 from ctre_edge.errors import ConfigError, OutputExistsError
 from ctre_edge.export import export_onnx
 from ctre_edge.export_c import (
-    c_int_type,
     c_name,
     c_paths,
     export_c,
     generate_c,
     infer_format,
     own_test_split,
-    plan_c,
     predict_int8,
     quantize_layer,
 )
 from ctre_edge.layers import SparseLayer, erdos_renyi_layer
+from ctre_edge.mcu_plan import c_int_type, plan_c
 from ctre_edge.model import SparseMLP
 from ctre_edge.runtime import OnnxModel
 from ctre_edge.train import TrainConfig, train

@@ -370,8 +370,9 @@ FIT_SHAPES = [[64, 32, 10], [64, 100, 10], [64, 100, 100, 10], [64, 100, 100, 10
 
 
 def fit_code(workdir: Path) -> int:
-    """Print code bytes (.text of NAME.o) over shapes and the least-squares CODE_* constants of export_c."""
+    """Print code bytes (.text of NAME.o) over shapes and the least-squares CODE_* constants of mcu_plan."""
     from ctre_edge import export_c as xc
+    from ctre_edge import mcu_plan
     from ctre_edge.layers import erdos_renyi_layer
     from ctre_edge.model import SparseMLP
 
@@ -384,7 +385,7 @@ def fit_code(workdir: Path) -> int:
             layers = [erdos_renyi_layer(a, b, eps, rng) for a, b in zip(sizes[:-1], sizes[1:])]
             model = SparseMLP(layers, np.zeros(sizes[0], np.float32), np.ones(sizes[0], np.float32),
                               list(range(sizes[-1])))
-            kernels = len({xc._kernel_types(a, b, z) for a, b, z in zip(sizes[:-1], sizes[1:], model.nnz)})
+            kernels = len({mcu_plan._kernel_types(a, b, z) for a, b, z in zip(sizes[:-1], sizes[1:], model.nnz)})
             for quantize in samples:
                 report = xc.export_c(model, workdir / "fit.c", quantize=quantize, force=True)
                 obj = workdir / "fit.o"
