@@ -476,9 +476,9 @@ def main() -> None:
     """The console entry point: Click's usage errors (an unknown option, a value of the wrong type, a typo
     in a choice) become one line on stderr and exit code 2, like every other error (``--debug``: Click's
     own message). Tests call ``app`` itself and see Click's behaviour unchanged."""
-    try:  # typer >= 0.26 vendors its own Click; older typer (as flwr pins it) uses the click package
-        from typer._click.exceptions import ClickException, UsageError
-    except ImportError:  # pragma: no cover - depends on the installed typer
+    try:
+        from typer._click.exceptions import ClickException, UsageError  # typer >= 0.26 vendors Click
+    except ImportError:  # pragma: no cover - older typer (flwr pins < 0.21) uses the click package
         from click.exceptions import ClickException, UsageError
     from rich.markup import escape
 
