@@ -112,8 +112,8 @@ def test_tight_profile_measured_peak_within_budget_and_fit(tmp_path, warm_cache)
     assert mem["measured_peak_bytes"] <= mem["budget_bytes"]
     assert abs(mem["measured_peak_bytes"] / mem["predicted_peak_bytes"] - 1) < 0.25
     # --fit: a budget the default evaluation batch does not fit; fit shrinks it and the run fits
-    # --method set, the default when this was written: under ctre-sim the shrunk run's measured peak came
-    # within 0.3% of this budget once (the planner under-predicts ctre-sim here by about 10%; not fixed yet).
+    # --method set, the default when this was written: under ctre-sim the shrunk run's measured peak exceeded
+    # this budget by 0.3% once (the planner under-predicts ctre-sim here by about 10%; not fixed yet).
     prof = write_profile(tmp_path / "tighter.toml", 228)
     args = [*warm_cache, "train", "--profile", str(prof), "--hidden", "4000,4000", "--epochs", "2",
             "--eval-batch-size", "4000", "--method", "set",
