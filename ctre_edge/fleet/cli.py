@@ -19,7 +19,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..config import TrainConfig
 from ..errors import ConfigError, OutputExistsError
+
+_D = TrainConfig()  # the training defaults, shared with `ctre-edge train`
 
 INSTALL_HINT = "fleet training needs Flower: pip install 'ctre-edge[fleet]' (Python >= 3.11)"
 
@@ -118,14 +121,14 @@ def server(
     round_timeout: RoundTimeout = 600.0,
     join_timeout: Annotated[float, typer.Option(help="Seconds to wait for --min-clients to join.")] = 3600.0,
     rule: Rule = "regrow",
-    method: Method = "ctre-sim",
-    hidden: Hidden = "1000,1000,1000",
-    epsilon: Epsilon = 1.0,
-    zeta: Zeta = 0.2,
-    batch_size: BatchSize = 100,
-    lr: Lr = 0.05,
-    seed: Seed = 0,
-    similarity_samples: SimilaritySamples = 1000,
+    method: Method = _D.method,
+    hidden: Hidden = ",".join(map(str, _D.hidden)),
+    epsilon: Epsilon = _D.epsilon,
+    zeta: Zeta = _D.zeta,
+    batch_size: BatchSize = _D.batch_size,
+    lr: Lr = _D.lr,
+    seed: Seed = _D.seed,
+    similarity_samples: SimilaritySamples = _D.similarity_samples,
     value_dtype: ValueDtype = "float32",
     host: Annotated[str, typer.Option(help="Address the SuperLink listens on (0.0.0.0 for a real fleet).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="SuperLink port (Fleet and Control API over HTTP).")] = 9092,
@@ -228,11 +231,11 @@ def client(
     data: Annotated[str, typer.Option(help="This device's training data (any `train --data` format).")],
     superlink: Annotated[str, typer.Option(help="The server's address, HOST:PORT.")] = "127.0.0.1:9092",
     profile: Annotated[Optional[str], typer.Option(help="Device profile: refuse a run that does not fit, and use its thread count.")] = None,
-    method: Method = "ctre-sim",
-    hidden: Hidden = "1000,1000,1000",
-    epsilon: Epsilon = 1.0,
-    batch_size: BatchSize = 100,
-    similarity_samples: SimilaritySamples = 1000,
+    method: Method = _D.method,
+    hidden: Hidden = ",".join(map(str, _D.hidden)),
+    epsilon: Epsilon = _D.epsilon,
+    batch_size: BatchSize = _D.batch_size,
+    similarity_samples: SimilaritySamples = _D.similarity_samples,
     state_dir: Annotated[Optional[Path], typer.Option(help="Where this node keeps the run's input scaling (default: DATA.fleet next to --data).")] = None,
     port: Annotated[int, typer.Option(help="Local port of this SuperNode's ClientApp API (one per node on a machine).")] = 9094,
     insecure: Annotated[bool, typer.Option("--insecure", help="Connect without TLS (the server runs without --ssl-certfile).")] = False,
@@ -280,14 +283,14 @@ def simulate(
     min_replies: MinReplies = None,
     round_timeout: RoundTimeout = 600.0,
     rule: Rule = "regrow",
-    method: Method = "ctre-sim",
-    hidden: Hidden = "1000,1000,1000",
-    epsilon: Epsilon = 1.0,
-    zeta: Zeta = 0.2,
-    batch_size: BatchSize = 100,
-    lr: Lr = 0.05,
-    seed: Seed = 0,
-    similarity_samples: SimilaritySamples = 1000,
+    method: Method = _D.method,
+    hidden: Hidden = ",".join(map(str, _D.hidden)),
+    epsilon: Epsilon = _D.epsilon,
+    zeta: Zeta = _D.zeta,
+    batch_size: BatchSize = _D.batch_size,
+    lr: Lr = _D.lr,
+    seed: Seed = _D.seed,
+    similarity_samples: SimilaritySamples = _D.similarity_samples,
     value_dtype: ValueDtype = "float32",
     test_fraction: Annotated[float, typer.Option(help="Held-out test part when the data has no X_test.")] = 0.2,
     profile: Annotated[Optional[str], typer.Option(help="Device profile every simulated client runs under.")] = None,
