@@ -10,10 +10,8 @@ parser rejects a typo. Heavy modules (numba, onnx) are imported inside the comma
 
 from __future__ import annotations
 
-import enum
 import inspect
 import os
-import shlex
 import sys
 import time
 from dataclasses import fields
@@ -22,98 +20,44 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import console, run
-from .config import (
-    EXPORT_FORMATS,
-    INITS,
-    KERNELS,
-    METHODS,
-    NAN_POLICIES,
-    QUANTIZATIONS,
-    SCALINGS,
-    SIMILARITIES,
-    TrainConfig,
+from . import cli_views, console, run
+from .cli_common import (
+    DataOpt,
+    Init,
+    JsonOpt,
+    Kernel,
+    Method,
+    ModelArg,
+    NanOpt,
+    NanPolicy,
+    Scaling,
+    Similarity,
+    TargetOpt,
+    parse_hidden,
+    parse_target,
+    run_command,
+    state,
+    value,
 )
+from .config import EXPORT_FORMATS, QUANTIZATIONS, TrainConfig
 from .console import err, print_json
-from .errors import ConfigError, CtreError, DataError
+from .errors import ConfigError, CtreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train highly sparse neural networks (CTRE, SET) on the device that runs them.")
-_state = {"debug": False}
 _D = TrainConfig()  # the documented defaults of every training option
-
-
-def _choices(name: str, names) -> type[enum.Enum]:
-    """A str Enum of ``names`` (a table the code dispatches on): typer lists and enforces its values."""
-    return enum.Enum(name, {n: n for n in names}, type=str)
-
-
-Method, Init, Similarity, Scaling, NanPolicy, Kernel = (_choices(n, t) for n, t in (
-    ("Method", METHODS), ("Init", INITS), ("Similarity", SIMILARITIES), ("Scaling", SCALINGS),
-    ("NanPolicy", NAN_POLICIES), ("Kernel", KERNELS)))
 # --format and --quantize stay strings that export_c checks with its own one-line messages (the C
 # export's options are validated together with OUT's suffix); their help lists the same tables.
-
-
-def _value(v):
-    return v.value if isinstance(v, enum.Enum) else v
 
 
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
           cache_dir: Annotated[Optional[Path], typer.Option(help="numba's kernel cache (default: ~/.cache/ctre-edge/VERSION/numba, or NUMBA_CACHE_DIR).")] = None):
-    _state["debug"] = debug
+    state["debug"] = debug
     if cache_dir is not None:
         from . import configure_cache  # package-level function; the import names it, nothing loads
 
         configure_cache(cache_dir)
-
-
-def _run(fn):
-    """Call fn(); turn our errors and unexpected ones into one line and an exit code."""
-    try:
-        return fn()
-    except (typer.Exit, typer.Abort):
-        raise
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]")
-        raise typer.Exit(130) from None
-    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into one line
-        if _state["debug"]:
-            raise
-        if isinstance(e, CtreError):
-            err.print(f"[red]error:[/red] {e}", soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
-        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-                  soft_wrap=True)
-        raise typer.Exit(1) from None
-
-
-def _parse_hidden(text: str) -> tuple:
-    try:
-        hidden = tuple(int(h) for h in text.replace(" ", "").split(",") if h)
-    except ValueError:
-        raise ConfigError(f"--hidden must be comma-separated layer widths such as 1000,1000,1000; got {text!r}") from None
-    if not hidden or min(hidden) < 1:
-        raise ConfigError(f"--hidden must be comma-separated positive widths such as 1000,1000,1000; got {text!r}")
-    return hidden
-
-
-def _target(text):
-    """--target as a column index when it is an integer, else as a column name."""
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
-DataOpt = Annotated[str, typer.Option(help="Training data: .npz (X, y, optional X_test, y_test), .csv/.tsv, LIBSVM (.libsvm/.svm), MNIST IDX (IMAGES[,LABELS]) or builtin:digits.")]
-TargetOpt = Annotated[Optional[str], typer.Option(help="CSV/TSV: the label column, by name or index (default: the last column).")]
-NanOpt = Annotated[NanPolicy, typer.Option(help="NaN/Inf in features (statistics from the training file).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="A model written by train --out.")]
 
 
 @app.command()
@@ -158,12 +102,12 @@ def train(
 ):
     """Train a sparse MLP and report test accuracy at the best validation epoch."""
     options = dict(locals())
-    _run(lambda: _train_or_plan(options, plan_only=False))
+    run_command(lambda: _train_or_plan(options, plan_only=False))
 
 
 def plan(**options):
     """Predict the peak memory of `train` with the same options, part by part, against --profile's budget."""
-    _run(lambda: _train_or_plan(options, plan_only=True))
+    run_command(lambda: _train_or_plan(options, plan_only=True))
 
 
 _PLAN_SKIPS = ("out", "force", "quiet", "checkpoint_dir", "checkpoint_every", "no_checkpoint", "resume")
@@ -176,13 +120,13 @@ app.command("plan")(plan)
 
 def config_from_options(o: dict) -> TrainConfig:
     """Every TrainConfig field from the option of the same name (a missing option is a KeyError)."""
-    return TrainConfig(**{f.name: _parse_hidden(o["hidden"]) if f.name == "hidden" else _value(o[f.name])
+    return TrainConfig(**{f.name: parse_hidden(o["hidden"]) if f.name == "hidden" else value(o[f.name])
                           for f in fields(TrainConfig)})
 
 
 def _train_or_plan(o: dict, plan_only: bool) -> None:
     config = config_from_options(o)
-    data = run.DataSpec(o["data"], _target(o["target"]), o["test_data"], _value(o["nan_policy"]), cache=not o["no_cache"])
+    data = run.DataSpec(o["data"], parse_target(o["target"]), o["test_data"], value(o["nan_policy"]), cache=not o["no_cache"])
     if not plan_only:
         run.check_output(o["out"], o["force"])
         checkpointing = run.checkpointing(o["out"], o["checkpoint_dir"], o["checkpoint_every"], o["resume"],
@@ -202,7 +146,7 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
                                  warn=console.warn)
         except CtreError as e:
             if checkpointing is not None and getattr(e, "exit_code", 0) >= 128:
-                e.args = (f"{e}; resume with: ctre-edge {_resume_command(checkpointing.directory)}",)
+                e.args = (f"{e}; resume with: ctre-edge {run.resume_command(sys.argv[1:], checkpointing.directory)}",)
             raise
     doc = report.to_dict()
     print_json(doc) if o["as_json"] else console.show_train_summary(doc)
@@ -210,22 +154,6 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
 
 def _stop_notice(name: str) -> None:
     err.print(f"\n[yellow]{name}: finishing this epoch and writing a checkpoint (send it again to stop at once)[/yellow]")
-
-
-def _resume_command(directory: Path) -> str:
-    """The command line of this run with --resume DIR, so the user can paste it."""
-    args, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if a in ("--resume", "--checkpoint-dir"):
-            skip = True
-            continue
-        if a.startswith(("--resume=", "--checkpoint-dir=")) or a == "--force":
-            continue
-        args.append(a)
-    return " ".join(shlex.quote(a) for a in args + ["--resume", str(directory)])
 
 
 @app.command()
@@ -239,79 +167,13 @@ def evaluate(
     """Accuracy of a saved model on a data set."""
 
     def body():
-        from .data import load_data  # numpy-only modules, imported by the commands that read data
-        from .model import SparseMLP
-
-        model = SparseMLP.load(model_path)
-        ds = load_data(data, target=_target(target), nan_policy=_value(nan_policy))
-        X, y = (ds.X_test, ds.y_test) if ds.X_test is not None else (ds.X, ds.y)
-        if X.shape[1] != model.n_features:
-            raise DataError(f"{data} has {X.shape[1]} features; the model {model_path} expects {model.n_features}")
-        labels = [ds.classes[c] for c in y]
-        pred = model.predict(X)
-        acc = float(sum(str(p) == str(t) for p, t in zip(pred.tolist(), labels)) / len(labels))
-        part = "test part" if ds.X_test is not None else "all samples"
-        if as_json:
-            print_json({"accuracy": acc, "samples": len(labels), "part": part, "data": data})
-        else:
-            err.print(f"accuracy {acc:.4f} on {len(labels)} samples ({part} of {data})")
-
-    _run(body)
-
-
-@app.command()
-def info(
-    model_path: ModelArg,
-    features: Annotated[bool, typer.Option("--features", help="Rank input features by their surviving connections (and total |w|).")] = False,
-    top: Annotated[int, typer.Option(help="With --features: how many features to list.")] = 20,
-    image_shape: Annotated[Optional[str], typer.Option(help="With --features: lay the input degrees out as an HxW image (square inputs are guessed).")] = None,
-    png: Annotated[Optional[Path], typer.Option(help="With --features: write the input-degree map as a PNG (needs matplotlib; otherwise a terminal heat map).")] = None,
-    as_json: JsonOpt = False,
-):
-    """Layers, connections, density and bytes of a saved model; --features ranks the inputs."""
-
-    def body():
-        from .model import SparseMLP  # numpy only; kept out of `--help`
-
-        model = SparseMLP.load(model_path)
-        if features:
-            _feature_report(model, top, image_shape, png, as_json)
-            return
-        rows = [{"layer": l, "n_in": L.n_in, "n_out": L.n_out, "nnz": L.nnz, "density": L.density, "bytes": L.nbytes}
-                for l, L in enumerate(model.layers)]
-        doc = {"sizes": model.sizes, "layers": rows, "nnz": model.nnz, "density": model.density,
-               "classes": model.classes, "config": model.config, "metrics": model.metrics}
+        doc = run.evaluate(model_path, run.DataSpec(data, parse_target(target), nan_policy=value(nan_policy)))
         if as_json:
             print_json(doc)
         else:
-            console.show_model(f"{model_path}: {'-'.join(map(str, model.sizes))}, method "
-                               f"{model.config.get('method', '?')}", doc)
+            err.print(f"accuracy {doc['accuracy']:.4f} on {doc['samples']} samples ({doc['part']} of {data})")
 
-    _run(body)
-
-
-def _feature_report(model, top: int, shape_text, png, as_json: bool) -> None:
-    from .topology import degree_map, image_shape, top_features, write_png  # only `info --features` needs it
-
-    rows, unconnected, degree = top_features(model, top)
-    try:
-        shape = image_shape(model.n_features, shape_text)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if png is not None:
-        if shape is None:
-            raise ConfigError("--png needs an image: pass --image-shape HxW")
-        run.check_output(png, force=False)
-        if not write_png(degree_map(model, shape), png, "input connections per pixel"):
-            raise ConfigError("--png needs matplotlib (pip install matplotlib); without it a terminal map is shown")
-    if as_json:
-        print_json({"top": rows, "unconnected_features": unconnected, "degree": degree.tolist()})
-        return
-    console.show_features(model.n_features, rows, unconnected)
-    if shape is not None and png is None:
-        console.heat_map(degree_map(model, shape))
-    elif png is not None:
-        err.print(f"wrote {png}")
+    run_command(body)
 
 
 @app.command()
@@ -334,7 +196,7 @@ def warmup():
             run_warmup(step)
         err.print(f"kernels ready in {time.perf_counter() - t0:.1f} s; cache: {os.environ.get('NUMBA_CACHE_DIR')}")
 
-    _run(body)
+    run_command(body)
 
 
 @app.command()
@@ -356,21 +218,21 @@ def export(
         from .export_c import infer_format
         from .model import SparseMLP
 
-        if infer_format(out, _value(fmt)) == "c":
-            _export_c(model_path, out, _value(quantize), data, profile, force, as_json)
+        if infer_format(out, value(fmt)) == "c":
+            _export_c(model_path, out, value(quantize), data, profile, force, as_json)
             return
-        if _value(quantize) != "none" or data is not None:
+        if value(quantize) != "none" or data is not None:
             raise ConfigError("--quantize and --data apply to the C export (--format c); ONNX export is float32")
         run.check_output(out, force)
         model = SparseMLP.load(model_path)
-        report = export_onnx(model, out, kernel=_value(kernel), budget_bytes=run.export_budget(model, profile), force=force)
+        report = export_onnx(model, out, kernel=value(kernel), budget_bytes=run.export_budget(model, profile), force=force)
         if as_json:
             print_json(report)
         else:
             err.print(f"wrote {out} ({console.format_bytes(report['file_bytes'])}; kernels "
                       f"{', '.join(report['kernels'])}; max |difference| from the trainer {report['max_abs_diff']:.2e})")
 
-    _run(body)
+    run_command(body)
 
 
 def _export_c(model_path, out, quantize, data, profile, force, as_json) -> None:
@@ -407,65 +269,12 @@ def predict(
         else:
             console.write_labels(model.predict(X), as_json)
 
-    _run(body)
+    run_command(body)
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Look at a data file before training on it.")
-app.add_typer(data_app, name="data")
-
-
-@data_app.command("inspect")
-def data_inspect(
-    spec: Annotated[str, typer.Argument(metavar="FILE", help="A data file in any train --data format, or builtin:NAME.")],
-    target: TargetOpt = None,
-    test_data: Annotated[Optional[str], typer.Option(help="A separate test file.")] = None,
-    nan_policy: NanOpt = NanPolicy.error,
-    as_json: JsonOpt = False,
-):
-    """Shape, dtype, class balance, value ranges, NaN count and memory size of a data set."""
-
-    def body():
-        from .data import inspect_data  # numpy-only; kept out of `--help`
-
-        doc = inspect_data(spec, target=_target(target), test_spec=test_data, nan_policy=_value(nan_policy))
-        print_json(doc) if as_json else console.show_data(doc)
-
-    _run(body)
-
-
-profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles: memory budget, threads and caps.")
-app.add_typer(profiles_app, name="profiles")
-
-
-@profiles_app.command("list")
-def profiles_list(as_json: JsonOpt = False):
-    """The shipped device profiles."""
-
-    def body():
-        from .profiles import list_profiles  # reads the shipped TOML files
-
-        profs = list_profiles()
-        if as_json:
-            print_json([{k: v for k, v in vars(p).items() if k != "path"} for p in profs])
-        else:
-            console.show_profiles(profs)
-
-    _run(body)
-
-
-@profiles_app.command("show")
-def profiles_show(name: Annotated[str, typer.Argument(help="A profile name or a .toml file.")], as_json: JsonOpt = False):
-    """Every field of one profile."""
-
-    def body():
-        p = run.resolve_profile(name)
-        if as_json:
-            print_json({k: (str(v) if k == "path" else v) for k, v in vars(p).items()})
-        else:
-            console.show_profile(p)
-
-    _run(body)
-
+app.command()(cli_views.info)
+app.add_typer(cli_views.data_app, name="data")
+app.add_typer(cli_views.profiles_app, name="profiles")
 
 from .fleet.cli import fleet_app  # noqa: E402 - after the commands it reuses; imports no Flower module
 

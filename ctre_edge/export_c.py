@@ -232,7 +232,12 @@ static void dequantize(const int32_t *acc, float input_scale, const float *weigh
 
 
 def generate_c(model, name: str, quantize: str = "none") -> tuple[str, str]:
-    """The text of ``NAME.h`` and ``NAME.c`` for ``model`` (validated; see the module docstring)."""
+    """The text of ``NAME.h`` and ``NAME.c`` for ``model`` (validated; see the module docstring).
+
+    Longer than most functions: it writes ``NAME.c`` top to bottom in the order the file reads
+    (comment, input scaling, each layer's arrays, workspace, kernels, ``NAME_predict``); the header
+    and the predict function are their own functions.
+    """
     from .export import _check_model, _plain, _version  # export loads onnx: only C generation needs these
 
     _check_quantize(quantize)
@@ -244,7 +249,7 @@ def generate_c(model, name: str, quantize: str = "none") -> tuple[str, str]:
             raise ModelFileError(f"cannot export this model: {arr_name} holds NaN or Inf values")
     if quantize == "int8":
         _check_int8_fanin(model)
-    sizes, n_layers = model.sizes, len(model.layers)
+    sizes = model.sizes
     classes = [str(_plain(c)) for c in model.classes]
     upper = name.upper()
     plan = plan_c(sizes, model.nnz, quantize, classes)
@@ -264,33 +269,7 @@ def generate_c(model, name: str, quantize: str = "none") -> tuple[str, str]:
     ]
     comment = "/*\n" + "".join(f" * {line}\n" for line in summary) + " */\n"
 
-    header = comment + f"""#ifndef {upper}_H
-#define {upper}_H
-
-#ifdef __cplusplus
-extern "C" {{
-#endif
-
-#define {upper}_N_FEATURES {sizes[0]}
-#define {upper}_N_CLASSES {len(classes)}
-
-/* The class label of each output, in output order. */
-extern const char *const {name}_class_names[{upper}_N_CLASSES];
-
-/*
- * Predict one sample. x: {upper}_N_FEATURES raw features, as in the training data.
- * probabilities: {upper}_N_CLASSES floats to fill, or NULL. Returns the index of the most probable
- * class in {name}_class_names. Not reentrant: it uses one static workspace.
- */
-int {name}_predict(const float *x, float *probabilities);
-
-#ifdef __cplusplus
-}}
-#endif
-
-#endif /* {upper}_H */
-"""
-
+    header = comment + _c_header(name, sizes, classes)
     src = [comment, f'#include "{name}.h"\n\n#include <math.h> /* expf, in the softmax only */\n'
                     "#include <stddef.h>\n#include <stdint.h>\n\n",
            f"#define MAX_WIDTH {max(sizes)}\n\n"]
@@ -323,11 +302,49 @@ int {name}_predict(const float *x, float *probabilities);
     template = _INT8_KERNEL if quantize == "int8" else _FLOAT_KERNEL
     for (ptr, idx), tag in kernels.items():
         src.append(template.format(ptr=ptr, idx=idx, tag=tag) + "\n")
-    if n_layers > 1:
+    if len(model.layers) > 1:
         src.append(_RELU + "\n")
     if quantize == "int8":
         src.append(_QUANTIZE + "\n")
     src.append(_SOFTMAX + "\n")
+    src.append(_c_predict(model, name, kernels, quantize))
+    return header, "".join(src)
+
+
+def _c_header(name: str, sizes, classes) -> str:
+    """NAME.h after its comment: the two defines, the class names and the predict declaration."""
+    upper = name.upper()
+    return f"""#ifndef {upper}_H
+#define {upper}_H
+
+#ifdef __cplusplus
+extern "C" {{
+#endif
+
+#define {upper}_N_FEATURES {sizes[0]}
+#define {upper}_N_CLASSES {len(classes)}
+
+/* The class label of each output, in output order. */
+extern const char *const {name}_class_names[{upper}_N_CLASSES];
+
+/*
+ * Predict one sample. x: {upper}_N_FEATURES raw features, as in the training data.
+ * probabilities: {upper}_N_CLASSES floats to fill, or NULL. Returns the index of the most probable
+ * class in {name}_class_names. Not reentrant: it uses one static workspace.
+ */
+int {name}_predict(const float *x, float *probabilities);
+
+#ifdef __cplusplus
+}}
+#endif
+
+#endif /* {upper}_H */
+"""
+
+
+def _c_predict(model, name: str, kernels: dict, quantize: str) -> str:
+    """The C text of NAME_predict: scale the input, then each layer's kernel, ReLU between layers, softmax."""
+    sizes, n_layers, src = model.sizes, len(model.layers), []
     src.append(f"int {name}_predict(const float *x, float *probabilities)\n{{\n")
     if quantize == "int8":
         src.append("    float *h = activation;\n    float s;\n    int j;\n"
@@ -353,7 +370,7 @@ int {name}_predict(const float *x, float *probabilities);
             if l < n_layers - 1:  # ReLU, then this layer's output is the next one's input
                 src.append(f"    relu(y, {layer.n_out});\n    t = h;\n    h = y;\n    y = t;\n")
         src.append(f"    return softmax(y, {sizes[-1]}, probabilities);\n}}\n")
-    return header, "".join(src)
+    return "".join(src)
 
 
 # -- the export ------------------------------------------------------------------------------------

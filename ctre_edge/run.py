@@ -13,6 +13,7 @@ numba is imported only by ``execute``, so planning and refusals stay as lean as 
 
 from __future__ import annotations
 
+import shlex
 import signal
 import statistics
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from .budget import MemoryPlan, budget_bytes, peak_rss_bytes, plan_run
 from .checkpoint import Checkpointing
 from .config import TrainConfig
 from .data import Dataset, load_data, make_dataset, summarize_data, summarize_loaded
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .fileio import refuse_overwrite
+from .model import SparseMLP
 from .profiles import Profile, load_profile
 from .warmup import kernels_cached, mark_cached
 
@@ -220,3 +222,32 @@ class StopOnSignal:
         for sig, h in self.previous.items():
             signal.signal(sig, h)
         return False
+
+
+def resume_command(argv: list[str], directory: Path) -> str:
+    """The command line ``argv`` (without the program) with ``--resume DIR``, so the user can paste it."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--resume", "--checkpoint-dir"):
+            skip = True
+            continue
+        if a.startswith(("--resume=", "--checkpoint-dir=")) or a == "--force":
+            continue
+        args.append(a)
+    return " ".join(shlex.quote(a) for a in args + ["--resume", str(directory)])
+
+
+def evaluate(model_path: Path, data: DataSpec) -> dict:
+    """A saved model's accuracy on a data set: its test part if it has one, else all samples."""
+    model = SparseMLP.load(model_path)
+    ds = load_data(data.source, **data.load_options())
+    X, y = (ds.X_test, ds.y_test) if ds.X_test is not None else (ds.X, ds.y)
+    if X.shape[1] != model.n_features:
+        raise DataError(f"{data.source} has {X.shape[1]} features; the model {model_path} expects {model.n_features}")
+    labels = [str(ds.classes[c]) for c in y]
+    hits = sum(str(p) == t for p, t in zip(model.predict(X).tolist(), labels))
+    return {"accuracy": hits / len(labels), "samples": len(labels),
+            "part": "test part" if ds.X_test is not None else "all samples", "data": data.source}

@@ -19,7 +19,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from .. import run
+from ..cli_common import parse_hidden, run_command
 from ..config import TrainConfig
+from ..console import err, print_json
 from ..errors import ConfigError, OutputExistsError
 
 _D = TrainConfig()  # the training defaults, shared with `ctre-edge train`
@@ -36,17 +39,9 @@ def require_flwr() -> None:
     except (ImportError, ValueError):
         found = False
     if not found:
-        from .. import cli
-
-        cli.err.print("[red]error:[/red] ", end="")
-        cli.err.print(INSTALL_HINT, markup=False)  # the brackets of [fleet] are not markup
+        err.print("[red]error:[/red] ", end="")
+        err.print(INSTALL_HINT, markup=False)  # the brackets of [fleet] are not markup
         raise typer.Exit(ConfigError.exit_code)
-
-
-def _cli():
-    from .. import cli
-
-    return cli
 
 
 def _stop_on_sigterm() -> None:
@@ -82,7 +77,7 @@ SimilaritySamples = Annotated[int, typer.Option(help="Training samples S for the
 def _train_settings(method, hidden, epsilon, zeta, batch_size, lr, seed, similarity_samples) -> dict:
     from ..train import TrainConfig
 
-    config = TrainConfig(hidden=_cli()._parse_hidden(hidden), method=method, epsilon=epsilon, zeta=zeta,
+    config = TrainConfig(hidden=parse_hidden(hidden), method=method, epsilon=epsilon, zeta=zeta,
                          batch_size=batch_size, lr=lr, seed=seed, similarity_samples=similarity_samples)
     return config.validate().to_dict()
 
@@ -141,14 +136,13 @@ def server(
     out: Annotated[Optional[Path], typer.Option(help="Write the final global model here.")] = None,
 ):
     """Run the SuperLink and the fleet run; clients join with `ctre-edge fleet client`."""
-    cli = _cli()
     require_flwr()
 
     def body():
         from .runner import Server, make_settings
 
         if out is not None and out.exists() and not force:
-            cli.run.check_output(out, force=False)
+            run.check_output(out, force=False)
         if (ssl_certfile is None) != (ssl_keyfile is None):
             raise ConfigError("--ssl-certfile and --ssl-keyfile go together")
         train = _train_settings(method, hidden, epsilon, zeta, batch_size, lr, seed, similarity_samples)
@@ -166,21 +160,21 @@ def server(
         srv = Server(dir, host, port, tls, enable_supernode_auth)
         _stop_on_sigterm()
         if resume:
-            cli.err.print(f"resuming after round {_read_progress(dir).metrics['round']} of {rounds}")
+            err.print(f"resuming after round {_read_progress(dir).metrics['round']} of {rounds}")
         try:
             srv.start()
             run_id = srv.submit()
-            cli.err.print(f"fleet run {run_id} on {host}:{port}; clients join with: ctre-edge fleet client "
+            err.print(f"fleet run {run_id} on {host}:{port}; clients join with: ctre-edge fleet client "
                           f"--superlink HOST:{port} --data FILE" + ("" if tls else " --insecure"))
-            model = _follow(srv, settings, lambda h, m: cli.err.print(_round_line(h, settings["rounds"])))
+            model = _follow(srv, settings, lambda h, m: err.print(_round_line(h, settings["rounds"])))
         finally:
             srv.stop()
         if out is not None:
             model.save(out, force=force)
-        cli.err.print(f"fleet run finished: {model.metrics['round']} rounds; global model in {dir / 'global.ctre'}"
+        err.print(f"fleet run finished: {model.metrics['round']} rounds; global model in {dir / 'global.ctre'}"
                       + (f" and {out}" if out is not None else ""))
 
-    cli._run(body)
+    run_command(body)
 
 
 def _follow(srv, settings: dict, on_round, poll: float = 0.5, on_first=None):
@@ -243,7 +237,6 @@ def client(
     auth_private_key: Annotated[Optional[Path], typer.Option(help="This node's private key for SuperNode authentication.")] = None,
 ):
     """Check that this device can hold the run, then join the fleet as a Flower SuperNode."""
-    cli = _cli()
     require_flwr()
 
     def body():
@@ -255,7 +248,7 @@ def client(
 
         if insecure == (root_certificates is not None):
             raise ConfigError("give exactly one of --insecure and --root-certificates")
-        config = TrainConfig(hidden=cli._parse_hidden(hidden), method=method, epsilon=epsilon, batch_size=batch_size,
+        config = TrainConfig(hidden=parse_hidden(hidden), method=method, epsilon=epsilon, batch_size=batch_size,
                              similarity_samples=similarity_samples, test_fraction=0.0).validate()
         prof = load_profile(profile) if profile else None
         plan_run(config, summarize_data(data), prof)  # BudgetError (exit 3) before joining
@@ -270,7 +263,7 @@ def client(
         sys.stderr.flush()
         os.execv(flower_command("flower-supernode"), argv)
 
-    cli._run(body)
+    run_command(body)
 
 
 @fleet_app.command()
@@ -300,12 +293,11 @@ def simulate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document with every round on stdout.")] = False,
 ):
     """Fleet training on this machine: a real SuperLink and N real SuperNodes on loopback."""
-    cli = _cli()
     require_flwr()
 
     def body():
         if out is not None and out.exists() and not force:
-            cli.run.check_output(out, force=False)
+            run.check_output(out, force=False)
         if clients < 1:
             raise ConfigError(f"'clients' must be an int >= 1; got {clients}")
         train = _train_settings(method, hidden, epsilon, zeta, batch_size, lr, seed, similarity_samples)
@@ -323,9 +315,9 @@ def simulate(
         else:
             doc.pop("model")
         if as_json:
-            cli.print_json(doc)
+            print_json(doc)
 
-    cli._run(body)
+    run_command(body)
 
 
 def _simulate(run_dir: Path, train: dict, *, clients: int, data: str, partition: str, rounds: int, local_epochs: int,
@@ -338,8 +330,7 @@ def _simulate(run_dir: Path, train: dict, *, clients: int, data: str, partition:
     from .runner import CountingRelay, Server, flower_env, free_port, make_settings, start, stop, supernode_argv
     from .wire import dense_bytes, payload_floor
 
-    cli = _cli()
-    say = (lambda text: None) if quiet else cli.err.print
+    say = (lambda text: None) if quiet else err.print
     kind, alpha = parse_partition(partition)
     dataset = load_data(data)
     _prepare_run_dir(run_dir, False, force)
@@ -408,7 +399,6 @@ def _simulate(run_dir: Path, train: dict, *, clients: int, data: str, partition:
 def _table(doc: dict) -> None:
     from rich.table import Table
 
-    cli = _cli()
     t = Table(caption="KB per client at the socket; payload KB: the model message down", title=f"fleet simulate: {doc['clients']} clients, {doc['partition']}, {doc['method']}, rule {doc['rule']}")
     for c in ("round", "test acc", "replies", "down KB", "up KB", "payload KB", "down/floor", "up/floor", "seconds"):
         t.add_column(c, justify="right")
@@ -418,16 +408,16 @@ def _table(doc: dict) -> None:
                   f"{h['socket_down'] / 1e3:.1f}", f"{h['socket_up'] / 1e3:.1f}",
                   f"{h['payload_down'] / h['sent'] / 1e3:.1f}", f"{h['socket_down'] / floor:.2f}",
                   f"{h['socket_up'] / floor:.2f}", f"{h['seconds']:.1f}")
-    cli.err.print(t)
+    err.print(t)
     tr = doc["flower_traffic"]
     n = len(doc["history"])
     mean_down = sum(h["socket_down"] for h in doc["history"]) / max(1, n)
     mean_up = sum(h["socket_up"] for h in doc["history"]) / max(1, n)
     tot = doc["socket_total_per_client"]
-    cli.err.print(f"mean per client per round at the socket: {mean_down / 1e3:.1f} KB down ({mean_down / floor:.2f}x "
+    err.print(f"mean per client per round at the socket: {mean_down / 1e3:.1f} KB down ({mean_down / floor:.2f}x "
                   f"the floor, {dense / mean_down:.0f}x less than dense), {mean_up / 1e3:.1f} KB up ({mean_up / floor:.2f}x, "
                   f"{dense / mean_up:.0f}x less); whole run per client, setup included: {tot['down'] / 1e3:.1f} KB down, "
                   f"{tot['up'] / 1e3:.1f} KB up")
-    cli.err.print(f"payload floor {floor / 1e3:.1f} KB (connections x (2 + 4) + biases x 4); dense FedAvg "
+    err.print(f"payload floor {floor / 1e3:.1f} KB (connections x (2 + 4) + biases x 4); dense FedAvg "
                   f"{dense / 1e6:.2f} MB per client per direction; Flower's own count for the run: "
                   f"{tr.get('inbound-bytes', 0) / 1e3:.1f} KB in, {tr.get('outbound-bytes', 0) / 1e3:.1f} KB out")

@@ -2,7 +2,7 @@
 
 Each reader returns a ``Parsed``: features as uint8 when every value is an integer in [0, 255], else
 float32 (which may still hold NaN/Inf: ``data.py`` applies the NaN policy), and labels coded 0..C-1
-with the original labels, sorted, in ``classes`` (``code_labels``, the one place labels are coded).
+with the original labels, sorted, in ``classes`` (``code_classes``, the one place labels are coded).
 Every problem with the content raises ``DataError`` through ``fail``: one line naming the file, the
 line or column, and the fix.
 """
@@ -108,6 +108,11 @@ def code_labels(raw: np.ndarray, source, locate) -> tuple[np.ndarray, list]:
                 values = f.astype(np.int64)  # "1.0", "-1e0": integer labels written as floats
         except (ValueError, OverflowError):
             pass
+    return code_classes(values)
+
+
+def code_classes(values: np.ndarray) -> tuple[np.ndarray, list]:
+    """(codes 0..C-1 as int64, the sorted classes as Python values): the one place labels are coded."""
     classes, codes = np.unique(values, return_inverse=True)
     return codes.astype(np.int64).reshape(-1), [c.item() for c in classes]
 
@@ -228,10 +233,9 @@ def from_arrays(X, y, X_test, y_test, source) -> tuple[Parsed, Parsed | None]:
             continue
         Xp = _check_X(np.asarray(Xp), source, what)
         yp = _check_y(np.asarray(yp), Xp.shape[0], source, "y" + what[1:])
-        classes, codes = np.unique(yp, return_inverse=True)
+        codes, classes = code_classes(yp)
         n_bad, where = count_nonfinite(Xp, lambda i, j, w=what: f"{w}[{i}, {j}]")
-        parts.append(Parsed(Xp, codes.astype(np.int64).reshape(-1), [c.item() for c in classes], str(source),
-                            None, n_bad, where))
+        parts.append(Parsed(Xp, codes, classes, str(source), None, n_bad, where))
     if parts[1] is not None and parts[1].X.shape[1] != parts[0].X.shape[1]:
         raise fail(source, f"X_test has {parts[1].X.shape[1]} features but X has {parts[0].X.shape[1]}")
     return parts[0], parts[1]

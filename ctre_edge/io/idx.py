@@ -12,6 +12,7 @@ import numpy as np
 
 from .common import (
     Parsed,
+    code_classes,
     compact,
     count_nonfinite,
     fail,
@@ -105,9 +106,8 @@ def parse_idx(images: Path, labels: Path) -> Parsed:
         if not (np.all(np.isfinite(y)) and np.all(y == np.round(y))):
             raise fail(labels, "holds non-integer labels", "labels must be integer class numbers")
         y = y.astype(np.int64)
-    classes, codes = np.unique(y, return_inverse=True)
-    return Parsed(np.ascontiguousarray(X), codes.astype(np.int64), [c.item() for c in classes], str(images),
-                  None, n_bad, first)
+    codes, classes = code_classes(y)
+    return Parsed(np.ascontiguousarray(X), codes, classes, str(images), None, n_bad, first)
 
 
 # --- the entry points of FORMATS ------------------------------------------------------------------
