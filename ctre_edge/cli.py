@@ -46,6 +46,7 @@ from .errors import ConfigError, CtreError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train highly sparse neural networks (CTRE, SET) on the device that runs them.")
 _D = TrainConfig()  # the documented defaults of every training option
+ModelNanOpt = Annotated[NanPolicy, typer.Option(help="NaN/Inf in features: refuse (error), or fill with 0 or with the training file's mean/median that the model recorded (trained with that --nan-policy).")]
 # --format and --quantize stay strings that export_c checks with its own one-line messages (the C
 # export's options are validated together with OUT's suffix); their help lists the same tables.
 
@@ -161,7 +162,7 @@ def evaluate(
     model_path: ModelArg,
     data: Annotated[str, typer.Option(help="Data to evaluate on, in any train --data format (its test part if it has one, else all samples).")],
     target: TargetOpt = None,
-    nan_policy: NanOpt = NanPolicy.error,
+    nan_policy: ModelNanOpt = NanPolicy.error,
     as_json: JsonOpt = False,
 ):
     """Accuracy of a saved model on a data set."""
@@ -256,6 +257,7 @@ def predict(
     proba: Annotated[bool, typer.Option("--proba", help="Print class probabilities, not labels.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: its own choice).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of CSV.")] = False,
+    nan_policy: ModelNanOpt = NanPolicy.error,
 ):
     """Predict with an exported ONNX model using onnxruntime alone (no numba needed on the device)."""
 
@@ -265,9 +267,9 @@ def predict(
         model = OnnxModel(model_path, threads=threads)
         X = read_features(data)
         if proba:
-            console.write_probabilities(model.classes, model.predict_proba(X), as_json)
+            console.write_probabilities(model.classes, model.predict_proba(X, value(nan_policy), str(data)), as_json)
         else:
-            console.write_labels(model.predict(X), as_json)
+            console.write_labels(model.predict(X, value(nan_policy), str(data)), as_json)
 
     run_command(body)
 

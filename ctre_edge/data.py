@@ -22,6 +22,9 @@ batch inside the kernels (MNIST takes 47 MB instead of 188 MB); anything else is
 
 NaN policy: NaN/Inf features are an error by default; ``nan_policy="zero" | "mean" | "median"``
 replaces them per feature with statistics of the training file only, applied to the test file too.
+The fill values are computed whenever a policy is given (even on clean data) and kept in
+``Dataset.nan_fill``: a model trained on the data records them, so ``predict`` and ``evaluate``
+impute new NaN/Inf with the training file's statistics, not the new data's.
 
 Parse cache: a text source (csv, tsv, txt, libsvm, gzipped IDX) parsed with ``cache=True`` is saved
 uncompressed next to the input, in ``<input>.ctre-cache/``: ``<key>.X.npy`` and ``<key>.y.npy``, and
@@ -67,6 +70,8 @@ class Dataset:
     X_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
     name: str = ""
+    nan_policy: str = "error"  # the policy the data was loaded with; the trained model keeps it
+    nan_fill: np.ndarray | None = None  # its per-feature fill values (float32), None under "error"
 
     @property
     def n_features(self) -> int:
@@ -91,8 +96,9 @@ def load_data(spec: str, *, target=None, test_spec: str | None = None, nan_polic
     test_spec : str, default=None
         A separate test file in any format. Its labels must occur in ``spec`` and its feature
         count must match (a LIBSVM test file is padded to the training width).
-    nan_policy : {"error", "zero", "mean", "median"}, default="error"
-        What to do with NaN/Inf features; statistics come from the training file only.
+    nan_policy : {"error", "zero", "mean", "median", "keep"}, default="error"
+        What to do with NaN/Inf features; statistics come from the training file only. "keep"
+        leaves them in place (``evaluate`` then imputes with the model's recorded statistics).
     cache : bool, default=True
         Reuse or write the parse cache of text sources.
 
@@ -101,7 +107,10 @@ def load_data(spec: str, *, target=None, test_spec: str | None = None, nan_polic
     DataError
         One line naming the file, the line or column, and the fix.
     """
-    _check_options(spec, target, nan_policy)
+    if nan_policy == "keep":  # NaN/Inf left in place for a caller that imputes with a model's own statistics
+        _check_options(spec, target, "error")
+    else:
+        _check_options(spec, target, nan_policy)
     train, test = _read_pair(spec, target, test_spec, cache)
     return _finish(train, test, nan_policy, _name(spec))
 
@@ -312,12 +321,14 @@ def _finish(train: Parsed, test: Parsed | None, nan_policy: str, name: str) -> D
     if test is not None and X_test.shape[1] != X.shape[1]:
         raise fail(test.source, f"has {X_test.shape[1]} features but the training data has {X.shape[1]}",
                    "give a test file with the same feature columns")
-    if nan_policy in ("zero", "mean", "median") and (train.n_nonfinite or (test is not None and test.n_nonfinite)):
+    fill = None
+    if nan_policy in ("zero", "mean", "median"):
         fill = _fill_values(X, nan_policy)
         X = _impute(X, fill) if train.n_nonfinite else X
         X_test = _impute(X_test, fill) if test is not None and test.n_nonfinite else X_test
     y_test = None if test is None else _map_labels(test, train.classes)
-    return Dataset(X, train.y, list(train.classes), X_test, y_test, name)
+    return Dataset(X, train.y, list(train.classes), X_test, y_test, name,
+                   nan_policy if fill is not None else "error", fill)
 
 
 def _map_labels(test: Parsed, classes: list) -> np.ndarray:

@@ -369,6 +369,9 @@ def _metadata(model, kernels, opset) -> dict:
     for key, source in (("method", model.config), ("epsilon", model.config), ("test_accuracy", model.metrics)):
         if source.get(key) is not None:
             meta[key] = str(_plain(source[key]))
+    if getattr(model, "nan_fill", None) is not None:  # runtime.py imputes NaN/Inf with these, as the trainer did
+        meta["nan_policy"] = model.nan_policy
+        meta["nan_fill"] = json.dumps([float(v) for v in np.asarray(model.nan_fill, np.float32)])
     return meta
 
 

@@ -39,6 +39,11 @@ class SparseMLP:
         The training configuration that produced the model.
     metrics : dict
         Results worth keeping with the model (test accuracy, best epoch, ...).
+    nan_policy : str
+        The ``--nan-policy`` of training ("error" when none was given).
+    nan_fill : ndarray of float32, shape (n_features,), or None
+        The training file's per-feature fill values of that policy (None under "error"), so a
+        prediction imputes NaN/Inf as the trainer did (``predict(X, nan_policy=...)``).
     """
 
     layers: list[SparseLayer]
@@ -47,6 +52,8 @@ class SparseMLP:
     classes: list
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    nan_policy: str = "error"
+    nan_fill: np.ndarray | None = None
 
     @property
     def sizes(self) -> list[int]:
@@ -70,11 +77,16 @@ class SparseMLP:
         return PackedNet.from_layers(self.layers, momentum=False)
 
     # -- inference --------------------------------------------------------------------------------
-    def predict_proba(self, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities, shape (n_samples, n_classes), float32."""
-        from . import kernels  # here, not at the top: `info` and `export` load models without numba
+    def predict_proba(self, X: np.ndarray, batch_size: int = 256, nan_policy: str = "error") -> np.ndarray:
+        """Class probabilities, shape (n_samples, n_classes), float32.
 
-        X = _as_2d_features(X, self.n_features)
+        NaN/Inf in X are refused (DataError naming the first row and column) unless ``nan_policy``
+        is "zero", or the "mean"/"median" the model was trained with (its recorded fill values).
+        """
+        from . import kernels  # here, not at the top: `info` and `export` load models without numba
+        from .io.common import apply_nan_policy
+
+        X = apply_nan_policy(_as_2d_features(X, self.n_features), nan_policy, self.nan_policy, self.nan_fill)
         net = self.packed()
         bs = max(1, min(batch_size, X.shape[0]))
         act = net.activation_buffer(bs)
@@ -83,9 +95,9 @@ class SparseMLP:
             kernels.predict_batches(X, np.arange(X.shape[0]), self.shift, self.scale, *net.forward, bs, act, proba)
         return proba
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predicted class labels."""
-        return np.asarray(self.classes)[np.argmax(self.predict_proba(X), axis=1)]
+    def predict(self, X: np.ndarray, nan_policy: str = "error") -> np.ndarray:
+        """Predicted class labels (NaN/Inf as in ``predict_proba``)."""
+        return np.asarray(self.classes)[np.argmax(self.predict_proba(X, nan_policy=nan_policy), axis=1)]
 
     # -- persistence ------------------------------------------------------------------------------
     def arrays(self) -> dict:
@@ -94,12 +106,16 @@ class SparseMLP:
         for l, layer in enumerate(self.layers):
             for name in ("indptr", "indices", "values", "bias"):
                 arrays[f"layer{l}.{name}"] = getattr(layer, name)
+        if self.nan_fill is not None:
+            arrays["nan.fill"] = np.asarray(self.nan_fill, np.float32)
         return arrays
 
     def save(self, path, *, force: bool = False) -> Path:
         """Write the model atomically to ``path`` (refuses to overwrite unless ``force``)."""
         meta = {"ctre_edge_version": __version__, "sizes": self.sizes, "config": self.config,
                 "classes": [_jsonable(c) for c in self.classes], "metrics": self.metrics}
+        if self.nan_fill is not None:  # absent under "error", so such files keep their earlier bytes
+            meta["nan_policy"] = self.nan_policy
         return write_archive(path, FORMAT, FORMAT_VERSION, self.arrays(), meta, force=force)
 
     @classmethod
@@ -107,8 +123,14 @@ class SparseMLP:
         """Read and validate a saved model; any defect raises ModelFileError with one line."""
         arrays, meta = read_archive(path, FORMAT, FORMAT_VERSION, "model")
         try:
-            return cls.from_arrays(arrays, meta["sizes"], list(meta["classes"]), dict(meta.get("config", {})),
-                                   dict(meta.get("metrics", {})))
+            model = cls.from_arrays(arrays, meta["sizes"], list(meta["classes"]), dict(meta.get("config", {})),
+                                    dict(meta.get("metrics", {})))
+            if "nan.fill" in arrays:
+                fill, policy = arrays["nan.fill"], meta.get("nan_policy")
+                if fill.shape != (model.n_features,) or policy not in ("zero", "mean", "median"):
+                    raise ValueError("the NaN fill values do not match the features or name no policy")
+                model.nan_policy, model.nan_fill = policy, fill.astype(np.float32)
+            return model
         except (KeyError, ValueError, TypeError, IndexError) as e:
             raise ModelFileError(f"{path} has an invalid structure: {e}") from None
 

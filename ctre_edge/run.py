@@ -26,6 +26,7 @@ from .config import TrainConfig
 from .data import Dataset, load_data, make_dataset, summarize_data, summarize_loaded
 from .errors import ConfigError, DataError
 from .fileio import refuse_overwrite
+from .io.common import apply_nan_policy
 from .model import SparseMLP
 from .profiles import Profile, load_profile
 from .warmup import kernels_cached, mark_cached
@@ -241,12 +242,19 @@ def resume_command(argv: list[str], directory: Path) -> str:
 
 
 def evaluate(model_path: Path, data: DataSpec) -> dict:
-    """A saved model's accuracy on a data set: its test part if it has one, else all samples."""
+    """A saved model's accuracy on a data set: its test part if it has one, else all samples.
+
+    ``data.nan_policy`` other than "error" imputes NaN/Inf with the model's training statistics.
+    """
     model = SparseMLP.load(model_path)
-    ds = load_data(data.source, **data.load_options())
+    # NaN/Inf stay in place here and are refused or imputed with the model's recorded training
+    # statistics (not this file's), exactly as predict does.
+    options = dict(data.load_options(), nan_policy="error" if data.nan_policy == "error" else "keep")
+    ds = load_data(data.source, **options)
     X, y = (ds.X_test, ds.y_test) if ds.X_test is not None else (ds.X, ds.y)
     if X.shape[1] != model.n_features:
         raise DataError(f"{data.source} has {X.shape[1]} features; the model {model_path} expects {model.n_features}")
+    X = apply_nan_policy(X, data.nan_policy, model.nan_policy, model.nan_fill, str(model_path), data.source)
     labels = [str(ds.classes[c]) for c in y]
     hits = sum(str(p) == t for p, t in zip(model.predict(X).tolist(), labels))
     return {"accuracy": hits / len(labels), "samples": len(labels),

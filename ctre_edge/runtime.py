@@ -61,6 +61,7 @@ class OnnxModel:
         self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
         self.path, self.batch_size = path, batch_size
         self.n_features, self.classes = self._check_interface()
+        self.nan_policy, self.nan_fill = self._recorded_imputation()
 
     def _check_interface(self) -> tuple[int, list]:
         meta = self.metadata
@@ -82,17 +83,38 @@ class OnnxModel:
             raise ModelFileError(f"{self.path} has metadata that does not match its graph; re-export it")
         return n_features, classes
 
-    def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities, float32 of shape (n_samples, n_classes)."""
-        return self._run("probabilities", X)
+    def _recorded_imputation(self) -> tuple[str, np.ndarray | None]:
+        """The training --nan-policy and its per-feature fill values, kept in the metadata by export."""
+        if "nan_fill" not in self.metadata:
+            return "error", None
+        try:
+            fill = np.asarray(json.loads(self.metadata["nan_fill"]), dtype=np.float32)
+        except (ValueError, TypeError) as e:
+            raise ModelFileError(f"{self.path} has damaged NaN fill values ({e}); re-export it") from None
+        policy = self.metadata.get("nan_policy")
+        if fill.shape != (self.n_features,) or policy not in ("zero", "mean", "median"):
+            raise ModelFileError(f"{self.path} has NaN fill values that do not match its features; re-export it")
+        return policy, fill
 
-    def predict(self, X) -> np.ndarray:
+    def predict_proba(self, X, nan_policy: str = "error", source: str = "X") -> np.ndarray:
+        """Class probabilities, float32 of shape (n_samples, n_classes).
+
+        NaN/Inf in X are refused (DataError naming the first row and column) unless ``nan_policy`` is
+        "zero", or the "mean"/"median" the model was trained with: then they are replaced, here and
+        not in the graph, by the training file's fill values that the export recorded. ``source``
+        names X in the message.
+        """
+        return self._run("probabilities", X, nan_policy, source)
+
+    def predict(self, X, nan_policy: str = "error", source: str = "X") -> np.ndarray:
         """Predicted class labels (int64 or str array), the graph's ArgMax over the probabilities."""
-        labels = self._run("label", X)
+        labels = self._run("label", X, nan_policy, source)
         return np.asarray(labels.tolist()) if labels.dtype == object else labels
 
-    def _run(self, output: str, X) -> np.ndarray:
-        X = self._as_features(X)
+    def _run(self, output: str, X, nan_policy: str = "error", source: str = "X") -> np.ndarray:
+        from .io.common import apply_nan_policy  # numpy only, like the rest of this module
+
+        X = apply_nan_policy(self._as_features(X), nan_policy, self.nan_policy, self.nan_fill, str(self.path), source)
         parts = [self._session.run([output], {"X": X[start:start + self.batch_size]})[0]
                  for start in range(0, X.shape[0], self.batch_size)]
         if not parts:  # zero rows: one call gives the right dtype and trailing shape

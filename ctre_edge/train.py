@@ -184,7 +184,9 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
             break
 
     del evaluator, trainer  # the test pass below allocates its own buffers
-    return _result(state, config, shift, scale, classes, X_test, y_test, int(train_rows.shape[0]), warnings)
+    result = _result(state, config, shift, scale, classes, X_test, y_test, int(train_rows.shape[0]), warnings)
+    result.model.nan_policy, result.model.nan_fill = data.nan_policy, data.nan_fill
+    return result
 
 
 def stop_early(config: TrainConfig, state: TrainState, policy: TopologyPolicy, done: int) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 SUPPORTED = ("builtin:NAME, .npz, .csv, .tsv, .txt, .libsvm/.svm/.svmlight, "
              "IDX (*-images-idx3-ubyte[.gz], or IMAGES,LABELS)")
@@ -87,6 +87,35 @@ def count_nonfinite(X: np.ndarray, describe) -> tuple[int, str]:
             first = describe(s + int(i), int(j))
         total += n
     return total, first
+
+
+def apply_nan_policy(X: np.ndarray, policy: str, recorded: str, fill, model: str = "the model",
+                     source: str = "X") -> np.ndarray:
+    """X at prediction time with NaN/Inf handled as at training: refused, or filled from the model.
+
+    ``policy`` "error" refuses the first NaN/Inf with one line naming its row and column (from 1);
+    "zero" fills 0; "mean" and "median" fill the training file's per-feature values, which the model
+    recorded (``fill``) when it was trained with that policy (``recorded``). X is float32, C-contiguous
+    and 2-d; it is copied before filling, never changed in place. ``model`` and ``source`` name the model
+and the features in messages.
+    """
+    if policy not in ("error", "zero", "mean", "median"):
+        raise ConfigError(f"'nan_policy' must be one of error, zero, mean, median; got {policy!r}")
+    if policy in ("mean", "median") and recorded != policy:
+        retrain = f"retrain with --nan-policy {policy}, or pass --nan-policy zero"
+        raise ConfigError(f"{model} was trained with --nan-policy {recorded} and records no {policy} statistics; "
+                          + (f"pass --nan-policy {recorded} or zero" if recorded in ("mean", "median") else retrain))
+    n_bad, first = count_nonfinite(X, lambda i, j: f"row {i + 1}, column {j + 1}")
+    if not n_bad:
+        return X
+    if policy == "error":
+        usable = " or ".join(p for p in ("mean", "median") if p == recorded) or ""
+        raise DataError(f"{source} has {n_bad} NaN/Inf value(s), the first at {first} (counting from 1); clean "
+                        f"them or pass --nan-policy {usable + ' or ' if usable else ''}zero to impute them")
+    values = np.zeros(X.shape[1], np.float32) if policy == "zero" else np.asarray(fill, np.float32)
+    out = X.copy()
+    np.copyto(out, np.broadcast_to(values, out.shape), where=~np.isfinite(out))
+    return out
 
 
 def code_labels(raw: np.ndarray, source, locate) -> tuple[np.ndarray, list]:
