@@ -29,12 +29,17 @@ _NAME = re.compile(r"^epoch-(\d{6,})\.ckpt$")
 
 @dataclass
 class Checkpointing:
-    """Where and how often ``train`` saves its state; ``resume`` continues from the newest checkpoint."""
+    """Where and how often ``train`` saves its state; ``resume`` continues from the newest checkpoint.
+
+    ``auto`` (``--resume auto``) resumes when the directory holds a valid checkpoint and otherwise
+    starts fresh with the same settings, so a service can rerun one command line after any stop.
+    """
 
     directory: Path
     every: int = 1
     resume: bool = False
     force: bool = False
+    auto: bool = False
 
 
 @dataclass
@@ -142,11 +147,14 @@ def save(directory: Path, epoch: int, arrays: dict, meta: dict) -> Path:
     return path
 
 
-def load_latest(directory: Path, config_dict: dict, data_print: str, warn) -> tuple[dict, dict, Path]:
+def load_latest(directory: Path, config_dict: dict, data_print: str, warn, *,
+                fresh_if_none: bool = False) -> tuple[dict, dict, Path] | None:
     """(arrays, meta, path) of the newest valid checkpoint; corrupt ones are skipped with ``warn``.
 
     Raises ConfigError when the checkpoint was made with other settings or other data, and
-    ModelFileError when no valid checkpoint exists.
+    ModelFileError when no valid checkpoint exists; with ``fresh_if_none`` (``--resume auto``) it
+    returns None instead, after renaming the corrupt files to ``*.ckpt.corrupt`` (kept, never loaded
+    again, and not mistaken for newer checkpoints than the fresh run's).
     """
     files = checkpoint_files(directory)
     if not files:
@@ -166,6 +174,14 @@ def load_latest(directory: Path, config_dict: dict, data_print: str, warn) -> tu
             shown = ", ".join(f"{k} ({saved.get(k)!r} there, {config_dict.get(k)!r} now)" for k in diff[:3])
             raise ConfigError(f"{path} was made with other settings: {shown}; resume with the same options")
         return arrays, meta, path
+    if fresh_if_none:
+        for _, path in files:
+            try:
+                path.rename(path.with_name(path.name + ".corrupt"))
+            except OSError as e:
+                raise OutputWriteError(f"cannot set aside the corrupt checkpoint {path}: {e.strerror or e}") from None
+        warn(f"every checkpoint in {directory} is corrupt (renamed to *.ckpt.corrupt); starting a fresh run")
+        return None
     raise ModelFileError(f"every checkpoint in {directory} is corrupt; start a new run without --resume")
 
 

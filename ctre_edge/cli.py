@@ -97,7 +97,7 @@ def train(
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Save the training state here after every --checkpoint-every epochs; default: OUT.ckpt next to --out.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Epochs between checkpoints.")] = 1,
     no_checkpoint: Annotated[bool, typer.Option("--no-checkpoint", help="Do not write checkpoints.")] = False,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run whose checkpoints are in this directory (same data and options).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run whose checkpoints are in this directory (same data and options); 'auto': continue from the newest valid checkpoint in --checkpoint-dir (default OUT.ckpt) if there is one, else start fresh, so a service can rerun one command line.")] = None,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
 ):

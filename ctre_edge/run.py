@@ -169,15 +169,30 @@ def export_budget(model, profile) -> int | None:
     return budget_bytes(resolve_profile(profile), model)
 
 
+RESUME_AUTO = "auto"  # --resume auto: resume if there is a valid checkpoint, else start fresh
+
+
 def checkpointing(out: Path | None, directory: Path | None, every: int, resume: Path | None, *,
                   enabled: bool = True, force: bool = False) -> Checkpointing | None:
-    """Checkpoints go to ``resume``, else ``directory``, else OUT.ckpt next to ``out``, else nowhere."""
+    """Checkpoints go to ``resume``, else ``directory``, else OUT.ckpt next to ``out``, else nowhere.
+
+    ``resume`` "auto" (``RESUME_AUTO``) continues in ``directory`` (or OUT.ckpt) when it holds a valid
+    checkpoint and otherwise starts fresh there; a directory named auto is ``./auto``.
+    """
+    auto = resume is not None and str(resume) == RESUME_AUTO
     if not enabled:
         if resume is not None:
             raise ConfigError("--resume needs checkpoints; drop --no-checkpoint")
         return None
     if every < 1:
         raise ConfigError(f"'checkpoint_every' must be an int >= 1; got {every}")
+    if auto:
+        if force:
+            raise ConfigError("--resume auto continues a run and --force starts over; drop one of them")
+        if directory is None and out is None:
+            raise ConfigError("--resume auto needs --out (checkpoints in OUT.ckpt) or --checkpoint-dir DIR")
+        directory = directory if directory is not None else out.with_name(out.name + ".ckpt")
+        return Checkpointing(directory, every, auto=True)
     if resume is not None:
         if directory is not None and directory != resume:
             raise ConfigError("--resume DIR continues in DIR; drop --checkpoint-dir or give the same directory")

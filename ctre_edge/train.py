@@ -117,7 +117,7 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     sizes = [data.n_features, *config.hidden, len(data.classes)]
     classes = list(data.classes)
     if start_from is not None:
-        if checkpointing is not None and checkpointing.resume:
+        if checkpointing is not None and (checkpointing.resume or checkpointing.auto):
             raise ConfigError("start_from and resume exclude each other: a resumed run continues its checkpoint")
         if start_from.sizes != sizes or [str(c) for c in start_from.classes] != [str(c) for c in classes]:
             raise ConfigError(f"start_from has layer sizes {start_from.sizes} and classes {start_from.classes}; "
@@ -126,12 +126,16 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     else:
         shift, scale = fit_scaling(data.X, train_rows, config.scaling)
     policy = TopologyPolicy(config, data.X, train_rows, shift, scale)
-    data_print = ""
+    data_print, latest = "", None
     if checkpointing is not None:
-        ckpt.prepare_directory(checkpointing.directory, resume=checkpointing.resume, force=checkpointing.force)
+        resume = checkpointing.resume or (checkpointing.auto and bool(ckpt.checkpoint_files(checkpointing.directory)))
+        ckpt.prepare_directory(checkpointing.directory, resume=resume, force=checkpointing.force)
         data_print = ckpt.data_fingerprint(data)
-    if checkpointing is not None and checkpointing.resume:
-        arrays, meta, _ = ckpt.load_latest(checkpointing.directory, config.to_dict(), data_print, warn)
+        if resume:  # auto: None when every checkpoint there is corrupt (set aside), so the run starts fresh
+            latest = ckpt.load_latest(checkpointing.directory, config.to_dict(), data_print, warn,
+                                      fresh_if_none=checkpointing.auto)
+    if latest is not None:
+        arrays, meta, _ = latest
         state = TrainState.restore(arrays, meta, sizes, classes, rng_shuffle, rng_evolve)
         policy.restore(meta["policy"])
     else:

@@ -246,3 +246,45 @@ def test_read_only_filesystem_gives_one_line(tmp_path, monkeypatch):
     with pytest.raises(OutputWriteError, match="read-only or not writable; choose another output path"):
         model.save(tmp_path / "m.ctre")
     assert not (tmp_path / "m.ctre").exists()
+
+
+def test_resume_auto_restarts_one_command_line_until_done_bit_identical(tmp_path):
+    """A service reruns the identical command after every kill, the first ones before any checkpoint."""
+    def command(name):
+        return ["train", *RUN, "--epochs", "5", "--method", "ctre-sim", "--out", str(tmp_path / f"{name}.ctre"),
+                "--resume", "auto"]
+
+    reference = cli(*command("reference"))
+    assert reference.returncode == 0, reference.stderr
+    # killed inside the first checkpoint write (only a temp file exists), then during the first topology
+    # update (before any checkpoint again), then inside the third write (two checkpoints exist)
+    places = ["write:1", "update:1", "write:3"]
+    for attempt in range(len(places) + 3):
+        env = {"CTRE_EDGE_KILL_AT": places[attempt]} if attempt < len(places) else {}
+        r = cli(*command("restarted"), env=env)
+        if attempt < len(places):
+            assert r.returncode == -signal.SIGKILL, r.stderr
+            continue
+        assert r.returncode == 0, r.stderr
+        break
+    assert [e for e, _ in ckpt.checkpoint_files(tmp_path / "restarted.ctre.ckpt")] == [5, 4]
+    assert (tmp_path / "restarted.ctre").read_bytes() == (tmp_path / "reference.ctre").read_bytes()
+    # other settings on those checkpoints are refused as with --resume DIR; the finished model is kept
+    (tmp_path / "restarted.ctre").rename(tmp_path / "done.ctre")
+    r = cli(*command("restarted"), "--lr", "0.1")
+    assert r.returncode == 2 and "other settings: lr" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "done.ctre").read_bytes() == (tmp_path / "reference.ctre").read_bytes()
+
+
+def test_resume_auto_starts_fresh_past_corrupt_checkpoints(digits, tmp_path):
+    d = tmp_path / "ck"
+    whole = train(digits, config(epochs=3)).model.save(tmp_path / "whole.ctre")
+    d.mkdir()
+    (d / "epoch-000009.ckpt").write_bytes(b"not a checkpoint")
+    warnings = []
+    auto = train(digits, config(epochs=3), checkpointing=Checkpointing(d, auto=True), warn=warnings.append)
+    assert auto.model.save(tmp_path / "auto.ctre").read_bytes() == whole.read_bytes()
+    assert (d / "epoch-000009.ckpt.corrupt").read_bytes() == b"not a checkpoint"  # kept, set aside
+    assert [e for e, _ in ckpt.checkpoint_files(d)] == [3, 2] and "starting a fresh run" in warnings[-1]
+    resumed = train(digits, config(epochs=3), checkpointing=Checkpointing(d, auto=True))  # resumes at epoch 3
+    assert resumed.model.save(tmp_path / "resumed.ctre").read_bytes() == whole.read_bytes()
