@@ -15,9 +15,13 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/ctre-edge`` (default ``~/.cache/ctre-edge``): the kernel and parse caches live here."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ctre-edge"
+
+
 def default_cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "ctre-edge" / __version__ / "numba"
+    return user_cache_dir() / __version__ / "numba"
 
 
 def configure_cache(directory=None) -> Path:

@@ -67,7 +67,8 @@ def train(
     target: TargetOpt = None,
     test_data: Annotated[Optional[str], typer.Option(help="A separate test file (any --data format); else the file's test part or --test-fraction.")] = None,
     nan_policy: NanOpt = NanPolicy.error,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the parsed-data cache next to text inputs.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the parsed-data cache of text inputs (kept in ~/.cache/ctre-edge/data, or XDG_CACHE_HOME).")] = False,
+    cache_beside: Annotated[bool, typer.Option("--cache-beside", help="Keep the parsed-data cache next to the input (FILE.ctre-cache/) when its directory is writable.")] = False,
     method: Annotated[Method, typer.Option(help="Topology policy.")] = Method(_D.method),
     hidden: Annotated[str, typer.Option(help="Hidden layer widths, comma-separated.")] = ",".join(map(str, _D.hidden)),
     epsilon: Annotated[float, typer.Option(help="Erdos-Renyi sparsity: eps*(n_in+n_out) connections per layer.")] = _D.epsilon,
@@ -127,7 +128,8 @@ def config_from_options(o: dict) -> TrainConfig:
 
 def _train_or_plan(o: dict, plan_only: bool) -> None:
     config = config_from_options(o)
-    data = run.DataSpec(o["data"], parse_target(o["target"]), o["test_data"], value(o["nan_policy"]), cache=not o["no_cache"])
+    data = run.DataSpec(o["data"], parse_target(o["target"]), o["test_data"], value(o["nan_policy"]),
+                       cache=False if o["no_cache"] else "beside" if o["cache_beside"] else True)
     if not plan_only:
         run.check_output(o["out"], o["force"])
         checkpointing = run.checkpointing(o["out"], o["checkpoint_dir"], o["checkpoint_every"], o["resume"],

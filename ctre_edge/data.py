@@ -27,13 +27,16 @@ The fill values are computed whenever a policy is given (even on clean data) and
 impute new NaN/Inf with the training file's statistics, not the new data's.
 
 Parse cache: a text source (csv, tsv, txt, libsvm, gzipped IDX) parsed with ``cache=True`` is saved
-uncompressed next to the input, in ``<input>.ctre-cache/``: ``<key>.X.npy`` and ``<key>.y.npy``, and
+uncompressed in the user cache directory, ``$XDG_CACHE_HOME/ctre-edge/data/<input name>-<hash of its
+absolute path>/`` (default ``~/.cache``), or with ``cache="beside"`` next to the input in
+``<input>.ctre-cache/`` when that directory is writable: ``<key>.X.npy`` and ``<key>.y.npy``, and
 ``<key>.json`` (written last) with the classes, the parse options, and each input's size, mtime and
 sha256 of its first and last MiB. ``key`` hashes the parse options, so files from different options
 are never paired. The next load with the same options memory-maps X (copy-on-write) instead of
-parsing, when every input's fingerprint still matches; otherwise the cache is rebuilt. A directory
-that cannot be written is skipped silently; ``cache=False`` reads and writes nothing. (A same-size
-edit inside the middle of a file within one mtime tick goes unnoticed: delete the directory then.)
+parsing, when every input's fingerprint still matches; otherwise the cache is rebuilt. A location
+that cannot be written is skipped silently (a read-only data directory never fails a run);
+``cache=False`` reads and writes nothing. (A same-size edit inside the middle of a file within one
+mtime tick goes unnoticed: delete the cache directory then.)
 
 Scaling is fitted on the training split only and travels with the model.
 """
@@ -83,7 +86,7 @@ class Dataset:
 
 
 def load_data(spec: str, *, target=None, test_spec: str | None = None, nan_policy: str = "error",
-              cache: bool = True) -> Dataset:
+              cache: bool | str = True) -> Dataset:
     """Load a data set (formats in the module docstring).
 
     Parameters
@@ -99,8 +102,9 @@ def load_data(spec: str, *, target=None, test_spec: str | None = None, nan_polic
     nan_policy : {"error", "zero", "mean", "median", "keep"}, default="error"
         What to do with NaN/Inf features; statistics come from the training file only. "keep"
         leaves them in place (``evaluate`` then imputes with the model's recorded statistics).
-    cache : bool, default=True
-        Reuse or write the parse cache of text sources.
+    cache : bool or "beside", default=True
+        Reuse or write the parse cache of text sources: True in the user cache directory,
+        "beside" next to the input when its directory is writable (else the user cache), False none.
 
     Raises
     ------
@@ -116,7 +120,7 @@ def load_data(spec: str, *, target=None, test_spec: str | None = None, nan_polic
 
 
 def inspect_data(spec: str, *, target=None, test_spec: str | None = None, nan_policy: str = "error",
-                 cache: bool = True) -> dict:
+                 cache: bool | str = True) -> dict:
     """What ``load_data`` with the same options would give, summarised for people (and ``--json``).
 
     NaN/Inf values are counted (before imputation) instead of raising; value ranges skip them.
@@ -169,7 +173,7 @@ class DataSummary:
 
 
 def summarize_data(spec: str, *, target=None, test_spec: str | None = None, nan_policy: str = "error",
-                   cache: bool = True) -> DataSummary:
+                   cache: bool | str = True) -> DataSummary:
     """Shapes of a data source without loading large ones (same options as ``load_data``).
 
     Built-ins, small text files and text files with a valid cache are loaded (the parse is cached,
@@ -184,7 +188,7 @@ def summarize_data(spec: str, *, target=None, test_spec: str | None = None, nan_
     options = fmt.cache_options(paths, target, None) if fmt.cache_options else None
     small = fmt.shape is None and (
         fmt.scan is None or sum(p.stat().st_size for p in paths) <= _SMALL_TEXT
-        or (options is not None and parse_cache.cache_meta(paths, options) is not None))
+        or (options is not None and parse_cache.cache_meta(paths, options, cache == "beside") is not None))
     if small and test_spec is None:
         return summarize_loaded(load_data(spec, target=target, nan_policy=nan_policy, cache=cache))
     n, d, n_classes, per_value = _shape_of(kind, paths, spec, target, cache)
@@ -270,19 +274,20 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _read(spec, *, target, cache: bool, n_features=None) -> tuple[Parsed, Parsed | None]:
+def _read(spec, *, target, cache: bool | str, n_features=None) -> tuple[Parsed, Parsed | None]:
     """Parse one source into (main part, its own test part or None), through the parse cache."""
     kind, paths = _source(spec)
     fmt = FORMATS[kind]
     try:
         options = fmt.cache_options(paths, target, n_features) if cache and fmt.cache_options else None
-        if options is not None and (hit := parse_cache.cache_load(paths, options)) is not None:
+        beside = cache == "beside"
+        if options is not None and (hit := parse_cache.cache_load(paths, options, beside)) is not None:
             hit.source = str(paths[0])  # messages name the file as given now
             return hit, None
         inputs = parse_cache.fingerprint(paths) if options is not None else None  # taken before parsing, so
         main, part = fmt.parse(paths, target, n_features)  # an edit during the parse leaves a stale cache
         if options is not None:
-            parse_cache.cache_store(paths, options, inputs, main)
+            parse_cache.cache_store(paths, options, inputs, main, beside)
         return main, part
     except DataError:
         raise

@@ -40,7 +40,7 @@ class DataSpec:
     target: str | int | None = None
     test_source: str | None = None
     nan_policy: str = "error"
-    cache: bool = True
+    cache: bool | str = True  # True: the user cache directory; "beside": next to the input if writable
     arrays: tuple | None = None  # (X, y, X_test, y_test) for the Python API; ``source`` then names them
 
     def load_options(self) -> dict:

@@ -1,5 +1,6 @@
 """Issue 7: checkpoints, resume, and faults that lose nothing. Real subprocesses where it matters."""
 
+import json
 import os
 import signal
 import subprocess
@@ -288,3 +289,37 @@ def test_resume_auto_starts_fresh_past_corrupt_checkpoints(digits, tmp_path):
     assert [e for e, _ in ckpt.checkpoint_files(d)] == [3, 2] and "starting a fresh run" in warnings[-1]
     resumed = train(digits, config(epochs=3), checkpointing=Checkpointing(d, auto=True))  # resumes at epoch 3
     assert resumed.model.save(tmp_path / "resumed.ctre").read_bytes() == whole.read_bytes()
+
+
+def _digits_csv(path):
+    d = load_data("builtin:digits")
+    np.savetxt(path, np.column_stack([d.X, d.y]), fmt="%d", delimiter=",")
+    return path
+
+
+def test_read_only_data_directory_trains(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    data = _digits_csv(ro / "d.csv")
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that ignores directory permissions (root); "
+                        "test_unwritable_cache_locations_train covers it without them")
+        for extra in ([], ["--cache-beside"]):
+            r = cli("train", *RUN[2:], "--epochs", "2", "--data", str(data), *extra)
+            assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert sorted(os.listdir(ro)) == ["d.csv"]
+    finally:
+        ro.chmod(0o755)
+
+
+def test_unwritable_cache_locations_train(tmp_path):
+    """No permissions needed: the beside directory and the user cache are paths mkdir cannot create."""
+    data = _digits_csv(tmp_path / "d.csv")
+    (tmp_path / "d.csv.ctre-cache").write_text("a file, not a directory")
+    (tmp_path / "cache-file").write_text("")
+    r = cli("train", *RUN[2:], "--epochs", "2", "--data", str(data), "--cache-beside", "--json",
+            env={"XDG_CACHE_HOME": str(tmp_path / "cache-file")})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert json.loads(r.stdout)["epochs"] == 2

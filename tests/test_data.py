@@ -362,7 +362,9 @@ def test_cache_is_reused_and_invalidated(digits, tmp_path, monkeypatch):
     path = write_csv(tmp_path / "d.csv", digits.X, digits.y)
     calls = _spy(monkeypatch)
     first = load_data(str(path))
-    cache = tmp_path / "d.csv.ctre-cache"
+    cache = parse_cache.cache_dir([path])
+    assert cache.parent == parse_cache.cache_root() and cache.name.startswith("d.csv-")
+    assert not (tmp_path / "d.csv.ctre-cache").exists()  # nothing written beside the input unasked
     assert len(calls) == 1 and sorted(p.suffix for p in cache.iterdir()) == [".json", ".npy", ".npy"]
     second = load_data(str(path))
     assert len(calls) == 1 and np.array_equal(first.X, second.X) and second.classes == first.classes
@@ -392,6 +394,32 @@ def test_cache_false_writes_nothing(digits, tmp_path, monkeypatch):
     load_data(str(path), cache=False)
     load_data(str(path), cache=False)
     assert len(calls) == 2 and sorted(os.listdir(tmp_path)) == ["d.csv"]
+    assert not parse_cache.cache_dir([path]).exists()
+
+
+def test_cache_beside_the_input_only_when_asked(digits, tmp_path, monkeypatch):
+    path = write_csv(tmp_path / "d.csv", digits.X, digits.y)
+    calls = _spy(monkeypatch)
+    load_data(str(path), cache="beside")
+    beside = tmp_path / "d.csv.ctre-cache"
+    assert sorted(p.suffix for p in beside.iterdir()) == [".json", ".npy", ".npy"]
+    assert not parse_cache.cache_dir([path]).exists()  # the user cache is not written too
+    assert np.array_equal(load_data(str(path), cache="beside").X, digits.X) and len(calls) == 1
+
+
+def test_unwritable_cache_locations_never_fail_a_load(digits, tmp_path, monkeypatch, user_cache_home):
+    """Independent of permissions (root ignores them): every location is a path mkdir cannot create."""
+    path = write_csv(tmp_path / "d.csv", digits.X, digits.y)
+    calls = _spy(monkeypatch)
+    (tmp_path / "d.csv.ctre-cache").write_text("a file where the cache directory would go")
+    load_data(str(path), cache="beside")  # beside is impossible: the user cache directory is used
+    assert len(calls) == 1 and parse_cache.cache_dir([path], beside=False).is_dir()
+    assert np.array_equal(load_data(str(path), cache="beside").X, digits.X) and len(calls) == 1
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-dir"))  # no user cache directory either
+    for _ in range(2):
+        assert np.array_equal(load_data(str(path), cache="beside").X, digits.X)
+    assert len(calls) == 3  # parsed each time, no cache, no error
 
 
 def test_read_only_directory_still_loads(digits, tmp_path, monkeypatch):
@@ -400,16 +428,14 @@ def test_read_only_directory_still_loads(digits, tmp_path, monkeypatch):
     path = write_csv(ro / "d.csv", digits.X, digits.y)
     ro.chmod(0o555)
     try:
-        if os.access(ro, os.W_OK):  # root ignores permissions: fail the writes as a read-only directory would
-
-            def refuse(path, write, force=False):
-                raise OutputWriteError(f"cannot write {path}: the directory is read-only or not writable")
-
-            monkeypatch.setattr(parse_cache, "atomic_write", refuse)
-            monkeypatch.setattr(Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "ro")))
-        for _ in range(2):
-            d = load_data(str(path))
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that ignores directory permissions (root); "
+                        "test_unwritable_cache_locations_never_fail_a_load covers it without them")
+        calls = _spy(monkeypatch)
+        for cache in (True, "beside"):
+            d = load_data(str(path), cache=cache)
             assert np.array_equal(d.X, digits.X)
+        assert len(calls) == 1  # the beside request fell back to the user cache written by the first load
         assert not any(p.name.endswith(".npy") for p in ro.rglob("*"))
     finally:
         ro.chmod(0o755)

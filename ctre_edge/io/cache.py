@@ -1,6 +1,11 @@
-"""The parse cache: parsed text and gzipped IDX sources saved next to the input and memory-mapped back.
+"""The parse cache: parsed text and gzipped IDX sources saved uncompressed and memory-mapped back.
 
-See ``data.py``'s docstring for the layout and the fingerprint rule.
+By default the cache is in the user cache directory, ``$XDG_CACHE_HOME/ctre-edge/data/`` (default
+``~/.cache``), one directory per input named after the input and a hash of its absolute path; with
+``beside`` (``train --cache-beside``) it is ``FILE.ctre-cache/`` next to the input when that directory
+can be written, else the user cache directory. A location that cannot be written is skipped, so a
+read-only data directory (or cache) never fails a run. See ``data.py``'s docstring for the layout and
+the fingerprint rule.
 """
 
 from __future__ import annotations
@@ -37,9 +42,24 @@ def fingerprint(paths: list) -> list:
     return out
 
 
-def cache_dir(paths: list) -> Path:
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/ctre-edge/data``: where parses are cached unless asked to sit beside the input."""
+    from .. import user_cache_dir  # the package's own function; the import loads nothing
+
+    return user_cache_dir() / "data"
+
+
+def cache_dirs(paths: list, beside: bool = False) -> list[Path]:
+    """The directories a parse of ``paths`` is looked up in and written to, in that order."""
     first = Path(paths[0])
-    return first.with_name(first.name + ".ctre-cache")
+    where = hashlib.sha256("\0".join(str(Path(p).resolve()) for p in paths).encode()).hexdigest()[:16]
+    user = cache_root() / f"{first.name}-{where}"
+    return ([first.with_name(first.name + ".ctre-cache")] if beside else []) + [user]
+
+
+def cache_dir(paths: list, beside: bool = False) -> Path:
+    """The directory a new parse of ``paths`` goes to first."""
+    return cache_dirs(paths, beside)[0]
 
 
 def _cache_key(options: dict) -> str:
@@ -47,25 +67,33 @@ def _cache_key(options: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cache_meta(paths: list, options: dict) -> dict | None:
+def _find(paths: list, options: dict, beside: bool) -> tuple[Path, dict] | None:
+    inputs = None
+    for d in cache_dirs(paths, beside):
+        try:
+            meta = json.loads((d / f"{_cache_key(options)}.json").read_text())
+            if meta.get("version") != CACHE_VERSION or meta.get("options") != options:
+                continue
+            inputs = fingerprint(paths) if inputs is None else inputs
+            if meta.get("inputs") == inputs:
+                return d, meta
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+    return None
+
+
+def cache_meta(paths: list, options: dict, beside: bool = False) -> dict | None:
     """The cache's metadata when it matches ``options`` and the inputs as they are now, else None."""
-    try:
-        meta = json.loads((cache_dir(paths) / f"{_cache_key(options)}.json").read_text())
-        if meta.get("version") != CACHE_VERSION or meta.get("options") != options:
-            return None
-        if meta.get("inputs") != fingerprint(paths):
-            return None
-        return meta
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
+    found = _find(paths, options, beside)
+    return None if found is None else found[1]
 
 
-def cache_load(paths: list, options: dict) -> Parsed | None:
+def cache_load(paths: list, options: dict, beside: bool = False) -> Parsed | None:
     """The cached parse (X memory-mapped copy-on-write), or None when absent, stale or damaged."""
-    meta = cache_meta(paths, options)
-    if meta is None:
+    found = _find(paths, options, beside)
+    if found is None:
         return None
-    key, d = _cache_key(options), cache_dir(paths)
+    (d, meta), key = found, _cache_key(options)
     try:
         X = np.load(d / f"{key}.X.npy", mmap_mode="c", allow_pickle=False)
         y = np.load(d / f"{key}.y.npy", allow_pickle=False)
@@ -78,26 +106,33 @@ def cache_load(paths: list, options: dict) -> Parsed | None:
         return None
 
 
-def cache_store(paths: list, options: dict, inputs: list, parsed: Parsed) -> None:
-    """Write the parse next to the input; any failure (read-only directory, full disk) is skipped.
+def cache_store(paths: list, options: dict, inputs: list, parsed: Parsed, beside: bool = False) -> Path | None:
+    """Write the parse to the first of ``cache_dirs`` that can be written; return it, or None (nothing
+    writable: read-only, full disk; the run goes on without a cache).
 
     The metadata file is written last and names the arrays by the options' key, so a crash or a
     concurrent writer with other options never pairs one parse's metadata with another's arrays.
     """
-    d, key = cache_dir(paths), _cache_key(options)
+    key = _cache_key(options)
     meta = {"version": CACHE_VERSION, "options": options, "inputs": inputs, "shape": list(parsed.X.shape),
             "dtype": str(parsed.X.dtype), "classes": parsed.classes, "source": parsed.source,
             "feature_names": parsed.feature_names, "n_nonfinite": parsed.n_nonfinite,
             "first_nonfinite": parsed.first_nonfinite}
-    try:
-        d.mkdir(exist_ok=True)
-        (d / f"{key}.json").unlink(missing_ok=True)
-        for name, arr in (("X", parsed.X), ("y", parsed.y)):
-            atomic_write(d / f"{key}.{name}.npy", lambda f, a=arr: np.lib.format.write_array(f, a), force=True)
-        text = json.dumps(meta).encode()
-        atomic_write(d / f"{key}.json", lambda f: f.write(text), force=True)
+    for d in cache_dirs(paths, beside):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{key}.json").unlink(missing_ok=True)
+            for name, arr in (("X", parsed.X), ("y", parsed.y)):
+                atomic_write(d / f"{key}.{name}.npy", lambda f, a=arr: np.lib.format.write_array(f, a), force=True)
+            text = json.dumps(meta).encode()
+            atomic_write(d / f"{key}.json", lambda f: f.write(text), force=True)
+        except (OSError, CtreError, TypeError, ValueError):
+            continue
         for old in d.iterdir():  # other option sets, or earlier versions of the input
             if not old.name.startswith(key + ".") and old.suffix in (".json", ".npy"):
-                old.unlink(missing_ok=True)
-    except (OSError, CtreError, TypeError, ValueError):
-        pass
+                try:
+                    old.unlink(missing_ok=True)
+                except OSError:
+                    pass
+        return d
+    return None
