@@ -127,13 +127,19 @@ def config_from_options(o: dict) -> TrainConfig:
 
 
 def _train_or_plan(o: dict, plan_only: bool) -> None:
+    if plan_only:
+        return _run_train_or_plan(o, True, None)
+    checkpointing = run.checkpointing(o["out"], o["checkpoint_dir"], o["checkpoint_every"], o["resume"],
+                                      enabled=not o["no_checkpoint"], force=o["force"])
+    with run.lock_outputs(o["out"], checkpointing):  # a second run on the same --out stops here (exit 6)
+        run.check_output(o["out"], o["force"])
+        _run_train_or_plan(o, False, checkpointing)
+
+
+def _run_train_or_plan(o: dict, plan_only: bool, checkpointing) -> None:
     config = config_from_options(o)
     data = run.DataSpec(o["data"], parse_target(o["target"]), o["test_data"], value(o["nan_policy"]),
                        cache=False if o["no_cache"] else "beside" if o["cache_beside"] else True)
-    if not plan_only:
-        run.check_output(o["out"], o["force"])
-        checkpointing = run.checkpointing(o["out"], o["checkpoint_dir"], o["checkpoint_every"], o["resume"],
-                                          enabled=not o["no_checkpoint"], force=o["force"])
     prepared = run.prepare(config, data, o["profile"], o["fit"], plan_only=plan_only)
     if plan_only:
         print_json(prepared.plan.to_dict()) if o["as_json"] else console.show_plan(prepared.plan)
@@ -196,7 +202,7 @@ def warmup():
                 err.print(f"  {name}: {seconds:.1f} s")
                 status.update(f"compiling kernels... {len(done)}/{len(STEPS)}")
 
-            run_warmup(step)
+            run_warmup(step, on_wait=lambda: err.print("another process is compiling into this cache; waiting for it"))
         err.print(f"kernels ready in {time.perf_counter() - t0:.1f} s; cache: {os.environ.get('NUMBA_CACHE_DIR')}")
 
     run_command(body)

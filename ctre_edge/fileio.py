@@ -1,7 +1,8 @@
 """Atomic file writes: a temp file in the target's directory, fsync, rename, fsync the directory.
 
 A reader never sees a half-written output, and an existing output is replaced only when the caller
-says so (``force=True``).
+says so (``force=True``). ``FileLock`` and ``lock_output`` keep two processes off one output (or off
+one kernel cache while it is being filled).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import os
 import signal
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -173,3 +175,101 @@ def fault_point(name: str) -> None:
 
 
 _fault_counts: dict = {}
+
+
+class FileLock:
+    """An exclusive advisory lock (``fcntl.flock``) on a lock file, held for a ``with`` block.
+
+    ``wait=False`` raises ``Locked`` (with the holder's pid, which the holder writes into the file)
+    instead of waiting; ``on_wait()`` is called once before a blocking wait. flock locks belong to the
+    open file, so the kernel drops them when the holder exits or is killed: a lock is never stale.
+
+    Fallback: where ``fcntl`` is missing (not POSIX), or the lock file cannot be created or locked (a
+    read-only directory, a filesystem without locks), ``held`` is False and nothing is locked; the
+    caller goes on as before locks existed (writes stay atomic, only the collision goes unnoticed).
+    """
+
+    def __init__(self, path, *, wait: bool = True, on_wait: Callable[[], None] | None = None):
+        self.path, self.wait, self.on_wait = Path(path), wait, on_wait
+        self.fd, self.held = None, False
+
+    def __enter__(self) -> "FileLock":
+        try:
+            import fcntl  # POSIX only: elsewhere the fallback above
+        except ImportError:
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError:
+            return self
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not self.wait:
+                    raise Locked(self.path, _holder(fd)) from None
+                if self.on_wait is not None:
+                    self.on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            os.close(fd)
+            if isinstance(e, Locked):
+                raise
+            return self  # ENOLCK, EOPNOTSUPP (some network filesystems): no lock
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is only for the other process's message
+        self.fd, self.held = fd, True
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file releases the lock
+            self.fd, self.held = None, False
+        return False
+
+
+class Locked(BlockingIOError):
+    """``FileLock(wait=False)`` found the lock held by another process (``pid``, when it wrote one)."""
+
+    def __init__(self, path: Path, pid: int | None):
+        super().__init__(errno.EWOULDBLOCK, f"{path} is locked" + (f" by pid {pid}" if pid else ""))
+        self.path, self.pid = path, pid
+
+
+def _holder(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def lock_path(path) -> Path:
+    """The lock file that guards output ``path``: ``.NAME.lock`` in the same directory."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextmanager
+def lock_output(path) -> Iterator[FileLock]:
+    """Hold ``path`` for this process (``with lock_output(out):``) so a second run on it stops at once.
+
+    Raises OutputWriteError (exit code 6) when another process holds it. The lock file stays behind
+    (removing it would let a third process lock a different file than a waiting one).
+    """
+    lock = FileLock(lock_path(path), wait=False)
+    try:
+        lock.__enter__()
+    except Locked as e:
+        who = f"another ctre-edge run (pid {e.pid})" if e.pid else "another ctre-edge run"
+        raise OutputWriteError(f"cannot write {path}: {who} is writing it now; wait for that run to end "
+                               f"or choose another output path") from None
+    try:
+        yield lock
+    finally:
+        lock.__exit__()

@@ -13,6 +13,7 @@ numba is imported only by ``execute``, so planning and refusals stay as lean as 
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 import statistics
@@ -25,11 +26,11 @@ from .checkpoint import Checkpointing
 from .config import TrainConfig
 from .data import Dataset, load_data, make_dataset, summarize_data, summarize_loaded
 from .errors import ConfigError, DataError
-from .fileio import refuse_overwrite
+from .fileio import lock_output, refuse_overwrite
 from .io.common import apply_nan_policy
 from .model import SparseMLP
 from .profiles import Profile, load_profile
-from .warmup import kernels_cached, mark_cached
+from .warmup import compile_if_cold, kernels_cached, mark_cached
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,17 @@ def check_output(out: Path | None, force: bool) -> None:
         refuse_overwrite(out, force)
 
 
+@contextlib.contextmanager
+def lock_outputs(out: Path | None, checkpointing: Checkpointing | None):
+    """Hold ``out`` and the checkpoint directory for this run (``fileio.lock_output``): a second run
+    aimed at either stops at once with OutputWriteError (exit code 6), before it touches anything."""
+    with contextlib.ExitStack() as held:
+        for path in (out, None if checkpointing is None else checkpointing.directory):
+            if path is not None:
+                held.enter_context(lock_output(path))
+        yield
+
+
 @dataclass
 class Report:
     """What ``execute`` returns: the training result and the run's document (``to_dict``)."""
@@ -153,6 +165,9 @@ def execute(prepared: Prepared, *, source: str = "", out: Path | None = None, fo
     try:
         if prepared.threads is not None:
             numba.set_num_threads(max(1, min(prepared.threads, numba.config.NUMBA_NUM_THREADS)))
+        if prepared.cold_cache:  # compile once, under the cache's lock, before training
+            compile_if_cold(on_wait=lambda: warn("another process is compiling the kernels into this cache; "
+                                                 "waiting to load them from it"))
         result = train(prepared.dataset, prepared.config, progress=progress, checkpointing=checkpointing,
                        stop_requested=stop_requested, warn=warn, budget=budget)
     finally:

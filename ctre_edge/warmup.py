@@ -8,6 +8,7 @@ runs tiny trainings that reach every kernel with every feature dtype the data la
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .fileio import FileLock
 
 STEPS = [(dtype, method, "exact") for dtype in ("uint8", "float32") for method in ("set", "ctre-sim")]
 STEPS.append(("uint8", "ctre-sim", "sketch"))  # the sketch kernels do not depend on the feature dtype
@@ -60,8 +63,42 @@ def mark_cached() -> None:
             pass  # an unwritable cache only costs the notice and the planner's compile allowance
 
 
-def warmup(step_done=None) -> list[tuple[str, float]]:
-    """Run every compile step; ``step_done(name, seconds)`` after each. Returns the timings."""
+def compile_lock(on_wait=None):
+    """The kernel cache's lock (``fileio.FileLock``, waiting): one process at a time compiles into it.
+
+    numba writes each kernel's index and data files separately; two processes compiling into one cold
+    cache would both do the work and rewrite each other's index. The second one waits here and then
+    loads what the first compiled. ``on_wait()`` is called before it waits.
+    """
+    cache = os.environ.get("NUMBA_CACHE_DIR")
+    if not cache:
+        return contextlib.nullcontext()
+    return FileLock(Path(cache) / "ctre-edge-compile.lock", on_wait=on_wait)
+
+
+def warmup(step_done=None, on_wait=None) -> list[tuple[str, float]]:
+    """Run every compile step, holding the cache's lock; ``step_done(name, seconds)`` after each.
+
+    Returns the timings.
+    """
+    with compile_lock(on_wait):
+        return _compile_all(step_done)
+
+
+def compile_if_cold(on_wait=None) -> bool:
+    """Compile every kernel (as ``warmup``) unless the cache is warm, under the cache's lock.
+
+    A cold training run calls this before it trains, so concurrent cold runs compile once and the
+    others wait and load. Returns whether this process compiled.
+    """
+    with compile_lock(on_wait):
+        if kernels_cached():  # another process filled the cache while this one waited
+            return False
+        _compile_all(None)
+        return True
+
+
+def _compile_all(step_done) -> list[tuple[str, float]]:
     from .data import make_dataset  # with train below: numba loads here, not when the cache is checked
     from .train import TrainConfig, train
 
