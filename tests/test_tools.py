@@ -167,3 +167,23 @@ def test_dense_masked_set_update_keeps_counts():
 def test_bench_threads_smoke():
     rows = table_rows(run_tool("bench_threads.py", "--epsilons", "1", "--epochs", "2").stdout)
     assert rows and all(row[-1] == "yes" for row in rows), rows
+
+
+def test_soak_short_memory_stays_flat():
+    """The soak tool at a tenth of its length: RSS after warm-up within 5% in both phases (exit 0)."""
+    r = run_tool("soak.py", "--epochs", "50", "--predicts", "1000", "--hidden", "200,200", check=False)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    rows = table_rows(r.stdout)
+    phases = [row[0] for row in rows]
+    assert phases.count("train") == 11 and phases.count("predict") == 11
+    assert "train: RSS after warm-up grew" in r.stdout and "(within 5%)" in r.stdout
+    assert all(float(row[2]) > 10 for row in rows)  # real resident sizes in MiB, read from /proc
+
+
+def test_soak_growth_is_measured_against_the_warm_up_sample():
+    from tools.soak import growth
+
+    rows = [(0, 50), (5, 100), (10, 104), (15, 101)]
+    warm, last, peak = growth(rows, 5)
+    assert warm == 100 and last == pytest.approx(0.01) and peak == pytest.approx(0.04)
+    assert growth([(0, 50), (5, 100), (10, 106)], 5)[1] > 0.05  # a 6% rise is caught
