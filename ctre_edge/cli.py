@@ -186,12 +186,20 @@ def evaluate(
 
 
 @app.command()
-def warmup():
+def warmup(
+    profile: Annotated[Optional[str], typer.Option(help="Device profile or .toml: plan the compile peak against its budget; compile one step per fresh process when all at once would not fit, refuse (exit 3) when even that would not.")] = None,
+):
     """Compile every kernel into the cache now, so the first training run starts at once."""
 
     def body():
-        from .warmup import STEPS  # trains tiny models: loads numba
+        from .warmup import STEPS, exec_groups, plan_warmup  # trains tiny models: loads numba
         from .warmup import warmup as run_warmup
+
+        groups = plan_warmup(run.resolve_profile(profile))
+        if len(groups) > 1:
+            err.print(f"compiling in {len(groups)} steps, each in a fresh process, to stay within {profile}'s budget "
+                      "(`ctre-edge plan` lists it)...")
+            exec_groups(groups, time.time())  # does not return
 
         t0 = time.perf_counter()
         with err.status("compiling kernels...") as status:

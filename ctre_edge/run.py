@@ -30,7 +30,7 @@ from .fileio import lock_output, refuse_overwrite
 from .io.common import apply_nan_policy
 from .model import SparseMLP
 from .profiles import Profile, load_profile
-from .warmup import compile_if_cold, kernels_cached, mark_cached
+from .warmup import compile_if_cold, kernels_cached, mark_cached, steps_for
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,8 @@ def execute(prepared: Prepared, *, source: str = "", out: Path | None = None, fo
         if prepared.threads is not None:
             numba.set_num_threads(max(1, min(prepared.threads, numba.config.NUMBA_NUM_THREADS)))
         if prepared.cold_cache:  # compile once, under the cache's lock, before training
-            compile_if_cold(on_wait=lambda: warn("another process is compiling the kernels into this cache; "
+            c = prepared.config
+            compile_if_cold(steps_for(prepared.dataset.X.dtype, c.method, c.similarity), on_wait=lambda: warn("another process is compiling the kernels into this cache; "
                                                  "waiting to load them from it"))
         result = train(prepared.dataset, prepared.config, progress=progress, checkpointing=checkpointing,
                        stop_requested=stop_requested, warn=warn, budget=budget)

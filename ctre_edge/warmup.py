@@ -12,11 +12,14 @@ import contextlib
 import hashlib
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .budget import TRAINING_HEADROOM, MiB, peak_rss_bytes
+from .errors import BudgetError, ConfigError
 from .fileio import FileLock
 
 STEPS = [(dtype, method, "exact") for dtype in ("uint8", "float32") for method in ("set", "ctre-sim")]
@@ -85,28 +88,120 @@ def warmup(step_done=None, on_wait=None) -> list[tuple[str, float]]:
         return _compile_all(step_done)
 
 
-def compile_if_cold(on_wait=None) -> bool:
-    """Compile every kernel (as ``warmup``) unless the cache is warm, under the cache's lock.
+# Peak RSS of a cold-cache warmup, measured with `/usr/bin/time -v` on a 2-vCPU AMD EPYC (x86-64),
+# Python 3.11.7, numba 0.68.1 (2026-12-01): every step in one process (`ctre-edge warmup`: 282 MiB),
+# and the largest of the steps run one per fresh process (`python -m ctre_edge.warmup 0`, the first
+# step, which compiles the kernels every step shares: 240 MiB; the others 149-215 MiB).
+WARMUP_PEAK_BYTES = 282 << 20
+WARMUP_STEP_PEAK_BYTES = 240 << 20
 
-    A cold training run calls this before it trains, so concurrent cold runs compile once and the
-    others wait and load. Returns whether this process compiled.
+
+def plan_warmup(profile) -> list[list[int]]:
+    """How ``warmup`` compiles under ``profile``: groups of STEPS, each group in a fresh process image.
+
+    One group (this process) when the one-process peak fits the profile's usable training budget
+    (the same headroom as a training plan), else one step per group; BudgetError (exit code 3) when
+    even the largest single step would not fit. No profile: one group.
+    """
+    everything = [list(range(len(STEPS)))]
+    if profile is None:
+        return everything
+    if not profile.can_train or not profile.train_budget_bytes:
+        raise ConfigError(f"profile {profile.name} does not train (inference only); warmup compiles the "
+                          "training kernels, which it never runs")
+    usable = int(TRAINING_HEADROOM * profile.train_budget_bytes)
+    if WARMUP_PEAK_BYTES <= usable:
+        return everything
+    if WARMUP_STEP_PEAK_BYTES <= usable:
+        return [[i] for i in range(len(STEPS))]
+    raise BudgetError(f"warmup's compile peak is about {WARMUP_PEAK_BYTES / MiB:.0f} MiB in one process and "
+                      f"{WARMUP_STEP_PEAK_BYTES / MiB:.0f} MiB one step at a time; {profile.name} allows "
+                      f"{usable / MiB:.0f} MiB ({TRAINING_HEADROOM:.0%} of its budget); compile on a larger board "
+                      "with the same CPU and copy its kernel cache (--cache-dir)")
+
+
+def exec_groups(groups: list[list[int]], started: float) -> None:
+    """Compile ``groups`` one after the other, each in a fresh image of this process (``os.execv``).
+
+    numba keeps what it compiled for the life of a process; replacing the process image between
+    groups returns that memory, so the peak is that of the largest group, not of all of them, and no
+    parent process stays resident beside the compiling one. Does not return: the last image prints
+    the summary and exits (0, or 1 with one line). The cache's lock is taken here and its file
+    descriptor passed down the chain, so it is held until the last group ends.
+    """
+    lock = compile_lock()
+    lock.__enter__()
+    fd = getattr(lock, "fd", None)
+    if fd is not None:
+        os.set_inheritable(fd, True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "ctre_edge.warmup", _encode(groups), str(started),
+                              str(-1 if fd is None else fd)])
+
+
+def _encode(groups) -> str:
+    return ";".join(",".join(map(str, g)) for g in groups)
+
+
+def _chain(argv) -> int:
+    """One image of ``exec_groups``: compile the first group, then exec the rest or finish."""
+    groups = [[int(i) for i in g.split(",")] for g in argv[0].split(";")]
+    started, fd = float(argv[1]), int(argv[2])
+    try:
+        for name, seconds in _compile_all(None, set(groups[0])):
+            print(f"  {name}: {seconds:.1f} s (this process's peak so far {peak_rss_bytes() / MiB:.0f} MiB)",
+                  file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 - the chain's own one-line error handler (the CLI has exec'd away)
+        print(f"error: warmup step {groups[0]} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if len(groups) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "ctre_edge.warmup", _encode(groups[1:]), argv[1], argv[2]])
+    mark_cached()
+    print(f"kernels ready in {time.time() - started:.1f} s (a fresh process image per group); "
+          f"cache: {os.environ.get('NUMBA_CACHE_DIR')}", file=sys.stderr)
+    if fd >= 0:
+        os.close(fd)
+    return 0
+
+
+def steps_for(dtype, method: str, similarity: str) -> set[int]:
+    """The warmup steps that compile what a run with these features and settings calls."""
+    dtype = str(np.dtype(dtype))
+    wanted = {(dtype, "set", "exact")}
+    if method.startswith("ctre"):
+        # the sketch kernels do not depend on the feature dtype (see STEPS)
+        wanted.add((dtype, "ctre-sim", "exact") if similarity == "exact" else ("uint8", "ctre-sim", "sketch"))
+    return {i for i, step in enumerate(STEPS) if step in wanted}
+
+
+def compile_if_cold(steps=None, on_wait=None) -> bool:
+    """Run the warmup ``steps`` (all by default) unless the cache is warm, under the cache's lock.
+
+    A cold training run calls this with ``steps_for`` its data and settings before it trains, so
+    concurrent cold runs compile once (the others wait, then load from the cache) and each compiles
+    no more than it would have on its own. Returns whether the cache was cold here.
     """
     with compile_lock(on_wait):
         if kernels_cached():  # another process filled the cache while this one waited
             return False
-        _compile_all(None)
+        _compile_all(None, steps)
         return True
 
 
-def _compile_all(step_done) -> list[tuple[str, float]]:
+def _compile_all(step_done, steps=None) -> list[tuple[str, float]]:
+    """Run the compile steps (indices into STEPS; all by default), then mark the cache ready if all ran."""
     from .data import make_dataset  # with train below: numba loads here, not when the cache is checked
     from .train import TrainConfig, train
 
-    rng = np.random.default_rng(0)
     timings = []
-    for dtype, method, similarity in STEPS:
+    for i, (dtype, method, similarity) in enumerate(STEPS):
+        if steps is not None and i not in steps:
+            continue
         t = time.perf_counter()
-        X = rng.integers(0, 255, size=(60, 6)).astype(dtype)
+        X = np.random.default_rng(i).integers(0, 255, size=(60, 6)).astype(dtype)
         y = np.arange(60) % 3
         config = TrainConfig(hidden=(5, 4), method=method, epsilon=2, epochs=2, similarity_samples=20,
                              similarity=similarity, sketch_dim=8)
@@ -115,5 +210,10 @@ def _compile_all(step_done) -> list[tuple[str, float]]:
         timings.append((name, time.perf_counter() - t))
         if step_done is not None:
             step_done(name, timings[-1][1])
-    mark_cached()
+    if steps is None:
+        mark_cached()
     return timings
+
+
+if __name__ == "__main__":  # one image of exec_groups: python -m ctre_edge.warmup "0;1;2" STARTED LOCKFD
+    sys.exit(_chain(sys.argv[1:]))

@@ -94,3 +94,43 @@ def test_commands_import_only_what_they_need(name, artefacts):
     assert r.returncode == 0, r.stderr
     imported = [line for line in r.stdout.splitlines() if line.startswith("IMPORTED:")][-1][len("IMPORTED:"):]
     assert imported == "", f"{name} imported {imported}"
+
+
+def test_warmup_plans_its_compile_peak_against_the_profile(tmp_path):
+    from dataclasses import replace
+
+    from ctre_edge.errors import BudgetError, ConfigError
+    from ctre_edge.profiles import load_profile
+    from ctre_edge.warmup import STEPS, WARMUP_PEAK_BYTES, WARMUP_STEP_PEAK_BYTES, plan_warmup
+
+    zero = load_profile("rpi-zero-2w")
+    assert plan_warmup(None) == [list(range(len(STEPS)))]
+    assert plan_warmup(load_profile("rpi-4b-2gb")) == [list(range(len(STEPS)))]  # all in one process
+    # the Zero 2 W's usable 259 MiB (90% of 288) is below the one-process peak, above one step's
+    assert 0.9 * zero.train_budget_bytes < WARMUP_PEAK_BYTES and WARMUP_STEP_PEAK_BYTES < 0.9 * zero.train_budget_bytes
+    assert plan_warmup(zero) == [[i] for i in range(len(STEPS))]
+    with pytest.raises(BudgetError, match="one step at a time"):
+        plan_warmup(replace(zero, name="small", train_budget_bytes=200 << 20))
+    with pytest.raises(ConfigError, match="does not train"):
+        plan_warmup(load_profile("esp32-s3"))
+    small = tmp_path / "small.toml"
+    small.write_text(zero.path.read_text().replace("train_budget_bytes = 301989888", "train_budget_bytes = 209715200"))
+    r = subprocess.run([sys.executable, "-m", "ctre_edge.cli", "--cache-dir", str(tmp_path / "c"), "warmup",
+                        "--profile", str(small)], capture_output=True, text=True)
+    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").glob("ctre_edge*"))  # nothing compiled
+
+
+@pytest.mark.slow
+def test_warmup_under_the_zero_2w_profile_compiles_step_by_step(tmp_path):
+    cache = tmp_path / "cache"
+    cli = [sys.executable, "-m", "ctre_edge.cli", "--cache-dir", str(cache)]
+    r = subprocess.run([*cli, "warmup", "--profile", "rpi-zero-2w"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "each in a fresh process" in r.stderr and "kernels ready" in r.stderr
+    peaks = [int(line.rsplit("so far ", 1)[1].split()[0]) for line in r.stderr.splitlines() if "so far" in line]
+    assert len(peaks) == 5 and max(peaks) < 0.9 * 288  # MiB: each image stayed within the usable budget
+    r = subprocess.run([*cli, "train", "--hidden", "30,30", "--epochs", "2", "--quiet"], capture_output=True,
+                       text=True, env={**os.environ, "NUMBA_DEBUG_CACHE": "1"})
+    assert r.returncode == 0 and "compiling kernels" not in r.stderr, r.stderr
+    assert not [line for line in (r.stdout + r.stderr).splitlines() if "data saved" in line]
