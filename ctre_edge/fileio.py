@@ -183,14 +183,16 @@ class FileLock:
     ``wait=False`` raises ``Locked`` (with the holder's pid, which the holder writes into the file)
     instead of waiting; ``on_wait()`` is called once before a blocking wait. flock locks belong to the
     open file, so the kernel drops them when the holder exits or is killed: a lock is never stale.
+    ``remove=True`` deletes the lock file on release (while still holding it); a process that locked
+    the deleted file checks that its file is still the one at the path, and retries if not.
 
     Fallback: where ``fcntl`` is missing (not POSIX), or the lock file cannot be created or locked (a
     read-only directory, a filesystem without locks), ``held`` is False and nothing is locked; the
     caller goes on as before locks existed (writes stay atomic, only the collision goes unnoticed).
     """
 
-    def __init__(self, path, *, wait: bool = True, on_wait: Callable[[], None] | None = None):
-        self.path, self.wait, self.on_wait = Path(path), wait, on_wait
+    def __init__(self, path, *, wait: bool = True, on_wait: Callable[[], None] | None = None, remove: bool = False):
+        self.path, self.wait, self.on_wait, self.remove = Path(path), wait, on_wait, remove
         self.fd, self.held = None, False
 
     def __enter__(self) -> "FileLock":
@@ -198,27 +200,18 @@ class FileLock:
             import fcntl  # POSIX only: elsewhere the fallback above
         except ImportError:
             return self
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-        except OSError:
-            return self
-        try:
+        for _ in range(100):  # each retry means another process removed the file we had locked
+            fd = self._lock(fcntl)
+            if fd is None:
+                return self
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not self.wait:
-                    raise Locked(self.path, _holder(fd)) from None
-                if self.on_wait is not None:
-                    self.on_wait()
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as e:
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            except OSError:
+                pass
             os.close(fd)
-            if isinstance(e, Locked):
-                raise
-            return self  # ENOLCK, EOPNOTSUPP (some network filesystems): no lock
-        except BaseException:
-            os.close(fd)
-            raise
+        else:
+            return self
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -227,8 +220,39 @@ class FileLock:
         self.fd, self.held = fd, True
         return self
 
+    def _lock(self, fcntl) -> int | None:
+        """An open, locked descriptor of the lock file; None when locking is unavailable here."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not self.wait:
+                    raise Locked(self.path, _holder(fd)) from None
+                if self.on_wait is not None:
+                    self.on_wait()
+                    self.on_wait = None
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            os.close(fd)
+            if isinstance(e, Locked):
+                raise
+            return None  # ENOLCK, EOPNOTSUPP (some network filesystems): no lock
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def __exit__(self, *exc) -> bool:
         if self.fd is not None:
+            if self.remove:
+                try:
+                    self.path.unlink()
+                except OSError:
+                    pass
             os.close(self.fd)  # closing the file releases the lock
             self.fd, self.held = None, False
         return False
@@ -259,10 +283,10 @@ def lock_path(path) -> Path:
 def lock_output(path) -> Iterator[FileLock]:
     """Hold ``path`` for this process (``with lock_output(out):``) so a second run on it stops at once.
 
-    Raises OutputWriteError (exit code 6) when another process holds it. The lock file stays behind
-    (removing it would let a third process lock a different file than a waiting one).
+    Raises OutputWriteError (exit code 6) when another process holds it. The lock file is removed
+    when the run ends.
     """
-    lock = FileLock(lock_path(path), wait=False)
+    lock = FileLock(lock_path(path), wait=False, remove=True)
     try:
         lock.__enter__()
     except Locked as e:

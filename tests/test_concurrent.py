@@ -41,7 +41,8 @@ def test_lock_output_names_the_holder(tmp_path):
         with pytest.raises(OutputWriteError, match=rf"another ctre-edge run \(pid {os.getpid()}\) is writing it"):
             with lock_output(out):
                 pass
-    assert lock_path(out).exists() and not out.exists()
+        assert lock_path(out).exists()
+    assert not lock_path(out).exists() and not out.exists()  # nothing left behind
 
 
 def test_second_train_on_an_out_in_use_exits_6_and_the_first_finishes(tmp_path):
