@@ -62,6 +62,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: DataOpt = "builtin:digits",
     target: TargetOpt = None,
     test_data: Annotated[Optional[str], typer.Option(help="A separate test file (any --data format); else the file's test part or --test-fraction.")] = None,
@@ -97,10 +98,12 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="Epochs between checkpoints.")] = 1,
     no_checkpoint: Annotated[bool, typer.Option("--no-checkpoint", help="Do not write checkpoints.")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run whose checkpoints are in this directory (same data and options).")] = None,
+    from_model: Annotated[Optional[Path], typer.Option("--from", metavar="MODEL", help="Continue this trained model on --data (new samples with its features and no new class): options not given come from the model's settings; MODEL is never changed.")] = None,
+    refit_scaling: Annotated[bool, typer.Option("--refit-scaling", help="With --from: fit the input scaling on the new data instead of keeping the model's.")] = False,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
 ):
-    """Train a sparse MLP and report test accuracy at the best validation epoch."""
+    """Train a sparse MLP and report test accuracy at the best validation epoch; --from continues a trained one."""
     options = dict(locals())
     run_command(lambda: _train_or_plan(options, plan_only=False))
 
@@ -125,13 +128,14 @@ def config_from_options(o: dict) -> TrainConfig:
 
 
 def _train_or_plan(o: dict, plan_only: bool) -> None:
-    config = config_from_options(o)
+    config, start = _continuation(o, config_from_options(o))
     data = run.DataSpec(o["data"], parse_target(o["target"]), o["test_data"], value(o["nan_policy"]), cache=not o["no_cache"])
     if not plan_only:
         run.check_output(o["out"], o["force"])
         checkpointing = run.checkpointing(o["out"], o["checkpoint_dir"], o["checkpoint_every"], o["resume"],
                                           enabled=not o["no_checkpoint"], force=o["force"])
-    prepared = run.prepare(config, data, o["profile"], o["fit"], plan_only=plan_only)
+    prepared = run.prepare(config, data, o["profile"], o["fit"], plan_only=plan_only, start_from=start,
+                           refit_scaling=o["refit_scaling"])
     if plan_only:
         print_json(prepared.plan.to_dict()) if o["as_json"] else console.show_plan(prepared.plan)
         return
@@ -150,6 +154,26 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
             raise
     doc = report.to_dict()
     print_json(doc) if o["as_json"] else console.show_train_summary(doc)
+
+
+def _continuation(o: dict, config: TrainConfig):
+    """(config, model to continue or None): with --from, each training option not given on the command
+    line takes the value the model was trained with, so its shape and method carry over."""
+    if o["from_model"] is None:
+        if o["refit_scaling"]:
+            raise ConfigError("--refit-scaling applies to --from MODEL (a new run always fits its scaling)")
+        return config, None
+    from .model import SparseMLP  # numpy only; the model is read before any data is loaded
+
+    if o.get("resume") is not None:
+        raise ConfigError("--from and --resume exclude each other: --resume continues its own checkpoints")
+    if o.get("out") is not None and o["out"].resolve() == o["from_model"].resolve():
+        raise ConfigError("--out must differ from --from: continuing writes a new model and leaves MODEL as it is")
+    model = SparseMLP.load(o["from_model"])
+    saved = TrainConfig.from_dict(model.config)
+    ctx = o["ctx"]
+    given = {f.name for f in fields(TrainConfig) if ctx.get_parameter_source(f.name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    return TrainConfig(**{f.name: getattr(config if f.name in given else saved, f.name) for f in fields(TrainConfig)}), model
 
 
 def _stop_notice(name: str) -> None:
