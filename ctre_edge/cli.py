@@ -297,6 +297,7 @@ def predict(
 
 
 app.command()(cli_views.info)
+app.command()(cli_views.report)
 app.add_typer(cli_views.data_app, name="data")
 app.add_typer(cli_views.profiles_app, name="profiles")
 

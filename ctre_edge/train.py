@@ -240,10 +240,20 @@ def _result(state: TrainState, config, shift, scale, classes, X_test, y_test, n_
         test_acc = float(np.mean(np.argmax(model.predict_proba(X_test, config.eval_batch_size), axis=1) == y_test))
     model.metrics = {"test_accuracy": test_acc, "best_epoch": state.best_epoch, "best_val_accuracy": state.best_acc,
                      "epochs": config.epochs, "epochs_run": len(state.history),
-                     "stopped_early": len(state.history) < config.epochs, "train_samples": n_train}
+                     "stopped_early": len(state.history) < config.epochs, "train_samples": n_train,
+                     "history": history_columns(state.history)}
     if warnings:
         model.metrics["warnings"] = warnings
     return TrainResult(model, state.history, state.best_epoch, test_acc, warnings)
+
+
+HISTORY_FIELDS = ("epoch", "loss", "train_accuracy", "val_accuracy", "lr", "changed", "grown_cosine", "grown_random")
+
+
+def history_columns(history: list[EpochStats]) -> dict:
+    """The per-epoch record a saved model keeps (``ctre-edge report`` draws it): one list per field.
+    Timings are left out, so the same run still gives the same bytes."""
+    return {name: [getattr(s, name) for s in history] for name in HISTORY_FIELDS}
 
 
 class _EpochTrainer:
