@@ -96,13 +96,14 @@ def _figure_png(model, facts: dict) -> bytes:
     loss_ax.set_title("training loss (dashed: best epoch)")
     acc_ax.set_title("accuracy")
     grow_ax.set_title("connections grown per epoch")
-    for row in facts["layers"]:
-        counts = np.asarray(row["in_degree_counts"])
-        deg_ax.step(np.arange(counts.shape[0]), counts, where="mid", label=f"layer {row['layer']} ({row['n_out']})")
-    deg_ax.set_title("in-degree per neuron")
-    deg_ax.set_xlabel("connections in")
-    deg_ax.set_ylabel("neurons")
-    deg_ax.legend(loc="upper right")
+    # one box per layer on a log axis: a dense output layer's in-degree is n_in, far above the sparse ones
+    indegrees = [np.bincount(layer.indices, minlength=layer.n_out) for layer in model.layers]
+    deg_ax.boxplot([np.maximum(d, 1) for d in indegrees], showfliers=True)
+    deg_ax.set_xticks(range(1, len(indegrees) + 1),
+                      [f"layer {l}\n{layer.n_in}->{layer.n_out}" for l, layer in enumerate(model.layers)])
+    deg_ax.set_yscale("log")
+    deg_ax.set_title("in-degree per neuron, by layer")
+    deg_ax.set_ylabel("connections in")
     shape = facts["inputs"]["image_shape"]
     if shape:
         im = map_ax.imshow(degree_map(model, tuple(shape)), cmap="viridis")

@@ -167,3 +167,10 @@ def test_dense_masked_set_update_keeps_counts():
 def test_bench_threads_smoke():
     rows = table_rows(run_tool("bench_threads.py", "--epsilons", "1", "--epochs", "2").stdout)
     assert rows and all(row[-1] == "yes" for row in rows), rows
+
+
+def test_continue_halves_smoke():
+    r = run_tool("continue_halves.py", "--data", "builtin:digits", "--hidden", "32", "--epochs", "3")
+    rows = table_rows(r.stdout)
+    assert len(rows) == 1 and rows[0][0] == "builtin:digits" and rows[0][1] == "719 / 719 / 359"
+    assert all(0 < float(v) <= 1 for v in rows[0][2:6])
