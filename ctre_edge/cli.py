@@ -33,6 +33,7 @@ from .cli_common import (
     Scaling,
     Similarity,
     TargetOpt,
+    _choices,
     parse_hidden,
     parse_target,
     run_command,
@@ -43,16 +44,26 @@ from .config import EXPORT_FORMATS, QUANTIZATIONS, TrainConfig
 from .console import err, print_json
 from .errors import ConfigError, CtreError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train highly sparse neural networks (CTRE, SET) on the device that runs them.")
 _D = TrainConfig()  # the documented defaults of every training option
+PredictFormat = _choices("PredictFormat", ("csv", "jsonl"))
 # --format and --quantize stay strings that export_c checks with its own one-line messages (the C
 # export's options are validated together with OUT's suffix); their help lists the same tables.
 
 
+def _print_version(given: bool) -> None:
+    if given:
+        from . import __version__  # the package's own attribute; nothing loads
+
+        sys.stdout.write(f"ctre-edge {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-          cache_dir: Annotated[Optional[Path], typer.Option(help="numba's kernel cache (default: ~/.cache/ctre-edge/VERSION/numba, or NUMBA_CACHE_DIR).")] = None):
+          cache_dir: Annotated[Optional[Path], typer.Option(help="numba's kernel cache (default: ~/.cache/ctre-edge/VERSION/numba, or NUMBA_CACHE_DIR).")] = None,
+          version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")] = False):
     state["debug"] = debug
     if cache_dir is not None:
         from . import configure_cache  # package-level function; the import names it, nothing loads
@@ -280,15 +291,20 @@ def predict(
     proba: Annotated[bool, typer.Option("--proba", help="Print class probabilities, not labels.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: its own choice).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of CSV.")] = False,
+    fmt: Annotated[Optional[PredictFormat], typer.Option("--format", help="csv: a header (label, then the class names) and per sample its label and probabilities; jsonl: one JSON object per sample. Default: labels (or --proba's CSV).")] = None,
 ):
     """Predict with an exported ONNX model using onnxruntime alone (no numba needed on the device)."""
 
     def body():
         from .runtime import OnnxModel, read_features  # onnxruntime, which only predict needs
 
+        if fmt is not None and as_json:
+            raise ConfigError("--format and --json exclude each other: --json prints one document")
         model = OnnxModel(model_path, threads=threads)
         X = read_features(data)
-        if proba:
+        if fmt is not None:
+            console.write_rows(value(fmt), model.classes, model.predict(X), model.predict_proba(X))
+        elif proba:
             console.write_probabilities(model.classes, model.predict_proba(X), as_json)
         else:
             console.write_labels(model.predict(X), as_json)

@@ -57,6 +57,24 @@ def write_labels(predicted, as_json: bool) -> None:
         sys.stdout.write("".join(f"{v}\n" for v in labels))
 
 
+def write_rows(fmt: str, classes, labels, proba) -> None:
+    """``predict --format csv|jsonl`` on stdout: per sample the predicted label and every class's
+    probability. CSV has a header (``label`` then the class names); JSON lines hold one object per sample."""
+    import csv  # only these two formats need it
+
+    labels = [v.item() if hasattr(v, "item") else v for v in labels]
+    labels = [v.decode() if isinstance(v, bytes) else v for v in labels]
+    names = [str(c) for c in classes]
+    if fmt == "csv":
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(["label", *names])
+        out.writerows([label, *(f"{float(v):.6g}" for v in row)] for label, row in zip(labels, proba))
+    else:
+        sys.stdout.write("".join(json.dumps({"label": label, "probabilities": dict(zip(names, map(float, row)))}) + "\n"
+                                 for label, row in zip(labels, proba)))
+    sys.stdout.flush()
+
+
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/yellow] {message}")
 
