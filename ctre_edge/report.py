@@ -1,6 +1,6 @@
 """How a run went, from its saved model: the facts (numpy only) and, with matplotlib, one figure.
 
-``report_facts`` reads the model's metrics (the per-epoch ``history`` that ``train`` keeps: loss,
+``report_facts`` reads the model's metrics (the per-epoch ``epoch_history`` that ``train`` keeps: loss,
 accuracies, learning rate, connections changed and grown by cosine or at random) and its layers
 (each layer's in-degree per neuron, the input features' out-degree). ``draw_report`` lays them out
 as one figure of ``FIGSIZE`` inches at ``DPI`` (a fixed pixel size) and writes a PNG, or an HTML
@@ -31,7 +31,7 @@ def report_facts(model, shape_text: str | None = None) -> dict:
     grown by cosine and at random), layers (per layer: in-degree min, median, max, neurons with none,
     and the counts of each in-degree), inputs (features with no connection, the image shape if any).
     """
-    history = model.metrics.get("history")
+    history = model.metrics.get("epoch_history")
     layers = []
     for l, layer in enumerate(model.layers):
         indeg = np.bincount(layer.indices, minlength=layer.n_out)
@@ -44,7 +44,7 @@ def report_facts(model, shape_text: str | None = None) -> dict:
     grown = {"cosine": int(sum(history["grown_cosine"])), "random": int(sum(history["grown_random"]))} \
         if history else None
     return {"sizes": model.sizes, "method": model.config.get("method"), "density": model.density,
-            "nnz": model.nnz, "metrics": {k: v for k, v in model.metrics.items() if k != "history"},
+            "nnz": model.nnz, "metrics": {k: v for k, v in model.metrics.items() if k != "epoch_history"},
             "history": history, "grown": grown, "layers": layers,
             "inputs": {"n_features": model.n_features, "unconnected": int(np.sum(degree == 0)),
                        "max_degree": int(degree.max()), "image_shape": list(shape) if shape else None}}

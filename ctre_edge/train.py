@@ -241,7 +241,7 @@ def _result(state: TrainState, config, shift, scale, classes, X_test, y_test, n_
     model.metrics = {"test_accuracy": test_acc, "best_epoch": state.best_epoch, "best_val_accuracy": state.best_acc,
                      "epochs": config.epochs, "epochs_run": len(state.history),
                      "stopped_early": len(state.history) < config.epochs, "train_samples": n_train,
-                     "history": history_columns(state.history)}
+                     "epoch_history": history_columns(state.history)}
     if warnings:
         model.metrics["warnings"] = warnings
     return TrainResult(model, state.history, state.best_epoch, test_acc, warnings)
@@ -251,7 +251,8 @@ HISTORY_FIELDS = ("epoch", "loss", "train_accuracy", "val_accuracy", "lr", "chan
 
 
 def history_columns(history: list[EpochStats]) -> dict:
-    """The per-epoch record a saved model keeps (``ctre-edge report`` draws it): one list per field.
+    """The per-epoch record a saved model keeps as ``metrics["epoch_history"]`` (``ctre-edge report``
+    draws it; a fleet's global model keeps its rounds under ``"history"``): one list per field.
     Timings are left out, so the same run still gives the same bytes."""
     return {name: [getattr(s, name) for s in history] for name in HISTORY_FIELDS}
 

@@ -34,7 +34,7 @@ def read_png(path):
 
 def test_the_model_keeps_its_history(model_path):
     model = SparseMLP.load(model_path)
-    hist = model.metrics["history"]
+    hist = model.metrics["epoch_history"]
     assert hist["epoch"] == list(range(1, EPOCHS + 1))
     assert max(hist["val_accuracy"]) == model.metrics["best_val_accuracy"]
     assert all(c + r == n for c, r, n in zip(hist["grown_cosine"], hist["grown_random"], hist["changed"]))
@@ -63,7 +63,7 @@ def test_report_json_and_terminal_summary_say_the_same(model_path):
     assert r.exit_code == 0, r.stderr
     facts = json.loads(r.stdout)
     model = SparseMLP.load(model_path)
-    assert facts["grown"]["cosine"] == sum(model.metrics["history"]["grown_cosine"])
+    assert facts["grown"]["cosine"] == sum(model.metrics["epoch_history"]["grown_cosine"])
     assert [row["nnz"] for row in facts["layers"]] == model.nnz
     assert sum(facts["layers"][0]["in_degree_counts"]) == 32 and facts["inputs"]["image_shape"] == [8, 8]
     r = run("report", model_path)
@@ -84,7 +84,7 @@ def test_without_matplotlib_the_report_says_how_to_install_it(model_path, tmp_pa
 
 def test_a_model_saved_without_history_still_reports(model_path, tmp_path):
     model = SparseMLP.load(model_path)
-    del model.metrics["history"]
+    del model.metrics["epoch_history"]
     model.save(tmp_path / "old.ctre")
     r = run("report", tmp_path / "old.ctre")
     assert r.exit_code == 0 and "no history saved" in r.stderr
