@@ -33,6 +33,7 @@ from .cli_common import (
     Scaling,
     Similarity,
     TargetOpt,
+    _choices,
     parse_hidden,
     parse_target,
     run_command,
@@ -43,17 +44,27 @@ from .config import EXPORT_FORMATS, QUANTIZATIONS, TrainConfig
 from .console import err, print_json
 from .errors import ConfigError, CtreError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train highly sparse neural networks (CTRE, SET) on the device that runs them.")
 _D = TrainConfig()  # the documented defaults of every training option
+PredictFormat = _choices("PredictFormat", ("csv", "jsonl"))
 ModelNanOpt = Annotated[NanPolicy, typer.Option(help="NaN/Inf in features: refuse (error), or fill with 0 or with the training file's mean/median that the model recorded (trained with that --nan-policy).")]
 # --format and --quantize stay strings that export_c checks with its own one-line messages (the C
 # export's options are validated together with OUT's suffix); their help lists the same tables.
 
 
+def _print_version(given: bool) -> None:
+    if given:
+        from . import __version__  # the package's own attribute; nothing loads
+
+        sys.stdout.write(f"ctre-edge {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-          cache_dir: Annotated[Optional[Path], typer.Option(help="numba's kernel cache (default: ~/.cache/ctre-edge/VERSION/numba, or NUMBA_CACHE_DIR).")] = None):
+          cache_dir: Annotated[Optional[Path], typer.Option(help="numba's kernel cache (default: ~/.cache/ctre-edge/VERSION/numba, or NUMBA_CACHE_DIR).")] = None,
+          version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")] = False):
     state["debug"] = debug
     if cache_dir is not None:
         from . import configure_cache  # package-level function; the import names it, nothing loads
@@ -63,6 +74,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: DataOpt = "builtin:digits",
     target: TargetOpt = None,
     test_data: Annotated[Optional[str], typer.Option(help="A separate test file (any --data format); else the file's test part or --test-fraction.")] = None,
@@ -99,10 +111,12 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="Epochs between checkpoints.")] = 1,
     no_checkpoint: Annotated[bool, typer.Option("--no-checkpoint", help="Do not write checkpoints.")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run whose checkpoints are in this directory (same data and options); 'auto': continue from the newest valid checkpoint in --checkpoint-dir (default OUT.ckpt) if there is one, else start fresh, so a service can rerun one command line.")] = None,
+    from_model: Annotated[Optional[Path], typer.Option("--from", metavar="MODEL", help="Continue this trained model on --data (new samples with its features and no new class): options not given come from the model's settings; MODEL is never changed.")] = None,
+    refit_scaling: Annotated[bool, typer.Option("--refit-scaling", help="With --from: fit the input scaling on the new data instead of keeping the model's.")] = False,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
 ):
-    """Train a sparse MLP and report test accuracy at the best validation epoch."""
+    """Train a sparse MLP and report test accuracy at the best validation epoch; --from continues a trained one."""
     options = dict(locals())
     run_command(lambda: _train_or_plan(options, plan_only=False))
 
@@ -137,10 +151,11 @@ def _train_or_plan(o: dict, plan_only: bool) -> None:
 
 
 def _run_train_or_plan(o: dict, plan_only: bool, checkpointing) -> None:
-    config = config_from_options(o)
+    config, start = _continuation(o, config_from_options(o))
     data = run.DataSpec(o["data"], parse_target(o["target"]), o["test_data"], value(o["nan_policy"]),
-                       cache=False if o["no_cache"] else "beside" if o["cache_beside"] else True)
-    prepared = run.prepare(config, data, o["profile"], o["fit"], plan_only=plan_only)
+                        cache=False if o["no_cache"] else "beside" if o["cache_beside"] else True)
+    prepared = run.prepare(config, data, o["profile"], o["fit"], plan_only=plan_only, start_from=start,
+                           refit_scaling=o["refit_scaling"])
     if plan_only:
         print_json(prepared.plan.to_dict()) if o["as_json"] else console.show_plan(prepared.plan)
         return
@@ -159,6 +174,26 @@ def _run_train_or_plan(o: dict, plan_only: bool, checkpointing) -> None:
             raise
     doc = report.to_dict()
     print_json(doc) if o["as_json"] else console.show_train_summary(doc)
+
+
+def _continuation(o: dict, config: TrainConfig):
+    """(config, model to continue or None): with --from, each training option not given on the command
+    line takes the value the model was trained with, so its shape and method carry over."""
+    if o["from_model"] is None:
+        if o["refit_scaling"]:
+            raise ConfigError("--refit-scaling applies to --from MODEL (a new run always fits its scaling)")
+        return config, None
+    from .model import SparseMLP  # numpy only; the model is read before any data is loaded
+
+    if o.get("resume") is not None:
+        raise ConfigError("--from and --resume exclude each other: --resume continues its own checkpoints")
+    if o.get("out") is not None and o["out"].resolve() == o["from_model"].resolve():
+        raise ConfigError("--out must differ from --from: continuing writes a new model and leaves MODEL as it is")
+    model = SparseMLP.load(o["from_model"])
+    saved = TrainConfig.from_dict(model.config)
+    ctx = o["ctx"]
+    given = {f.name for f in fields(TrainConfig) if ctx.get_parameter_source(f.name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    return TrainConfig(**{f.name: getattr(config if f.name in given else saved, f.name) for f in fields(TrainConfig)}), model
 
 
 def _stop_notice(name: str) -> None:
@@ -273,6 +308,7 @@ def predict(
     proba: Annotated[bool, typer.Option("--proba", help="Print class probabilities, not labels.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: its own choice).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of CSV.")] = False,
+    fmt: Annotated[Optional[PredictFormat], typer.Option("--format", help="csv: a header (label, then the class names) and per sample its label and probabilities; jsonl: one JSON object per sample. Default: labels (or --proba's CSV).")] = None,
     nan_policy: ModelNanOpt = NanPolicy.error,
 ):
     """Predict with an exported ONNX model using onnxruntime alone (no numba needed on the device)."""
@@ -280,17 +316,23 @@ def predict(
     def body():
         from .runtime import OnnxModel, read_features  # onnxruntime, which only predict needs
 
+        if fmt is not None and as_json:
+            raise ConfigError("--format and --json exclude each other: --json prints one document")
         model = OnnxModel(model_path, threads=threads)
         X = read_features(data)
-        if proba:
-            console.write_probabilities(model.classes, model.predict_proba(X, value(nan_policy), str(data)), as_json)
+        nan, where = value(nan_policy), str(data)
+        if fmt is not None:
+            console.write_rows(value(fmt), model.classes, model.predict(X, nan, where), model.predict_proba(X, nan, where))
+        elif proba:
+            console.write_probabilities(model.classes, model.predict_proba(X, nan, where), as_json)
         else:
-            console.write_labels(model.predict(X, value(nan_policy), str(data)), as_json)
+            console.write_labels(model.predict(X, nan, where), as_json)
 
     run_command(body)
 
 
 app.command()(cli_views.info)
+app.command()(cli_views.report)
 app.add_typer(cli_views.data_app, name="data")
 app.add_typer(cli_views.profiles_app, name="profiles")
 

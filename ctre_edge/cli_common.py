@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from .config import INITS, KERNELS, METHODS, NAN_POLICIES, SCALINGS, SIMILARITIES
 from .console import err
@@ -46,8 +47,8 @@ def run_command(fn):
     except Exception as e:  # noqa: BLE001 - the one place that turns any failure into one line
         if state["debug"]:
             raise
-        if isinstance(e, CtreError):
-            err.print(f"[red]error:[/red] {e}", soft_wrap=True)
+        if isinstance(e, CtreError):  # escaped: a message may hold brackets, e.g. pip install 'ctre-edge[plot]'
+            err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
                   soft_wrap=True)

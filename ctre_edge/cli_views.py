@@ -71,6 +71,50 @@ def _feature_report(model, top: int, shape_text, png, as_json: bool) -> None:
         err.print(f"wrote {png}")
 
 
+def report(
+    model_path: ModelArg,
+    out: Annotated[Optional[Path], typer.Option(help="Write the figure here: .png, or .html (the figure and the facts in one page). Needs matplotlib.")] = None,
+    image_shape: Annotated[Optional[str], typer.Option(help="Lay the input degrees out as an HxW image (square inputs are guessed).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
+    as_json: JsonOpt = False,
+):
+    """How a run went: loss and accuracy per epoch, the best epoch, connections grown by cosine and at
+    random, each layer's in-degrees and the input-degree map (a figure with --out, else a terminal summary)."""
+
+    def body():
+        from .model import SparseMLP  # with report below: numpy only (matplotlib is imported to draw)
+        from .report import INSTALL_HINT, draw_report, have_matplotlib, report_facts, summary_lines
+
+        fmt = None
+        if out is not None:
+            fmt = out.suffix.lower().lstrip(".")
+            if fmt not in ("png", "html"):
+                raise ConfigError(f"--out {out}: the report is written as .png or .html")
+            run.check_output(out, force)
+        model = SparseMLP.load(model_path)
+        try:
+            facts = report_facts(model, image_shape)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if as_json:
+            print_json(facts)
+        if out is not None and have_matplotlib():
+            draw_report(model, facts, out, fmt, force=force)
+            err.print(f"wrote {out}")
+            return
+        if not as_json:
+            console.show_report(facts, summary_lines(facts))
+            shape = facts["inputs"]["image_shape"]
+            if shape:
+                from .topology import degree_map  # numpy only
+
+                console.heat_map(degree_map(model, tuple(shape)))
+        if out is not None:
+            raise ConfigError(f"--out {out} needs matplotlib: {INSTALL_HINT}; the summary above has the same facts")
+
+    run_command(body)
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Look at a data file before training on it.")
 
 

@@ -57,6 +57,24 @@ def write_labels(predicted, as_json: bool) -> None:
         sys.stdout.write("".join(f"{v}\n" for v in labels))
 
 
+def write_rows(fmt: str, classes, labels, proba) -> None:
+    """``predict --format csv|jsonl`` on stdout: per sample the predicted label and every class's
+    probability. CSV has a header (``label`` then the class names); JSON lines hold one object per sample."""
+    import csv  # only these two formats need it
+
+    labels = [v.item() if hasattr(v, "item") else v for v in labels]
+    labels = [v.decode() if isinstance(v, bytes) else v for v in labels]
+    names = [str(c) for c in classes]
+    if fmt == "csv":
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(["label", *names])
+        out.writerows([label, *(f"{float(v):.6g}" for v in row)] for label, row in zip(labels, proba))
+    else:
+        sys.stdout.write("".join(json.dumps({"label": label, "probabilities": dict(zip(names, map(float, row)))}) + "\n"
+                                 for label, row in zip(labels, proba)))
+    sys.stdout.flush()
+
+
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/yellow] {message}")
 
@@ -265,3 +283,29 @@ def profile_rows(profile) -> list[tuple[str, str]]:
 
 def show_profile(profile) -> None:
     err.print(table(profile.name, ("field", "value"), profile_rows(profile)))
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+def show_report(facts: dict, lines: list[str], max_rows: int = 20) -> None:
+    """``ctre-edge report`` without a figure: the headline, the history (at most ``max_rows`` epochs,
+    evenly spaced, the best one always included) and each layer's in-degree spread."""
+    for line in lines:
+        err.print(line)
+    hist, best = facts["history"], facts["metrics"].get("best_epoch")
+    if hist:
+        n = len(hist["epoch"])
+        keep = sorted({int(round(i)) for i in (range(n) if n <= max_rows else
+                                                (k * (n - 1) / (max_rows - 1) for k in range(max_rows)))}
+                      | ({best - 1} if best else set()))
+        rows = [(f"{hist['epoch'][i]}{' *' if hist['epoch'][i] == best else ''}", f"{hist['loss'][i]:.4f}",
+                 f"{hist['train_accuracy'][i]:.4f}", f"{hist['val_accuracy'][i]:.4f}",
+                 f"{hist['grown_cosine'][i]:,}", f"{hist['grown_random'][i]:,}") for i in keep if 0 <= i < n]
+        err.print(table(f"history ({n} epochs; * best)", ("epoch", "loss", "train acc", "val acc",
+                                                          "grown by cosine", "grown at random"), rows, "right"))
+    else:
+        err.print("no history saved with this model (trained before models kept it)")
+    rows = [(str(r["layer"]), f"{r['n_in']} -> {r['n_out']}", f"{r['nnz']:,}", str(r["in_degree_min"]),
+             f"{r['in_degree_median']:g}", str(r["in_degree_max"]), str(r["no_inputs"])) for r in facts["layers"]]
+    err.print(table("in-degree per neuron", ("layer", "shape", "connections", "min", "median", "max",
+                                             "without inputs"), rows, "right"))

@@ -389,13 +389,16 @@ def _impute(X: np.ndarray, fill: np.ndarray) -> np.ndarray:
 def stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator, what: str = "validation"):
     """Split sample indices into (rest, held) with ``round(fraction * count)`` held per class.
 
-    Every class keeps at least one sample on each side; a class with fewer than two samples is an
-    error. Both outputs are sorted.
+    Every class keeps at least one sample on each side; a class with one sample is an error, a code
+    with none is skipped (new data for a trained model may hold a subset of its classes). Both
+    outputs are sorted.
     """
     held = []
     n_classes = int(y.max()) + 1
     for c in range(n_classes):
         idx = np.flatnonzero(y == c)
+        if idx.shape[0] == 0:
+            continue
         if idx.shape[0] < 2:
             raise DataError(f"class {c} has {idx.shape[0]} sample(s); the stratified {what} split needs "
                             "at least 2 per class")

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import numpy as np
+
 from .budget import MemoryPlan, budget_bytes, peak_rss_bytes, plan_run
 from .checkpoint import Checkpointing
 from .config import TrainConfig
@@ -59,6 +61,8 @@ class Prepared(NamedTuple):
     threads: int | None  # kernel threads from the profile; None keeps numba's own
     profile: Profile | None
     cold_cache: bool  # kernels not compiled on this CPU yet (the run will compile them)
+    start_from: SparseMLP | None = None  # a trained model the run continues (``prepare(start_from=...)``)
+    refit_scaling: bool = False  # continuing: fit the input scaling on the new data instead of keeping it
 
 
 def resolve_profile(profile) -> Profile | None:
@@ -69,27 +73,62 @@ def resolve_profile(profile) -> Profile | None:
 
 
 def prepare(config: TrainConfig, data: DataSpec, profile=None, fit: bool = False, *,
-            plan_only: bool = False) -> Prepared:
+            plan_only: bool = False, start_from: SparseMLP | None = None, refit_scaling: bool = False) -> Prepared:
     """Validate, plan against ``profile`` (refusing with BudgetError, exit code 3), load, plan again.
 
     With ``fit``, the settings that do not change the model (batch sizes, similarity samples and
     workspace) shrink until the run fits. ``plan_only`` stops after the first plan (``ctre-edge
     plan``), where an inference-only profile plans the exported model's size instead.
+
+    ``start_from`` continues a trained model on this data (``train.train(start_from=...)``): its
+    hidden layers must be ``config.hidden``, the data must have its feature count and only classes
+    it knows (a subset is fine; labels are re-coded into the model's classes). It keeps the model's
+    input scaling unless ``refit_scaling``. It is planned like a new run of the same shape.
     """
     config = TrainConfig(**vars(config)).validate()
     profile = resolve_profile(profile)
     cold = not kernels_cached()
     given = make_dataset(*data.arrays, source=data.source) if data.arrays is not None else None
     summary = summarize_loaded(given) if given is not None else summarize_data(data.source, **data.load_options())
+    if start_from is not None:
+        check_continuation(start_from, config, summary.n_features, data.source)
     config, plan = plan_run(config, summary, profile, fit=fit, inference_only_ok=plan_only, cold_cache=cold)
     if plan_only:
-        return Prepared(config, plan, None, plan.changes, None, profile, cold)
+        return Prepared(config, plan, None, plan.changes, None, profile, cold, start_from, refit_scaling)
     dataset = given if given is not None else load_data(data.source, **data.load_options())
+    if start_from is not None:
+        dataset = recode_classes(dataset, start_from.classes, data.source)
     changes = plan.changes  # the second plan starts from the already changed settings
     config, plan = plan_run(config, summarize_loaded(dataset), profile, fit=fit, data_bytes=dataset.nbytes,
                             cold_cache=cold)
     plan.changes = changes + plan.changes
-    return Prepared(config, plan, dataset, plan.changes, profile.threads if profile else None, profile, cold)
+    return Prepared(config, plan, dataset, plan.changes, profile.threads if profile else None, profile, cold,
+                    start_from, refit_scaling)
+
+
+def check_continuation(model: SparseMLP, config: TrainConfig, n_features: int, source: str) -> None:
+    """Refuse to continue ``model`` with other hidden layers (ConfigError) or another width (DataError)."""
+    hidden = tuple(model.sizes[1:-1])
+    if tuple(config.hidden) != hidden:
+        raise ConfigError(f"hidden layers {','.join(map(str, config.hidden))} differ from the model's "
+                          f"{','.join(map(str, hidden))}; continuing keeps the network's shape")
+    if n_features != model.n_features:
+        raise DataError(f"{source} has {n_features} features; the model to continue expects {model.n_features}")
+
+
+def recode_classes(data: Dataset, classes: list, source: str) -> Dataset:
+    """``data`` with labels coded into ``classes`` (compared as text: 1 matches "1"); DataError naming
+    any label that is not among them, since continuing cannot add an output unit."""
+    code = {str(c): i for i, c in enumerate(classes)}
+    unseen = [c for c in data.classes if str(c) not in code]
+    if unseen:
+        shown = ", ".join(map(repr, unseen[:5])) + (" ..." if len(unseen) > 5 else "")
+        raise DataError(f"{source} has label(s) {shown} that the model to continue does not know (its classes: "
+                        f"{', '.join(map(repr, classes[:10]))}{' ...' if len(classes) > 10 else ''}); "
+                        "continuing cannot add classes: train a new model")
+    mapping = np.array([code[str(c)] for c in data.classes], dtype=np.int64)
+    y_test = None if data.y_test is None else mapping[data.y_test]
+    return Dataset(data.X, mapping[data.y], list(classes), data.X_test, y_test, data.name)
 
 
 def check_output(out: Path | None, force: bool) -> None:
@@ -170,7 +209,8 @@ def execute(prepared: Prepared, *, source: str = "", out: Path | None = None, fo
             compile_if_cold(steps_for(prepared.dataset.X.dtype, c.method, c.similarity), on_wait=lambda: warn("another process is compiling the kernels into this cache; "
                                                  "waiting to load them from it"))
         result = train(prepared.dataset, prepared.config, progress=progress, checkpointing=checkpointing,
-                       stop_requested=stop_requested, warn=warn, budget=budget)
+                       stop_requested=stop_requested, warn=warn, budget=budget, start_from=prepared.start_from,
+                       refit_scaling=prepared.refit_scaling)
     finally:
         numba.set_num_threads(previous)
     if prepared.cold_cache:

@@ -95,7 +95,7 @@ BATCHES_PER_CALL = 32  # Python regains control this often within an epoch (sign
 def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], None] | None = None, *,
           checkpointing: Checkpointing | None = None, stop_requested: Callable[[], int] | None = None,
           warn: Callable[[str], None] = lambda message: None, budget: RowBudget | None = None,
-          start_from: SparseMLP | None = None) -> TrainResult:
+          start_from: SparseMLP | None = None, refit_scaling: bool = False) -> TrainResult:
     """Train a sparse MLP on ``data``; returns the best-validation model and the per-epoch history.
 
     With ``checkpointing``, the full state is saved every ``every`` epochs (and at the last one),
@@ -104,7 +104,8 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
     epoch in progress, with a checkpoint, by raising ``Interrupted``. ``budget`` (a ``RowBudget``)
     lets a benchmark time and shorten epochs through a supported hook. ``start_from`` continues
     training a given model (its layers and input scaling replace the Erdos-Renyi init and the
-    scaling fit; momentum starts at zero), as a fleet client does each round.
+    scaling fit, unless ``refit_scaling``; momentum starts at zero), as a fleet client does each round and
+    ``ctre-edge train --from`` does on new data. The data may hold a subset of the model's classes.
 
     Longer than most functions on purpose: the order of the steps of an epoch (train, divergence
     check, validation, best snapshot, update, checkpoint, progress, signal) is the contract that makes
@@ -122,6 +123,7 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         if start_from.sizes != sizes or [str(c) for c in start_from.classes] != [str(c) for c in classes]:
             raise ConfigError(f"start_from has layer sizes {start_from.sizes} and classes {start_from.classes}; "
                               f"this data and config need {sizes} and {classes}")
+    if start_from is not None and not refit_scaling:
         shift, scale = start_from.shift, start_from.scale
     else:
         shift, scale = fit_scaling(data.X, train_rows, config.scaling)
@@ -244,10 +246,21 @@ def _result(state: TrainState, config, shift, scale, classes, X_test, y_test, n_
         test_acc = float(np.mean(np.argmax(model.predict_proba(X_test, config.eval_batch_size), axis=1) == y_test))
     model.metrics = {"test_accuracy": test_acc, "best_epoch": state.best_epoch, "best_val_accuracy": state.best_acc,
                      "epochs": config.epochs, "epochs_run": len(state.history),
-                     "stopped_early": len(state.history) < config.epochs, "train_samples": n_train}
+                     "stopped_early": len(state.history) < config.epochs, "train_samples": n_train,
+                     "epoch_history": history_columns(state.history)}
     if warnings:
         model.metrics["warnings"] = warnings
     return TrainResult(model, state.history, state.best_epoch, test_acc, warnings)
+
+
+HISTORY_FIELDS = ("epoch", "loss", "train_accuracy", "val_accuracy", "lr", "changed", "grown_cosine", "grown_random")
+
+
+def history_columns(history: list[EpochStats]) -> dict:
+    """The per-epoch record a saved model keeps as ``metrics["epoch_history"]`` (``ctre-edge report``
+    draws it; a fleet's global model keeps its rounds under ``"history"``): one list per field.
+    Timings are left out, so the same run still gives the same bytes."""
+    return {name: [getattr(s, name) for s in history] for name in HISTORY_FIELDS}
 
 
 class _EpochTrainer:

@@ -11,7 +11,7 @@ from ctre_edge.data import load_data
 
 def test_constructor_defaults_are_train_config_defaults():
     sig = inspect.signature(SparseMLPClassifier.__init__)
-    assert set(sig.parameters) - {"self"} == {f.name for f in fields(TrainConfig)} - {"test_fraction"}
+    assert set(sig.parameters) - {"self"} == {f.name for f in fields(TrainConfig)} - {"test_fraction"} | {"warm_start"}
     for f in fields(TrainConfig):
         if f.name != "test_fraction":
             assert sig.parameters[f.name].default == f.default, f.name
@@ -37,7 +37,7 @@ def test_unfitted_and_bad_params():
         SparseMLPClassifier().predict(np.ones((1, 3)))
     with pytest.raises(ValueError, match="'zeta' must be"):
         SparseMLPClassifier(zeta=-1).fit(np.ones((10, 2)), np.arange(10) % 2)
-    with pytest.raises(ValueError, match="unknown parameter"):
+    with pytest.raises(ValueError, match="Invalid parameter 'gamma'"):
         SparseMLPClassifier().set_params(gamma=1)
 
 

@@ -204,13 +204,13 @@ def test_every_train_config_field_arrives_from_its_option(monkeypatch):
 def test_cli_defaults_equal_the_api_defaults():
     import inspect
 
-    from ctre_edge.api import PARAMS, SparseMLPClassifier
+    from ctre_edge.api import CONFIG_PARAMS, SparseMLPClassifier
     from ctre_edge.cli import config_from_options, train
 
     cli = {n: p.default for n, p in inspect.signature(train).parameters.items()}
     api = inspect.signature(SparseMLPClassifier.__init__).parameters
     config = config_from_options(cli)
-    for name in PARAMS:
+    for name in CONFIG_PARAMS:
         assert getattr(config, name) == api[name].default, name
 
 

@@ -45,6 +45,7 @@ def test_cache_dir_falls_back_when_unwritable(tmp_path):
 COMMANDS = {
     "help": ["--help"],
     "info": ["info", "{model}"],
+    "report": ["report", "{model}"],
     "profiles": ["profiles", "list"],
     "profiles-show": ["profiles", "show", "rpi-zero-2w"],
     "predict": ["predict", "{onnx}", "--data", "{features}"],
@@ -52,13 +53,14 @@ COMMANDS = {
     "plan": ["plan", "--profile", "rpi-zero-2w"],
 }
 MUST_NOT_IMPORT = {
-    "help": ["numba", "onnx", "onnxruntime"],
+    "help": ["numba", "onnx", "onnxruntime", "matplotlib", "sklearn"],
     "info": ["numba", "onnx", "onnxruntime"],
+    "report": ["numba", "onnx", "onnxruntime", "matplotlib", "sklearn"],
     "profiles": ["numba", "onnx", "onnxruntime"],
     "profiles-show": ["numba", "onnx", "onnxruntime"],
     "predict": ["numba", "onnx", "ctre_edge.train", "ctre_edge.kernels"],
-    "train": ["onnx", "onnxruntime"],
-    "plan": ["onnx", "onnxruntime"],
+    "train": ["onnx", "onnxruntime", "sklearn"],
+    "plan": ["onnx", "onnxruntime", "sklearn"],
 }
 
 

@@ -187,3 +187,10 @@ def test_soak_growth_is_measured_against_the_warm_up_sample():
     warm, last, peak = growth(rows, 5)
     assert warm == 100 and last == pytest.approx(0.01) and peak == pytest.approx(0.04)
     assert growth([(0, 50), (5, 100), (10, 106)], 5)[1] > 0.05  # a 6% rise is caught
+
+
+def test_continue_halves_smoke():
+    r = run_tool("continue_halves.py", "--data", "builtin:digits", "--hidden", "32", "--epochs", "3")
+    rows = table_rows(r.stdout)
+    assert len(rows) == 1 and rows[0][0] == "builtin:digits" and rows[0][1] == "719 / 719 / 359"
+    assert all(0 < float(v) <= 1 for v in rows[0][2:6])
