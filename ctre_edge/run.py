@@ -206,7 +206,8 @@ def execute(prepared: Prepared, *, source: str = "", out: Path | None = None, fo
             numba.set_num_threads(max(1, min(prepared.threads, numba.config.NUMBA_NUM_THREADS)))
         if prepared.cold_cache:  # compile once, under the cache's lock, before training
             c = prepared.config
-            compile_if_cold(steps_for(prepared.dataset.X.dtype, c.method, c.similarity), on_wait=lambda: warn("another process is compiling the kernels into this cache; "
+            compile_if_cold(steps_for(prepared.dataset.X.dtype, c.method, c.similarity),
+                            on_wait=lambda: warn("another process is compiling the kernels into this cache; "
                                                  "waiting to load them from it"))
         result = train(prepared.dataset, prepared.config, progress=progress, checkpointing=checkpointing,
                        stop_requested=stop_requested, warn=warn, budget=budget, start_from=prepared.start_from,

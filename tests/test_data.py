@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from ctre_edge import data as data_module
 from ctre_edge.data import inspect_data, load_data, make_dataset, stratified_split, summarize_data
-from ctre_edge.errors import ConfigError, DataError, OutputWriteError
+from ctre_edge.errors import ConfigError, DataError
 from ctre_edge.io import cache as parse_cache
 from ctre_edge.io import delimited
 

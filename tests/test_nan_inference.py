@@ -74,7 +74,8 @@ def test_predict_refuses_nan_with_one_line(trained, tmp_path):
     X = np.ones((3, 64), np.float32)
     X[2, 5] = np.inf
     np.save(tmp_path / "inf.npy", X)
-    assert "row 3, column 6" in one_line_error(cli("predict", str(d / "m.onnx"), "--data", str(tmp_path / "inf.npy")), 4)
+    r = cli("predict", str(d / "m.onnx"), "--data", str(tmp_path / "inf.npy"))
+    assert "row 3, column 6" in one_line_error(r, 4)
     # a policy the model has no statistics for is an invalid option, not a silent guess
     line = one_line_error(cli("predict", str(d / "m.onnx"), "--data", str(tmp_path / "allnan.npy"),
                               "--nan-policy", "median"), 2)
