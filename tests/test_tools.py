@@ -130,8 +130,9 @@ def test_dense_masked_step_matches_ctre_kernels():
     delta_b = np.empty_like(delta_a)
     grad = np.empty(int(np.diff(net.nz_off).max()), np.float32)
     bias_grad = np.empty(int(net.sizes[1:].max()), np.float32)
+    no_csc = (np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int32))
     loss, correct = kernels.train_batches(X, y, order, bs, shift, scale, *net, act, delta_a, delta_b, grad, bias_grad,
-                                          lr, mom, l2, 1)
+                                          *no_csc, lr, mom, l2, 1)
     d_loss = d_correct = 0
     for s in range(0, 60, bs):
         rows = order[s:s + bs]
