@@ -327,13 +327,25 @@ def sparse_forward_threads(colptr, rowidx, perm, values, bias, x, out, relu, thr
 
 @njit(cache=True)
 def bias_gradient(dy, out):
-    """out[j] = sum_b dy[j, b]."""
+    """out[j] = sum_b dy[j, b], added in batch order from 0; four neurons' chains at a time."""
     n, nb = dy.shape
-    for j in range(n):
-        s = np.float32(0.0)
+    z = np.float32(0.0)
+    j = 0
+    while j + 4 <= n:
+        s0, s1, s2, s3 = z, z, z, z
         for b in range(nb):
-            s += dy[j, b]
-        out[j] = s
+            s0 += dy[j, b]
+            s1 += dy[j + 1, b]
+            s2 += dy[j + 2, b]
+            s3 += dy[j + 3, b]
+        out[j], out[j + 1], out[j + 2], out[j + 3] = s0, s1, s2, s3
+        j += 4
+    while j < n:
+        s0 = z
+        for b in range(nb):
+            s0 += dy[j, b]
+        out[j] = s0
+        j += 1
 
 
 @njit(cache=True)

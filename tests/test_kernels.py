@@ -269,3 +269,13 @@ def test_train_batches_is_bit_identical_across_thread_counts(rng):
         assert other[:2] == results[0][:2]
         for a, b in zip(other[2:], results[0][2:]):
             np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 23), st.integers(0, 40), st.integers(0, 2**32 - 1))
+def test_bias_gradient_adds_in_batch_order(n, batch, seed):
+    dy = np.random.default_rng(seed).normal(size=(n, batch)).astype(np.float32)
+    out = np.full(n, 7.0, np.float32)
+    kernels.bias_gradient(dy, out)
+    want = np.cumsum(dy, axis=1, dtype=np.float32)[:, -1] if batch else np.zeros(n, np.float32)
+    np.testing.assert_array_equal(out, want)
