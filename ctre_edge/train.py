@@ -140,7 +140,7 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         state = TrainState(net, net.snapshot(), rng_shuffle, rng_evolve)
 
     trainer = _EpochTrainer(data, config, state.net, shift, scale, train_rows, policy, budget)
-    evaluator = Evaluator(state.net, shift, scale, config.eval_batch_size, budget)
+    evaluator = Evaluator(state.net, shift, scale, max(1, min(config.eval_batch_size, val_rows.shape[0])), budget)
     n_classes = len(classes)
     majority = float(np.bincount(data.y[val_rows], minlength=n_classes).max() / max(1, val_rows.shape[0]))
     warnings = [m for m in (not_learning(state.history[:e], n_classes, majority, config)

@@ -57,11 +57,16 @@ def digits_npz(tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_smoke():
-    r = run_tool("bench_train.py", "--smoke")
-    rows = table_rows(r.stdout)
+    # This checkout doubles as the --base checkout: the base column must run through its own child.
+    r = run_tool("bench_train.py", "--smoke", "--engines", "ctre,base,dense", "--base", str(REPO), timeout=300)
+    phases = table_rows(r.stdout)  # the kernel phase table comes first: one row per layer
+    assert [row[2] for row in phases] == ["784x64", "64x64", "64x64", "64x10"]
+    assert all(float(row[5]) > 0 and float(row[6]) > 0 and float(row[8]) > 0 for row in phases), phases
+    rows = table_rows(r.stdout.split("engines:", 1)[1])
     assert len(rows) == 1 and rows[0][0] == "64"
     assert "GFLOP/s" in r.stdout and "CPU:" in r.stdout.splitlines()[0]
-    assert rows[0][3] != "-" and rows[0][4] != "-", "both engines must have produced a time"
+    assert all(cell != "-" for cell in rows[0][3:6]), "every engine must have produced a time"
+    assert rows[0][6].endswith("x"), rows[0]  # the speed-up over base
 
 
 @pytest.mark.slow
