@@ -413,10 +413,13 @@ def softmax_xent_backward(p, y, scale_by):
     return loss, correct
 
 
-# Below this many multiply-adds (connections x batch) a layer's backward runs serially, where starting
-# threads would cost more than it saves. With it, 2 threads train the MNIST network in 0.26 s/epoch
-# at epsilon 1 (serial 0.33) and 2.1 s at epsilon 20 (serial 3.3): tools/bench_threads.py.
-PARALLEL_MIN_WORK = 1 << 16
+# Below this many multiply-adds (connections x batch) a layer's forward and backward run serially.
+# Every parallel region waits for its slowest thread, and on a machine shared with other jobs a
+# preempted worker costs a scheduler slice (milliseconds) per region: with the old threshold of 2**16
+# the MNIST network at epsilon 1 (about 0.2 million multiply-adds per layer and batch, 0.03 ms of
+# work) took 26 s per epoch instead of 0.5 at a load average of 6 on 2 vCPUs. Layers of a million
+# multiply-adds and more (epsilon 20: 3.5-4 million) still gain from a second thread.
+PARALLEL_MIN_WORK = 1 << 20
 
 
 # --- a whole network, packed ------------------------------------------------------------------------

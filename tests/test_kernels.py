@@ -249,20 +249,21 @@ def test_forward_by_columns_equals_serial_forward(shape, threads, relu):
 def test_train_batches_is_bit_identical_across_thread_counts(rng):
     """The parallel forward and backward paths of the fused loop give the serial bits (layers above
     the parallel threshold), with the CSC copy rebuilt by ``csc_all``."""
-    sizes = [30, 300, 300, 4]
+    sizes = [200, 400, 400, 4]
     layers = [erdos_renyi_layer(sizes[l], sizes[l + 1], 20, rng) for l in range(3)]
-    assert min(l.nnz for l in layers[:2]) * 32 >= kernels.PARALLEL_MIN_WORK
-    X = rng.random((200, 30)).astype(np.float32)
-    y = rng.integers(0, 4, 200)
-    order = rng.permutation(200)
+    assert min(l.nnz for l in layers[:2]) * 100 >= kernels.PARALLEL_MIN_WORK
+    X = rng.random((250, 200)).astype(np.float32)
+    y = rng.integers(0, 4, 250)
+    order = rng.permutation(250)
     results = []
     for threads in (1, 2, 3):
         net = PackedNet.from_layers(layers)
         csc = net.csc_buffers()
         kernels.csc_all(*net[:6], *csc)
-        bufs = (net.activation_buffer(32), np.empty(300 * 32, np.float32), np.empty(300 * 32, np.float32),
-                np.empty(int(np.diff(net.nz_off).max()), np.float32), np.empty(300, np.float32))
-        loss, correct = kernels.train_batches(X, y, order, 32, np.zeros(30, np.float32), np.ones(30, np.float32), *net,
+        bufs = (net.activation_buffer(100), np.empty(400 * 100, np.float32), np.empty(400 * 100, np.float32),
+                np.empty(int(np.diff(net.nz_off).max()), np.float32), np.empty(400, np.float32))
+        loss, correct = kernels.train_batches(X, y, order, 100, np.zeros(200, np.float32), np.ones(200, np.float32),
+                                              *net,
                                               *bufs, *csc, np.float32(0.05), np.float32(0.9), np.float32(1e-4), threads)
         results.append((loss, correct, net.values.copy(), net.bias.copy(), net.velocity.copy()))
     for other in results[1:]:

@@ -129,14 +129,14 @@ ENGINES = ("ctre", "base", "dense", "sklearn")
 LABELS = {"ctre": "ctre-edge", "base": "ctre-edge (base)", "dense": "dense-masked", "sklearn": "sklearn"}
 
 
-def run_phases(hidden: int, eps: float, repeats: int, checkout: Path | None) -> dict:
+def run_phases(hidden: int, eps: float, repeats: int, checkout: Path | None, threads: int = 0) -> dict:
     """``tools/kernel_phases.py`` in a fresh interpreter on this checkout's ctre_edge or ``checkout``'s."""
     import subprocess
     import sys
 
     from tools._common import REPO, checkout_env
 
-    spec = {"hidden": hidden, "epsilon": eps, "batch": BATCH, "repeats": repeats}
+    spec = {"hidden": hidden, "epsilon": eps, "batch": BATCH, "repeats": repeats, "threads": threads}
     env = checkout_env(checkout or REPO)
     if checkout is None:
         env.pop("NUMBA_CACHE_DIR")  # this checkout keeps the caller's kernel cache
@@ -152,32 +152,36 @@ def run_phases(hidden: int, eps: float, repeats: int, checkout: Path | None) -> 
 
 
 def print_phases(shapes, repeats: int, base: Path | None, gemm_all: float) -> None:
-    """The phase table: useful GFLOP/s per layer and phase, this checkout (and the base) side by side."""
-    print(f"Kernel phases: useful GFLOP/s (2 flops per connection per sample), batch {BATCH}, median of {repeats} "
-          f"calls, random activations; dense float32 GEMM on this machine: {gemm_all:.0f} GFLOP/s\n")
-    head = ["h", "eps", "layer", "connections", "threads", "forward", "weight gradient", "input gradient"]
+    """The phase table: useful GFLOP/s per layer and phase on 1 thread and on all numba threads, this
+    checkout (and the base) side by side."""
+    import numba
+
+    print(f"Kernel phases: useful GFLOP/s (2 flops per connection per sample and phase), batch {BATCH}, median of "
+          f"{repeats} calls, random activations; dense float32 GEMM on this machine: {gemm_all:.0f} GFLOP/s\n")
+    phases = ["forward", "weight gradient", "weight + input gradient"]
+    head = ["h", "eps", "layer", "connections", "threads"] + phases
     if base is not None:
-        head += ["base forward", "base weight gradient", "base weight + input gradient"]
+        head += [f"base {p}" for p in phases]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for h, eps in shapes:
-        new = run_phases(h, eps, repeats, None)
-        old = run_phases(h, eps, repeats, base) if base is not None else None
-        if "error" in new:
-            print(f"| {h:,} | {eps:g} | phases failed: {new['error']} |")
-            continue
-        for i, row in enumerate(new["rows"]):
-            work = 2 * row["nnz"] * BATCH / 1e9
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            new = run_phases(h, eps, repeats, None, threads)
+            old = run_phases(h, eps, repeats, base, threads) if base is not None else None
+            if "error" in new:
+                print(f"| {h:,} | {eps:g} | phases failed: {new['error']} |")
+                continue
+            for i, row in enumerate(new["rows"]):
+                def rate(r, key, work=2 * row["nnz"] * BATCH / 1e9):
+                    # "weight + input gradient" is two phases' work
+                    return f"{work * (2 if '+' in key else 1) / r[key]:.1f}" if r and key in r else "-"
 
-            def rate(r, key):
-                return f"{work / r[key]:.1f}" if r and key in r else "-"
-
-            cells = [f"{h:,}", f"{eps:g}", row["layer"], f"{row['nnz']:,}", str(new["threads"]), rate(row, "forward"),
-                     rate(row, "weight gradient"), rate(row, "input gradient")]
-            if base is not None:
-                o = old["rows"][i] if old and "rows" in old else None
-                cells += [rate(o, "forward"), rate(o, "weight gradient"), rate(o, "weight + input gradient")]
-            print("| " + " | ".join(cells) + " |", flush=True)
+                cells = [f"{h:,}", f"{eps:g}", row["layer"], f"{row['nnz']:,}", str(new["threads"])]
+                cells += [rate(row, p) for p in phases]
+                if base is not None:
+                    o = old["rows"][i] if old and "rows" in old else None
+                    cells += [rate(o, p) for p in phases]
+                print("| " + " | ".join(cells) + " |", flush=True)
     print()
 
 
