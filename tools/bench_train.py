@@ -203,6 +203,8 @@ def main(argv=None):
     ap.add_argument("--blas-threads", type=int, default=0,
                     help="BLAS threads of the dense baseline and scikit-learn (0: the library default, all cores)")
     ap.add_argument("--base", help="a second checkout of ctre-edge to measure against, in the same run")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="numba threads of the ctre-edge runs (NUMBA_NUM_THREADS; 0: numba's default, all cores)")
     ap.add_argument("--engines", default="ctre,base,dense,sklearn",
                     help="which columns to run (base needs --base; sklearn needs scikit-learn)")
     ap.add_argument("--phase-repeats", type=int, default=20, help="calls per kernel phase (median reported)")
@@ -235,6 +237,10 @@ def main(argv=None):
 
     from ctre_edge.layers import er_nnz
 
+    if args.threads:
+        import os
+
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)  # inherited by every child below
     warm_kernel_cache()
     print(machine_header())
     gemm_all, gemm_one = gemm_gflops_with(0), gemm_gflops_with(1)
@@ -262,7 +268,7 @@ def main(argv=None):
         data_name = f"{path.name}, {n_samples} x {n_features} (its test part is not used)"
     n_train, n_val = dataset_rows(n_samples)
     print(f"dense baseline BLAS threads: {args.blas_threads or 'library default (all cores)'}; "
-          "ctre-edge: numba's default threads (all cores)")
+          f"ctre-edge: {args.threads or 'numba default (all cores)'} numba thread(s)")
     print(f"data: {data_name}, about {n_train} training and {n_val} validation rows per epoch; SET, lr {LR}, "
           f"batch {BATCH}; {args.epochs} timed epoch(s) per run (each with its topology update), median epoch; "
           f"median of {args.repeats} run(s) per engine, engines alternated; epoch budget {args.epoch_budget:g} s")
