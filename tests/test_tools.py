@@ -174,3 +174,12 @@ def test_dense_masked_set_update_keeps_counts():
 def test_bench_threads_smoke():
     rows = table_rows(run_tool("bench_threads.py", "--epsilons", "1", "--epochs", "2").stdout)
     assert rows and all(row[-1] == "yes" for row in rows), rows
+
+
+@pytest.mark.slow
+def test_bench_huge_smoke():
+    r = run_tool("bench_huge.py", "--width", "300", "--epochs", "1", timeout=300)
+    rows = table_rows(r.stdout)
+    assert len(rows) == 1 and "SYNTHETIC" in r.stdout and "3312-300-300-300-5" in r.stdout
+    measured, predicted = float(rows[0][4].replace(",", "")), float(rows[0][5].replace(",", ""))
+    assert measured > 0 and predicted > 0 and rows[0][7] == "yes", rows
