@@ -206,7 +206,9 @@ def checkout_env(checkout: Path, blas_threads: int = 0) -> dict:
     ``tools`` load from there, and a numba cache of its own (numba keys the cache by source file)."""
     env = child_env(blas_threads)
     env["PYTHONPATH"] = str(checkout)
-    digest = hashlib.sha256(str(checkout.resolve()).encode()).hexdigest()[:12]
+    # Keyed by the checkout and its kernels' source, so another commit in the same place gets a fresh cache.
+    kernels_source = (checkout / "ctre_edge" / "kernels.py").read_bytes()
+    digest = hashlib.sha256(str(checkout.resolve()).encode() + kernels_source).hexdigest()[:12]
     env["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"ctre-edge-bench-numba-{digest}")
     return env
 
