@@ -174,7 +174,7 @@ def print_phases(shapes, repeats: int, base: Path | None, gemm_all: float) -> No
             for i, row in enumerate(new["rows"]):
                 def rate(r, key, work=2 * row["nnz"] * BATCH / 1e9):
                     # "weight + input gradient" is two phases' work
-                    return f"{work * (2 if '+' in key else 1) / r[key]:.1f}" if r and key in r else "-"
+                    return f"{work * (2 if '+' in key else 1) / r[key]:.3g}" if r and key in r else "-"
 
                 cells = [f"{h:,}", f"{eps:g}", row["layer"], f"{row['nnz']:,}", str(new["threads"])]
                 cells += [rate(row, p) for p in phases]
