@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--rules", default="regrow")
     p.add_argument("--methods", default="set")
     p.add_argument("--extra", default="", help="More options for both commands, space-separated.")
+    p.add_argument("--fleet-extra", default="", help="More options for fleet simulate only, e.g. "
+                   "'--server-momentum 0 --batch-size 100'.")
     a = p.parse_args()
     common = ["--hidden", a.hidden, "--epsilon", a.epsilon, "--lr", a.lr, "--seed", a.seed, *a.extra.split()]
     rows = []
@@ -51,28 +53,31 @@ def main() -> None:
         epochs = a.rounds * a.local_epochs
         c = run(["train", "--data", a.data, "--method", method, "--epochs", str(epochs), "--no-checkpoint", "--json",
                  *common])
-        rows.append(("centralised", method, "-", f"{epochs} epochs", c["test_accuracy"], None, None, None,
+        rows.append(("centralised", method, f"b{(c.get('config') or {}).get('batch_size') or c.get('batch_size', '?')}", f"{epochs} epochs", c["test_accuracy"],
+                     None, None, None,
                      c["wall_seconds"]))
         for partition in a.partitions.split(","):
             for rule in a.rules.split(","):
                 f = run(["fleet", "simulate", "--clients", str(a.clients), "--data", a.data, "--partition", partition,
                          "--rounds", str(a.rounds), "--local-epochs", str(a.local_epochs), "--rule", rule,
-                         "--method", method, "--json", *common])
+                         "--method", method, "--json", *common, *a.fleet_extra.split()])
                 h = f["history"]
                 down = sum(x["socket_down"] for x in h) / len(h)
                 up = sum(x["socket_up"] for x in h) / len(h)
-                rows.append((partition, method, rule, f"{a.rounds} x {a.local_epochs}", f["test_accuracy"],
+                label = f"{rule} b{f['batch_size']} m{f['server_momentum']:g}" + \
+                    (f" lr{f['server_lr']:g}" if f["server_lr"] != 1 else "")
+                rows.append((partition, method, label, f"{a.rounds} x {a.local_epochs}", f["test_accuracy"],
                              down / f["payload_floor_bytes"], up / f["payload_floor_bytes"],
                              f["dense_fedavg_bytes"] / max(down, up), f["wall_seconds"]))
                 rows[-1] += (f,)
     print(f"data {a.data}, {a.clients} clients, hidden {a.hidden}, epsilon {a.epsilon}, lr {a.lr}, seed {a.seed}")
-    print(f"{'partition':>15} {'method':>9} {'rule':>7} {'epochs':>10} {'test acc':>9} {'down/floor':>11} "
+    print(f"{'partition':>15} {'method':>9} {'rule, batch, server m':>22} {'epochs':>10} {'test acc':>9} {'down/floor':>11} "
           f"{'up/floor':>9} {'dense/max':>10} {'wall s':>8}")
     central = {r[1]: r[4] for r in rows if r[0] == "centralised"}
     for r in rows:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         gap = "" if r[0] == "centralised" else f"  (gap {100 * (central[r[1]] - r[4]):+.2f} pp)"
-        print(f"{r[0]:>15} {r[1]:>9} {r[2]:>7} {r[3]:>10} {r[4]:>9.4f} {fmt(r[5], '.2f'):>11} {fmt(r[6], '.2f'):>9} "
+        print(f"{r[0]:>15} {r[1]:>9} {r[2]:>22} {r[3]:>10} {r[4]:>9.4f} {fmt(r[5], '.2f'):>11} {fmt(r[6], '.2f'):>9} "
               f"{fmt(r[7], '.0f'):>10} {r[8]:>8.0f}{gap}")
     fleet = [r[9] for r in rows if len(r) > 9]
     if fleet:
