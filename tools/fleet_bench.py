@@ -148,20 +148,25 @@ def main() -> None:
                 up = sum(x["socket_up"] for x in h) / len(h)
                 label = f"{rule} b{f['batch_size']} m{f['server_momentum']:g}" + \
                     (f" lr{f['server_lr']:g}" if f["server_lr"] != 1 else "")
+                msg_up = sum(x["payload_up"] / max(1, x["replies"]) for x in h) / len(h)
                 rows.append((partition, method, label, f"{a.rounds} x {a.local_epochs}", f["test_accuracy"],
-                             down / f["payload_floor_bytes"], up / f["payload_floor_bytes"],
-                             f["dense_fedavg_bytes"] / max(down, up), f["wall_seconds"]))
-                rows[-1] += (f,)
+                             (down, up, msg_up), f["payload_floor_bytes"], f["dense_fedavg_bytes"], f["wall_seconds"], f))
     print(f"data {a.data}, {a.clients} clients, hidden {a.hidden}, epsilon {a.epsilon}, lr {a.lr}, seed {a.seed}")
-    print(f"{'partition':>15} {'method':>9} {'rule, batch, server m':>22} {'epochs':>10} {'test acc':>9} {'down/floor':>11} "
-          f"{'up/floor':>9} {'dense/max':>10} {'wall s':>8}")
+    print(f"{'partition':>15} {'method':>9} {'rule, batch, server m':>22} {'epochs':>10} {'test acc':>9} "
+          f"{'KB down/up':>12} {'msg up KB':>9} {'x floor down/up':>15} {'dense / down, up':>16} {'wall s':>7}")
     central = {r[1]: r[4] for r in rows if r[0] == "centralised"}
     for r in rows:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         gap = "" if r[0] == "centralised" else f"  (gap {100 * (central[r[1]] - r[4]):+.2f} pp)"
-        print(f"{r[0]:>15} {r[1]:>9} {r[2]:>22} {r[3]:>10} {r[4]:>9.4f} {fmt(r[5], '.2f'):>11} {fmt(r[6], '.2f'):>9} "
-              f"{fmt(r[7], '.0f'):>10} {r[8]:>8.0f}{gap}")
-    fleet = [r[9] for r in rows if len(r) > 9]
+        if r[5] is None:
+            kb, msg, floor, dense = "-", "-", "-", "-"
+        else:
+            (down, up, msg_up), fl, de = r[5], r[6], r[7]
+            kb, msg = f"{down / 1e3:.1f}/{up / 1e3:.1f}", f"{msg_up / 1e3:.1f}"
+            floor, dense = f"{down / fl:.2f}/{up / fl:.2f}", f"{de / down:.0f}x, {de / up:.0f}x"
+        print(f"{r[0]:>15} {r[1]:>9} {r[2]:>22} {r[3]:>10} {r[4]:>9.4f} {kb:>12} {msg:>9} {floor:>15} {dense:>16} "
+              f"{r[8]:>7.0f}{gap}")
+    fleet = [r[9] for r in rows if r[5] is not None]
     if fleet:
         f = fleet[0]
         print(f"payload floor {f['payload_floor_bytes']} B (connections x (2 + 4) + biases x 4); dense FedAvg "
