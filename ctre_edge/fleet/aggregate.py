@@ -8,6 +8,7 @@ the global topology once per round as SET/CTRE do once per epoch: it drops the `
 of those and grows as many where the clients' cosine votes are strongest (CTRE's growth signal,
 summed over clients, weighted by samples), at random where there are no votes (SET), with zero
 weights so that a new connection does not change the function until the clients train it.
+Before the cut, ``ServerMomentum`` can replace "adopt the mean" by a FedAvgM step per connection.
 Memory is O(sum of client nnz); nothing is dense.
 """
 
