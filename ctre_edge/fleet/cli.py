@@ -207,6 +207,7 @@ def _follow(srv, settings: dict, on_round, poll: float = 0.5, on_first=None):
     seen = None
     last_status = time.monotonic()
     model = None
+    completed = False
     while True:
         m = _read_progress(Path(settings["run_dir"]))
         if m is not None:
@@ -221,6 +222,8 @@ def _follow(srv, settings: dict, on_round, poll: float = 0.5, on_first=None):
                 on_round(m.metrics["history"][seen - 1], m)
             if m.metrics.get("done") and r >= settings["rounds"]:
                 return m
+        if completed:
+            return model
         if not srv.alive():
             raise FleetError(f"flower-superlink exited (code {srv.proc.returncode}); see {srv.run_dir / 'superlink.log'}")
         if time.monotonic() - last_status > 10:
@@ -229,7 +232,9 @@ def _follow(srv, settings: dict, on_round, poll: float = 0.5, on_first=None):
             if status.startswith("finished") and status != "finished:completed":
                 raise FleetError(f"the fleet run ended with status {status}; see {srv.run_dir / 'superlink.log'}")
             if status == "finished:completed" and model is not None:
-                return model
+                # One more pass: the last round's checkpoint may have been written after it was read.
+                completed = True
+                continue
         time.sleep(poll)
 
 
