@@ -14,7 +14,7 @@ import pytest
 
 from ctre_edge.errors import ConfigError, DataError
 from ctre_edge.fleet import wire
-from ctre_edge.fleet.aggregate import aggregate
+from ctre_edge.fleet.aggregate import ServerMomentum, aggregate
 from ctre_edge.fleet.partition import assign, parse_partition
 from ctre_edge.layers import check_layer, erdos_renyi_layer, linear_positions
 
@@ -65,8 +65,14 @@ def test_wire_size_of_the_mnist_network_is_near_the_floor():
     blob = wire.encode(wire.WireModel(layers))
     floor = wire.payload_floor(layers)
     assert floor == 6794 * 6 + 3010 * 4
-    assert len(blob) < 1.1 * floor
-    assert wire.dense_bytes(sizes) / len(blob) > 185
+    # Elias-Fano positions: about 10 bits per connection instead of a 16-bit column and a count per row.
+    assert len(blob) < floor
+    assert wire.dense_bytes(sizes) / len(blob) > 225
+    k = [int(0.2 * l.nnz) for l in layers]
+    votes = [np.sort(np.random.default_rng(l).choice(layer.n_in * layer.n_out, n, replace=False))
+             for l, (layer, n) in enumerate(zip(layers, k))]
+    with_votes = wire.encode(wire.WireModel(layers, votes=votes))
+    assert len(with_votes) - len(blob) < 14 / 8 * sum(k)  # under 14 bits a vote
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -107,6 +113,16 @@ def test_wire_rejects_well_sealed_hostile_messages():
         wire.decode(_reseal(blob + b"\0"))
     with pytest.raises(wire.WireError, match="layer sizes"):
         wire.decode(wire.encode(wire.WireModel(layers)), [20, 31, 5])
+    # An Elias-Fano code whose bits do not hold the header's count of positions, correctly sealed.
+    _, lo, hi = wire._ef_sizes(layers[0].nnz, 20 * 30)
+    ones = bytearray(blob)
+    ones[wire._HEAD.size + 4 * 3 + 2 * wire._LAYER.size + lo + hi - 1] ^= 0x80  # one bit more or fewer
+    with pytest.raises(wire.WireError, match="positions"):
+        wire.decode(_reseal(bytes(ones)))
+    old = bytearray(blob)
+    old[7] = 1
+    with pytest.raises(wire.WireError, match="version 1; this ctre-edge reads version 2"):
+        wire.decode(_reseal(bytes(old)))
     rng = np.random.default_rng(0)
     for _ in range(200):  # random bytes never raise anything but WireError
         junk = bytes(rng.integers(0, 256, rng.integers(0, 300), dtype=np.uint8))
@@ -154,6 +170,112 @@ def test_aggregate_regrow_grows_voted_positions_with_zero_weight():
     r2 = aggregate([a], [1.0], [target], rule="regrow", rng=np.random.default_rng(5))[0]
     assert r1.nnz == target and np.array_equal(r1.indices, r2.indices)
     assert int(np.sum(r1.values == 0)) == k
+
+
+def _shifted(layers, dv, db):
+    return [l._replace(values=(l.values + dv).astype(np.float32), bias=(l.bias + db).astype(np.float32))
+            for l in layers]
+
+
+def test_server_momentum_moves_by_lr_times_velocity_per_connection():
+    start = layers_of([12, 9, 4], epsilon=2.0, seed=6)
+    targets = [l.nnz for l in start]
+    server = ServerMomentum(lr=1.0, momentum=0.5)
+    # Round 1: every client moved each weight by +0.1 (bias +0.2); no velocity yet, so the step is the mean.
+    one = aggregate([_shifted(start, 0.1, 0.2)] * 2, [1.0, 3.0], targets, rule="feddst", start=start, server=server)
+    for s, o, v in zip(start, one, server.layers):
+        assert np.array_equal(o.indices, s.indices) and np.array_equal(v.indices, o.indices)
+        assert np.allclose(o.values, s.values + 0.1, atol=1e-6) and np.allclose(v.values, 0.1, atol=1e-6)
+        assert np.allclose(o.bias, s.bias + 0.2, atol=1e-6) and np.allclose(v.bias, 0.2, atol=1e-6)
+    # Round 2: update -0.04; velocity 0.5 * 0.1 - 0.04 = 0.01, so the server moves +0.01, not to the mean.
+    two = aggregate([_shifted(one, -0.04, 0.0)], [1.0], targets, rule="feddst", start=one, server=server)
+    for o, t, v in zip(one, two, server.layers):
+        assert np.allclose(t.values, o.values + 0.01, atol=1e-6) and np.allclose(v.values, 0.01, atol=1e-6)
+        assert np.allclose(t.bias, o.bias + 0.1, atol=1e-6)
+    # A server learning rate scales the step; plain FedAvg (lr 1, momentum 0) adopts the mean.
+    fast = aggregate([_shifted(start, 0.1, 0.0)], [1.0], targets, rule="feddst", start=start,
+                     server=ServerMomentum(lr=2.0))
+    assert np.allclose(fast[0].values, start[0].values + 0.2, atol=1e-6)
+    plain = ServerMomentum()
+    assert not plain.active
+    mean = aggregate([_shifted(start, 0.1, 0.0)], [1.0], targets, rule="feddst", start=start, server=plain)
+    assert np.allclose(mean[0].values, start[0].values + 0.1, atol=1e-6) and plain.layers is None
+    with pytest.raises(ValueError, match="start model"):
+        aggregate([start], [1.0], targets, server=server)
+
+
+def test_server_momentum_new_connections_take_their_mean_and_result_is_deterministic():
+    start = layers_of([20, 8], epsilon=1.0, seed=7)
+    held = set(linear_positions(start[0]).tolist())
+    extra = next(p for p in range(20 * 8) if p not in held)
+    # A client that grew one connection (value 3, the strongest: kept by the cut and by regrow) and dropped nothing; target one above the start's count.
+    pos = np.sort(np.append(linear_positions(start[0]), extra))
+    from ctre_edge.layers import csr_from_positions
+
+    indptr, indices, _ = csr_from_positions(20, 8, pos)
+    vals = np.zeros(pos.shape[0], np.float32)
+    vals[pos != extra] = start[0].values + 0.05
+    vals[pos == extra] = 3.0
+    grown = [start[0]._replace(indptr=indptr, indices=indices, values=vals)]
+    other = _shifted(start, -0.05, 0.0)
+
+    def run(clients, weights, velocity):
+        server = ServerMomentum(lr=1.5, momentum=0.9, layers=velocity)
+        out = aggregate(clients, weights, [start[0].nnz + 1], rule="regrow", zeta=0.25, start=start, server=server,
+                        rng=np.random.default_rng(3))
+        return out[0], server.layers[0]
+
+    velocity = [start[0]._replace(values=np.full(start[0].nnz, 0.01, np.float32))]
+    out, vel = run([grown, other], [2.0, 1.0], velocity)
+    got = dict(zip(linear_positions(out).tolist(), out.values.tolist()))
+    assert abs(got[extra] - 3.0) < 1e-6  # new to the global model: its mean, no server step
+    assert vel.values[linear_positions(vel) == extra][0] == 0
+    # A held connection: mean update (2 * 0.05 - 0.05) / 3, velocity 0.9 * 0.01 + that, step 1.5 x velocity.
+    p0 = int(linear_positions(start[0])[np.argmax(np.abs(start[0].values))])
+    expect = start[0].values[np.argmax(np.abs(start[0].values))] + 1.5 * (0.009 + 0.05 / 3)
+    assert abs(got[p0] - expect) < 1e-5
+    # Same inputs, same model; client order does not matter.
+    again, vel2 = run([other, grown], [1.0, 2.0], velocity)
+    for name in ("indptr", "indices", "values", "bias"):
+        assert np.array_equal(getattr(out, name), getattr(again, name))
+    assert np.array_equal(vel.values, vel2.values)
+
+
+def test_fleet_batch_default_matches_centralised_steps_and_settings_validate(tmp_path):
+    from ctre_edge.fleet.cli import local_batch_size
+    from ctre_edge.fleet.runner import make_settings
+    from ctre_edge.train import TrainConfig
+
+    assert local_batch_size(None, 10) == TrainConfig().batch_size // 10
+    assert local_batch_size(None, 1000) == 1 and local_batch_size(7, 10) == 7
+    common = dict(train=TrainConfig().to_dict(), rounds=2, local_epochs=1, rule="regrow", min_clients=2,
+                  min_replies=1, round_timeout=5.0, join_timeout=5.0, value_dtype="float32", resume=False)
+    s = make_settings(tmp_path, server_lr=1.0, server_momentum=0.5, **common)
+    assert s["server_momentum"] == 0.5 and json.loads((tmp_path / "settings.json").read_text())["server_lr"] == 1.0
+    for bad in ({"server_momentum": 1.0}, {"server_momentum": -0.1}, {"server_lr": 0.0}):
+        with pytest.raises(ConfigError, match="server_"):
+            make_settings(tmp_path, **common, **bad)
+
+
+def test_checkpoint_keeps_the_server_velocity_for_resume(tmp_path):
+    from ctre_edge.fleet.state import RunState, read_checkpoint
+    from ctre_edge.model import SparseMLP
+    from ctre_edge.train import TrainConfig
+
+    layers = layers_of([10, 6, 3])
+    settings = {"run_dir": str(tmp_path), "train": TrainConfig().to_dict(), "targets": [l.nnz for l in layers],
+                "rounds": 3, "server_lr": 1.0, "server_momentum": 0.5}
+    run = RunState(dict(settings))
+    run.model = SparseMLP(layers, np.zeros(10, np.float32), np.ones(10, np.float32), [0, 1, 2])
+    new = aggregate([_shifted(layers, 0.1, 0.1)], [1.0], run.targets, rule="regrow", start=layers, server=run.server)
+    run.finish_round(new, [{"samples": 5, "val_before": 0.1, "val_after": 0.2, "bytes_up": 9, "node": 1}], 1.0,
+                     sent=1, missing=0, payload_down=9)
+    assert read_checkpoint(tmp_path).metrics["round"] == 1  # still a normal model file
+    back = RunState(dict(settings, resume=True))
+    assert back.round == 1 and back.server.momentum == 0.5
+    for a, b in zip(run.server.layers, back.server.layers):
+        assert np.array_equal(a.indices, b.indices) and np.array_equal(a.values, b.values)
+        assert np.array_equal(a.bias, b.bias)
 
 
 def test_partitions():

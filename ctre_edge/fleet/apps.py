@@ -109,7 +109,7 @@ class SparseFleet(Strategy):
         s = self.run.settings
         rng = np.random.default_rng([s["train"]["seed"], server_round])
         layers = aggregate(models, weights, self.run.targets, rule=s["rule"], zeta=s["train"]["zeta"],
-                           votes=votes, rng=rng)
+                           votes=votes, rng=rng, start=self.run.model.layers, server=self.run.server)
         return layers, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):
@@ -120,8 +120,9 @@ class SparseFleet(Strategy):
 
     def summary(self) -> None:
         s = self.run.settings
-        log(INFO, "SparseFleet: rule %s, %s rounds, %s local epochs, min replies %s, round timeout %ss",
-            s["rule"], s["rounds"], s["local_epochs"], s["min_replies"], s["round_timeout"])
+        log(INFO, "SparseFleet: rule %s, server lr %s, server momentum %s, %s rounds, %s local epochs, "
+            "min replies %s, round timeout %ss", s["rule"], self.run.server.lr, self.run.server.momentum, s["rounds"],
+            s["local_epochs"], s["min_replies"], s["round_timeout"])
 
 
 server = ServerApp()

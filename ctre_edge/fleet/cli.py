@@ -65,6 +65,9 @@ Zeta = Annotated[float, typer.Option(help="Fraction of connections dropped and r
 Rounds = Annotated[int, typer.Option(help="Federated rounds.")]
 LocalEpochs = Annotated[int, typer.Option(help="Epochs each client trains per round.")]
 BatchSize = Annotated[int, typer.Option(help="Minibatch size.")]
+LocalBatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Minibatch size on each client (default: the centralised batch size divided by the clients, at least 1: on an even split each client then takes as many SGD steps per local epoch as centralised training per epoch).")]
+ServerLr = Annotated[float, typer.Option(help="Server learning rate: the global model moves by this times the (momentum) averaged update; 1 with momentum 0 is plain FedAvg.")]
+ServerMomentumOpt = Annotated[float, typer.Option("--server-momentum", help="Server momentum on each connection's averaged update (FedAvgM); 0 for none.")]
 Lr = Annotated[float, typer.Option(help="Learning rate.")]
 Seed = Annotated[int, typer.Option(help="Random seed of the initial model and of every client's round.")]
 Rule = Annotated[str, typer.Option(help="Aggregation: regrow (union, magnitude cut, grow by votes or at random) or feddst (union, magnitude cut).")]
@@ -72,6 +75,14 @@ MinReplies = Annotated[Optional[int], typer.Option(help="Valid replies a round n
 RoundTimeout = Annotated[float, typer.Option(help="Seconds a round waits for slow clients before aggregating what came.")]
 ValueDtype = Annotated[str, typer.Option(help="Weights on the wire: float32 or float16.")]
 SimilaritySamples = Annotated[int, typer.Option(help="Training samples S for the cosine scores of ctre-* methods.")]
+
+
+SERVER_MOMENTUM = 0.5  # measured best of 0, 0.3, 0.5, 0.7, 0.9 (docs/fleet.md)
+
+
+def local_batch_size(batch_size: int | None, clients: int) -> int:
+    """The clients' minibatch: as given, or the centralised one divided by the fleet size."""
+    return batch_size if batch_size is not None else max(1, round(_D.batch_size / max(1, clients)))
 
 
 def _train_settings(method, hidden, epsilon, zeta, batch_size, lr, seed, similarity_samples) -> dict:
@@ -120,10 +131,12 @@ def server(
     hidden: Hidden = ",".join(map(str, _D.hidden)),
     epsilon: Epsilon = _D.epsilon,
     zeta: Zeta = _D.zeta,
-    batch_size: BatchSize = _D.batch_size,
+    batch_size: LocalBatchSize = None,
     lr: Lr = _D.lr,
     seed: Seed = _D.seed,
     similarity_samples: SimilaritySamples = _D.similarity_samples,
+    server_lr: ServerLr = 1.0,
+    server_momentum: ServerMomentumOpt = SERVER_MOMENTUM,
     value_dtype: ValueDtype = "float32",
     host: Annotated[str, typer.Option(help="Address the SuperLink listens on (0.0.0.0 for a real fleet).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="SuperLink port (Fleet and Control API over HTTP).")] = 9092,
@@ -145,12 +158,13 @@ def server(
             run.check_output(out, force=False)
         if (ssl_certfile is None) != (ssl_keyfile is None):
             raise ConfigError("--ssl-certfile and --ssl-keyfile go together")
-        train = _train_settings(method, hidden, epsilon, zeta, batch_size, lr, seed, similarity_samples)
+        train = _train_settings(method, hidden, epsilon, zeta, local_batch_size(batch_size, min_clients), lr, seed,
+                                similarity_samples)
         _prepare_run_dir(dir, resume, force)
         settings = make_settings(dir, train=train, rounds=rounds, local_epochs=local_epochs, rule=rule,
                                  min_clients=min_clients, min_replies=min_replies or max(1, min_clients // 2),
                                  round_timeout=round_timeout, join_timeout=join_timeout, value_dtype=value_dtype,
-                                 resume=resume)
+                                 resume=resume, server_lr=server_lr, server_momentum=server_momentum)
         for path in (ssl_certfile, ssl_keyfile, ssl_ca_certfile):
             if path is not None and not path.is_file():
                 raise ConfigError(f"TLS file {path} not found")
@@ -187,6 +201,7 @@ def _follow(srv, settings: dict, on_round, poll: float = 0.5, on_first=None):
     seen = None
     last_status = time.monotonic()
     model = None
+    completed = False
     while True:
         m = _read_progress(Path(settings["run_dir"]))
         if m is not None:
@@ -201,6 +216,8 @@ def _follow(srv, settings: dict, on_round, poll: float = 0.5, on_first=None):
                 on_round(m.metrics["history"][seen - 1], m)
             if m.metrics.get("done") and r >= settings["rounds"]:
                 return m
+        if completed:
+            return model
         if not srv.alive():
             raise FleetError(f"flower-superlink exited (code {srv.proc.returncode}); see {srv.run_dir / 'superlink.log'}")
         if time.monotonic() - last_status > 10:
@@ -209,7 +226,9 @@ def _follow(srv, settings: dict, on_round, poll: float = 0.5, on_first=None):
             if status.startswith("finished") and status != "finished:completed":
                 raise FleetError(f"the fleet run ended with status {status}; see {srv.run_dir / 'superlink.log'}")
             if status == "finished:completed" and model is not None:
-                return model
+                # One more pass: the last round's checkpoint may have been written after it was read.
+                completed = True
+                continue
         time.sleep(poll)
 
 
@@ -280,10 +299,12 @@ def simulate(
     hidden: Hidden = ",".join(map(str, _D.hidden)),
     epsilon: Epsilon = _D.epsilon,
     zeta: Zeta = _D.zeta,
-    batch_size: BatchSize = _D.batch_size,
+    batch_size: LocalBatchSize = None,
     lr: Lr = _D.lr,
     seed: Seed = _D.seed,
     similarity_samples: SimilaritySamples = _D.similarity_samples,
+    server_lr: ServerLr = 1.0,
+    server_momentum: ServerMomentumOpt = SERVER_MOMENTUM,
     value_dtype: ValueDtype = "float32",
     test_fraction: Annotated[float, typer.Option(help="Held-out test part when the data has no X_test.")] = 0.2,
     profile: Annotated[Optional[str], typer.Option(help="Device profile every simulated client runs under.")] = None,
@@ -300,13 +321,15 @@ def simulate(
             run.check_output(out, force=False)
         if clients < 1:
             raise ConfigError(f"'clients' must be an int >= 1; got {clients}")
-        train = _train_settings(method, hidden, epsilon, zeta, batch_size, lr, seed, similarity_samples)
+        train = _train_settings(method, hidden, epsilon, zeta, local_batch_size(batch_size, clients), lr, seed,
+                                similarity_samples)
         run_dir = dir if dir is not None else Path(tempfile.mkdtemp(prefix="ctre-fleet-"))
         try:
             doc = _simulate(run_dir, train, clients=clients, data=data, partition=partition, rounds=rounds,
                             local_epochs=local_epochs, min_replies=min_replies or max(1, clients // 2),
                             round_timeout=round_timeout, rule=rule, value_dtype=value_dtype,
-                            test_fraction=test_fraction, profile=profile, force=force, quiet=as_json)
+                            test_fraction=test_fraction, profile=profile, force=force, quiet=as_json,
+                            server_lr=server_lr, server_momentum=server_momentum)
         finally:
             if dir is None:
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -322,7 +345,8 @@ def simulate(
 
 def _simulate(run_dir: Path, train: dict, *, clients: int, data: str, partition: str, rounds: int, local_epochs: int,
               min_replies: int, round_timeout: float, rule: str, value_dtype: str, test_fraction: float,
-              profile: str | None, force: bool, quiet: bool) -> dict:
+              profile: str | None, force: bool, quiet: bool, server_lr: float = 1.0,
+              server_momentum: float = 0.0) -> dict:
     import numpy as np
 
     from ..data import load_data
@@ -337,7 +361,8 @@ def _simulate(run_dir: Path, train: dict, *, clients: int, data: str, partition:
     files, X_test, y_test = split_clients(dataset, clients, kind, alpha, test_fraction, train["seed"], run_dir)
     settings = make_settings(run_dir, train=train, rounds=rounds, local_epochs=local_epochs, rule=rule,
                              min_clients=clients, min_replies=min_replies, round_timeout=round_timeout,
-                             join_timeout=300.0, value_dtype=value_dtype, resume=False)
+                             join_timeout=300.0, value_dtype=value_dtype, resume=False, server_lr=server_lr,
+                             server_momentum=server_momentum)
     srv = Server(run_dir, port=free_port())
     _stop_on_sigterm()
     nodes, relays = [], []
@@ -387,7 +412,8 @@ def _simulate(run_dir: Path, train: dict, *, clients: int, data: str, partition:
     dense = dense_bytes(model.sizes)
     traffic = flower.get("network-traffic", {})
     doc = {"clients": clients, "partition": partition, "rounds": rounds, "local_epochs": local_epochs, "rule": rule,
-           "method": train["method"], "sizes": model.sizes, "nnz": model.nnz, "value_dtype": value_dtype,
+           "method": train["method"], "batch_size": train["batch_size"], "server_lr": server_lr,
+           "server_momentum": server_momentum, "sizes": model.sizes, "nnz": model.nnz, "value_dtype": value_dtype,
            "test_accuracy": rows[-1]["test_accuracy"] if rows else None, "payload_floor_bytes": floor,
            "dense_fedavg_bytes": dense, "flower_traffic": traffic, "history": rows, "model": model,
            "socket_total_per_client": {"up": run_up, "down": run_down}}

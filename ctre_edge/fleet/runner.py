@@ -303,7 +303,7 @@ class CountingRelay:
 
 def make_settings(run_dir: Path, *, train: dict, rounds: int, local_epochs: int, rule: str, min_clients: int,
                   min_replies: int, round_timeout: float, join_timeout: float, value_dtype: str,
-                  resume: bool) -> dict:
+                  resume: bool, server_lr: float = 1.0, server_momentum: float = 0.0) -> dict:
     """Validated settings of a run, written to ``run_dir/settings.json`` (kept on --resume)."""
     from .aggregate import RULES
 
@@ -317,6 +317,10 @@ def make_settings(run_dir: Path, *, train: dict, rounds: int, local_epochs: int,
         raise ConfigError("'round_timeout' and 'join_timeout' must be > 0 seconds")
     if rule not in RULES:
         raise ConfigError(f"'rule' must be one of {', '.join(RULES)}; got {rule!r}")
+    if not (isinstance(server_lr, (int, float)) and 0 < server_lr <= 10):
+        raise ConfigError(f"'server_lr' must be a number in (0, 10]; got {server_lr!r}")
+    if not (isinstance(server_momentum, (int, float)) and 0 <= server_momentum < 1):
+        raise ConfigError(f"'server_momentum' must be a number in [0, 1); got {server_momentum!r}")
     if value_dtype not in ("float32", "float16"):
         raise ConfigError(f"'value_dtype' must be float32 or float16; got {value_dtype!r}")
     path = run_dir / "settings.json"
@@ -326,7 +330,8 @@ def make_settings(run_dir: Path, *, train: dict, rounds: int, local_epochs: int,
     settings = {"run_dir": str(run_dir.resolve()), "run_id": run_id, "train": train, "rounds": rounds,
                 "local_epochs": local_epochs, "rule": rule, "min_clients": min_clients, "min_replies": min_replies,
                 "round_timeout": float(round_timeout), "join_timeout": float(join_timeout),
-                "value_dtype": value_dtype, "resume": resume}
+                "value_dtype": value_dtype, "resume": resume, "server_lr": float(server_lr),
+                "server_momentum": float(server_momentum)}
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=1))
     return settings

@@ -1,8 +1,9 @@
 """The server's run state: settings, the global model, the round history, and its checkpoint.
 
 The checkpoint is one model file (``global.ctre`` in the run directory, written atomically each
-round) whose metrics carry the round number and the history, so model and round can never
-disagree after a crash. ``resume`` reloads it and continues with the next round. numpy only.
+round) whose metrics carry the round number and the history, and whose extra ``server.*`` arrays
+carry the server momentum's velocity, so model, velocity and round can never disagree after a
+crash. ``resume`` reloads it and continues with the next round. numpy only.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
-from ..model import SparseMLP
+from ..errors import ConfigError, DataError, ModelFileError
+from ..fileio import read_archive, write_archive
+from ..layers import SparseLayer, check_layer
+from ..model import FORMAT, FORMAT_VERSION, SparseMLP
+from .aggregate import ServerMomentum
 
 CHECKPOINT = "global.ctre"
 SETTINGS = "settings.json"
@@ -30,6 +34,24 @@ def load_settings(path: Path) -> dict:
 def read_checkpoint(run_dir: Path) -> SparseMLP | None:
     path = Path(run_dir) / CHECKPOINT
     return SparseMLP.load(path) if path.is_file() else None
+
+
+def read_velocity(run_dir: Path, model: SparseMLP) -> list[SparseLayer] | None:
+    """The server momentum's velocity saved with the checkpoint (the model's topology), or None."""
+    path = Path(run_dir) / CHECKPOINT
+    arrays, _ = read_archive(path, FORMAT, FORMAT_VERSION, "model")
+    if "server.layer0.values" not in arrays:
+        return None
+    try:
+        out = []
+        for l, layer in enumerate(model.layers):
+            v = SparseLayer(layer.n_in, layer.n_out, layer.indptr, layer.indices, arrays[f"server.layer{l}.values"],
+                            arrays[f"server.layer{l}.bias"])
+            check_layer(v, f"server.layer{l}")
+            out.append(v)
+    except (KeyError, ValueError) as e:
+        raise ModelFileError(f"{path} has an invalid server velocity: {e}") from None
+    return out
 
 
 def merge_scaling(summaries: list[dict], method: str, n_features: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,6 +83,7 @@ class RunState:
         self.round = 0
         self.history: list[dict] = []
         self.failed: list[dict] = []
+        self.server = ServerMomentum(settings.get("server_lr", 1.0), settings.get("server_momentum", 0.0))
         if settings.get("resume"):
             model = read_checkpoint(self.run_dir)
             if model is not None:
@@ -69,6 +92,7 @@ class RunState:
                 self.history = list(model.metrics["history"])
                 self.failed = list(model.metrics.get("failed", []))
                 self.settings["targets"] = list(model.metrics["targets"])
+                self.server.layers = read_velocity(self.run_dir, model)
 
     @property
     def targets(self) -> list[int]:
@@ -117,9 +141,19 @@ class RunState:
         self.failed.append({"round": r, "replies": replies, "sent": sent})
 
     def save(self) -> None:
-        self.model.metrics = {"round": self.round, "history": self.history, "failed": self.failed,
-                              "targets": self.targets, "done": self.round >= self.settings["rounds"]}
-        self.model.save(self.run_dir / CHECKPOINT, force=True)
+        m = self.model
+        m.metrics = {"round": self.round, "history": self.history, "failed": self.failed,
+                     "targets": self.targets, "done": self.round >= self.settings["rounds"]}
+        arrays = m.arrays()
+        for l, v in enumerate(self.server.layers or []):
+            arrays[f"server.layer{l}.values"], arrays[f"server.layer{l}.bias"] = v.values, v.bias
+        # As SparseMLP.save, plus the velocity: one atomic file, readable as a normal model.
+        from .. import __version__
+        from ..model import _jsonable
+
+        meta = {"ctre_edge_version": __version__, "sizes": m.sizes, "config": m.config,
+                "classes": [_jsonable(c) for c in m.classes], "metrics": m.metrics}
+        write_archive(self.run_dir / CHECKPOINT, FORMAT, FORMAT_VERSION, arrays, meta, force=True)
 
     def finish(self) -> None:
         self.save()

@@ -1,26 +1,30 @@
 """The fleet wire format: one sparse model (optionally its input scaling and growth votes) as one byte string.
 
-No pickle, no JSON: a fixed little-endian header, then per layer the connection count of each
-input row, the output column of each connection and the values, then the biases, then a
-BLAKE2b-64 checksum of everything before it. Integer widths are the smallest that hold the
-numbers (a 10-wide output layer needs 1 byte per column index), so a model of C connections
-costs about C x (index + value bytes) plus the biases and one small count per input row.
+No pickle, no JSON: a fixed little-endian header, then per layer the layer's connections as sorted
+linear positions ``i * n_out + j`` in Elias-Fano code, the values and the biases, then the growth
+votes (also sorted positions, also Elias-Fano), then a BLAKE2b-64 checksum of everything before it.
+Elias-Fano stores n sorted numbers below U in about n x (2 + log2(U / n)) bits: 10-11 bits per
+connection at epsilon 1 in a 1000 x 1000 layer (where CSR needs a 16-bit column index and a count
+per row), so a model of C connections costs little more than C x value bytes plus the biases.
 
-Layout (version 1)::
+Layout (version 2)::
 
     magic b"CTREFLT" | version u8 | value code u8 (0 float32, 1 float16) | flags u8
     | n_layers u16 | round u32 | sizes u32 x (n_layers + 1)
-    | per layer: nnz u32, count code u8, index code u8, n_votes u32, vote code u8
+    | per layer: nnz u32, n_votes u32
     | [flags & 2: note length u32]
     | [flags & 1: shift, scale float32 x sizes[0]]
-    | per layer: counts, indices, values, bias (value dtype), votes
+    | per layer: connections (Elias-Fano), values, bias (value dtype), votes (Elias-Fano)
     | [flags & 2: note, UTF-8 JSON object]
     | blake2b-64 of all the bytes above
 
-Votes are distinct linear positions ``i * n_out + j``, sent sorted: vote code 2 as uint32, vote
-code 1 as the first one (uint32) then uint16 gaps (when every gap fits). The note carries the few
-numbers that go with a model (round settings down, sample count and accuracies up), so that one
-message is one model array and nothing else.
+Elias-Fano of n positions below U (``_ef_encode``): L = floor(log2(U / n)) (0 if that is
+negative or n is 0); the low L bits of each, packed little-endian in ceil(n L / 8) bytes; then a
+bit array of n + (U - 1 >> L) + 1 bits (rounded up to bytes) with bit ``(p >> L) + k`` set for
+the k-th position p. Every length follows from the header. The note carries the few numbers
+that go with a model (round settings down, sample count and accuracies up), so that one message
+is one model array and nothing else. Version 1 (CSR counts and column indices, gap-coded votes)
+is no longer read.
 
 ``decode`` checks every length before it reads, the checksum, the CSR structure and that every
 value is finite; anything else raises ``WireError`` with one line. It never allocates more than
@@ -37,10 +41,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import CtreError
-from ..layers import SparseLayer, check_layer
+from ..layers import SparseLayer, check_layer, csr_from_positions, linear_positions
 
 MAGIC = b"CTREFLT"
-VERSION = 1
+VERSION = 2
 VALUE_DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<f2")}
 INT_DTYPES = {0: np.dtype("u1"), 1: np.dtype("<u2"), 2: np.dtype("<u4")}
 FLAG_SCALING = 1
@@ -50,7 +54,7 @@ MAX_LAYERS = 64
 MAX_WIDTH = 1 << 24
 DIGEST = 8
 _HEAD = struct.Struct("<7sBBBHI")
-_LAYER = struct.Struct("<IBBIB")
+_LAYER = struct.Struct("<II")
 
 
 class WireError(CtreError, ValueError):
@@ -75,8 +79,45 @@ class WireModel:
         return [self.layers[0].n_in] + [layer.n_out for layer in self.layers]
 
 
-def _int_code(max_value: int) -> int:
-    return 0 if max_value < 1 << 8 else 1 if max_value < 1 << 16 else 2
+def _ef_low_bits(n: int, universe: int) -> int:
+    return 0 if n == 0 or universe <= n else (universe // n).bit_length() - 1
+
+
+def _ef_sizes(n: int, universe: int) -> tuple[int, int, int]:
+    """(L, bytes of the low part, bytes of the high part) of n positions below ``universe``."""
+    low = _ef_low_bits(n, universe)
+    high_bits = 0 if n == 0 else n + ((universe - 1) >> low) + 1
+    return low, (n * low + 7) // 8, (high_bits + 7) // 8
+
+
+def _ef_encode(pos: np.ndarray, universe: int) -> bytes:
+    """Elias-Fano bytes of sorted (non-decreasing) positions below ``universe``."""
+    n = pos.shape[0]
+    low, _, high_bytes = _ef_sizes(n, universe)
+    if n == 0:
+        return b""
+    pos = pos.astype(np.uint64)
+    bits = ((pos[:, None] >> np.arange(low, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    high = np.zeros(high_bytes * 8, np.uint8)
+    high[(pos >> np.uint64(low)).astype(np.int64) + np.arange(n)] = 1
+    return np.packbits(bits.ravel(), bitorder="little").tobytes() + np.packbits(high, bitorder="little").tobytes()
+
+
+def _ef_decode(low_part: np.ndarray, high_part: np.ndarray, n: int, universe: int, what: str) -> np.ndarray:
+    """Strictly increasing int64 positions below ``universe``; WireError if the code is not that."""
+    if n == 0:
+        return np.empty(0, np.int64)
+    low = _ef_low_bits(n, universe)
+    ones = np.flatnonzero(np.unpackbits(high_part, bitorder="little"))
+    if ones.shape[0] != n:
+        raise WireError(f"fleet message {what} code holds {ones.shape[0]} positions, its header says {n}")
+    pos = (ones - np.arange(n)).astype(np.int64) << low
+    if low:
+        bits = np.unpackbits(low_part, bitorder="little")[:n * low].reshape(n, low).astype(np.int64)
+        pos |= bits @ (np.int64(1) << np.arange(low, dtype=np.int64))
+    if int(pos[-1]) >= universe or np.any(np.diff(pos) <= 0):
+        raise WireError(f"fleet message {what} are not distinct positions inside the layer (invalid topology)")
+    return pos
 
 
 def encode(model: WireModel, value_dtype: str = "float32") -> bytes:
@@ -97,19 +138,13 @@ def encode(model: WireModel, value_dtype: str = "float32") -> bytes:
              np.asarray(model.sizes, "<u4").tobytes()]
     body = []
     for layer, vote in zip(layers, votes):
-        counts = np.diff(layer.indptr)
-        ccode = _int_code(int(counts.max()) if counts.size else 0)
-        icode = _int_code(layer.n_out - 1)
+        total = layer.n_in * layer.n_out
         vote = np.unique(np.asarray(vote, np.int64))
-        if vote.size and (vote[0] < 0 or vote[-1] >= min(layer.n_in * layer.n_out, 1 << 32)):
-            raise ValueError("votes must be linear positions inside the layer (below 2**32)")
-        gaps = np.diff(vote)
-        small = vote.size > 1 and int(gaps.max()) < 1 << 16
-        parts.append(_LAYER.pack(layer.nnz, ccode, icode, int(vote.shape[0]), 1 if small else 2))
-        body += [counts.astype(INT_DTYPES[ccode]).tobytes(), layer.indices.astype(INT_DTYPES[icode]).tobytes(),
-                 layer.values.astype(vdt).tobytes(), layer.bias.astype(vdt).tobytes(),
-                 (vote[:1].astype("<u4").tobytes() + gaps.astype("<u2").tobytes()) if small
-                 else vote.astype("<u4").tobytes()]
+        if vote.size and (vote[0] < 0 or vote[-1] >= total):
+            raise ValueError("votes must be linear positions inside the layer")
+        parts.append(_LAYER.pack(layer.nnz, int(vote.shape[0])))
+        body += [_ef_encode(linear_positions(layer), total), layer.values.astype(vdt).tobytes(),
+                 layer.bias.astype(vdt).tobytes(), _ef_encode(vote, total)]
     if flags & FLAG_NOTE:
         parts.append(struct.pack("<I", len(note)))
     if flags & FLAG_SCALING:
@@ -146,12 +181,11 @@ def decode(blob: bytes, expect_sizes: list[int] | None = None) -> WireModel:
     vdt = VALUE_DTYPES[vcode]
     specs = []
     for l in range(n_layers):
-        nnz, ccode, icode, n_votes, vote_code = _LAYER.unpack_from(blob, pos)
+        nnz, n_votes = _LAYER.unpack_from(blob, pos)
         pos += _LAYER.size
-        if ccode not in INT_DTYPES or icode not in INT_DTYPES or nnz > sizes[l] * sizes[l + 1] \
-                or n_votes > sizes[l] * sizes[l + 1] or vote_code not in (1, 2) or (vote_code == 1 and n_votes < 2):
+        if nnz > sizes[l] * sizes[l + 1] or n_votes > sizes[l] * sizes[l + 1]:
             raise WireError(f"fleet message layer {l} header is invalid")
-        specs.append((nnz, INT_DTYPES[ccode], INT_DTYPES[icode], n_votes, vote_code))
+        specs.append((nnz, n_votes))
     note_len = 0
     if flags & FLAG_NOTE:
         if pos + 4 > end:
@@ -160,8 +194,11 @@ def decode(blob: bytes, expect_sizes: list[int] | None = None) -> WireModel:
         pos += 4
         if note_len > MAX_NOTE:
             raise WireError(f"fleet message note of {note_len} bytes is over the {MAX_NOTE} limit")
-    total = sum(sizes[l] * c.itemsize + nnz * (i.itemsize + vdt.itemsize) + sizes[l + 1] * vdt.itemsize
-                + (4 + 2 * (v - 1) if vc == 1 else 4 * v) for l, (nnz, c, i, v, vc) in enumerate(specs))
+    total = 0
+    for l, (nnz, n_votes) in enumerate(specs):
+        universe = sizes[l] * sizes[l + 1]
+        total += sum(_ef_sizes(nnz, universe)[1:]) + (nnz + sizes[l + 1]) * vdt.itemsize \
+            + sum(_ef_sizes(n_votes, universe)[1:])
     total += (8 * sizes[0] if flags & FLAG_SCALING else 0) + note_len
     if pos + total != end:
         raise WireError(f"fleet message body has {end - pos} bytes; its header describes {total}")
@@ -178,17 +215,16 @@ def decode(blob: bytes, expect_sizes: list[int] | None = None) -> WireModel:
         if not (np.all(np.isfinite(shift)) and np.all(np.isfinite(scale))):
             raise WireError("fleet message scaling has NaN or Inf")
     layers, votes = [], []
-    for l, (nnz, cdt, idt, n_votes, vote_code) in enumerate(specs):
-        counts = take(cdt, sizes[l]).astype(np.int64)
-        indptr = np.zeros(sizes[l] + 1, np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        indices = take(idt, nnz).astype(np.int32)
+    for l, (nnz, n_votes) in enumerate(specs):
+        n_in, n_out = sizes[l], sizes[l + 1]
+        universe = n_in * n_out
+        _, lo_bytes, hi_bytes = _ef_sizes(nnz, universe)
+        conn = _ef_decode(take("u1", lo_bytes), take("u1", hi_bytes), nnz, universe, f"layer {l} connections")
+        indptr, indices, _ = csr_from_positions(n_in, n_out, conn)
         values = take(vdt, nnz).astype(np.float32)
-        bias = take(vdt, sizes[l + 1]).astype(np.float32)
-        if vote_code == 1:
-            vote = np.cumsum(np.concatenate([take("<u4", 1).astype(np.int64), take("<u2", n_votes - 1)]))
-        else:
-            vote = take("<u4", n_votes).astype(np.int64)
+        bias = take(vdt, n_out).astype(np.float32)
+        _, lo_bytes, hi_bytes = _ef_sizes(n_votes, universe)
+        vote = _ef_decode(take("u1", lo_bytes), take("u1", hi_bytes), n_votes, universe, f"layer {l} votes")
         layer = SparseLayer(sizes[l], sizes[l + 1], indptr, indices, values, bias)
         try:
             check_layer(layer, f"layer{l}")
@@ -196,8 +232,6 @@ def decode(blob: bytes, expect_sizes: list[int] | None = None) -> WireModel:
             raise WireError(f"fleet message has an invalid topology: {e}") from None
         if not (np.all(np.isfinite(values)) and np.all(np.isfinite(bias))):
             raise WireError(f"fleet message layer {l} has NaN or Inf weights")
-        if n_votes and (int(vote.max()) >= sizes[l] * sizes[l + 1] or np.any(np.diff(vote) <= 0)):
-            raise WireError(f"fleet message layer {l} votes are not distinct positions inside the layer")
         layers.append(layer)
         votes.append(vote)
     note = None
