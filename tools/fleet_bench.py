@@ -156,7 +156,6 @@ def main() -> None:
           f"{'KB down/up':>12} {'msg up KB':>9} {'x floor down/up':>15} {'dense / down, up':>16} {'wall s':>7}")
     central = {r[1]: r[4] for r in rows if r[0] == "centralised"}
     for r in rows:
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         gap = "" if r[0] == "centralised" else f"  (gap {100 * (central[r[1]] - r[4]):+.2f} pp)"
         if r[5] is None:
             kb, msg, floor, dense = "-", "-", "-", "-"
