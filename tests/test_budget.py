@@ -6,7 +6,7 @@ import sys
 import time
 
 import pytest
-from conftest import shared_dataset
+from conftest import evict_library_pages, shared_dataset
 
 from ctre_edge.budget import MiB, RunShape, fit_to_budget, plan_inference, plan_training
 from ctre_edge.errors import BudgetError
@@ -103,6 +103,7 @@ def warm_cache(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tight_profile_measured_peak_within_budget_and_fit(tmp_path, warm_cache):
+    evict_library_pages()
     prof = write_profile(tmp_path / "tight.toml", 265)
     r = cli(*warm_cache, "train", "--profile", str(prof), "--hidden", "1000,1000,1000", "--epochs", "3",
             "--method", "ctre-sim",
@@ -132,6 +133,7 @@ def test_mnist_on_small_pi_profiles(profile, hidden, warm_cache):
     """Issue 4 acceptance: MNIST 784-1000-1000-1000-10 at epsilon 1 within the device budget, and the
     prediction within 25% of the measured peak (2 epochs; the peak is reached in the first)."""
     mnist = shared_dataset("mnist.npz")
+    evict_library_pages()
     r = cli(*warm_cache, "train", "--profile", profile, "--data", str(mnist), "--method", "set", "--hidden", hidden,
             "--epochs", "2", "--json", "--quiet")
     assert r.returncode == 0, r.stderr
