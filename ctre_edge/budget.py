@@ -34,7 +34,7 @@ TRAINING_HEADROOM = 0.9
 PART_LABELS = {
     "runtime": "interpreter, numpy, numba and compiled kernels",
     "data": "data set and index arrays",
-    "model": "weights + indices + momentum (live and best-epoch copy)",
+    "model": "weights + indices + momentum (live and best-epoch copy), gradients, CSC copy of the pattern",
     "batch": "activations and gradients for one batch",
     "evaluation": "evaluation buffers and probabilities",
     "similarity": "similarity scoring workspace (per epoch)",
@@ -111,9 +111,14 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
     parts = {
         "runtime": RUNTIME_BYTES,
         "data": shape.data_bytes + 16 * n_samples,  # + index arrays (split rows, shuffled order)
-        "model": per_layer + snapshot + biases + 4 * max(nnz) + 4 * max(sizes[1:]),
+        # + the gradient buffers, and the CSC copy of the pattern that the parallel forward pass reads
+        # (int32 row and position per connection, int64 column pointers), allocated on any multi-core device.
+        "model": per_layer + snapshot + biases + 4 * max(nnz) + 4 * max(sizes[1:]) + 8 * sum(nnz)
+        + 8 * (sum(sizes[1:]) + n_layers),
         "batch": 4 * b * units + 8 * b * widest,
-        "evaluation": 4 * eb * units + 8 * max(shape.n_val, shape.n_test) * (sizes[-1] + 1),
+        # Evaluation buffers hold at most as many rows as the larger of the parts they evaluate.
+        "evaluation": 4 * max(1, min(eb, max(shape.n_val, shape.n_test))) * units
+        + 8 * max(shape.n_val, shape.n_test) * (sizes[-1] + 1),
         "update": UPDATE_BYTES_PER_CONNECTION * max(nnz),
     }
     if shape.method.startswith("ctre"):

@@ -63,48 +63,289 @@ def sparse_backward(indptr, indices, values, x, dy, dx, grad, compute_dx):
     grad[p] = sum_b x[i, b] * dy[j, b] for connection p = (i, j) (dL/dW restricted to the CSR
     pattern); if ``compute_dx``: dx[i, :] = sum_{(i,j)} w_ij dy[j, :] (dL/dx, with the weights
     before this step's update). x: (n_in, B), dy: (n_out, B), dx: (n_in, B), grad: (nnz,).
+
+    Summation order, the same in every backward kernel here: each grad[p] adds its products in
+    batch order b = 0, 1, ... starting from 0; each dx[i, b] adds its connections in CSR order
+    starting from 0. The two sums run in separate kernels because they need different loops to be
+    fast: the weight gradient is a reduction per connection (a float chain that cannot become a
+    SIMD reduction without reordering it), the input gradient is elementwise over the batch.
     """
-    sparse_backward_rows(indptr, indices, values, x, dy, dx, grad, compute_dx, 0, indptr.shape[0] - 1)
+    n_in = indptr.shape[0] - 1
+    weight_gradient_rows(indptr, indices, x, dy, grad, 0, n_in, wide_rows(indptr))
+    if compute_dx:
+        input_gradient_rows(indptr, indices, values, dy, x, dx, 0, n_in, False)
 
 
 @njit(cache=True)
-def sparse_backward_rows(indptr, indices, values, x, dy, dx, grad, compute_dx, i0, i1):
-    """``sparse_backward`` restricted to input rows i0:i1 (one thread's share)."""
+def wide_rows(indptr):
+    """Whether a layer's rows hold 8 or more connections on average (picks the weight-gradient loop)."""
+    n_in = indptr.shape[0] - 1
+    return indptr[n_in] - indptr[0] >= 8 * n_in
+
+
+@njit(cache=True)
+def weight_gradient_rows(indptr, indices, x, dy, grad, i0, i1, wide):
+    """grad[p] = sum_b x[i, b] * dy[j, b] for the connections of input rows i0:i1, in batch order.
+
+    Each sum is one chain of float additions in batch order, so its speed is the add latency;
+    the loops below run 8 independent chains at once instead. ``wide``: 8 connections of one row
+    at a time (x[i, b] read once for all 8), else any 8 consecutive connections, whatever rows
+    they are in (rows of about 2 connections at epsilon 1). Either gives the same bits.
+    """
+    if wide:
+        _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1)
+    else:
+        _weight_gradient_by_span(indptr, indices, x, dy, grad, i0, i1)
+
+
+@njit(cache=True)
+def _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1):
+    # Eight (then four, then one) chains per row share each load of x[i, b]; scalar code on
+    # purpose: numba's arrays may alias, so the compiler does not pack these chains into SIMD.
     nb = x.shape[1]
+    z = np.float32(0.0)
     for i in range(i0, i1):
-        if compute_dx:
+        p = indptr[i]
+        p1 = indptr[i + 1]
+        while p + 8 <= p1:
+            j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
+            j4, j5, j6, j7 = indices[p + 4], indices[p + 5], indices[p + 6], indices[p + 7]
+            a0, a1, a2, a3, a4, a5, a6, a7 = z, z, z, z, z, z, z, z
             for b in range(nb):
-                dx[i, b] = 0.0
-        for p in range(indptr[i], indptr[i + 1]):
-            j = indices[p]
-            w = values[p]
-            g = np.float32(0.0)
+                xb = x[i, b]
+                a0 += xb * dy[j0, b]
+                a1 += xb * dy[j1, b]
+                a2 += xb * dy[j2, b]
+                a3 += xb * dy[j3, b]
+                a4 += xb * dy[j4, b]
+                a5 += xb * dy[j5, b]
+                a6 += xb * dy[j6, b]
+                a7 += xb * dy[j7, b]
+            grad[p], grad[p + 1], grad[p + 2], grad[p + 3] = a0, a1, a2, a3
+            grad[p + 4], grad[p + 5], grad[p + 6], grad[p + 7] = a4, a5, a6, a7
+            p += 8
+        while p + 4 <= p1:
+            j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
+            a0, a1, a2, a3 = z, z, z, z
             for b in range(nb):
-                g += x[i, b] * dy[j, b]
-                if compute_dx:
-                    dx[i, b] += w * dy[j, b]
-            grad[p] = g
+                xb = x[i, b]
+                a0 += xb * dy[j0, b]
+                a1 += xb * dy[j1, b]
+                a2 += xb * dy[j2, b]
+                a3 += xb * dy[j3, b]
+            grad[p], grad[p + 1], grad[p + 2], grad[p + 3] = a0, a1, a2, a3
+            p += 4
+        while p < p1:
+            j0 = indices[p]
+            a0 = z
+            for b in range(nb):
+                a0 += x[i, b] * dy[j0, b]
+            grad[p] = a0
+            p += 1
+
+
+@njit(cache=True)
+def _weight_gradient_by_span(indptr, indices, x, dy, grad, i0, i1):
+    # Eight consecutive connections p..p+7 at a time; r0..r7 are their rows, found by walking indptr.
+    nb = x.shape[1]
+    z = np.float32(0.0)
+    p = indptr[i0]
+    p_end = indptr[i1]
+    r = i0
+    while p + 8 <= p_end:
+        while indptr[r + 1] <= p:
+            r += 1
+        r0 = r
+        while indptr[r + 1] <= p + 1:
+            r += 1
+        r1 = r
+        while indptr[r + 1] <= p + 2:
+            r += 1
+        r2 = r
+        while indptr[r + 1] <= p + 3:
+            r += 1
+        r3 = r
+        while indptr[r + 1] <= p + 4:
+            r += 1
+        r4 = r
+        while indptr[r + 1] <= p + 5:
+            r += 1
+        r5 = r
+        while indptr[r + 1] <= p + 6:
+            r += 1
+        r6 = r
+        while indptr[r + 1] <= p + 7:
+            r += 1
+        r7 = r
+        r = r0
+        j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
+        j4, j5, j6, j7 = indices[p + 4], indices[p + 5], indices[p + 6], indices[p + 7]
+        a0, a1, a2, a3, a4, a5, a6, a7 = z, z, z, z, z, z, z, z
+        for b in range(nb):
+            a0 += x[r0, b] * dy[j0, b]
+            a1 += x[r1, b] * dy[j1, b]
+            a2 += x[r2, b] * dy[j2, b]
+            a3 += x[r3, b] * dy[j3, b]
+            a4 += x[r4, b] * dy[j4, b]
+            a5 += x[r5, b] * dy[j5, b]
+            a6 += x[r6, b] * dy[j6, b]
+            a7 += x[r7, b] * dy[j7, b]
+        grad[p], grad[p + 1], grad[p + 2], grad[p + 3] = a0, a1, a2, a3
+        grad[p + 4], grad[p + 5], grad[p + 6], grad[p + 7] = a4, a5, a6, a7
+        p += 8
+    while p < p_end:
+        while indptr[r + 1] <= p:
+            r += 1
+        j0 = indices[p]
+        a0 = z
+        for b in range(nb):
+            a0 += x[r, b] * dy[j0, b]
+        grad[p] = a0
+        p += 1
+
+
+@njit(cache=True)
+def input_gradient_rows(indptr, indices, values, dy, x, dx, i0, i1, relu):
+    """dx[i, :] = sum_{(i,j)} w_ij dy[j, :] for input rows i0:i1, connections in CSR order.
+
+    With ``relu``, dx[i, b] is then zeroed where x[i, b] <= 0 (the ReLU derivative, read from the
+    stored post-activation x, so pre-activations need not be kept). The loop over the batch is elementwise, so it is SIMD.
+    """
+    nb = dy.shape[1]
+    for i in range(i0, i1):
+        for b in range(nb):
+            dx[i, b] = 0.0
+        p = indptr[i]
+        p1 = indptr[i + 1]
+        # Four connections per pass over dx[i, :], added left to right, as in ``forward_cols``.
+        while p + 4 <= p1:
+            j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
+            w0, w1, w2, w3 = values[p], values[p + 1], values[p + 2], values[p + 3]
+            for b in range(nb):
+                dx[i, b] = (((dx[i, b] + w0 * dy[j0, b]) + w1 * dy[j1, b]) + w2 * dy[j2, b]) + w3 * dy[j3, b]
+            p += 4
+        while p < p1:
+            j0 = indices[p]
+            w0 = values[p]
+            for b in range(nb):
+                dx[i, b] += w0 * dy[j0, b]
+            p += 1
+        if relu:
+            for b in range(nb):
+                if x[i, b] <= 0.0:
+                    dx[i, b] = 0.0
 
 
 @njit(cache=True, parallel=True)
-def sparse_backward_threads(indptr, indices, values, x, dy, dx, grad, compute_dx, threads):
+def sparse_backward_threads(indptr, indices, values, x, dy, dx, grad, compute_dx, relu, threads):
     """``sparse_backward`` on ``threads`` threads, each on its own input rows: a row owns its
-    connections and its dx row, so no two threads write the same number; same bits as serial."""
+    connections and its dx row, so no two threads write the same number; same bits as serial.
+    With ``relu``, dx also gets the ReLU mask of x (see ``input_gradient_rows``)."""
     n_in = indptr.shape[0] - 1
+    wide = wide_rows(indptr)
     for t in prange(threads):
-        sparse_backward_rows(indptr, indices, values, x, dy, dx, grad, compute_dx,
-                             t * n_in // threads, (t + 1) * n_in // threads)
+        i0, i1 = t * n_in // threads, (t + 1) * n_in // threads
+        weight_gradient_rows(indptr, indices, x, dy, grad, i0, i1, wide)
+        if compute_dx:
+            input_gradient_rows(indptr, indices, values, dy, x, dx, i0, i1, relu)
+
+
+# --- the forward pass by output rows, from a CSC copy of the pattern -----------------------------------
+
+@njit(cache=True)
+def csc_from_csr(indptr, indices, colptr, rowidx, perm):
+    """The CSC form of a CSR pattern: column j's connections are ``perm[colptr[j]:colptr[j+1]]``
+    (indices into the CSR arrays), in ascending input row ``rowidx``. O(nnz + n_out), a counting sort.
+
+    colptr: int64 (n_out + 1,), rowidx and perm: int32 (nnz,), all written.
+    """
+    n_in = indptr.shape[0] - 1
+    n_out = colptr.shape[0] - 1
+    base = indptr[0]
+    for j in range(n_out + 1):
+        colptr[j] = 0
+    for p in range(indptr[0], indptr[n_in]):
+        colptr[indices[p] + 1] += 1
+    for j in range(n_out):
+        colptr[j + 1] += colptr[j]
+    # Fill by ascending rows; a column's cursor starts at its colptr and is restored below.
+    for i in range(n_in):
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            q = colptr[j]
+            rowidx[q] = i
+            perm[q] = p - base
+            colptr[j] = q + 1
+    for j in range(n_out, 0, -1):
+        colptr[j] = colptr[j - 1]
+    colptr[0] = 0
+
+
+@njit(cache=True)
+def forward_cols(colptr, rowidx, perm, values, bias, x, out, j0, j1, relu):
+    """Output rows j0:j1 of ``sparse_forward`` from the CSC copy, optionally with ReLU applied.
+
+    out[j, b] = b[j] + sum over the column's connections in ascending input row, which is the
+    order ``sparse_forward`` adds them in, so the bits are the same; a thread that owns rows j0:j1
+    writes nothing else.
+    """
+    nb = x.shape[1]
+    for j in range(j0, j1):
+        bj = bias[j]
+        for b in range(nb):
+            out[j, b] = bj
+        q = colptr[j]
+        q1 = colptr[j + 1]
+        # Four connections per pass over out[j, :], added left to right (the same order as one at
+        # a time): out[j, :] is loaded and stored once per four connections instead of per one.
+        while q + 4 <= q1:
+            i0, i1, i2, i3 = rowidx[q], rowidx[q + 1], rowidx[q + 2], rowidx[q + 3]
+            w0, w1, w2, w3 = values[perm[q]], values[perm[q + 1]], values[perm[q + 2]], values[perm[q + 3]]
+            for b in range(nb):
+                out[j, b] = (((out[j, b] + w0 * x[i0, b]) + w1 * x[i1, b]) + w2 * x[i2, b]) + w3 * x[i3, b]
+            q += 4
+        while q < q1:
+            i0 = rowidx[q]
+            w0 = values[perm[q]]
+            for b in range(nb):
+                out[j, b] += w0 * x[i0, b]
+            q += 1
+        if relu:
+            for b in range(nb):
+                if out[j, b] < 0.0:
+                    out[j, b] = 0.0
+
+
+@njit(cache=True, parallel=True)
+def sparse_forward_threads(colptr, rowidx, perm, values, bias, x, out, relu, threads):
+    """``forward_cols`` over all output rows on ``threads`` threads; same bits as ``sparse_forward``."""
+    n_out = out.shape[0]
+    for t in prange(threads):
+        forward_cols(colptr, rowidx, perm, values, bias, x, out, t * n_out // threads,
+                     (t + 1) * n_out // threads, relu)
 
 
 @njit(cache=True)
 def bias_gradient(dy, out):
-    """out[j] = sum_b dy[j, b]."""
+    """out[j] = sum_b dy[j, b], added in batch order from 0; four neurons' chains at a time."""
     n, nb = dy.shape
-    for j in range(n):
-        s = np.float32(0.0)
+    z = np.float32(0.0)
+    j = 0
+    while j + 4 <= n:
+        s0, s1, s2, s3 = z, z, z, z
         for b in range(nb):
-            s += dy[j, b]
-        out[j] = s
+            s0 += dy[j, b]
+            s1 += dy[j + 1, b]
+            s2 += dy[j + 2, b]
+            s3 += dy[j + 3, b]
+        out[j], out[j + 1], out[j + 2], out[j + 3] = s0, s1, s2, s3
+        j += 4
+    while j < n:
+        s0 = z
+        for b in range(nb):
+            s0 += dy[j, b]
+        out[j] = s0
+        j += 1
 
 
 @njit(cache=True)
@@ -127,16 +368,6 @@ def relu_inplace(h):
         for b in range(nb):
             if h[j, b] < 0.0:
                 h[j, b] = 0.0
-
-
-@njit(cache=True)
-def relu_backward_inplace(dh, h):
-    """dh *= (h > 0), reading the stored post-activation h, so pre-activations need not be kept."""
-    n, nb = dh.shape
-    for j in range(n):
-        for b in range(nb):
-            if h[j, b] <= 0.0:
-                dh[j, b] = 0.0
 
 
 @njit(cache=True)
@@ -182,10 +413,13 @@ def softmax_xent_backward(p, y, scale_by):
     return loss, correct
 
 
-# Below this many multiply-adds (connections x batch) a layer's backward runs serially, where starting
-# threads would cost more than it saves. With it, 2 threads train the MNIST network in 0.26 s/epoch
-# at epsilon 1 (serial 0.33) and 2.1 s at epsilon 20 (serial 3.3): tools/bench_threads.py.
-PARALLEL_MIN_WORK = 1 << 16
+# Below this many multiply-adds (connections x batch) a layer's forward and backward run serially.
+# Every parallel region waits for its slowest thread, and on a machine shared with other jobs a
+# preempted worker costs a scheduler slice (milliseconds) per region: with the old threshold of 2**16
+# the MNIST network at epsilon 1 (about 0.2 million multiply-adds per layer and batch, 0.03 ms of
+# work) took 26 s per epoch instead of 0.5 at a load average of 6 on 2 vCPUs. Layers of a million
+# multiply-adds and more (epsilon 20: 3.5-4 million) still gain from a second thread.
+PARALLEL_MIN_WORK = 1 << 20
 
 
 # --- a whole network, packed ------------------------------------------------------------------------
@@ -226,7 +460,7 @@ def forward_all(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
 @njit(cache=True)
 def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off, unit_off,
                   indptr, indices, values, bias, velocity, bias_velocity,
-                  act, delta_a, delta_b, grad, bias_grad, lr, momentum, l2, threads):
+                  act, delta_a, delta_b, grad, bias_grad, colptr, rowidx, perm, lr, momentum, l2, threads):
     """One pass of minibatch SGD over ``order`` (sample rows, already shuffled), in place.
 
     Per batch: forward (ReLU hidden, softmax output), mean cross-entropy, backward on existing
@@ -235,10 +469,13 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
     act >= sum(sizes)*batch_size, delta_a/delta_b >= max(sizes)*batch_size,
     grad >= max layer nnz, bias_grad >= max(sizes[1:]). The last batch may be partial.
     Returns (sum of sample losses, number of correct training predictions).
-    With ``threads`` > 1 the backward pass of large layers runs in parallel with results
-    identical to serial (``sparse_backward_threads``). The forward pass stays serial: split by
-    batch columns it ran 6x slower inside numba's parallel region (the column loop no longer
-    vectorises), and it is the smaller part (about 1/5 of the backward's time).
+
+    With ``threads`` > 1, large layers run in parallel with results identical to serial: the
+    backward pass split by input rows (``sparse_backward_threads``), the forward pass by output
+    rows from the CSC copy of the pattern (``sparse_forward_threads``): ``colptr`` (int64, per
+    layer ``n_out + 1`` entries from ``unit_off[l] + l``), ``rowidx`` and ``perm`` (int32, at
+    ``nz_off[l]``), as ``csc_from_csr`` writes them for the current topology. With empty CSC
+    arrays the forward pass stays serial.
 
     Long on purpose: forward, loss, backward and the update of every layer run inside one compiled
     loop over the batches, so no Python (and no allocation) happens per batch; each phase is a
@@ -251,12 +488,31 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
     level_off = np.zeros(n_layers + 1, dtype=np.int64)
     for l in range(n_layers):
         level_off[l + 1] = level_off[l] + sizes[l]
+    have_csc = colptr.shape[0] > 0
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         rows = order[start:stop]
         nb = stop - start
-        forward_all(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
-                    indptr, indices, values, bias, act)
+        a = _level(act, 0, sizes[0], nb)
+        gather_scaled(X, rows, shift, scale, a)
+        for l in range(n_layers):
+            p0 = nz_off[l]
+            p1 = nz_off[l + 1]
+            out = _level(act, level_off[l + 1], sizes[l + 1], nb)
+            hidden = l < n_layers - 1
+            if have_csc and threads > 1 and sizes[l + 1] > 1 and (p1 - p0) * nb >= PARALLEL_MIN_WORK:
+                c0 = unit_off[l] + l
+                sparse_forward_threads(colptr[c0:c0 + sizes[l + 1] + 1], rowidx[p0:p1], perm[p0:p1],
+                                       values[p0:p1], bias[unit_off[l]:unit_off[l + 1]], a, out, hidden,
+                                       min(threads, sizes[l + 1]))
+            else:
+                sparse_forward(indptr[ptr_off[l]:ptr_off[l + 1]], indices[p0:p1], values[p0:p1],
+                               bias[unit_off[l]:unit_off[l + 1]], a, out)
+                if hidden:
+                    relu_inplace(out)
+            if not hidden:
+                softmax_inplace(out)
+            a = out
         c = sizes[n_layers]
         dy = _level(delta_a, 0, c, nb)
         dy[:, :] = _level(act, level_off[n_layers], c, nb)
@@ -277,20 +533,31 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
             p1 = nz_off[l + 1]
             lp = indptr[ptr_off[l]:ptr_off[l + 1]]
             g = grad[:p1 - p0]
+            # dx of a hidden level comes out with the ReLU mask of x applied (l > 0).
             if threads > 1 and n_in > 1 and (p1 - p0) * nb >= PARALLEL_MIN_WORK:
-                sparse_backward_threads(lp, indices[p0:p1], values[p0:p1], x, dy, dx, g, l > 0, min(threads, n_in))
+                sparse_backward_threads(lp, indices[p0:p1], values[p0:p1], x, dy, dx, g, l > 0, True,
+                                        min(threads, n_in))
             else:
-                sparse_backward(lp, indices[p0:p1], values[p0:p1], x, dy, dx, g, l > 0)
+                weight_gradient_rows(lp, indices[p0:p1], x, dy, g, 0, n_in, wide_rows(lp))
+                if l > 0:
+                    input_gradient_rows(lp, indices[p0:p1], values[p0:p1], dy, x, dx, 0, n_in, True)
             nesterov_step(values[p0:p1], velocity[p0:p1], g, lr, momentum, l2)
             u0 = unit_off[l]
             u1 = unit_off[l + 1]
             bg = bias_grad[:u1 - u0]
             bias_gradient(dy, bg)
             nesterov_step(bias[u0:u1], bias_velocity[u0:u1], bg, lr, momentum, np.float32(0.0))
-            if l > 0:
-                relu_backward_inplace(dx, x)
             use_a = not use_a
     return total_loss, total_correct
+
+
+@njit(cache=True)
+def csc_all(sizes, ptr_off, nz_off, unit_off, indptr, indices, colptr, rowidx, perm):
+    """``csc_from_csr`` for every layer of a packed network, into the layout ``train_batches`` reads."""
+    for l in range(sizes.shape[0] - 1):
+        c0 = unit_off[l] + l
+        csc_from_csr(indptr[ptr_off[l]:ptr_off[l + 1]], indices[nz_off[l]:nz_off[l + 1]],
+                     colptr[c0:c0 + sizes[l + 1] + 1], rowidx[nz_off[l]:nz_off[l + 1]], perm[nz_off[l]:nz_off[l + 1]])
 
 
 @njit(cache=True)

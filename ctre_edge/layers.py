@@ -86,9 +86,14 @@ def sample_positions(total: int, k: int, excluded: np.ndarray, rng: np.random.Ge
         need = k - chosen.shape[0]
         draw = rng.integers(0, total, size=int(need * total / free * 1.1) + 16, dtype=np.int64)
         if n_excl:
-            pos = np.searchsorted(excluded, draw)
+            # Looked up in sorted order: random probes into a large ``excluded`` miss the cache
+            # (3x slower on 1.7 million exclusions); the kept draws stay in draw order.
+            by_value = np.argsort(draw, kind="stable")
+            pos = np.searchsorted(excluded, draw[by_value])
             pos[pos == n_excl] = n_excl - 1
-            draw = draw[excluded[pos] != draw]
+            hit = np.empty(draw.shape[0], dtype=bool)
+            hit[by_value] = excluded[pos] == draw[by_value]
+            draw = draw[~hit]
         pool = np.concatenate([chosen, draw])
         _, first = np.unique(pool, return_index=True)
         chosen = pool[np.sort(first)][:k]

@@ -82,6 +82,16 @@ class PackedNet(NamedTuple):
         return [SparseLayer(*(a.copy() if isinstance(a, np.ndarray) else a for a in self.layer(l)))
                 for l in range(self.n_layers)]
 
+    def csc_buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Arrays for a CSC copy of the pattern, as ``kernels.csc_all`` fills them and the parallel
+        forward pass of ``kernels.train_batches`` reads them: ``colptr`` (int64, ``n_out + 1`` per
+        layer), ``rowidx`` and ``perm`` (int32, one per connection; 8 bytes per connection in all)."""
+        n = self.indices.shape[0]
+        if np.diff(self.nz_off).max(initial=0) >= 2**31:
+            raise ValueError("a layer has 2**31 or more connections; the CSC copy indexes them with int32")
+        return (np.empty(int(self.sizes[1:].sum()) + self.n_layers, np.int64), np.empty(n, np.int32),
+                np.empty(n, np.int32))
+
     def activation_buffer(self, nb: int) -> np.ndarray:
         """A flat float32 buffer for the activations of every level of ``nb`` samples."""
         return np.empty(int(self.sizes.sum()) * nb, np.float32)

@@ -146,7 +146,7 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         state = TrainState(net, net.snapshot(), rng_shuffle, rng_evolve)
 
     trainer = _EpochTrainer(data, config, state.net, shift, scale, train_rows, policy, budget)
-    evaluator = Evaluator(state.net, shift, scale, config.eval_batch_size, budget)
+    evaluator = Evaluator(state.net, shift, scale, max(1, min(config.eval_batch_size, val_rows.shape[0])), budget)
     n_classes = len(classes)
     majority = float(np.bincount(data.y[val_rows], minlength=n_classes).max() / max(1, val_rows.shape[0]))
     warnings = [m for m in (not_learning(state.history[:e], n_classes, majority, config)
@@ -273,9 +273,13 @@ class _EpochTrainer:
         self.bs = bs = min(config.batch_size, train_rows.shape[0])
         self.act = net.activation_buffer(bs)
         delta_a = np.empty(int(net.sizes.max()) * bs, np.float32)
-        self.buffers = (self.act, delta_a, np.empty_like(delta_a), np.empty(int(np.diff(net.nz_off).max()), np.float32),
-                        np.empty(int(net.sizes[1:].max()), np.float32))
         self.threads = numba.get_num_threads()  # set from the device profile; any count gives the same model
+        # The CSC copy of the topology that the parallel forward pass reads (8 bytes per connection);
+        # rebuilt each epoch, as the topology update changes the pattern between epochs.
+        self.csc = net.csc_buffers() if self.threads > 1 else (np.empty(0, np.int64), np.empty(0, np.int32),
+                                                              np.empty(0, np.int32))
+        self.buffers = (self.act, delta_a, np.empty_like(delta_a), np.empty(int(np.diff(net.nz_off).max()), np.float32),
+                        np.empty(int(net.sizes[1:].max()), np.float32), *self.csc)
 
     def _sgd(self, order, start: int, stop: int, chunk: int, sgd, threads: int, epoch: int | None):
         """SGD over order[start:stop] in kernel calls of ``chunk`` rows; with ``epoch``, each call's
@@ -300,6 +304,8 @@ class _EpochTrainer:
     def epoch(self, order, epoch: int, lr: float) -> tuple[float, float]:
         """Train on ``order`` (shuffled rows); returns (mean loss, training accuracy)."""
         c = self.config
+        if self.csc[0].shape[0]:
+            kernels.csc_all(*self.net[:6], *self.csc)
         sgd = (self.shift, self.scale, *self.net, *self.buffers, np.float32(lr), np.float32(c.momentum),
                np.float32(c.l2))
         loss, correct, stopped = 0.0, 0, False

@@ -35,6 +35,44 @@ def backward_ref(layer, x_bm, dy_bm):
     return dx, G[layer.rows(), layer.indices]
 
 
+def forward_in_order_ref(layer, x_fm):
+    """``sparse_forward``'s exact float32 sums: out[j, b] = bias[j], then + w_ij * x[i, b] for the
+    column's inputs in ascending i. x_fm (n_in, B) float32 feature-major; returns (n_out, B).
+
+    ``np.cumsum`` adds sequentially, so this is the kernels' order of float32 additions.
+    """
+    rows, nb = layer.rows(), x_fm.shape[1]
+    out = np.empty((layer.n_out, nb), np.float32)
+    for j in range(layer.n_out):
+        mine = np.flatnonzero(layer.indices == j)  # CSR order: ascending input row
+        terms = np.vstack([np.broadcast_to(layer.bias[j], (1, nb)),
+                           layer.values[mine, None] * x_fm[rows[mine]]]).astype(np.float32)
+        out[j] = np.cumsum(terms, axis=0, dtype=np.float32)[-1]
+    return out
+
+
+def backward_in_order_ref(layer, x_fm, dy_fm):
+    """The backward kernels' exact float32 sums: grad[p] over the batch in order b = 0, 1, ...;
+    dx[i, b] over the row's connections in CSR order, each from 0. Returns (dx (n_in, B), grad)."""
+    rows, nb = layer.rows(), x_fm.shape[1]
+    products = (x_fm[rows] * dy_fm[layer.indices]).astype(np.float32)
+    grad = np.cumsum(products, axis=1, dtype=np.float32)[:, -1] if nb else np.zeros(layer.nnz, np.float32)
+    dx = np.zeros((layer.n_in, nb), np.float32)
+    for i in range(layer.n_in):
+        p0, p1 = layer.indptr[i], layer.indptr[i + 1]
+        if p1 > p0:
+            terms = (layer.values[p0:p1, None] * dy_fm[layer.indices[p0:p1]]).astype(np.float32)
+            dx[i] = np.cumsum(terms, axis=0, dtype=np.float32)[-1]
+    return dx, grad
+
+
+def csc_ref(layer):
+    """(colptr, rowidx, perm) of a layer by a stable sort on the column: ``kernels.csc_from_csr``'s result."""
+    perm = np.argsort(layer.indices, kind="stable")
+    colptr = np.concatenate([[0], np.cumsum(np.bincount(layer.indices, minlength=layer.n_out))])
+    return colptr, layer.rows()[perm], perm
+
+
 def nesterov_ref(w, v, g, lr, momentum, l2):
     g = g + l2 * w
     v = momentum * v - lr * g

@@ -3,8 +3,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctre_edge.config import TrainConfig
-from ctre_edge.evolve import TopologyPolicy, drop_weakest, update_layer
-from ctre_edge.layers import check_layer, erdos_renyi_layer, linear_positions
+from ctre_edge.evolve import TopologyPolicy, drop_weakest, merged_csr, update_layer
+from ctre_edge.layers import check_layer, csr_from_positions, erdos_renyi_layer, linear_positions, sample_positions
 from ctre_edge.packed import PackedNet
 
 
@@ -29,6 +29,35 @@ def test_drop_weakest_breaks_ties_by_seed():
     c = drop_weakest(values, 10, np.random.default_rng(2))
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 300), st.floats(0, 1), st.integers(1, 6), st.integers(0, 2**32 - 1))
+def test_drop_weakest_equals_a_full_sort(n, zeta, levels, seed):
+    """The partition gives the set a full sort by (|w|, random key, index) gives, with many ties."""
+    rng = np.random.default_rng(seed)
+    values = (rng.integers(-levels, levels + 1, size=n) / 4).astype(np.float32)  # few distinct |w|, +-0
+    k = int(zeta * n)
+    key_rng = np.random.default_rng(seed + 1)
+    want = np.ones(n, dtype=bool)
+    if k:
+        want[np.lexsort((key_rng.random(n), np.abs(values)))[:k]] = False
+    got_rng = np.random.default_rng(seed + 1)
+    np.testing.assert_array_equal(drop_weakest(values, k, got_rng), want)
+    assert got_rng.random() == key_rng.random()  # the same draws, so the run's stream is unchanged
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.floats(0, 1), st.floats(0, 1), st.integers(0, 2**32 - 1))
+def test_merged_csr_equals_sorting_everything(n_in, n_out, kept_share, new_share, seed):
+    rng = np.random.default_rng(seed)
+    total = n_in * n_out
+    kept = np.sort(sample_positions(total, int(kept_share * total), np.empty(0, np.int64), rng))
+    new = sample_positions(total, int(new_share * (total - kept.shape[0])), kept, rng)
+    got = merged_csr(n_in, n_out, kept, new)
+    want = csr_from_positions(n_in, n_out, np.concatenate([kept, new]))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
 
 
 @settings(max_examples=40, deadline=None)

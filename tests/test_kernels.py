@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import backward_ref, forward_ref, nesterov_ref, predict_proba_ref, softmax_ref, train_step_ref
+from reference import (backward_in_order_ref, backward_ref, csc_ref, forward_in_order_ref, forward_ref, nesterov_ref,
+                       predict_proba_ref, softmax_ref, train_step_ref)
 
 from ctre_edge import kernels
 from ctre_edge.layers import erdos_renyi_layer
@@ -142,9 +143,10 @@ def test_train_batches_equals_reference_sgd(sizes, eps, n, batch, seed, threads)
     db = np.empty_like(da)
     grad = np.empty(int(np.diff(net.nz_off).max()), np.float32)
     bg = np.empty(max(sizes[1:]), np.float32)
-    loss, _ = kernels.train_batches(X, y, order, batch, shift, scale, *net, act, da, db, grad, bg, np.float32(0.1),
-                                    np.float32(0.9),
-                                    np.float32(1e-3), threads)
+    csc = net.csc_buffers()
+    kernels.csc_all(*net[:6], *csc)
+    loss, _ = kernels.train_batches(X, y, order, batch, shift, scale, *net, act, da, db, grad, bg, *csc,
+                                    np.float32(0.1), np.float32(0.9), np.float32(1e-3), threads)
     ref_loss = 0.0
     for s in range(0, n, batch):
         rows = order[s:s + batch]
@@ -188,14 +190,93 @@ def test_thread_count_does_not_change_the_model(tmp_path):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
-def test_sparse_backward_threads_equals_serial_bit_for_bit(threads, rng):
-    layer = erdos_renyi_layer(57, 40, 6, rng)
-    x = rng.normal(size=(57, 13)).astype(np.float32)
-    dy = rng.normal(size=(40, 13)).astype(np.float32)
-    want_dx, want_g = np.empty_like(x), np.empty(layer.nnz, np.float32)
-    got_dx, got_g = np.empty_like(x), np.empty(layer.nnz, np.float32)
-    a = (layer.indptr, layer.indices, layer.values, x, dy)
-    kernels.sparse_backward(*a, want_dx, want_g, True)
-    kernels.sparse_backward_threads(*a, got_dx, got_g, True, threads)
-    np.testing.assert_array_equal(got_dx, want_dx)
-    np.testing.assert_array_equal(got_g, want_g)
+@pytest.mark.parametrize("relu", [False, True])
+def test_sparse_backward_threads_equals_serial_bit_for_bit(threads, relu, rng):
+    for eps in (1, 6, 30):  # rows of about 1, 6 and 20 connections: both weight-gradient loops
+        layer = erdos_renyi_layer(57, 40, eps, rng)
+        x = rng.normal(size=(57, 13)).astype(np.float32)
+        dy = rng.normal(size=(40, 13)).astype(np.float32)
+        want_dx, want_g = np.empty_like(x), np.empty(layer.nnz, np.float32)
+        got_dx, got_g = np.empty_like(x), np.empty(layer.nnz, np.float32)
+        a = (layer.indptr, layer.indices, layer.values, x, dy)
+        kernels.sparse_backward(*a, want_dx, want_g, True)
+        if relu:
+            want_dx[x <= 0] = 0
+        kernels.sparse_backward_threads(*a, got_dx, got_g, True, relu, threads)
+        np.testing.assert_array_equal(got_dx, want_dx)
+        np.testing.assert_array_equal(got_g, want_g)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer_shapes)
+def test_backward_adds_in_the_documented_order(shape):
+    """Bit for bit against the float32 sums in order (not a tolerance): the order is the contract
+    that keeps models identical across thread counts and kernel versions."""
+    n_in, n_out, eps, batch, seed = shape
+    layer, rng = random_layer(n_in, n_out, eps, seed)
+    x = rng.normal(size=(n_in, batch)).astype(np.float32)
+    dy = rng.normal(size=(n_out, batch)).astype(np.float32)
+    want_dx, want_g = backward_in_order_ref(layer, x, dy)
+    for wide in (False, True):  # both loops of weight_gradient_rows, whatever the row lengths
+        g = np.empty(layer.nnz, np.float32)
+        kernels.weight_gradient_rows(layer.indptr, layer.indices, x, dy, g, 0, n_in, wide)
+        np.testing.assert_array_equal(g, want_g)
+    dx = np.full_like(x, 7.0)
+    kernels.input_gradient_rows(layer.indptr, layer.indices, layer.values, dy, x, dx, 0, n_in, False)
+    np.testing.assert_array_equal(dx, want_dx)
+    kernels.input_gradient_rows(layer.indptr, layer.indices, layer.values, dy, x, dx, 0, n_in, True)
+    np.testing.assert_array_equal(dx, np.where(x > 0, want_dx, 0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer_shapes, st.integers(1, 4), st.booleans())
+def test_forward_by_columns_equals_serial_forward(shape, threads, relu):
+    n_in, n_out, eps, batch, seed = shape
+    layer, rng = random_layer(n_in, n_out, eps, seed)
+    x = rng.normal(size=(n_in, batch)).astype(np.float32)
+    colptr, rowidx, perm = np.empty(n_out + 1, np.int64), np.empty(layer.nnz, np.int32), np.empty(layer.nnz, np.int32)
+    kernels.csc_from_csr(layer.indptr, layer.indices, colptr, rowidx, perm)
+    for got, want in zip((colptr, rowidx, perm), csc_ref(layer)):
+        np.testing.assert_array_equal(got, want)
+    serial = np.empty((n_out, batch), np.float32)
+    kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, x, serial)
+    np.testing.assert_array_equal(serial, forward_in_order_ref(layer, x))
+    out = np.full_like(serial, 7.0)
+    kernels.sparse_forward_threads(colptr, rowidx, perm, layer.values, layer.bias, x, out, relu, threads)
+    np.testing.assert_array_equal(out, np.maximum(serial, 0) if relu else serial)
+
+
+def test_train_batches_is_bit_identical_across_thread_counts(rng):
+    """The parallel forward and backward paths of the fused loop give the serial bits (layers above
+    the parallel threshold), with the CSC copy rebuilt by ``csc_all``."""
+    sizes = [200, 400, 400, 4]
+    layers = [erdos_renyi_layer(sizes[l], sizes[l + 1], 20, rng) for l in range(3)]
+    assert min(l.nnz for l in layers[:2]) * 100 >= kernels.PARALLEL_MIN_WORK
+    X = rng.random((250, 200)).astype(np.float32)
+    y = rng.integers(0, 4, 250)
+    order = rng.permutation(250)
+    results = []
+    for threads in (1, 2, 3):
+        net = PackedNet.from_layers(layers)
+        csc = net.csc_buffers()
+        kernels.csc_all(*net[:6], *csc)
+        bufs = (net.activation_buffer(100), np.empty(400 * 100, np.float32), np.empty(400 * 100, np.float32),
+                np.empty(int(np.diff(net.nz_off).max()), np.float32), np.empty(400, np.float32))
+        loss, correct = kernels.train_batches(X, y, order, 100, np.zeros(200, np.float32), np.ones(200, np.float32),
+                                              *net,
+                                              *bufs, *csc, np.float32(0.05), np.float32(0.9), np.float32(1e-4), threads)
+        results.append((loss, correct, net.values.copy(), net.bias.copy(), net.velocity.copy()))
+    for other in results[1:]:
+        assert other[:2] == results[0][:2]
+        for a, b in zip(other[2:], results[0][2:]):
+            np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 23), st.integers(0, 40), st.integers(0, 2**32 - 1))
+def test_bias_gradient_adds_in_batch_order(n, batch, seed):
+    dy = np.random.default_rng(seed).normal(size=(n, batch)).astype(np.float32)
+    out = np.full(n, 7.0, np.float32)
+    kernels.bias_gradient(dy, out)
+    want = np.cumsum(dy, axis=1, dtype=np.float32)[:, -1] if batch else np.zeros(n, np.float32)
+    np.testing.assert_array_equal(out, want)

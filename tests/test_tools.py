@@ -57,11 +57,17 @@ def digits_npz(tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_smoke():
-    r = run_tool("bench_train.py", "--smoke")
-    rows = table_rows(r.stdout)
+    # This checkout doubles as the --base checkout: the base column must run through its own child.
+    r = run_tool("bench_train.py", "--smoke", "--engines", "ctre,base,dense", "--base", str(REPO), timeout=300)
+    phases = table_rows(r.stdout)  # the kernel phase table comes first: one row per layer and thread count
+    assert [row[2] for row in phases[:4]] == ["784x64", "64x64", "64x64", "64x10"] and len(phases) % 4 == 0
+    assert phases[0][4] == "1"
+    assert all(float(row[c]) > 0 for row in phases for c in (5, 6, 7, 8, 9, 10)), phases
+    rows = table_rows(r.stdout.split("engines:", 1)[1])
     assert len(rows) == 1 and rows[0][0] == "64"
     assert "GFLOP/s" in r.stdout and "CPU:" in r.stdout.splitlines()[0]
-    assert rows[0][3] != "-" and rows[0][4] != "-", "both engines must have produced a time"
+    assert all(cell != "-" for cell in rows[0][3:6]), "every engine must have produced a time"
+    assert rows[0][6].endswith("x"), rows[0]  # the speed-up over base
 
 
 @pytest.mark.slow
@@ -130,8 +136,9 @@ def test_dense_masked_step_matches_ctre_kernels():
     delta_b = np.empty_like(delta_a)
     grad = np.empty(int(np.diff(net.nz_off).max()), np.float32)
     bias_grad = np.empty(int(net.sizes[1:].max()), np.float32)
+    no_csc = (np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int32))
     loss, correct = kernels.train_batches(X, y, order, bs, shift, scale, *net, act, delta_a, delta_b, grad, bias_grad,
-                                          lr, mom, l2, 1)
+                                          *no_csc, lr, mom, l2, 1)
     d_loss = d_correct = 0
     for s in range(0, 60, bs):
         rows = order[s:s + bs]
@@ -194,3 +201,12 @@ def test_continue_halves_smoke():
     rows = table_rows(r.stdout)
     assert len(rows) == 1 and rows[0][0] == "builtin:digits" and rows[0][1] == "719 / 719 / 359"
     assert all(0 < float(v) <= 1 for v in rows[0][2:6])
+
+
+@pytest.mark.slow
+def test_bench_huge_smoke():
+    r = run_tool("bench_huge.py", "--width", "300", "--epochs", "1", timeout=300)
+    rows = table_rows(r.stdout)
+    assert len(rows) == 1 and "SYNTHETIC" in r.stdout and "3312-300-300-300-5" in r.stdout
+    measured, predicted = float(rows[0][4].replace(",", "")), float(rows[0][5].replace(",", ""))
+    assert measured > 0 and predicted > 0 and rows[0][7] == "yes", rows

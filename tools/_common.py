@@ -7,12 +7,14 @@ package's own ``budget.peak_rss_bytes`` (VmHWM; ``ru_maxrss`` inherits a vfork p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -198,13 +200,28 @@ def gemm_gflops_with(threads: int) -> float:
     return float(out.stdout.strip()) if out.returncode == 0 else float("nan")
 
 
-def run_child(module: str, spec: dict, timeout: float = 7200, blas_threads: int = 0) -> dict:
-    """Run ``python -m tools.MODULE --child SPEC`` (that tool's ``child(spec)``) in a fresh interpreter;
-    returns the JSON it prints last, or {"error": last stderr line}."""
+def checkout_env(checkout: Path, blas_threads: int = 0) -> dict:
+    """The environment of a child that runs another checkout of ctre-edge (e.g. the commit a change
+    is measured against): its directory first on PYTHONPATH, so ``import ctre_edge`` and
+    ``tools`` load from there, and a numba cache of its own (numba keys the cache by source file)."""
+    env = child_env(blas_threads)
+    env["PYTHONPATH"] = str(checkout)
+    # Keyed by the checkout and its kernels' source, so another commit in the same place gets a fresh cache.
+    kernels_source = (checkout / "ctre_edge" / "kernels.py").read_bytes()
+    digest = hashlib.sha256(str(checkout.resolve()).encode() + kernels_source).hexdigest()[:12]
+    env["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"ctre-edge-bench-numba-{digest}")
+    return env
+
+
+def run_child(module: str, spec: dict, timeout: float = 7200, blas_threads: int = 0,
+              checkout: Path | None = None) -> dict:
+    """Run ``python -m tools.MODULE --child SPEC`` (that tool's ``child(spec)``) in a fresh interpreter,
+    from this checkout or from ``checkout``; returns the JSON it prints last, or {"error": last stderr line}."""
     cmd = [sys.executable, "-m", f"tools.{module}", "--child", json.dumps(spec)]
+    env = child_env(blas_threads) if checkout is None else checkout_env(checkout, blas_threads)
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(blas_threads),
-                             cwd=REPO)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                             cwd=REPO if checkout is None else checkout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if out.returncode:

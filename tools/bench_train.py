@@ -29,11 +29,24 @@ dense baseline is skipped where its estimated bytes (weights + masks + momentum 
 Useful GFLOP/s counts 6 flops per connection per training sample (forward, input gradient, weight
 gradient: one multiply-add, i.e. 2 flops, each) over the time spent in the training batches; for the
 dense baseline the same useful work is divided by its time, and the flops it executes (6 per matrix
-entry per sample) are given too. ctre-edge's kernels run on one core; numpy's BLAS uses every core unless
---blas-threads says otherwise. Other jobs on the machine skew the timings: the load average is printed.
+entry per sample) are given too. ctre-edge's kernels use numba's threads (all cores by default, the same
+model for any count); numpy's BLAS uses every core unless --blas-threads says otherwise. Other jobs on
+the machine skew the timings: the load average is printed before every table.
+
+With ``--base DIR`` (a second checkout of ctre-edge, e.g. ``git worktree add ../base <commit>``), a
+**ctre-edge (base)** column runs that checkout's own ``tools/bench_train.py`` child the same way, in the
+same alternation, so the speed-up of a change is measured in one run on one machine under the same load.
+
+A phase table comes first: useful GFLOP/s of the forward pass, the weight gradient and the input
+gradient of each layer of 784-h-h-h-10 at each epsilon, on random activations (batch 100, numba's
+threads), median of --phase-repeats calls; next to it the machine's dense float32 GEMM rate. The
+useful work of a phase is 2 flops (one multiply-add) per connection per sample. With ``--base`` the
+base checkout's kernels are timed too (its backward computed both gradients in one loop, timed as
+"weight + input gradient").
 
     python -m tools.bench_train [--data mnist.npz | --data-dir DIR | --synthetic] [--quick] [--repeats 3]
                                 [--hidden-sizes 1000,4000,16000,64000] [--epsilons 1,20] [--blas-threads N]
+                                [--base DIR] [--engines ctre,base,dense,sklearn] [--phases-only]
 """
 
 from __future__ import annotations
@@ -112,6 +125,66 @@ def child(spec: dict) -> dict:
 
 
 
+ENGINES = ("ctre", "base", "dense", "sklearn")
+LABELS = {"ctre": "ctre-edge", "base": "ctre-edge (base)", "dense": "dense-masked", "sklearn": "sklearn"}
+
+
+def run_phases(hidden: int, eps: float, repeats: int, checkout: Path | None, threads: int = 0) -> dict:
+    """``tools/kernel_phases.py`` in a fresh interpreter on this checkout's ctre_edge or ``checkout``'s."""
+    import subprocess
+    import sys
+
+    from tools._common import REPO, checkout_env
+
+    spec = {"hidden": hidden, "epsilon": eps, "batch": BATCH, "repeats": repeats, "threads": threads}
+    env = checkout_env(checkout or REPO)
+    if checkout is None:
+        env.pop("NUMBA_CACHE_DIR")  # this checkout keeps the caller's kernel cache
+        import os
+
+        if "NUMBA_CACHE_DIR" in os.environ:
+            env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "kernel_phases.py"), json.dumps(spec)],
+                         capture_output=True, text=True, env=env, cwd=checkout or REPO)
+    if out.returncode:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_phases(shapes, repeats: int, base: Path | None, gemm_all: float) -> None:
+    """The phase table: useful GFLOP/s per layer and phase on 1 thread and on all numba threads, this
+    checkout (and the base) side by side."""
+    import numba
+
+    print(f"Kernel phases: useful GFLOP/s (2 flops per connection per sample and phase), batch {BATCH}, median of "
+          f"{repeats} calls, random activations; dense float32 GEMM on this machine: {gemm_all:.0f} GFLOP/s\n")
+    phases = ["forward", "weight gradient", "weight + input gradient"]
+    head = ["h", "eps", "layer", "connections", "threads"] + phases
+    if base is not None:
+        head += [f"base {p}" for p in phases]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for h, eps in shapes:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            new = run_phases(h, eps, repeats, None, threads)
+            old = run_phases(h, eps, repeats, base, threads) if base is not None else None
+            if "error" in new:
+                print(f"| {h:,} | {eps:g} | phases failed: {new['error']} |")
+                continue
+            for i, row in enumerate(new["rows"]):
+                def rate(r, key, work=2 * row["nnz"] * BATCH / 1e9):
+                    # "weight + input gradient" is two phases' work
+                    return f"{work * (2 if '+' in key else 1) / r[key]:.3g}" if r and key in r else "-"
+
+                cells = [f"{h:,}", f"{eps:g}", row["layer"], f"{row['nnz']:,}", str(new["threads"])]
+                cells += [rate(row, p) for p in phases]
+                if base is not None:
+                    o = old["rows"][i] if old and "rows" in old else None
+                    cells += [rate(o, p) for p in phases]
+                print("| " + " | ".join(cells) + " |", flush=True)
+    print()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", help="MNIST-like .npz file (default: mnist.npz in --data-dir)")
@@ -129,6 +202,13 @@ def main(argv=None):
                     help="skip the dense baseline above this fraction of MemAvailable")
     ap.add_argument("--blas-threads", type=int, default=0,
                     help="BLAS threads of the dense baseline and scikit-learn (0: the library default, all cores)")
+    ap.add_argument("--base", help="a second checkout of ctre-edge to measure against, in the same run")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="numba threads of the ctre-edge runs (NUMBA_NUM_THREADS; 0: numba's default, all cores)")
+    ap.add_argument("--engines", default="ctre,base,dense,sklearn",
+                    help="which columns to run (base needs --base; sklearn needs scikit-learn)")
+    ap.add_argument("--phase-repeats", type=int, default=20, help="calls per kernel phase (median reported)")
+    ap.add_argument("--phases-only", action="store_true", help="print the phase table and stop")
     ap.add_argument("--quick", action="store_true",
                     help="only (h, eps) = (1000, 1), (1000, 20), (16000, 1); 1 epoch; 2 repeats; 8 s budget")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
@@ -144,7 +224,35 @@ def main(argv=None):
     n_synthetic = 60000
     if args.smoke:
         shapes, args.epochs, args.repeats, args.epoch_budget = [(64, 1.0)], 1, 1, 5.0
-        args.synthetic, n_synthetic = True, 2000
+        args.synthetic, n_synthetic, args.phase_repeats = True, 2000, 3
+    base = Path(args.base).resolve() if args.base else None
+    if base is not None and not (base / "ctre_edge" / "kernels.py").exists():
+        raise SystemExit(f"--base {args.base}: not a ctre-edge checkout (no ctre_edge/kernels.py there)")
+    wanted = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in wanted if e not in ENGINES]
+    if unknown:
+        raise SystemExit(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    with_sklearn = "sklearn" in wanted and sklearn_available()
+    engines = [e for e in wanted if (e != "base" or base is not None) and (e != "sklearn" or with_sklearn)]
+
+    from ctre_edge.layers import er_nnz
+
+    if args.threads:
+        import os
+
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)  # inherited by every child below
+    warm_kernel_cache()
+    print(machine_header())
+    gemm_all, gemm_one = gemm_gflops_with(0), gemm_gflops_with(1)
+    print(f"numpy float32 GEMM 1000x1000 @ 1000x100: {gemm_all:.0f} GFLOP/s with the BLAS default threads, "
+          f"{gemm_one:.0f} GFLOP/s with 1 thread (median of 30)")
+    if base is not None:
+        print(f"base: the checkout in {base.name}/ (its own kernels, numba cache and bench child)")
+    print()
+    print_phases(shapes, args.phase_repeats, base if "base" in engines else None, gemm_all)
+    if args.phases_only:
+        return
+
     if args.synthetic:
         data_spec, n_samples, n_features, n_classes = f"synthetic:{n_synthetic}", n_synthetic, 784, 10
         data_name = f"synthetic MNIST-shaped uint8, {n_synthetic} x 784"
@@ -155,95 +263,92 @@ def main(argv=None):
         from ctre_edge.data import summarize_data
 
         summary = summarize_data(str(path))
-        data_spec, n_samples = str(path), summary.n_samples
+        data_spec, n_samples = str(path.resolve()), summary.n_samples
         n_features, n_classes = summary.n_features, summary.n_classes
         data_name = f"{path.name}, {n_samples} x {n_features} (its test part is not used)"
     n_train, n_val = dataset_rows(n_samples)
-    with_sklearn = sklearn_available()
-
-    from ctre_edge.layers import er_nnz
-
-    warm_kernel_cache()
-    print(machine_header())
-    gemm_all, gemm_one = gemm_gflops_with(0), gemm_gflops_with(1)
-    print(f"numpy float32 GEMM 1000x1000 @ 1000x100: {gemm_all:.0f} GFLOP/s with the BLAS default threads, "
-          f"{gemm_one:.0f} GFLOP/s with 1 thread (median of 30)")
     print(f"dense baseline BLAS threads: {args.blas_threads or 'library default (all cores)'}; "
-          "ctre-edge's training kernels run on one core")
+          f"ctre-edge: {args.threads or 'numba default (all cores)'} numba thread(s)")
     print(f"data: {data_name}, about {n_train} training and {n_val} validation rows per epoch; SET, lr {LR}, "
           f"batch {BATCH}; {args.epochs} timed epoch(s) per run (each with its topology update), median epoch; "
           f"median of {args.repeats} run(s) per engine, engines alternated; epoch budget {args.epoch_budget:g} s")
-    print("scikit-learn: " + ("MLPClassifier column included" if with_sklearn else "not importable, column omitted"))
+    print("engines: " + ", ".join(LABELS[e] for e in engines))
     print()
-    head = ["h", "eps", "connections", "ctre-edge s/epoch", "dense-masked s/epoch", "speed-up"]
-    head += ["sklearn s/epoch"] if with_sklearn else []
-    head += ["ctre-edge peak MiB", "dense peak MiB", "memory ratio", "ctre-edge useful GFLOP/s",
-             "dense useful / executed GFLOP/s", "notes"]
+    head = ["h", "eps", "connections"] + [f"{LABELS[e]} s/epoch" for e in engines]
+    if "ctre" in engines and "base" in engines:
+        head.append("speed-up over base")
+    if "ctre" in engines and "dense" in engines:
+        head.append("speed-up over dense")
+    head += [f"{LABELS[e]} peak MiB" for e in engines if e != "sklearn"]
+    head += [f"{LABELS[e]} useful GFLOP/s" for e in engines if e in ("ctre", "base")]
+    if "dense" in engines:
+        head.append("dense useful / executed GFLOP/s")
+    head.append("notes")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     avail = meminfo("MemAvailable") or 0
     for h, eps in shapes:
-        if True:
-            sizes = [n_features] + [h] * args.layers + [n_classes]
-            nnz = sum(er_nnz(a, b, eps) for a, b in zip(sizes[:-1], sizes[1:]))
-            spec = {"data": data_spec, "hidden": [h] * args.layers, "epsilon": eps, "epochs": args.epochs,
-                    "budget": args.epoch_budget}
-            engines = ["ctre", "dense"] + (["sklearn"] if with_sklearn else [])
-            skip = {}
-            need = DenseMLP.bytes_estimate(sizes) + 200 * MiB
-            if avail and need > args.memory_fraction * avail:
-                skip["dense"] = (f"dense skipped: needs about {need / 2**30:.1f} GiB, above "
-                                 f"{args.memory_fraction:.0%} of the {avail / 2**30:.1f} GiB available")
-            if with_sklearn and avail and 2 * need > args.memory_fraction * avail:
-                skip["sklearn"] = "sklearn skipped: float64 weights would not fit"
-            runs = {e: [] for e in engines}
-            errors = {}
-            for r in range(args.repeats):
-                order = engines if r % 2 == 0 else engines[::-1]
-                for e in order:
-                    if e in skip or e in errors:
-                        continue
-                    threads = 0 if e == "ctre" else args.blas_threads
-                    res = run_child("bench_train", dict(spec, engine=e), blas_threads=threads)
-                    if "error" in res:
-                        errors[e] = res["error"]
-                    else:
-                        runs[e].append(res)
-            row = summarize_row(h, eps, nnz, sizes, runs, errors, skip, with_sklearn)
-            print("| " + " | ".join(row) + " |", flush=True)
+        sizes = [n_features] + [h] * args.layers + [n_classes]
+        nnz = sum(er_nnz(a, b, eps) for a, b in zip(sizes[:-1], sizes[1:]))
+        spec = {"data": data_spec, "hidden": [h] * args.layers, "epsilon": eps, "epochs": args.epochs,
+                "budget": args.epoch_budget}
+        skip = {}
+        need = DenseMLP.bytes_estimate(sizes) + 200 * MiB
+        if avail and need > args.memory_fraction * avail:
+            skip["dense"] = (f"dense skipped: needs about {need / 2**30:.1f} GiB, above "
+                             f"{args.memory_fraction:.0%} of the {avail / 2**30:.1f} GiB available")
+        if with_sklearn and avail and 2 * need > args.memory_fraction * avail:
+            skip["sklearn"] = "sklearn skipped: float64 weights would not fit"
+        runs = {e: [] for e in engines}
+        errors = {}
+        for r in range(args.repeats):
+            order = engines if r % 2 == 0 else engines[::-1]
+            for e in order:
+                if e in skip or e in errors:
+                    continue
+                threads = 0 if e in ("ctre", "base") else args.blas_threads
+                res = run_child("bench_train", dict(spec, engine="ctre" if e == "base" else e), blas_threads=threads,
+                                checkout=base if e == "base" else None)
+                if "error" in res:
+                    errors[e] = res["error"]
+                else:
+                    runs[e].append(res)
+        row = summarize_row(h, eps, nnz, sizes, runs, errors, skip, engines)
+        print("| " + " | ".join(row) + " |", flush=True)
 
 
-def summarize_row(h, eps, nnz, sizes, runs, errors, skip, with_sklearn) -> list[str]:
+def summarize_row(h, eps, nnz, sizes, runs, errors, skip, engines) -> list[str]:
     entries = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
     cell, notes = {}, []
     for e, results in runs.items():
         if not results:
             cell[e] = None
             if e in errors:
-                notes.append(f"{e} failed: {errors[e]}")
+                notes.append(f"{LABELS[e]} failed: {errors[e]}")
             elif e in skip:
                 notes.append(skip[e])
             continue
         mids = [epoch_median(r["history"]) for r in results]
         secs = statistics.median(m["epoch_seconds"] for m in mids)
-        rate = statistics.median(6 * nnz * m["samples"] / m["train_seconds"] / 1e9 for m in mids if m["train_seconds"])
+        rates = [6 * nnz * m["samples"] / m["train_seconds"] / 1e9 for m in mids if m["train_seconds"]]
+        rate = statistics.median(rates) if rates else float("nan")
         peak = statistics.median(r["peak_rss_bytes"] for r in results) / MiB
         cell[e] = (secs, rate, peak, mids[0])
         m = mids[0]
         if m["batches"] < m["batches_total"] or m["val_samples"] < m["val_total"]:
-            notes.append(f"{e}: extrapolated from {m['batches']}/{m['batches_total']} batches, "
+            notes.append(f"{LABELS[e]}: extrapolated from {m['batches']}/{m['batches_total']} batches, "
                          f"{m['val_samples']}/{m['val_total']} validation rows")
-    c, d = cell.get("ctre"), cell.get("dense")
-    row = [f"{h:,}", f"{eps:g}", f"{nnz:,}", fmt_seconds(c[0]) if c else "-", fmt_seconds(d[0]) if d else "-",
-           f"{d[0] / c[0]:.1f}x" if c and d else "-"]
-    if with_sklearn:
-        s = cell.get("sklearn")
-        row.append(fmt_seconds(s[0]) if s else "-")
-    row += [f"{c[2]:,.0f}" if c else "-", f"{d[2]:,.0f}" if d else "-",
-            f"{d[2] / c[2]:.1f}x" if c and d else "-",
-            f"{c[1]:.2f}" if c else "-",
-            f"{d[1]:.3f} / {d[1] * entries / nnz:.0f}" if d else "-",
-            "; ".join(notes) or "full epochs"]
+    c, b, d = cell.get("ctre"), cell.get("base"), cell.get("dense")
+    row = [f"{h:,}", f"{eps:g}", f"{nnz:,}"] + [fmt_seconds(cell[e][0]) if cell.get(e) else "-" for e in engines]
+    if "ctre" in engines and "base" in engines:
+        row.append(f"{b[0] / c[0]:.2f}x" if c and b else "-")
+    if "ctre" in engines and "dense" in engines:
+        row.append(f"{d[0] / c[0]:.1f}x" if c and d else "-")
+    row += [f"{cell[e][2]:,.0f}" if cell.get(e) else "-" for e in engines if e != "sklearn"]
+    row += [f"{cell[e][1]:.2f}" if cell.get(e) else "-" for e in engines if e in ("ctre", "base")]
+    if "dense" in engines:
+        row.append(f"{d[1]:.3f} / {d[1] * entries / nnz:.0f}" if d else "-")
+    row.append("; ".join(notes) or "full epochs")
     return row
 
 

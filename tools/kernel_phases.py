@@ -1,0 +1,68 @@
+"""Seconds per call of each training-kernel phase, for ``tools/bench_train.py``'s phase table.
+
+Run as a script (``python tools/kernel_phases.py SPEC``), not as a module, so that the
+``ctre_edge`` it times is whichever one PYTHONPATH names: this checkout's, or another commit's.
+Prints one JSON document.
+"""
+
+import json
+import statistics
+import sys
+import time
+
+import numba
+import numpy as np
+
+from ctre_edge import kernels
+from ctre_edge.layers import erdos_renyi_layer
+
+
+def phase_child(spec: dict) -> dict:
+    """Seconds per call of each kernel phase on the layers of 784-h-h-h-10 at spec["epsilon"]
+    (random ReLU-like activations, batch spec["batch"]); works on this checkout and on older ones."""
+    rng = np.random.default_rng(0)
+    if spec.get("threads"):
+        numba.set_num_threads(spec["threads"])
+    threads = numba.get_num_threads()
+    nb, repeats = spec["batch"], spec["repeats"]
+    sizes = [784] + [spec["hidden"]] * 3 + [10]
+    split = hasattr(kernels, "weight_gradient_rows")  # kernels after the weight/input gradient split
+
+    def median_seconds(f):
+        f()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    rows = []
+    for l in range(len(sizes) - 1):
+        layer = erdos_renyi_layer(sizes[l], sizes[l + 1], spec["epsilon"], rng)
+        x = np.maximum(rng.normal(size=(sizes[l], nb)), 0).astype(np.float32)
+        dy = rng.normal(size=(sizes[l + 1], nb)).astype(np.float32)
+        out, dx, grad = np.empty_like(dy), np.empty_like(x), np.empty(layer.nnz, np.float32)
+        a = (layer.indptr, layer.indices, layer.values)
+        row = {"layer": f"{sizes[l]}x{sizes[l + 1]}", "nnz": layer.nnz}
+        if split:
+            csc = (np.empty(sizes[l + 1] + 1, np.int64), np.empty(layer.nnz, np.int32), np.empty(layer.nnz, np.int32))
+            kernels.csc_from_csr(layer.indptr, layer.indices, *csc)
+            row["forward"] = median_seconds(lambda: kernels.sparse_forward_threads(
+                *csc, layer.values, layer.bias, x, out, True, threads))
+            row["weight gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
+                *a, x, dy, dx, grad, False, False, threads))
+            row["weight + input gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
+                *a, x, dy, dx, grad, True, True, threads))
+        else:
+            row["forward"] = median_seconds(lambda: kernels.sparse_forward(*a, layer.bias, x, out))
+            row["weight gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
+                *a, x, dy, dx, grad, False, threads))
+            row["weight + input gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
+                *a, x, dy, dx, grad, True, threads))
+        rows.append(row)
+    return {"rows": rows, "threads": threads}
+
+
+if __name__ == "__main__":
+    print(json.dumps(phase_child(json.loads(sys.argv[1]))))
