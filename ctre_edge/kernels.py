@@ -209,7 +209,8 @@ def input_gradient_rows(indptr, indices, values, dy, x, dx, i0, i1, relu):
     """dx[i, :] = sum_{(i,j)} w_ij dy[j, :] for input rows i0:i1, connections in CSR order.
 
     With ``relu``, dx[i, b] is then zeroed where x[i, b] <= 0 (the ReLU derivative, read from the
-    stored post-activation x, so pre-activations need not be kept). The loop over the batch is elementwise, so it is SIMD.
+    stored post-activation x, so pre-activations need not be kept). The loop over the batch is
+    elementwise, so it is SIMD.
     """
     nb = dy.shape[1]
     for i in range(i0, i1):

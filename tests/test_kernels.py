@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import (backward_in_order_ref, backward_ref, csc_ref, forward_in_order_ref, forward_ref, nesterov_ref,
-                       predict_proba_ref, softmax_ref, train_step_ref)
+from reference import (
+    backward_in_order_ref,
+    backward_ref,
+    csc_ref,
+    forward_in_order_ref,
+    forward_ref,
+    nesterov_ref,
+    predict_proba_ref,
+    softmax_ref,
+    train_step_ref,
+)
 
 from ctre_edge import kernels
 from ctre_edge.layers import erdos_renyi_layer
