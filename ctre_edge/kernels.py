@@ -516,7 +516,12 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
             a = out
         c = sizes[n_layers]
         dy = _level(delta_a, 0, c, nb)
-        dy[:, :] = _level(act, level_off[n_layers], c, nb)
+        probs = _level(act, level_off[n_layers], c, nb)
+        # An element loop, not ``dy[:, :] = probs``: numba's slice assignment compiles a formatted
+        # shape-mismatch message, about 28 MiB of compile peak (measured), too much for the Zero 2 W.
+        for k in range(c):
+            for b in range(nb):
+                dy[k, b] = probs[k, b]
         loss, correct = softmax_xent_backward(dy, y[rows], np.float32(1.0 / nb))
         total_loss += loss
         total_correct += correct
@@ -539,9 +544,12 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
                 sparse_backward_threads(lp, indices[p0:p1], values[p0:p1], x, dy, dx, g, l > 0, True,
                                         min(threads, n_in))
             else:
-                weight_gradient_rows(lp, indices[p0:p1], x, dy, g, 0, n_in, wide_rows(lp))
+                # first row as an int64 value, not the literal 0: numba would compile a second copy
+                # of both kernels (and their callees) specialised to the constant, about 8 MiB of compile peak
+                first = np.int64(0)
+                weight_gradient_rows(lp, indices[p0:p1], x, dy, g, first, n_in, wide_rows(lp))
                 if l > 0:
-                    input_gradient_rows(lp, indices[p0:p1], values[p0:p1], dy, x, dx, 0, n_in, True)
+                    input_gradient_rows(lp, indices[p0:p1], values[p0:p1], dy, x, dx, first, n_in, True)
             nesterov_step(values[p0:p1], velocity[p0:p1], g, lr, momentum, l2)
             u0 = unit_off[l]
             u1 = unit_off[l + 1]
