@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from .errors import BudgetError
 from .layers import er_nnz
+from .packed import uses_csc
 
 MiB = 1 << 20
 # Resident set of `ctre-edge train` with every kernel loaded from a warm numba cache, before the
@@ -112,9 +113,10 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         "runtime": RUNTIME_BYTES,
         "data": shape.data_bytes + 16 * n_samples,  # + index arrays (split rows, shuffled order)
         # + the gradient buffers, and the CSC copy of the pattern that the parallel forward pass reads
-        # (int32 row and position per connection, int64 column pointers), allocated on any multi-core device.
-        "model": per_layer + snapshot + biases + 4 * max(nnz) + 4 * max(sizes[1:]) + 8 * sum(nnz)
-        + 8 * (sum(sizes[1:]) + n_layers),
+        # (int32 row and position per connection, int64 column pointers), allocated on any multi-core
+        # device when a layer is small enough to use it (packed.uses_csc).
+        "model": per_layer + snapshot + biases + 4 * max(nnz) + 4 * max(sizes[1:])
+        + (8 * sum(nnz) + 8 * (sum(sizes[1:]) + n_layers) if uses_csc(nnz) else 0),
         "batch": 4 * b * units + 8 * b * widest,
         # Evaluation buffers hold at most as many rows as the larger of the parts they evaluate.
         "evaluation": 4 * max(1, min(eb, max(shape.n_val, shape.n_test))) * units

@@ -501,8 +501,9 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
             p1 = nz_off[l + 1]
             out = _level(act, level_off[l + 1], sizes[l + 1], nb)
             hidden = l < n_layers - 1
-            if have_csc and threads > 1 and sizes[l + 1] > 1 and (p1 - p0) * nb >= PARALLEL_MIN_WORK:
-                c0 = unit_off[l] + l
+            c0 = unit_off[l] + l
+            if (have_csc and threads > 1 and sizes[l + 1] > 1 and (p1 - p0) * nb >= PARALLEL_MIN_WORK
+                    and colptr[c0 + sizes[l + 1]] > 0):
                 sparse_forward_threads(colptr[c0:c0 + sizes[l + 1] + 1], rowidx[p0:p1], perm[p0:p1],
                                        values[p0:p1], bias[unit_off[l]:unit_off[l + 1]], a, out, hidden,
                                        min(threads, sizes[l + 1]))
@@ -561,10 +562,16 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
 
 
 @njit(cache=True)
-def csc_all(sizes, ptr_off, nz_off, unit_off, indptr, indices, colptr, rowidx, perm):
-    """``csc_from_csr`` for every layer of a packed network, into the layout ``train_batches`` reads."""
+def csc_all(sizes, ptr_off, nz_off, unit_off, indptr, indices, colptr, rowidx, perm, max_nnz):
+    """``csc_from_csr`` for every layer of a packed network with at most ``max_nnz`` connections, into
+    the layout ``train_batches`` reads; a larger layer's column pointers are all 0, which tells
+    ``train_batches`` to run its forward pass serially by rows (see ``packed.CSC_MAX_CONNECTIONS``)."""
     for l in range(sizes.shape[0] - 1):
         c0 = unit_off[l] + l
+        if nz_off[l + 1] - nz_off[l] > max_nnz:
+            for j in range(c0, c0 + sizes[l + 1] + 1):
+                colptr[j] = 0
+            continue
         csc_from_csr(indptr[ptr_off[l]:ptr_off[l + 1]], indices[nz_off[l]:nz_off[l + 1]],
                      colptr[c0:c0 + sizes[l + 1] + 1], rowidx[nz_off[l]:nz_off[l + 1]], perm[nz_off[l]:nz_off[l + 1]])
 

@@ -29,7 +29,7 @@ from .evolve import TopologyPolicy
 from .fileio import fault_point
 from .layers import LINEAR_GAIN, RELU_GAIN, SparseLayer, erdos_renyi_layer
 from .model import SparseMLP
-from .packed import PackedNet, level_views
+from .packed import CSC_MAX_CONNECTIONS, PackedNet, level_views
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -305,7 +305,7 @@ class _EpochTrainer:
         """Train on ``order`` (shuffled rows); returns (mean loss, training accuracy)."""
         c = self.config
         if self.csc[0].shape[0]:
-            kernels.csc_all(*self.net[:6], *self.csc)
+            kernels.csc_all(*self.net[:6], *self.csc, CSC_MAX_CONNECTIONS)
         sgd = (self.shift, self.scale, *self.net, *self.buffers, np.float32(lr), np.float32(c.momentum),
                np.float32(c.l2))
         loss, correct, stopped = 0.0, 0, False

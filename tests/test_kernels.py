@@ -18,7 +18,7 @@ from reference import (
 
 from ctre_edge import kernels
 from ctre_edge.layers import erdos_renyi_layer
-from ctre_edge.packed import PackedNet
+from ctre_edge.packed import CSC_MAX_CONNECTIONS, PackedNet
 
 layer_shapes = st.tuples(st.integers(1, 40), st.integers(1, 40), st.floats(0.05, 20), st.integers(1, 17),
                          st.integers(0, 2**32 - 1))
@@ -153,7 +153,7 @@ def test_train_batches_equals_reference_sgd(sizes, eps, n, batch, seed, threads)
     grad = np.empty(int(np.diff(net.nz_off).max()), np.float32)
     bg = np.empty(max(sizes[1:]), np.float32)
     csc = net.csc_buffers()
-    kernels.csc_all(*net[:6], *csc)
+    kernels.csc_all(*net[:6], *csc, CSC_MAX_CONNECTIONS)
     loss, _ = kernels.train_batches(X, y, order, batch, shift, scale, *net, act, da, db, grad, bg, *csc,
                                     np.float32(0.1), np.float32(0.9), np.float32(1e-3), threads)
     ref_loss = 0.0
@@ -257,7 +257,8 @@ def test_forward_by_columns_equals_serial_forward(shape, threads, relu):
 
 def test_train_batches_is_bit_identical_across_thread_counts(rng):
     """The parallel forward and backward paths of the fused loop give the serial bits (layers above
-    the parallel threshold), with the CSC copy rebuilt by ``csc_all``."""
+    the parallel threshold), with the CSC copy rebuilt by ``csc_all``; also when the largest layer is
+    over the CSC limit and runs its forward pass serially by rows beside the others."""
     sizes = [200, 400, 400, 4]
     layers = [erdos_renyi_layer(sizes[l], sizes[l + 1], 20, rng) for l in range(3)]
     assert min(l.nnz for l in layers[:2]) * 100 >= kernels.PARALLEL_MIN_WORK
@@ -265,10 +266,11 @@ def test_train_batches_is_bit_identical_across_thread_counts(rng):
     y = rng.integers(0, 4, 250)
     order = rng.permutation(250)
     results = []
-    for threads in (1, 2, 3):
+    for threads, max_nnz in ((1, CSC_MAX_CONNECTIONS), (2, CSC_MAX_CONNECTIONS), (3, CSC_MAX_CONNECTIONS),
+                             (2, max(l.nnz for l in layers) - 1)):
         net = PackedNet.from_layers(layers)
         csc = net.csc_buffers()
-        kernels.csc_all(*net[:6], *csc)
+        kernels.csc_all(*net[:6], *csc, max_nnz)
         bufs = (net.activation_buffer(100), np.empty(400 * 100, np.float32), np.empty(400 * 100, np.float32),
                 np.empty(int(np.diff(net.nz_off).max()), np.float32), np.empty(400, np.float32))
         loss, correct = kernels.train_batches(X, y, order, 100, np.zeros(200, np.float32), np.ones(200, np.float32),
@@ -289,3 +291,17 @@ def test_bias_gradient_adds_in_batch_order(n, batch, seed):
     kernels.bias_gradient(dy, out)
     want = np.cumsum(dy, axis=1, dtype=np.float32)[:, -1] if batch else np.zeros(n, np.float32)
     np.testing.assert_array_equal(out, want)
+
+
+def test_csc_all_leaves_layers_over_the_limit_without_a_copy(rng):
+    layers = [erdos_renyi_layer(30, 50, 4, rng), erdos_renyi_layer(50, 6, 2, rng)]
+    net = PackedNet.from_layers(layers)
+    colptr, rowidx, perm = net.csc_buffers()
+    kernels.csc_all(*net[:6], colptr, rowidx, perm, layers[1].nnz)  # the first layer is over the limit
+    assert not colptr[:51].any()
+    want_colptr, want_rows, want_perm = csc_ref(layers[1])
+    np.testing.assert_array_equal(colptr[51:], want_colptr)
+    np.testing.assert_array_equal(rowidx[layers[0].nnz:], want_rows)
+    np.testing.assert_array_equal(perm[layers[0].nnz:], want_perm)
+    from ctre_edge.packed import uses_csc
+    assert uses_csc([CSC_MAX_CONNECTIONS + 1, CSC_MAX_CONNECTIONS]) and not uses_csc([CSC_MAX_CONNECTIONS + 1])
