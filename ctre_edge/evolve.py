@@ -168,11 +168,13 @@ def drop_weakest(values: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     return keep
 
 
-def merged_csr(n_in: int, n_out: int, kept_pos: np.ndarray, new_pos: np.ndarray):
+def merged_csr(n_in: int, n_out: int, kept_pos: np.ndarray, new_pos: np.ndarray, new_order=None):
     """``csr_from_positions(n_in, n_out, concatenate([kept_pos, new_pos]))`` for sorted ``kept_pos``,
-    in O(nnz + k log k): only the k new positions are sorted, then merged (all positions distinct)."""
+    in O(nnz + k log k): only the k new positions are sorted (unless ``new_order``, the permutation
+    that sorts them, is given), then merged (all positions distinct)."""
     n_kept, k = kept_pos.shape[0], new_pos.shape[0]
-    new_order = np.argsort(new_pos, kind="stable")
+    if new_order is None:
+        new_order = np.argsort(new_pos, kind="stable")
     slots = np.searchsorted(kept_pos, new_pos[new_order]) + np.arange(k)
     is_new = np.zeros(n_kept + k, dtype=bool)
     is_new[slots] = True
@@ -219,11 +221,12 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
     old_vals, old_vel = layer.values[~keep], velocity[~keep]
 
     n_cos = 0
+    new_order = None
     new_vals = np.empty(k, np.float32)
     new_vel = np.zeros(k, np.float32)
     bound = np.sqrt(6.0 / layer.n_in)
     if pick is None:
-        new_pos = sample_positions(total, k, kept_pos, rng)
+        new_pos, new_order = sample_positions(total, k, kept_pos, rng, with_order=True)
         new_vals[:] = rng.uniform(-bound, bound, size=k)
     else:
         kept_indptr, kept_indices, _ = csr_from_positions(layer.n_in, layer.n_out, kept_pos)
@@ -253,7 +256,7 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
             n_cos = k - n_extra
             new_vals[:] = rng.uniform(-bound, bound, size=k)
 
-    indptr, indices, order = merged_csr(layer.n_in, layer.n_out, kept_pos, new_pos)
+    indptr, indices, order = merged_csr(layer.n_in, layer.n_out, kept_pos, new_pos, new_order)
     layer.indptr[:] = indptr
     layer.indices[:] = indices
     layer.values[:] = np.concatenate([layer.values[keep], new_vals])[order]
