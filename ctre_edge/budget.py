@@ -24,8 +24,9 @@ RUNTIME_BYTES = 176 * MiB
 # Extra peak while numba compiles the kernels on a cold cache (244 MiB vs 164 MiB, same tool).
 COMPILE_EXTRA_BYTES = 80 * MiB
 # numpy temporaries of one topology update per connection of the largest layer (positions, sort
-# keys, permutation): measured about 68 bytes on a 200,000 x 200,000 layer; rounded up.
-UPDATE_BYTES_PER_CONNECTION = 80
+# keys, permutation): 70.0 bytes measured with tracemalloc around ``evolve.update_layer`` (SET,
+# zeta 0.3) on ER epsilon-20 layers of 200,000 x 200,000 and 600,000 x 600,000; rounded up.
+UPDATE_BYTES_PER_CONNECTION = 72
 # A training plan fits when it stays under this share of the budget. The same run's measured peak
 # varied by up to 13% on a busy machine (allocator and transparent huge pages), and a run that dies
 # of out-of-memory after hours is the failure that matters; exported models (sizes known exactly)
@@ -118,11 +119,16 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         "model": per_layer + snapshot + biases + 4 * max(nnz) + 4 * max(sizes[1:])
         + (8 * sum(nnz) + 8 * (sum(sizes[1:]) + n_layers) if uses_csc(nnz) else 0),
         "batch": 4 * b * units + 8 * b * widest,
-        # Evaluation buffers hold at most as many rows as the larger of the parts they evaluate.
-        "evaluation": 4 * max(1, min(eb, max(shape.n_val, shape.n_test))) * units
-        + 8 * max(shape.n_val, shape.n_test) * (sizes[-1] + 1),
         "update": UPDATE_BYTES_PER_CONNECTION * max(nnz),
     }
+    # Evaluation buffers hold at most as many rows as the larger of the parts they evaluate, but
+    # while the topology updates run only the validation rows have touched them (np.empty pages are
+    # not resident until written); the test part is evaluated after the last update has freed its
+    # temporaries. So the peak is the larger of (validation + the update's transient) and (test), and
+    # this part is what the test evaluation adds beyond that transient (set below).
+    rows = max(shape.n_val, shape.n_test)
+    validation = 4 * max(1, min(eb, shape.n_val)) * units + 8 * shape.n_val * (sizes[-1] + 1)
+    evaluation = 4 * max(1, min(eb, rows)) * units + 8 * rows * (sizes[-1] + 1)
     if shape.method.startswith("ctre"):
         s = min(shape.similarity_samples, shape.n_train)
         k = max(int(0.2 * z) for z in nnz)
@@ -130,6 +136,8 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         # Exact: the activations of S samples at every level. Sketch: (n_in + n_out) x dim per layer.
         held = 8 * units * shape.sketch_dim if shape.sketch_dim else 4 * s * units
         parts["similarity"] = held + block + 64 * k + 4 * widest * n_layers
+    transient = max(parts.get("similarity", 0), parts["update"])  # as MemoryPlan.total counts them
+    parts["evaluation"] = max(validation, evaluation - transient)
     if cold_cache:
         parts["compile"] = COMPILE_EXTRA_BYTES
     return MemoryPlan(parts, budget, profile)
