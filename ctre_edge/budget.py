@@ -11,6 +11,7 @@ The parts that live for the whole run are summed; the two that come and go once 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field, replace
 
 from .errors import BudgetError
@@ -21,6 +22,18 @@ MiB = 1 << 20
 # Resident set of `ctre-edge train` with every kernel loaded from a warm numba cache, before the
 # data set: 176 MiB measured on x86-64 / Python 3.11 (the first row of tools/plan_vs_measured.py).
 RUNTIME_BYTES = 176 * MiB
+# numba imports scipy when it is installed (scikit-learn brings it), and a training process then maps
+# more of it: 17-18 MiB more measured peak (`python -m tools.plan_vs_measured --data mnist.npz --quick`,
+# first two rows, in one environment with scikit-learn installed and one without; x86-64, numba
+# 0.68.1, scipy 1.17); rounded up.
+SCIPY_BYTES = 20 * MiB
+
+
+def scipy_installed() -> bool:
+    """Whether numba will import scipy in a training process (looked up, not imported)."""
+    return importlib.util.find_spec("scipy") is not None
+
+
 # Extra peak while numba compiles the kernels on a cold cache (244 MiB vs 164 MiB, same tool).
 COMPILE_EXTRA_BYTES = 80 * MiB
 # numpy temporaries of one topology update per connection of the largest layer (positions, sort
@@ -42,6 +55,7 @@ PART_LABELS = {
     "similarity": "similarity scoring workspace (per epoch)",
     "update": "topology update temporaries (per epoch)",
     "compile": "numba compilation (cold cache only)",
+    "scipy": "scipy, which numba imports when it is installed",
 }
 
 
@@ -112,6 +126,7 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
     biases = 12 * sum(sizes[1:])                                             # bias, its momentum, best copy
     parts = {
         "runtime": RUNTIME_BYTES,
+        **({"scipy": SCIPY_BYTES} if scipy_installed() else {}),
         "data": shape.data_bytes + 16 * n_samples,  # + index arrays (split rows, shuffled order)
         # + the gradient buffers, and the CSC copy of the pattern that the parallel forward pass reads
         # (int32 row and position per connection, int64 column pointers), allocated on any multi-core
@@ -198,6 +213,7 @@ def refuse_unless_fits(plan: MemoryPlan) -> None:
         "similarity": "lower --similarity-samples (or pass --fit)",
         "update": "lower --epsilon or use narrower --hidden layers",
         "compile": "run `ctre-edge warmup` once so kernels load from the cache",
+        "scipy": "train in an environment without scipy (scikit-learn brings it)",
     }[part]
     raise BudgetError(f"the run needs about {plan.total / MiB:.0f} MiB but {plan.profile or 'the budget'} allows "
                       f"{plan.headroom * plan.budget / MiB:.0f} MiB ({plan.headroom:.0%} of its budget); "

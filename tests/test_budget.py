@@ -145,3 +145,29 @@ def test_mnist_on_small_pi_profiles(profile, hidden, warm_cache):
           f"budget {mem['budget_bytes'] / MiB:.0f} MiB")
     assert mem["measured_peak_bytes"] < mem["budget_bytes"]
     assert abs(ratio - 1) < 0.25
+
+
+def test_the_plan_counts_scipy_when_numba_will_import_it(monkeypatch):
+    """numba imports scipy when it is installed; the plan then has a part for it, and warmup's plan too."""
+    from dataclasses import replace
+
+    from ctre_edge import budget, warmup
+    from ctre_edge.errors import BudgetError
+    from ctre_edge.profiles import load_profile
+
+    shape = budget.RunShape(sizes=[64, 100, 10], epsilon=2.0, method="set", batch_size=50, eval_batch_size=100,
+                            similarity_samples=100, n_train=1000, n_val=100, n_test=200, data_bytes=64000)
+    monkeypatch.setattr(budget, "scipy_installed", lambda: False)
+    without = budget.plan_training(shape)
+    monkeypatch.setattr(budget, "scipy_installed", lambda: True)
+    with_scipy = budget.plan_training(shape)
+    assert "scipy" not in without.parts and with_scipy.parts["scipy"] == budget.SCIPY_BYTES
+    assert with_scipy.total == without.total + budget.SCIPY_BYTES
+    # a profile whose usable budget holds the largest warm-up step without scipy, but not with it
+    step = warmup.WARMUP_STEP_PEAK_BYTES
+    tight = replace(load_profile("rpi-zero-2w"), name="tight", train_budget_bytes=int((step + (8 << 20)) / 0.9))
+    monkeypatch.setattr(warmup, "scipy_installed", lambda: False)
+    assert warmup.plan_warmup(tight) == [[i] for i in range(len(warmup.STEPS))]
+    monkeypatch.setattr(warmup, "scipy_installed", lambda: True)
+    with pytest.raises(BudgetError, match="one step at a time"):
+        warmup.plan_warmup(tight)
