@@ -168,29 +168,6 @@ def drop_weakest(values: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     return keep
 
 
-def merged_csr(n_in: int, n_out: int, kept_pos: np.ndarray, new_pos: np.ndarray, new_order=None):
-    """``csr_from_positions(n_in, n_out, concatenate([kept_pos, new_pos]))`` for sorted ``kept_pos``,
-    in O(nnz + k log k): only the k new positions are sorted (unless ``new_order``, the permutation
-    that sorts them, is given), then merged (all positions distinct)."""
-    n_kept, k = kept_pos.shape[0], new_pos.shape[0]
-    if new_order is None:
-        new_order = np.argsort(new_pos, kind="stable")
-    slots = np.searchsorted(kept_pos, new_pos[new_order]) + np.arange(k)
-    is_new = np.zeros(n_kept + k, dtype=bool)
-    is_new[slots] = True
-    order = np.empty(n_kept + k, dtype=np.int64)
-    order[slots] = n_kept + new_order
-    order[~is_new] = np.arange(n_kept)
-    sorted_pos = np.empty(n_kept + k, dtype=np.int64)
-    sorted_pos[slots] = new_pos[new_order]
-    sorted_pos[~is_new] = kept_pos
-    rows = sorted_pos // n_out
-    indices = (sorted_pos - rows * n_out).astype(np.int32)
-    indptr = np.zeros(n_in + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_in), out=indptr[1:])
-    return indptr, indices, order
-
-
 def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) -> np.ndarray:
     """Drop ``floor(zeta*nnz)`` weakest connections of layer ``l`` and grow as many, in place.
 
@@ -256,9 +233,8 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
             n_cos = k - n_extra
             new_vals[:] = rng.uniform(-bound, bound, size=k)
 
-    indptr, indices, order = merged_csr(layer.n_in, layer.n_out, kept_pos, new_pos, new_order)
-    layer.indptr[:] = indptr
-    layer.indices[:] = indices
-    layer.values[:] = np.concatenate([layer.values[keep], new_vals])[order]
-    velocity[:] = np.concatenate([velocity[keep], new_vel])[order]
+    if new_order is None:
+        new_order = np.argsort(new_pos, kind="stable")
+    kernels.merge_topology(layer.n_out, kept_pos, layer.values[keep], velocity[keep], new_pos, new_order, new_vals,
+                           new_vel, layer.indptr, layer.indices, layer.values, velocity)
     return np.array([k, n_cos, k - n_cos], dtype=np.int64)

@@ -929,3 +929,57 @@ def projection_rows(sample_ids, seed, out):
                     out[b, 64 * w + t] = -scale
                 else:
                     out[b, 64 * w + t] = scale
+
+
+# --- the topology update's rebuild (evolve.py) ------------------------------------------------------
+
+@njit(cache=True)
+def merge_topology(n_out, kept_pos, kept_vals, kept_vel, new_pos, new_order, new_vals, new_vel,
+                   indptr, indices, values, velocity):
+    """The layer's CSR arrays after an update, in one O(nnz) pass: the kept connections (linear
+    positions ``i * n_out + j``, ascending, with their weights and momenta) merged with the grown
+    ones (``new_pos[new_order]`` ascending). Writes ``indptr``, ``indices``, ``values`` and
+    ``velocity`` (sized for the merged layer); all positions are distinct.
+
+    The same arrays as sorting every position and permuting the weights and momenta with that order
+    (``merged_csr_ref`` in tests/reference.py), without the O(nnz) temporaries of doing it in numpy:
+    on a 600,000 x 600,000 layer of 24 million connections that took 3.2 of the update's 6 s.
+    """
+    n_kept = kept_pos.shape[0]
+    k = new_pos.shape[0]
+    n_in = indptr.shape[0] - 1
+    # The grown connections in position order first: these reads are random, and in a loop of their
+    # own the CPU overlaps their cache misses, which the branches of the merge below would serialise.
+    grown_pos = np.empty(k, np.int64)
+    grown_vals = np.empty(k, np.float32)
+    grown_vel = np.empty(k, np.float32)
+    for q in range(k):
+        t = new_order[q]
+        grown_pos[q] = new_pos[t]
+        grown_vals[q] = new_vals[t]
+        grown_vel[q] = new_vel[t]
+    a = 0
+    q = 0
+    row = 0
+    row_end = n_out  # first position past the current row; positions ascend, so rows only advance
+    indptr[0] = 0
+    for o in range(n_kept + k):
+        if q >= k or (a < n_kept and kept_pos[a] < grown_pos[q]):
+            pos = kept_pos[a]
+            w = kept_vals[a]
+            v = kept_vel[a]
+            a += 1
+        else:
+            pos = grown_pos[q]
+            w = grown_vals[q]
+            v = grown_vel[q]
+            q += 1
+        while pos >= row_end:
+            row += 1
+            indptr[row] = o
+            row_end += n_out
+        indices[o] = pos - (row_end - n_out)
+        values[o] = w
+        velocity[o] = v
+    for r in range(row + 1, n_in + 1):
+        indptr[r] = n_kept + k

@@ -200,3 +200,26 @@ def rescore_topk(a_in, a_out, rows, cols, k):
     positions = rows * a_out.shape[0] + cols
     order = np.lexsort((positions, -scores))[:k]
     return rows[order], cols[order], scores[order]
+
+
+def merged_csr_ref(n_in, n_out, kept_pos, new_pos, new_order=None):
+    """``csr_from_positions(n_in, n_out, concatenate([kept_pos, new_pos]))`` for sorted ``kept_pos``,
+    in O(nnz + k log k): only the k new positions are sorted (unless ``new_order``, the permutation
+    that sorts them, is given), then merged (all positions distinct)."""
+    n_kept, k = kept_pos.shape[0], new_pos.shape[0]
+    if new_order is None:
+        new_order = np.argsort(new_pos, kind="stable")
+    slots = np.searchsorted(kept_pos, new_pos[new_order]) + np.arange(k)
+    is_new = np.zeros(n_kept + k, dtype=bool)
+    is_new[slots] = True
+    order = np.empty(n_kept + k, dtype=np.int64)
+    order[slots] = n_kept + new_order
+    order[~is_new] = np.arange(n_kept)
+    sorted_pos = np.empty(n_kept + k, dtype=np.int64)
+    sorted_pos[slots] = new_pos[new_order]
+    sorted_pos[~is_new] = kept_pos
+    rows = sorted_pos // n_out
+    indices = (sorted_pos - rows * n_out).astype(np.int32)
+    indptr = np.zeros(n_in + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_in), out=indptr[1:])
+    return indptr, indices, order

@@ -1,9 +1,11 @@
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import merged_csr_ref
 
+from ctre_edge import kernels
 from ctre_edge.config import TrainConfig
-from ctre_edge.evolve import TopologyPolicy, drop_weakest, merged_csr, update_layer
+from ctre_edge.evolve import TopologyPolicy, drop_weakest, update_layer
 from ctre_edge.layers import check_layer, csr_from_positions, erdos_renyi_layer, linear_positions, sample_positions
 from ctre_edge.packed import PackedNet
 
@@ -49,15 +51,26 @@ def test_drop_weakest_equals_a_full_sort(n, zeta, levels, seed):
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 40), st.floats(0, 1), st.floats(0, 1), st.integers(0, 2**32 - 1))
-def test_merged_csr_equals_sorting_everything(n_in, n_out, kept_share, new_share, seed):
+def test_merging_the_grown_connections_equals_sorting_everything(n_in, n_out, kept_share, new_share, seed):
     rng = np.random.default_rng(seed)
     total = n_in * n_out
     kept = np.sort(sample_positions(total, int(kept_share * total), np.empty(0, np.int64), rng))
     new = sample_positions(total, int(new_share * (total - kept.shape[0])), kept, rng)
-    got = merged_csr(n_in, n_out, kept, new)
+    got = merged_csr_ref(n_in, n_out, kept, new)
     want = csr_from_positions(n_in, n_out, np.concatenate([kept, new]))
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+    # the kernel that the update runs: the same CSR arrays, weights and momenta in that order
+    vals, vel = rng.normal(size=(2, kept.shape[0] + new.shape[0])).astype(np.float32)
+    indptr, indices = np.empty(n_in + 1, np.int64), np.empty(kept.shape[0] + new.shape[0], np.int32)
+    out_vals, out_vel = np.empty_like(vals), np.empty_like(vel)
+    n_kept = kept.shape[0]
+    kernels.merge_topology(n_out, kept, vals[:n_kept], vel[:n_kept], new, np.argsort(new), vals[n_kept:], vel[n_kept:],
+                           indptr, indices, out_vals, out_vel)
+    np.testing.assert_array_equal(indptr, want[0])
+    np.testing.assert_array_equal(indices, want[1])
+    np.testing.assert_array_equal(out_vals, vals[want[2]])
+    np.testing.assert_array_equal(out_vel, vel[want[2]])
 
 
 @settings(max_examples=40, deadline=None)
