@@ -144,6 +144,14 @@ def _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1):
             p += 1
 
 
+@njit(cache=True, inline="always")
+def _row_of(indptr, r, p):
+    """The row of connection p, walking forward from row r (at or before it)."""
+    while indptr[r + 1] <= p:
+        r += 1
+    return r
+
+
 @njit(cache=True)
 def _weight_gradient_by_span(indptr, indices, x, dy, grad, i0, i1):
     # Eight consecutive connections p..p+7 at a time; r0..r7 are their rows, found by walking indptr.
@@ -153,30 +161,14 @@ def _weight_gradient_by_span(indptr, indices, x, dy, grad, i0, i1):
     p_end = indptr[i1]
     r = i0
     while p + 8 <= p_end:
-        while indptr[r + 1] <= p:
-            r += 1
-        r0 = r
-        while indptr[r + 1] <= p + 1:
-            r += 1
-        r1 = r
-        while indptr[r + 1] <= p + 2:
-            r += 1
-        r2 = r
-        while indptr[r + 1] <= p + 3:
-            r += 1
-        r3 = r
-        while indptr[r + 1] <= p + 4:
-            r += 1
-        r4 = r
-        while indptr[r + 1] <= p + 5:
-            r += 1
-        r5 = r
-        while indptr[r + 1] <= p + 6:
-            r += 1
-        r6 = r
-        while indptr[r + 1] <= p + 7:
-            r += 1
-        r7 = r
+        r0 = _row_of(indptr, r, p)
+        r1 = _row_of(indptr, r0, p + 1)
+        r2 = _row_of(indptr, r1, p + 2)
+        r3 = _row_of(indptr, r2, p + 3)
+        r4 = _row_of(indptr, r3, p + 4)
+        r5 = _row_of(indptr, r4, p + 5)
+        r6 = _row_of(indptr, r5, p + 6)
+        r7 = _row_of(indptr, r6, p + 7)
         r = r0
         j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
         j4, j5, j6, j7 = indices[p + 4], indices[p + 5], indices[p + 6], indices[p + 7]
@@ -194,8 +186,7 @@ def _weight_gradient_by_span(indptr, indices, x, dy, grad, i0, i1):
         grad[p + 4], grad[p + 5], grad[p + 6], grad[p + 7] = a4, a5, a6, a7
         p += 8
     while p < p_end:
-        while indptr[r + 1] <= p:
-            r += 1
+        r = _row_of(indptr, r, p)
         j0 = indices[p]
         a0 = z
         for b in range(nb):
