@@ -16,8 +16,17 @@ order here): the layers' arrays concatenated, with offsets ``ptr_off`` (into ``i
 Each kernel has a numpy twin in ``tests/reference.py`` that the tests compare against.
 """
 
+import numba
 import numpy as np
 from numba import njit, prange
+
+# Start numba's threading layer now, whatever is called first. A cached kernel records that loading it
+# must start the threading layer only when its parallel callees were compiled in the same process
+# (numba 0.68.1): one compiled while ``sparse_forward_threads`` came from the cache (warmup's one
+# step per process does that) loads without the hook, and its first parallel loop in a fresh process
+# crashes. ``get_num_threads`` starts the layer as a side effect (numba's documented behaviour);
+# ``train`` calls it anyway, so only direct calls to the kernels were exposed.
+numba.get_num_threads()
 
 # --- one layer: forward, backward (input and weight gradients), SGD step ---------------------------
 

@@ -32,6 +32,32 @@ def test_after_warmup_a_fresh_train_compiles_nothing(tmp_path):
         assert saved == [], saved[:3]
 
 
+def test_a_kernel_compiled_beside_a_cached_parallel_callee_runs_from_the_cache(tmp_path):
+    """numba 0.68.1 drops the threading layer's start-up hook from a kernel compiled while its parallel
+    callee came from the cache; loaded in a fresh process, its parallel loop crashed (warmup's one step
+    per process made exactly that order). Importing ``ctre_edge.kernels`` starts the layer first."""
+    (tmp_path / "pair.py").write_text(textwrap.dedent("""
+        import ctre_edge.kernels
+        from numba import njit, prange
+
+        @njit(cache=True, parallel=True)
+        def inner(a):
+            for i in prange(a.size):
+                a[i] += 1.0
+
+        @njit(cache=True)
+        def outer(a):
+            inner(a)
+            return a.sum()
+    """))
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
+    steps = ["pair.inner(np.zeros(64))", "print(pair.outer(np.zeros(64)))", "print(pair.outer(np.zeros(64)))"]
+    for step in steps:  # compile inner; compile outer, inner from the cache; outer from the cache
+        r = run_py(f"import numpy as np, pair; {step}", env)
+        assert r.returncode == 0, (step, r.returncode, r.stderr[-500:])
+    assert r.stdout.split() == ["64.0"]
+
+
 def test_cache_dir_falls_back_when_unwritable(tmp_path):
     r = run_py("""
         import os
@@ -141,3 +167,22 @@ def test_warmup_under_the_zero_2w_profile_compiles_step_by_step(tmp_path):
                        text=True, env={**os.environ, "NUMBA_DEBUG_CACHE": "1"})
     assert r.returncode == 0 and "compiling kernels" not in r.stderr, r.stderr
     assert not [line for line in (r.stdout + r.stderr).splitlines() if "data saved" in line]
+    # the order of those steps once made the float32 trainer crash when called directly from the cache
+    r = run_py("""
+        import numpy as np
+        from ctre_edge import kernels
+        from ctre_edge.layers import erdos_renyi_layer
+        from ctre_edge.packed import CSC_MAX_CONNECTIONS, PackedNet
+        rng = np.random.default_rng(0)
+        net = PackedNet.from_layers([erdos_renyi_layer(6, 5, 2, rng), erdos_renyi_layer(5, 4, 2, rng)])
+        X, y, f = rng.random((20, 6)).astype(np.float32), rng.integers(0, 4, 20), np.float32
+        csc = net.csc_buffers()
+        kernels.csc_all(*net[:6], *csc, CSC_MAX_CONNECTIONS)
+        loss, _ = kernels.train_batches(X, y, np.arange(20), 4, np.zeros(6, f), np.ones(6, f), *net,
+                                        np.empty(60, f), np.empty(24, f), np.empty(24, f),
+                                        np.empty(int(np.diff(net.nz_off).max()), f), np.empty(5, f), *csc,
+                                        f(0.1), f(0.9), f(1e-3), 2)
+        print(np.isfinite(loss))
+    """, {"NUMBA_CACHE_DIR": str(cache), "NUMBA_DEBUG_CACHE": "1"})
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "True", (r.returncode, r.stderr[-500:])
+    assert "data saved" not in r.stdout + r.stderr
