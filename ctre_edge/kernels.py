@@ -75,12 +75,17 @@ def sparse_backward(indptr, indices, values, x, dy, dx, grad, compute_dx):
 
     Summation order, the same in every backward kernel here: each grad[p] adds its products in
     batch order b = 0, 1, ... starting from 0; each dx[i, b] adds its connections in CSR order
-    starting from 0. The two sums run in separate kernels because they need different loops to be
+    starting from 0. The two sums run in separate loops because they need different loops to be
     fast: the weight gradient is a reduction per connection (a float chain that cannot become a
     SIMD reduction without reordering it), the input gradient is elementwise over the batch.
+    The training loop runs the same sums in ``backward_rows``, which also skips dead neurons and
+    applies the ReLU mask to dx; this one-layer form leaves dx unmasked.
     """
     n_in = indptr.shape[0] - 1
-    weight_gradient_rows(indptr, indices, x, dy, grad, 0, n_in, wide_rows(indptr))
+    n_out = dy.shape[0]
+    live = np.empty(2 * LIVE_CHUNK, np.int64)
+    backward_rows(indptr, indices, values, x, dy, dx, grad, 0, n_in, np.ones(n_in, np.uint8),
+                  np.ones(n_out, np.uint8), False, wide_rows(indptr), live[:LIVE_CHUNK], live[LIVE_CHUNK:])
     if compute_dx:
         input_gradient_rows(indptr, indices, values, dy, x, dx, 0, n_in, False)
 
@@ -90,21 +95,6 @@ def wide_rows(indptr):
     """Whether a layer's rows hold 8 or more connections on average (picks the weight-gradient loop)."""
     n_in = indptr.shape[0] - 1
     return indptr[n_in] - indptr[0] >= 8 * n_in
-
-
-@njit(cache=True)
-def weight_gradient_rows(indptr, indices, x, dy, grad, i0, i1, wide):
-    """grad[p] = sum_b x[i, b] * dy[j, b] for the connections of input rows i0:i1, in batch order.
-
-    Each sum is one chain of float additions in batch order, so its speed is the add latency;
-    the loops below run 8 independent chains at once instead. ``wide``: 8 connections of one row
-    at a time (x[i, b] read once for all 8), else any 8 consecutive connections, whatever rows
-    they are in (rows of about 2 connections at epsilon 1). Either gives the same bits.
-    """
-    if wide:
-        _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1)
-    else:
-        _weight_gradient_by_span(indptr, indices, x, dy, grad, i0, i1)
 
 
 @njit(cache=True)
@@ -153,57 +143,6 @@ def _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1):
             p += 1
 
 
-@njit(cache=True, inline="always")
-def _row_of(indptr, r, p):
-    """The row of connection p, walking forward from row r (at or before it)."""
-    while indptr[r + 1] <= p:
-        r += 1
-    return r
-
-
-@njit(cache=True)
-def _weight_gradient_by_span(indptr, indices, x, dy, grad, i0, i1):
-    # Eight consecutive connections p..p+7 at a time; r0..r7 are their rows, found by walking indptr.
-    nb = x.shape[1]
-    z = np.float32(0.0)
-    p = indptr[i0]
-    p_end = indptr[i1]
-    r = i0
-    while p + 8 <= p_end:
-        r0 = _row_of(indptr, r, p)
-        r1 = _row_of(indptr, r0, p + 1)
-        r2 = _row_of(indptr, r1, p + 2)
-        r3 = _row_of(indptr, r2, p + 3)
-        r4 = _row_of(indptr, r3, p + 4)
-        r5 = _row_of(indptr, r4, p + 5)
-        r6 = _row_of(indptr, r5, p + 6)
-        r7 = _row_of(indptr, r6, p + 7)
-        r = r0
-        j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
-        j4, j5, j6, j7 = indices[p + 4], indices[p + 5], indices[p + 6], indices[p + 7]
-        a0, a1, a2, a3, a4, a5, a6, a7 = z, z, z, z, z, z, z, z
-        for b in range(nb):
-            a0 += x[r0, b] * dy[j0, b]
-            a1 += x[r1, b] * dy[j1, b]
-            a2 += x[r2, b] * dy[j2, b]
-            a3 += x[r3, b] * dy[j3, b]
-            a4 += x[r4, b] * dy[j4, b]
-            a5 += x[r5, b] * dy[j5, b]
-            a6 += x[r6, b] * dy[j6, b]
-            a7 += x[r7, b] * dy[j7, b]
-        grad[p], grad[p + 1], grad[p + 2], grad[p + 3] = a0, a1, a2, a3
-        grad[p + 4], grad[p + 5], grad[p + 6], grad[p + 7] = a4, a5, a6, a7
-        p += 8
-    while p < p_end:
-        r = _row_of(indptr, r, p)
-        j0 = indices[p]
-        a0 = z
-        for b in range(nb):
-            a0 += x[r, b] * dy[j0, b]
-        grad[p] = a0
-        p += 1
-
-
 @njit(cache=True)
 def input_gradient_rows(indptr, indices, values, dy, x, dx, i0, i1, relu):
     """dx[i, :] = sum_{(i,j)} w_ij dy[j, :] for input rows i0:i1, connections in CSR order.
@@ -237,18 +176,131 @@ def input_gradient_rows(indptr, indices, values, dy, x, dx, i0, i1, relu):
                     dx[i, b] = 0.0
 
 
+# Scratch per thread for ``backward_rows``' lists of live connections: positions and rows, 16 KiB.
+LIVE_CHUNK = 1024
+
+
+@njit(cache=True)
+def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, alive_out, compute_dx, wide, pos, row):
+    """The training loop's backward pass of a sparse layer's input rows i0:i1, on existing connections only.
+
+    grad[p] = sum_b x[i, b] * dy[j, b] for connection p = (i, j); if ``compute_dx``, dx[i, :] =
+    sum_{(i,j)} w_ij dy[j, :] with the ReLU mask of x applied (0 where x[i, b] <= 0), which is what
+    the layer below needs. Same summation order as ``sparse_backward``, so the same bits.
+
+    Dead neurons are skipped: ``alive_in[i]`` / ``alive_out[j]`` are 0 where x[i, :] / dy[j, :] is all
+    zero in this batch (``relu_alive``; all ones is always right). A trained ReLU network at epsilon 1
+    has a quarter to a half of its hidden neurons dead in a batch. Every product of a dead connection
+    is +-0, and adding +-0 to these sums (which start at +0 and never become -0) changes nothing, so
+    its gradient is +0 and its terms in dx vanish; a dead row's dx is all masked to 0 anyway. (Only a
+    non-finite weight or activation, in a run that has diverged, could tell the difference.)
+
+    The live connections are listed chunk by chunk (``pos``, ``row``: int64 scratch of the same size)
+    in CSR order. ``wide`` (``wide_rows``): the weight gradient runs by rows, 8 chains sharing each
+    load of x[i, b]; else 8 chains run over the listed connections, whatever rows they are in (rows
+    of about 2 connections at epsilon 1). dx adds each row's listed connections four per pass over
+    dx[i, :], left to right.
+    """
+    nb = x.shape[1]
+    z = np.float32(0.0)
+    if wide:
+        _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1)
+        if not compute_dx:
+            return
+    chunk = pos.shape[0]
+    i = i0
+    p = indptr[i0]
+    masked = i0  # the rows before this one have their final dx, masked
+    while i < i1:
+        m = 0
+        while i < i1 and m < chunk:  # list the next live connections; a row may continue in the next chunk
+            p1 = indptr[i + 1]
+            if compute_dx and p == indptr[i]:
+                for b in range(nb):
+                    dx[i, b] = z
+            live_row = alive_in[i] != 0
+            while p < p1 and m < chunk:
+                if live_row and alive_out[indices[p]] != 0:
+                    pos[m] = p
+                    row[m] = i
+                    m += 1
+                elif not wide:
+                    grad[p] = z
+                p += 1
+            if p == p1:
+                i += 1
+        if not wide:
+            q = 0
+            while q + 8 <= m:
+                r0, r1, r2, r3 = row[q], row[q + 1], row[q + 2], row[q + 3]
+                r4, r5, r6, r7 = row[q + 4], row[q + 5], row[q + 6], row[q + 7]
+                p0, p1, p2, p3 = pos[q], pos[q + 1], pos[q + 2], pos[q + 3]
+                p4, p5, p6, p7 = pos[q + 4], pos[q + 5], pos[q + 6], pos[q + 7]
+                j0, j1, j2, j3 = indices[p0], indices[p1], indices[p2], indices[p3]
+                j4, j5, j6, j7 = indices[p4], indices[p5], indices[p6], indices[p7]
+                a0, a1, a2, a3, a4, a5, a6, a7 = z, z, z, z, z, z, z, z
+                for b in range(nb):
+                    a0 += x[r0, b] * dy[j0, b]
+                    a1 += x[r1, b] * dy[j1, b]
+                    a2 += x[r2, b] * dy[j2, b]
+                    a3 += x[r3, b] * dy[j3, b]
+                    a4 += x[r4, b] * dy[j4, b]
+                    a5 += x[r5, b] * dy[j5, b]
+                    a6 += x[r6, b] * dy[j6, b]
+                    a7 += x[r7, b] * dy[j7, b]
+                grad[p0], grad[p1], grad[p2], grad[p3] = a0, a1, a2, a3
+                grad[p4], grad[p5], grad[p6], grad[p7] = a4, a5, a6, a7
+                q += 8
+            while q < m:
+                r0 = row[q]
+                p0 = pos[q]
+                j0 = indices[p0]
+                a0 = z
+                for b in range(nb):
+                    a0 += x[r0, b] * dy[j0, b]
+                grad[p0] = a0
+                q += 1
+        if compute_dx:
+            q = 0
+            while q < m:  # one run of listed connections per row
+                r = row[q]
+                q_end = q
+                while q_end < m and row[q_end] == r:
+                    q_end += 1
+                while q + 4 <= q_end:
+                    p0, p1, p2, p3 = pos[q], pos[q + 1], pos[q + 2], pos[q + 3]
+                    j0, j1, j2, j3 = indices[p0], indices[p1], indices[p2], indices[p3]
+                    w0, w1, w2, w3 = values[p0], values[p1], values[p2], values[p3]
+                    for b in range(nb):
+                        dx[r, b] = (((dx[r, b] + w0 * dy[j0, b]) + w1 * dy[j1, b]) + w2 * dy[j2, b]) + w3 * dy[j3, b]
+                    q += 4
+                while q < q_end:
+                    p0 = pos[q]
+                    j0 = indices[p0]
+                    w0 = values[p0]
+                    for b in range(nb):
+                        dx[r, b] += w0 * dy[j0, b]
+                    q += 1
+            for r in range(masked, i):
+                if alive_in[r] != 0:
+                    for b in range(nb):
+                        if x[r, b] <= 0.0:
+                            dx[r, b] = z
+            masked = i
+
+
 @njit(cache=True, parallel=True)
-def sparse_backward_threads(indptr, indices, values, x, dy, dx, grad, compute_dx, relu, threads):
-    """``sparse_backward`` on ``threads`` threads, each on its own input rows: a row owns its
+def sparse_backward_threads(indptr, indices, values, x, dy, dx, grad, alive_in, alive_out, compute_dx, threads, live):
+    """``backward_rows`` on ``threads`` threads, each on its own input rows: a row owns its
     connections and its dx row, so no two threads write the same number; same bits as serial.
-    With ``relu``, dx also gets the ReLU mask of x (see ``input_gradient_rows``)."""
+    ``live``: int64 scratch of 2 * LIVE_CHUNK entries per thread."""
     n_in = indptr.shape[0] - 1
     wide = wide_rows(indptr)
     for t in prange(threads):
-        i0, i1 = t * n_in // threads, (t + 1) * n_in // threads
-        weight_gradient_rows(indptr, indices, x, dy, grad, i0, i1, wide)
-        if compute_dx:
-            input_gradient_rows(indptr, indices, values, dy, x, dx, i0, i1, relu)
+        s = 2 * LIVE_CHUNK * t
+        backward_rows(indptr, indices, values, x, dy, dx, grad, t * n_in // threads, (t + 1) * n_in // threads,
+                      alive_in, alive_out, compute_dx, wide, live[s:s + LIVE_CHUNK],
+                      live[s + LIVE_CHUNK:s + 2 * LIVE_CHUNK])
 
 
 # --- the forward pass by output rows, from a CSC copy of the pattern -----------------------------------
@@ -328,19 +380,25 @@ def sparse_forward_threads(colptr, rowidx, perm, values, bias, x, out, relu, thr
 
 @njit(cache=True)
 def bias_gradient(dy, out):
-    """out[j] = sum_b dy[j, b], added in batch order from 0; four neurons' chains at a time."""
+    """out[j] = sum_b dy[j, b], added in batch order from 0; eight neurons' chains at a time, since
+    each chain waits on its add's latency."""
     n, nb = dy.shape
     z = np.float32(0.0)
     j = 0
-    while j + 4 <= n:
-        s0, s1, s2, s3 = z, z, z, z
+    while j + 8 <= n:
+        s0, s1, s2, s3, s4, s5, s6, s7 = z, z, z, z, z, z, z, z
         for b in range(nb):
             s0 += dy[j, b]
             s1 += dy[j + 1, b]
             s2 += dy[j + 2, b]
             s3 += dy[j + 3, b]
+            s4 += dy[j + 4, b]
+            s5 += dy[j + 5, b]
+            s6 += dy[j + 6, b]
+            s7 += dy[j + 7, b]
         out[j], out[j + 1], out[j + 2], out[j + 3] = s0, s1, s2, s3
-        j += 4
+        out[j + 4], out[j + 5], out[j + 6], out[j + 7] = s4, s5, s6, s7
+        j += 8
     while j < n:
         s0 = z
         for b in range(nb):
@@ -369,6 +427,21 @@ def relu_inplace(h):
         for b in range(nb):
             if h[j, b] < 0.0:
                 h[j, b] = 0.0
+
+
+@njit(cache=True)
+def relu_alive(h, alive):
+    """``relu_inplace``, and alive[j] = 1 where some h[j, b] > 0 after it, else 0 (a dead neuron for
+    this batch). A select and an integer OR, no branch, so the loop stays SIMD."""
+    n, nb = h.shape
+    for j in range(n):
+        a = 0
+        for b in range(nb):
+            v = h[j, b]
+            v = np.float32(0.0) if v < 0.0 else v
+            h[j, b] = v
+            a |= v > 0.0
+        alive[j] = a
 
 
 @njit(cache=True)
@@ -465,8 +538,9 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
     """One pass of minibatch SGD over ``order`` (sample rows, already shuffled), in place.
 
     Per batch: forward (ReLU hidden, softmax output), mean cross-entropy, backward on existing
-    connections only, Nesterov step per layer right after its gradients (the input gradient
-    of a layer is computed before its weights change). Buffers are preallocated by the caller:
+    connections only (``backward_rows``, which skips the connections of this batch's dead
+    neurons), Nesterov step per layer right after its gradients (the input gradient of a layer
+    is computed before its weights change). Buffers are preallocated by the caller:
     act >= sum(sizes)*batch_size, delta_a/delta_b >= max(sizes)*batch_size,
     grad >= max layer nnz, bias_grad >= max(sizes[1:]). The last batch may be partial.
     Returns (sum of sample losses, number of correct training predictions).
@@ -486,9 +560,13 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
     n_layers = sizes.shape[0] - 1
     total_loss = 0.0
     total_correct = 0
-    level_off = np.zeros(n_layers + 1, dtype=np.int64)
-    for l in range(n_layers):
+    level_off = np.zeros(n_layers + 2, dtype=np.int64)
+    for l in range(n_layers + 1):
         level_off[l + 1] = level_off[l] + sizes[l]
+    # Per batch, which neurons of each level are alive (``relu_alive``); inputs and outputs always
+    # count as alive. The backward pass skips the connections of dead ones (``backward_rows``).
+    alive = np.ones(level_off[n_layers + 1], dtype=np.uint8)
+    live = np.empty(2 * LIVE_CHUNK * max(threads, 1), dtype=np.int64)  # backward_rows' lists, per thread
     have_csc = colptr.shape[0] > 0
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
@@ -510,8 +588,8 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
             else:
                 sparse_forward(indptr[ptr_off[l]:ptr_off[l + 1]], indices[p0:p1], values[p0:p1],
                                bias[unit_off[l]:unit_off[l + 1]], a, out)
-                if hidden:
-                    relu_inplace(out)
+            if hidden:  # after the threaded pass's fused ReLU this only marks the dead neurons
+                relu_alive(out, alive[level_off[l + 1]:level_off[l + 2]])
             if not hidden:
                 softmax_inplace(out)
             a = out
@@ -541,16 +619,17 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
             lp = indptr[ptr_off[l]:ptr_off[l + 1]]
             g = grad[:p1 - p0]
             # dx of a hidden level comes out with the ReLU mask of x applied (l > 0).
+            alive_in = alive[level_off[l]:level_off[l + 1]]
+            alive_out = alive[level_off[l + 1]:level_off[l + 2]]
             if threads > 1 and n_in > 1 and (p1 - p0) * nb >= PARALLEL_MIN_WORK:
-                sparse_backward_threads(lp, indices[p0:p1], values[p0:p1], x, dy, dx, g, l > 0, True,
-                                        min(threads, n_in))
+                sparse_backward_threads(lp, indices[p0:p1], values[p0:p1], x, dy, dx, g, alive_in, alive_out,
+                                        l > 0, min(threads, n_in), live)
             else:
                 # first row as an int64 value, not the literal 0: numba would compile a second copy
-                # of both kernels (and their callees) specialised to the constant, about 8 MiB of compile peak
+                # of the kernels (and their callees) specialised to the constant, about 8 MiB of compile peak
                 first = np.int64(0)
-                weight_gradient_rows(lp, indices[p0:p1], x, dy, g, first, n_in, wide_rows(lp))
-                if l > 0:
-                    input_gradient_rows(lp, indices[p0:p1], values[p0:p1], dy, x, dx, first, n_in, True)
+                backward_rows(lp, indices[p0:p1], values[p0:p1], x, dy, dx, g, first, n_in, alive_in, alive_out,
+                              l > 0, wide_rows(lp), live[:LIVE_CHUNK], live[LIVE_CHUNK:2 * LIVE_CHUNK])
             nesterov_step(values[p0:p1], velocity[p0:p1], g, lr, momentum, l2)
             u0 = unit_off[l]
             u1 = unit_off[l + 1]

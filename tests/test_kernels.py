@@ -198,9 +198,18 @@ def test_thread_count_does_not_change_the_model(tmp_path):
     assert files[0] == files[1] == files[2]
 
 
+def live_scratch(threads=1):
+    return np.empty(2 * kernels.LIVE_CHUNK * threads, np.int64)
+
+
+def backward_rows(layer, x, dy, dx, g, alive_in, alive_out, compute_dx, wide):
+    live = live_scratch()
+    kernels.backward_rows(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 0, layer.n_in, alive_in, alive_out,
+                          compute_dx, wide, live[:kernels.LIVE_CHUNK], live[kernels.LIVE_CHUNK:])
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
-@pytest.mark.parametrize("relu", [False, True])
-def test_sparse_backward_threads_equals_serial_bit_for_bit(threads, relu, rng):
+def test_sparse_backward_threads_equals_serial_bit_for_bit(threads, rng):
     for eps in (1, 6, 30):  # rows of about 1, 6 and 20 connections: both weight-gradient loops
         layer = erdos_renyi_layer(57, 40, eps, rng)
         x = rng.normal(size=(57, 13)).astype(np.float32)
@@ -209,9 +218,9 @@ def test_sparse_backward_threads_equals_serial_bit_for_bit(threads, relu, rng):
         got_dx, got_g = np.empty_like(x), np.empty(layer.nnz, np.float32)
         a = (layer.indptr, layer.indices, layer.values, x, dy)
         kernels.sparse_backward(*a, want_dx, want_g, True)
-        if relu:
-            want_dx[x <= 0] = 0
-        kernels.sparse_backward_threads(*a, got_dx, got_g, True, relu, threads)
+        want_dx[x <= 0] = 0
+        alive = (np.ones(57, np.uint8), np.ones(40, np.uint8))
+        kernels.sparse_backward_threads(*a, got_dx, got_g, *alive, True, threads, live_scratch(threads))
         np.testing.assert_array_equal(got_dx, want_dx)
         np.testing.assert_array_equal(got_g, want_g)
 
@@ -226,15 +235,68 @@ def test_backward_adds_in_the_documented_order(shape):
     x = rng.normal(size=(n_in, batch)).astype(np.float32)
     dy = rng.normal(size=(n_out, batch)).astype(np.float32)
     want_dx, want_g = backward_in_order_ref(layer, x, dy)
-    for wide in (False, True):  # both loops of weight_gradient_rows, whatever the row lengths
-        g = np.empty(layer.nnz, np.float32)
-        kernels.weight_gradient_rows(layer.indptr, layer.indices, x, dy, g, 0, n_in, wide)
+    ones = np.ones(n_in, np.uint8), np.ones(n_out, np.uint8)
+    for wide in (False, True):  # both weight-gradient loops, whatever the row lengths
+        g, dx = np.empty(layer.nnz, np.float32), np.full_like(x, 7.0)
+        backward_rows(layer, x, dy, dx, g, *ones, True, wide)
         np.testing.assert_array_equal(g, want_g)
+        np.testing.assert_array_equal(dx, np.where(x > 0, want_dx, 0))
     dx = np.full_like(x, 7.0)
-    kernels.input_gradient_rows(layer.indptr, layer.indices, layer.values, dy, x, dx, 0, n_in, False)
+    kernels.sparse_backward(layer.indptr, layer.indices, layer.values, x, dy, dx, g, True)
     np.testing.assert_array_equal(dx, want_dx)
-    kernels.input_gradient_rows(layer.indptr, layer.indices, layer.values, dy, x, dx, 0, n_in, True)
-    np.testing.assert_array_equal(dx, np.where(x > 0, want_dx, 0))
+    np.testing.assert_array_equal(g, want_g)
+
+
+@settings(max_examples=80, deadline=None)
+@given(layer_shapes, st.floats(0, 1), st.floats(0, 1))
+def test_backward_on_live_connections_gives_the_same_bits(shape, dead_in, dead_out):
+    """Skipping dead neurons' connections (ReLU activations all zero in the batch) changes no bit of
+    the weight gradient or of the masked input gradient; all-ones flags are always right."""
+    n_in, n_out, eps, batch, seed = shape
+    layer, rng = random_layer(n_in, n_out, eps, seed)
+    x = np.maximum(rng.normal(size=(n_in, batch)), 0).astype(np.float32)
+    x[rng.random(n_in) < dead_in] = 0.0
+    dy = rng.normal(size=(n_out, batch)).astype(np.float32)
+    dy[rng.random(n_out) < dead_out] = 0.0
+    want_dx, want_g = backward_in_order_ref(layer, x, dy)
+    want_dx = np.where(x > 0, want_dx, 0)
+    flags = [((x > 0).any(1).astype(np.uint8), (dy != 0).any(1).astype(np.uint8)),
+             (np.ones(n_in, np.uint8), np.ones(n_out, np.uint8))]
+    for alive_in, alive_out in flags:
+        for threads in (1, 3):
+            g, dx = np.full(layer.nnz, 7.0, np.float32), np.full_like(x, 7.0)
+            kernels.sparse_backward_threads(layer.indptr, layer.indices, layer.values, x, dy, dx, g, alive_in,
+                                            alive_out, True, threads, live_scratch(threads))
+            np.testing.assert_array_equal(g, want_g)
+            np.testing.assert_array_equal(dx, want_dx)
+        for wide in (False, True):
+            g = np.full(layer.nnz, 7.0, np.float32)
+            backward_rows(layer, x, dy, dx, g, alive_in, alive_out, False, wide)
+            np.testing.assert_array_equal(g, want_g)
+
+
+def test_backward_on_live_connections_across_chunks_and_over_long_rows(rng):
+    """The live connections fill several chunks of the list, and one row is longer than a chunk."""
+    n_in, n_out, batch = 3000, kernels.LIVE_CHUNK * 2 + 300, 9
+    layer = erdos_renyi_layer(n_in, n_out, 1, rng)
+    dense_row = np.arange(n_out, dtype=np.int32)  # input row 5 connects to every output
+    indices = np.concatenate([layer.indices[:layer.indptr[5]], dense_row, layer.indices[layer.indptr[6]:]])
+    indptr = layer.indptr.copy()
+    indptr[6:] += n_out - (layer.indptr[6] - layer.indptr[5])
+    layer = layer._replace(indptr=indptr, indices=indices, values=rng.normal(size=indices.size).astype(np.float32))
+    assert not kernels.wide_rows(layer.indptr)
+    x = np.maximum(rng.normal(size=(n_in, batch)), 0).astype(np.float32)
+    x[rng.random(n_in) < 0.4] = 0.0
+    x[5] = np.abs(x[5]) + 0.5  # the long row is alive
+    dy = rng.normal(size=(n_out, batch)).astype(np.float32)
+    dy[rng.random(n_out) < 0.3] = 0.0
+    want_dx, want_g = backward_in_order_ref(layer, x, dy)
+    flags = (x > 0).any(1).astype(np.uint8), (dy != 0).any(1).astype(np.uint8)
+    for wide in (False, True):
+        g, dx = np.empty(layer.nnz, np.float32), np.empty_like(x)
+        backward_rows(layer, x, dy, dx, g, *flags, True, wide)
+        np.testing.assert_array_equal(g, want_g)
+        np.testing.assert_array_equal(dx, np.where(x > 0, want_dx, 0))
 
 
 @settings(max_examples=60, deadline=None)
@@ -284,7 +346,7 @@ def test_train_batches_is_bit_identical_across_thread_counts(rng):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 23), st.integers(0, 40), st.integers(0, 2**32 - 1))
+@given(st.integers(1, 40), st.integers(0, 40), st.integers(0, 2**32 - 1))
 def test_bias_gradient_adds_in_batch_order(n, batch, seed):
     dy = np.random.default_rng(seed).normal(size=(n, batch)).astype(np.float32)
     out = np.full(n, 7.0, np.float32)

@@ -26,7 +26,8 @@ def phase_child(spec: dict) -> dict:
     threads = numba.get_num_threads()
     nb, repeats = spec["batch"], spec["repeats"]
     sizes = [784] + [spec["hidden"]] * 3 + [10]
-    split = hasattr(kernels, "weight_gradient_rows")  # kernels after the weight/input gradient split
+    skips = hasattr(kernels, "backward_rows")  # kernels that skip dead neurons' connections
+    split = skips or hasattr(kernels, "weight_gradient_rows")  # kernels after the weight/input gradient split
 
     def median_seconds(f):
         f()
@@ -50,10 +51,18 @@ def phase_child(spec: dict) -> dict:
             kernels.csc_from_csr(layer.indptr, layer.indices, *csc)
             row["forward"] = median_seconds(lambda: kernels.sparse_forward_threads(
                 *csc, layer.values, layer.bias, x, out, True, threads))
-            row["weight gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
-                *a, x, dy, dx, grad, False, False, threads))
-            row["weight + input gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
-                *a, x, dy, dx, grad, True, True, threads))
+            if skips:  # flags of dead neurons (random activations have none) and list scratch
+                flags = (np.ones(sizes[l], np.uint8), np.ones(sizes[l + 1], np.uint8))
+                live = np.empty(2 * kernels.LIVE_CHUNK * threads, np.int64)
+                row["weight gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
+                    *a, x, dy, dx, grad, *flags, False, threads, live))
+                row["weight + input gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
+                    *a, x, dy, dx, grad, *flags, True, threads, live))
+            else:
+                row["weight gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
+                    *a, x, dy, dx, grad, False, False, threads))
+                row["weight + input gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
+                    *a, x, dy, dx, grad, True, True, threads))
         else:
             row["forward"] = median_seconds(lambda: kernels.sparse_forward(*a, layer.bias, x, out))
             row["weight gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
