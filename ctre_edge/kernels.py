@@ -195,18 +195,20 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
     its gradient is +0 and its terms in dx vanish; a dead row's dx is all masked to 0 anyway. (Only a
     non-finite weight or activation, in a run that has diverged, could tell the difference.)
 
-    The live connections are listed chunk by chunk (``pos``, ``row``: int64 scratch of the same size)
-    in CSR order. ``wide`` (``wide_rows``): the weight gradient runs by rows, 8 chains sharing each
-    load of x[i, b]; else 8 chains run over the listed connections, whatever rows they are in (rows
-    of about 2 connections at epsilon 1). dx adds each row's listed connections four per pass over
-    dx[i, :], left to right.
+    ``wide`` (``wide_rows``, where hardly any neuron is dead): the weight gradient runs by rows, 8
+    chains sharing each load of x[i, b], and dx by ``input_gradient_rows``, without skipping (there,
+    listing the connections cost more than it saved). Else the live connections are listed chunk by
+    chunk (``pos``, ``row``: int64 scratch of the same size) in CSR order; 8 chains run over them,
+    whatever rows they are in (rows of about 2 connections at epsilon 1), and dx adds each row's
+    listed connections four per pass over dx[i, :], left to right.
     """
     nb = x.shape[1]
     z = np.float32(0.0)
     if wide:
         _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1)
-        if not compute_dx:
-            return
+        if compute_dx:
+            input_gradient_rows(indptr, indices, values, dy, x, dx, i0, i1, True)
+        return
     chunk = pos.shape[0]
     i = i0
     p = indptr[i0]
@@ -214,52 +216,51 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
     while i < i1:
         m = 0
         while i < i1 and m < chunk:  # list the next live connections; a row may continue in the next chunk
-            p1 = indptr[i + 1]
+            row_end = indptr[i + 1]
             if compute_dx and p == indptr[i]:
                 for b in range(nb):
                     dx[i, b] = z
             live_row = alive_in[i] != 0
-            while p < p1 and m < chunk:
+            while p < row_end and m < chunk:
                 if live_row and alive_out[indices[p]] != 0:
                     pos[m] = p
                     row[m] = i
                     m += 1
-                elif not wide:
+                else:
                     grad[p] = z
                 p += 1
-            if p == p1:
+            if p == row_end:
                 i += 1
-        if not wide:
-            q = 0
-            while q + 8 <= m:
-                r0, r1, r2, r3 = row[q], row[q + 1], row[q + 2], row[q + 3]
-                r4, r5, r6, r7 = row[q + 4], row[q + 5], row[q + 6], row[q + 7]
-                p0, p1, p2, p3 = pos[q], pos[q + 1], pos[q + 2], pos[q + 3]
-                p4, p5, p6, p7 = pos[q + 4], pos[q + 5], pos[q + 6], pos[q + 7]
-                j0, j1, j2, j3 = indices[p0], indices[p1], indices[p2], indices[p3]
-                j4, j5, j6, j7 = indices[p4], indices[p5], indices[p6], indices[p7]
-                a0, a1, a2, a3, a4, a5, a6, a7 = z, z, z, z, z, z, z, z
-                for b in range(nb):
-                    a0 += x[r0, b] * dy[j0, b]
-                    a1 += x[r1, b] * dy[j1, b]
-                    a2 += x[r2, b] * dy[j2, b]
-                    a3 += x[r3, b] * dy[j3, b]
-                    a4 += x[r4, b] * dy[j4, b]
-                    a5 += x[r5, b] * dy[j5, b]
-                    a6 += x[r6, b] * dy[j6, b]
-                    a7 += x[r7, b] * dy[j7, b]
-                grad[p0], grad[p1], grad[p2], grad[p3] = a0, a1, a2, a3
-                grad[p4], grad[p5], grad[p6], grad[p7] = a4, a5, a6, a7
-                q += 8
-            while q < m:
-                r0 = row[q]
-                p0 = pos[q]
-                j0 = indices[p0]
-                a0 = z
-                for b in range(nb):
-                    a0 += x[r0, b] * dy[j0, b]
-                grad[p0] = a0
-                q += 1
+        q = 0
+        while q + 8 <= m:
+            r0, r1, r2, r3 = row[q], row[q + 1], row[q + 2], row[q + 3]
+            r4, r5, r6, r7 = row[q + 4], row[q + 5], row[q + 6], row[q + 7]
+            p0, p1, p2, p3 = pos[q], pos[q + 1], pos[q + 2], pos[q + 3]
+            p4, p5, p6, p7 = pos[q + 4], pos[q + 5], pos[q + 6], pos[q + 7]
+            j0, j1, j2, j3 = indices[p0], indices[p1], indices[p2], indices[p3]
+            j4, j5, j6, j7 = indices[p4], indices[p5], indices[p6], indices[p7]
+            a0, a1, a2, a3, a4, a5, a6, a7 = z, z, z, z, z, z, z, z
+            for b in range(nb):
+                a0 += x[r0, b] * dy[j0, b]
+                a1 += x[r1, b] * dy[j1, b]
+                a2 += x[r2, b] * dy[j2, b]
+                a3 += x[r3, b] * dy[j3, b]
+                a4 += x[r4, b] * dy[j4, b]
+                a5 += x[r5, b] * dy[j5, b]
+                a6 += x[r6, b] * dy[j6, b]
+                a7 += x[r7, b] * dy[j7, b]
+            grad[p0], grad[p1], grad[p2], grad[p3] = a0, a1, a2, a3
+            grad[p4], grad[p5], grad[p6], grad[p7] = a4, a5, a6, a7
+            q += 8
+        while q < m:
+            r0 = row[q]
+            p0 = pos[q]
+            j0 = indices[p0]
+            a0 = z
+            for b in range(nb):
+                a0 += x[r0, b] * dy[j0, b]
+            grad[p0] = a0
+            q += 1
         if compute_dx:
             q = 0
             while q < m:  # one run of listed connections per row
