@@ -224,7 +224,11 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
         else:
             # CTRE_sim: replace re-added picks by random positions that are neither kept, nor
             # picked by cosine, nor just removed (the authors' draw forgot the last two).
-            excluded = np.unique(np.concatenate([kept_pos, picks, removed_pos]))
+            # kept and removed are the layer's sorted positions and the fresh picks are none of
+            # them, so one insertion gives the sorted union that np.unique of all three (a hash
+            # and a sort of every connection) gave.
+            fresh_sorted = np.sort(fresh)
+            excluded = np.insert(positions, np.searchsorted(positions, fresh_sorted), fresh_sorted)
             n_extra = min(k - n_cos, total - excluded.shape[0])
             extra = sample_positions(total, n_extra, excluded, rng)
             # Departure: in a (nearly) dense layer there may be no such position left; the
