@@ -45,11 +45,13 @@ def gather_scaled(X, rows, shift, scale, out):
 
 
 @njit(cache=True)
-def sparse_forward(indptr, indices, values, bias, x, out):
+def sparse_forward(indptr, indices, values, bias, x, out, alive_in):
     """out = (x.T @ W + b).T for CSR ``W``: out[j, :] = b[j] + sum_{(i,j)} w_ij x[i, :].
 
-    x: (n_in, B) float32, out: (n_out, B) float32. Rows of x that are all zero (dead ReLUs)
-    still cost one pass over their connections; skipping them is not worth a test per row.
+    x: (n_in, B) float32, out: (n_out, B) float32. Input rows with ``alive_in[i] == 0`` (all zero
+    in this batch, as ``relu_alive`` flags them; all ones is always right) are skipped: their terms
+    are +-0, and these sums start at the bias (never -0: biases start at +0 and an add only gives
+    -0 from two -0s) and never become -0, so skipping them changes no bit.
     """
     n_out, nb = out.shape
     for j in range(n_out):
@@ -58,6 +60,8 @@ def sparse_forward(indptr, indices, values, bias, x, out):
             out[j, b] = bj
     n_in = indptr.shape[0] - 1
     for i in range(n_in):
+        if alive_in[i] == 0:
+            continue
         for p in range(indptr[i], indptr[i + 1]):
             j = indices[p]
             w = values[p]
@@ -422,18 +426,11 @@ def nesterov_step(values, velocity, grad, lr, momentum, l2):
 
 
 @njit(cache=True)
-def relu_inplace(h):
-    n, nb = h.shape
-    for j in range(n):
-        for b in range(nb):
-            if h[j, b] < 0.0:
-                h[j, b] = 0.0
-
-
-@njit(cache=True)
 def relu_alive(h, alive):
-    """``relu_inplace``, and alive[j] = 1 where some h[j, b] > 0 after it, else 0 (a dead neuron for
-    this batch). A select and an integer OR, no branch, so the loop stays SIMD."""
+    """ReLU in place (negatives become +0; -0 and NaN stay as they are), and alive[j] = 1 where some
+    h[j, b] is not zero after it, else 0: a neuron dead for this batch, whose connections the next
+    layer's forward and this layer's backward skip. NaN counts as alive, so it still reaches the
+    loss and a diverging run is still caught. A select and an integer OR, no branch: SIMD."""
     n, nb = h.shape
     for j in range(n):
         a = 0
@@ -441,7 +438,7 @@ def relu_alive(h, alive):
             v = h[j, b]
             v = np.float32(0.0) if v < 0.0 else v
             h[j, b] = v
-            a |= v > 0.0
+            a |= v != 0.0
         alive[j] = a
 
 
@@ -517,15 +514,19 @@ def forward_all(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
     nb = rows.shape[0]
     n_layers = sizes.shape[0] - 1
     off = 0
+    width = 0  # a loop, not sizes.max(): its empty-array error would cost compile memory
+    for n in sizes:
+        width = max(width, n)
+    alive = np.ones(width, dtype=np.uint8)  # dead neurons of the level feeding the next layer
     a = _level(act, 0, sizes[0], nb)
     gather_scaled(X, rows, shift, scale, a)
     for l in range(n_layers):
         nxt = off + sizes[l]
         out = _level(act, nxt, sizes[l + 1], nb)
         sparse_forward(indptr[ptr_off[l]:ptr_off[l + 1]], indices[nz_off[l]:nz_off[l + 1]],
-                       values[nz_off[l]:nz_off[l + 1]], bias[unit_off[l]:unit_off[l + 1]], a, out)
+                       values[nz_off[l]:nz_off[l + 1]], bias[unit_off[l]:unit_off[l + 1]], a, out, alive)
         if l < n_layers - 1:
-            relu_inplace(out)
+            relu_alive(out, alive)
         else:
             softmax_inplace(out)
         a = out
@@ -588,7 +589,7 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
                                        min(threads, sizes[l + 1]))
             else:
                 sparse_forward(indptr[ptr_off[l]:ptr_off[l + 1]], indices[p0:p1], values[p0:p1],
-                               bias[unit_off[l]:unit_off[l + 1]], a, out)
+                               bias[unit_off[l]:unit_off[l + 1]], a, out, alive[level_off[l]:level_off[l + 1]])
             if hidden:  # after the threaded pass's fused ReLU this only marks the dead neurons
                 relu_alive(out, alive[level_off[l + 1]:level_off[l + 2]])
             if not hidden:

@@ -42,7 +42,8 @@ def test_forward_equals_dense_masked(shape):
     layer, rng = random_layer(n_in, n_out, eps, seed)
     x = rng.normal(size=(batch, n_in)).astype(np.float32)
     out = np.empty((n_out, batch), np.float32)
-    kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, np.ascontiguousarray(x.T), out)
+    kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, np.ascontiguousarray(x.T), out,
+                           np.ones(layer.n_in, np.uint8))
     close(out.T, forward_ref(layer, x.astype(np.float64)))
 
 
@@ -275,6 +276,31 @@ def test_backward_on_live_connections_gives_the_same_bits(shape, dead_in, dead_o
             np.testing.assert_array_equal(g, want_g)
 
 
+@settings(max_examples=60, deadline=None)
+@given(layer_shapes, st.floats(0, 1))
+def test_forward_skipping_dead_inputs_gives_the_same_bits(shape, dead):
+    n_in, n_out, eps, batch, seed = shape
+    layer, rng = random_layer(n_in, n_out, eps, seed)
+    x = rng.normal(size=(n_in, batch)).astype(np.float32)
+    x[rng.random(n_in) < dead] = 0.0
+    x[rng.random((n_in, batch)) < 0.1] = -0.0
+    want = forward_in_order_ref(layer, x)
+    out = np.full((n_out, batch), 7.0, np.float32)
+    alive = (x != 0).any(1).astype(np.uint8)
+    kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, x, out, alive)
+    np.testing.assert_array_equal(out, want)
+
+
+def test_relu_alive_flags_neurons_with_any_nonzero_value_and_keeps_nan():
+    h = np.array([[-1, -2, 0], [-0.0, 0, -3], [np.nan, -1, -1], [0, 2, -1], [np.inf, 0, 0]], np.float32)
+    alive = np.full(5, 7, np.uint8)
+    kernels.relu_alive(h, alive)
+    assert alive.tolist() == [0, 0, 1, 1, 1]  # NaN and inf stay alive, so they reach the loss
+    want = np.array([[0, 0, 0], [-0.0, 0, 0], [np.nan, 0, 0], [0, 2, 0], [np.inf, 0, 0]], np.float32)
+    np.testing.assert_array_equal(h, want)
+    assert np.signbit(h[1, 0])  # -0 stays -0, as the comparison-based ReLU left it
+
+
 def test_backward_on_live_connections_across_chunks_and_over_long_rows(rng):
     """The live connections fill several chunks of the list, and one row is longer than a chunk."""
     n_in, n_out, batch = 3000, kernels.LIVE_CHUNK * 2 + 300, 9
@@ -310,7 +336,7 @@ def test_forward_by_columns_equals_serial_forward(shape, threads, relu):
     for got, want in zip((colptr, rowidx, perm), csc_ref(layer)):
         np.testing.assert_array_equal(got, want)
     serial = np.empty((n_out, batch), np.float32)
-    kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, x, serial)
+    kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, x, serial, np.ones(n_in, np.uint8))
     np.testing.assert_array_equal(serial, forward_in_order_ref(layer, x))
     out = np.full_like(serial, 7.0)
     kernels.sparse_forward_threads(colptr, rowidx, perm, layer.values, layer.bias, x, out, relu, threads)

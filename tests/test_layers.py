@@ -120,7 +120,8 @@ def _run_kernels_once():
     layer = net.layer(0)
     x = np.ones((3, 2), np.float32)
     out = np.empty((4, 2), np.float32)
-    kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, x, out)
+    kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, x, out,
+                           np.ones(x.shape[0], np.uint8))
     kernels.sparse_backward(layer.indptr, layer.indices, layer.values, x, out, np.empty_like(x),
                             np.empty(layer.nnz, np.float32), True)
     kernels.nesterov_step(layer.values, net.velocity, layer.values.copy(), np.float32(0.01), np.float32(0.9),
@@ -139,7 +140,8 @@ def test_huge_layer_stays_sparse():
         layer = net.layer(0)
         x = rng.random((n, batch), dtype=np.float32)
         out = np.empty((n, batch), np.float32)
-        kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, x, out)
+        kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, x, out,
+                           np.ones(x.shape[0], np.uint8))
         dx = np.empty_like(x)
         grad = np.empty(layer.nnz, np.float32)
         kernels.sparse_backward(layer.indptr, layer.indices, layer.values, x, out, dx, grad, True)

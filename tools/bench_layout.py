@@ -72,8 +72,9 @@ def main():
         grad = np.empty(layer.nnz, np.float32)
         dxf, dxb = np.empty_like(xf), np.empty_like(xb)
         a = (layer.indptr, layer.indices, layer.values)
+        alive = np.ones(xf.shape[0], np.uint8)
         row = [
-            median_us(lambda: kernels.sparse_forward(*a, layer.bias, xf, of), args.repeats),
+            median_us(lambda: kernels.sparse_forward(*a, layer.bias, xf, of, alive), args.repeats),
             median_us(lambda: forward_batch_major(*a, layer.bias, xb, ob), args.repeats),
             median_us(lambda: kernels.sparse_backward(*a, xf, of, dxf, grad, True), args.repeats),
             median_us(lambda: backward_batch_major(*a, xb, ob, dxb, grad), args.repeats),
