@@ -204,6 +204,16 @@ def test_continue_halves_smoke():
 
 
 @pytest.mark.slow
+def test_bench_ab_against_itself_gives_the_same_bits():
+    """Both copies of the kernels train the same network on the same batches: the bits must agree."""
+    r = subprocess.run([sys.executable, "-m", "tools.bench_ab", "--base", ".", "--data", "builtin:digits",
+                        "--hidden", "40", "--batches", "3", "--passes", "2", "--epsilons", "2", "--threads", "1,2"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 2 and all(row.rstrip().endswith("| yes |") for row in rows), r.stdout
+
+
 def test_bench_huge_smoke():
     r = run_tool("bench_huge.py", "--width", "300", "--epochs", "1", timeout=300)
     rows = table_rows(r.stdout)
