@@ -29,11 +29,13 @@ def test_erdos_renyi_exact_count_valid_structure_both_inits(n_in, n_out, eps, se
         check_layer(layer)
         assert layer.nnz == er_nnz(n_in, n_out, eps) == min(n_in * n_out, max(1, round(eps * (n_in + n_out))))
         assert np.all(layer.bias == 0)
-    # Same topology; weights bounded by the dense fan (paper) or by each neuron's own in-degree.
+    # Same topology; weights bounded by the dense fan (paper) or by each neuron's own in-degree, up to
+    # the rounding of a draw to float32 (a draw just under the bound can round onto it, 1 ulp above it).
     np.testing.assert_array_equal(glorot.indices, sparse.indices)
-    assert np.all(np.abs(glorot.values) <= np.sqrt(6 / (n_in + n_out)))
+    rounding = 1 + 1e-6
+    assert np.all(np.abs(glorot.values) <= np.sqrt(6 / (n_in + n_out)) * rounding)
     degree = np.bincount(sparse.indices, minlength=n_out)
-    assert np.all(np.abs(sparse.values) <= np.sqrt(6 / degree[sparse.indices]))
+    assert np.all(np.abs(sparse.values) <= np.sqrt(6 / degree[sparse.indices]) * rounding)
 
 
 def test_sparse_init_keeps_the_signal_alive_at_epsilon_1():
