@@ -42,7 +42,8 @@ def main(argv=None):
     ap.add_argument("--epsilons", default="1,20")
     ap.add_argument("--threads", default="1,2", help="numba thread counts to run")
     ap.add_argument("--hidden", type=int, default=1000)
-    ap.add_argument("--batches", type=int, default=100, help="batches of 100 per pass")
+    ap.add_argument("--batch", type=int, default=100, help="samples per batch")
+    ap.add_argument("--batches", type=int, default=100, help="batches per pass")
     ap.add_argument("--passes", type=int, default=15, help="passes per checkout (alternating)")
     args = ap.parse_args(argv)
     base = Path(args.base).resolve()
@@ -63,7 +64,7 @@ def main(argv=None):
     print(f"base: {base}")
     this, other = load_kernels(REPO, "kernels_this"), load_kernels(base, "kernels_base")
     d = load_data(data)
-    h, bs = args.hidden, 100
+    h, bs = args.hidden, args.batch
     sizes = [d.X.shape[1], h, h, h, len(np.unique(d.y))]
     shift, scale = np.zeros(sizes[0], np.float32), np.full(sizes[0], 1 / 255, np.float32)
     print(f"\n{'-'.join(map(str, sizes))}, batch {bs}, {args.batches} batches per pass, fastest of "
@@ -82,7 +83,7 @@ def main(argv=None):
                 if hasattr(K, "csc_all"):  # kernels after the rewrite take the CSC copy of the pattern
                     csc = net.csc_buffers() if threads > 1 else (np.empty(0, np.int64), np.empty(0, np.int32),
                                                                   np.empty(0, np.int32))
-                    if threads > 1:
+                    if csc[0].shape[0]:  # empty when no layer is small enough to have one
                         K.csc_all(*net[:6], *csc, CSC_MAX_CONNECTIONS)
                 bufs = (net.activation_buffer(bs), np.empty(max(sizes) * bs, np.float32),
                         np.empty(max(sizes) * bs, np.float32), np.empty(int(np.diff(net.nz_off).max()), np.float32),
