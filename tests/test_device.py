@@ -159,10 +159,13 @@ def test_warmup_under_the_zero_2w_profile_compiles_step_by_step(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "each in a fresh process" in r.stderr and "kernels ready" in r.stderr
     peaks = [int(line.rsplit("so far ", 1)[1].split()[0]) for line in r.stderr.splitlines() if "so far" in line]
-    # MiB: each image stayed within the profile's 288 MiB training budget. Not checked against the plan's
-    # 90% (259 MiB): run from this test process, whose own mapped llvmlite pages stay in the page cache,
-    # the largest step measured 275 MiB in CI against 232-237 MiB from a shell (docs/devices.md).
-    assert len(peaks) == 5 and max(peaks) < 288
+    # MiB. Run from this test process, whose own mapped llvmlite pages stay in the page cache, every
+    # step measures 40-50 MiB more than from a shell with those pages dropped (the largest: 289 MiB in
+    # CI against 240; docs/devices.md). So the check is against the plan's figure for the largest step
+    # (which test_warmup_plans_its_compile_peak_against_the_profile keeps within the Zero's 90%) plus
+    # that inflation: a compile peak that grows past the plan fails here.
+    from ctre_edge.warmup import WARMUP_STEP_PEAK_BYTES
+    assert len(peaks) == 5 and max(peaks) < (WARMUP_STEP_PEAK_BYTES >> 20) + 60
     r = subprocess.run([*cli, "train", "--hidden", "30,30", "--epochs", "2", "--quiet"], capture_output=True,
                        text=True, env={**os.environ, "NUMBA_DEBUG_CACHE": "1"})
     assert r.returncode == 0 and "compiling kernels" not in r.stderr, r.stderr
