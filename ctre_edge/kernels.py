@@ -205,7 +205,7 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
 
     Dead neurons are skipped: ``alive_in[i]`` / ``alive_out[j]`` are 0 where x[i, :] / dy[j, :] is all
     zero in this batch (``relu_alive``; all ones is always right). A trained ReLU network at epsilon 1
-    has a quarter to a half of its hidden neurons dead in a batch. Every product of a dead connection
+    has many of its hidden neurons dead in a batch. Every product of a dead connection
     is +-0, and adding +-0 to these sums (which start at +0 and never become -0) changes nothing, so
     its gradient is +0 and its terms in dx vanish; a dead row's dx is all masked to 0 anyway. (Only a
     non-finite weight or activation, in a run that has diverged, could tell the difference.)
