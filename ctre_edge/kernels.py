@@ -87,9 +87,8 @@ def sparse_backward(indptr, indices, values, x, dy, dx, grad, compute_dx):
     """
     n_in = indptr.shape[0] - 1
     n_out = dy.shape[0]
-    live = np.empty(2 * LIVE_CHUNK, np.int64)
     backward_rows(indptr, indices, values, x, dy, dx, grad, 0, n_in, np.ones(n_in, np.uint8),
-                  np.ones(n_out, np.uint8), False, wide_rows(indptr), live[:LIVE_CHUNK], live[LIVE_CHUNK:])
+                  np.ones(n_out, np.uint8), False, wide_rows(indptr), np.empty(2 * LIVE_CHUNK, np.int64))
     if compute_dx:
         input_gradient_rows(indptr, indices, values, dy, x, dx, 0, n_in, False)
 
@@ -196,7 +195,7 @@ LIVE_CHUNK = 1024
 
 
 @njit(cache=True)
-def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, alive_out, compute_dx, wide, pos, row):
+def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, alive_out, compute_dx, wide, live):
     """The training loop's backward pass of a sparse layer's input rows i0:i1, on existing connections only.
 
     grad[p] = sum_b x[i, b] * dy[j, b] for connection p = (i, j); if ``compute_dx``, dx[i, :] =
@@ -213,9 +212,9 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
     ``wide`` (``wide_rows``, where hardly any neuron is dead): the weight gradient runs by rows, 8
     chains sharing each load of x[i, b], and dx by ``input_gradient_rows``, without skipping (there,
     listing the connections cost more than it saved). Else the live connections are listed chunk by
-    chunk (``pos``, ``row``: int64 scratch of the same size) in CSR order; 8 chains run over them,
-    whatever rows they are in (rows of about 2 connections at epsilon 1), and dx adds each row's
-    listed connections four per pass over dx[i, :], left to right.
+    chunk in CSR order (``live``: int64 scratch, its halves their positions and rows); 8 chains run
+    over them, whatever rows they are in (rows of about 2 connections at epsilon 1), and dx adds each
+    row's listed connections four per pass over dx[i, :], left to right.
     """
     nb = x.shape[1]
     z = np.float32(0.0)
@@ -224,7 +223,9 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
         if compute_dx:
             input_gradient_rows(indptr, indices, values, dy, x, dx, i0, i1, True)
         return
-    chunk = pos.shape[0]
+    chunk = live.shape[0] // 2
+    pos = live[:chunk]
+    row = live[chunk:2 * chunk]
     i = i0
     p = indptr[i0]
     masked = i0  # the rows before this one have their final dx, masked
@@ -313,10 +314,8 @@ def sparse_backward_threads(indptr, indices, values, x, dy, dx, grad, alive_in, 
     n_in = indptr.shape[0] - 1
     wide = wide_rows(indptr)
     for t in prange(threads):
-        s = 2 * LIVE_CHUNK * t
         backward_rows(indptr, indices, values, x, dy, dx, grad, t * n_in // threads, (t + 1) * n_in // threads,
-                      alive_in, alive_out, compute_dx, wide, live[s:s + LIVE_CHUNK],
-                      live[s + LIVE_CHUNK:s + 2 * LIVE_CHUNK])
+                      alive_in, alive_out, compute_dx, wide, live[2 * LIVE_CHUNK * t:2 * LIVE_CHUNK * (t + 1)])
 
 
 # --- the forward pass by output rows, from a CSC copy of the pattern -----------------------------------
@@ -642,7 +641,7 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
                 # of the kernels (and their callees) specialised to the constant, about 8 MiB of compile peak
                 first = np.int64(0)
                 backward_rows(lp, indices[p0:p1], values[p0:p1], x, dy, dx, g, first, n_in, alive_in, alive_out,
-                              l > 0, wide_rows(lp), live[:LIVE_CHUNK], live[LIVE_CHUNK:2 * LIVE_CHUNK])
+                              l > 0, wide_rows(lp), live[:2 * LIVE_CHUNK])
             nesterov_step(values[p0:p1], velocity[p0:p1], g, lr, momentum, l2)
             u0 = unit_off[l]
             u1 = unit_off[l + 1]

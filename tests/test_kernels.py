@@ -204,9 +204,8 @@ def live_scratch(threads=1):
 
 
 def backward_rows(layer, x, dy, dx, g, alive_in, alive_out, compute_dx, wide):
-    live = live_scratch()
     kernels.backward_rows(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 0, layer.n_in, alive_in, alive_out,
-                          compute_dx, wide, live[:kernels.LIVE_CHUNK], live[kernels.LIVE_CHUNK:])
+                          compute_dx, wide, live_scratch())
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
