@@ -155,7 +155,10 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         block = min(shape.similarity_workspace_mib * MiB, 4 * max(a * c for a, c in zip(sizes[:-1], sizes[1:])))
         # Exact: the activations of S samples at every level. Sketch: (n_in + n_out) x dim per layer.
         held = 8 * units * shape.sketch_dim if shape.sketch_dim else 4 * s * units
-        parts["similarity"] = held + block + 64 * k + 4 * widest * n_layers
+        # + copies of a layer's live neurons (similarity._live_problem), at most the workspace.
+        live = min(shape.similarity_workspace_mib * MiB,
+                   4 * (shape.sketch_dim or s) * max(a + c for a, c in zip(sizes[:-1], sizes[1:])))
+        parts["similarity"] = held + block + live + 64 * k + 4 * widest * n_layers
     parts["evaluation"] = max(validation, evaluation - parts["update"])
     if cold_cache:
         parts["compile"] = COMPILE_EXTRA_BYTES

@@ -727,19 +727,38 @@ def inverse_norms(a, rows, out):
     Parameters: ``a`` float32 (n, S) C-contiguous; ``rows`` int64 (m,); ``out`` float64 (m,),
     written.
     """
+    # Eight neurons at a time, each its own sequential sum: the same bits as one at a time, but
+    # eight independent float64 chains instead of one waiting on its adder's latency.
     n_samples = a.shape[1]
-    for t in range(rows.shape[0]):
-        i = rows[t]
-        acc = 0.0
+    m = rows.shape[0]
+    t0 = 0
+    while t0 < m:
+        n = min(8, m - t0)
+        r0, r1, r2, r3 = rows[t0], rows[t0 + min(1, n - 1)], rows[t0 + min(2, n - 1)], rows[t0 + min(3, n - 1)]
+        r4, r5, r6, r7 = (rows[t0 + min(4, n - 1)], rows[t0 + min(5, n - 1)], rows[t0 + min(6, n - 1)],
+                          rows[t0 + min(7, n - 1)])
+        c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = 0.0
         for s in range(n_samples):
-            v = np.float64(a[i, s])
-            acc += v * v
-        if acc == 0.0:
-            out[t] = 0.0
-        elif np.isfinite(acc):
-            out[t] = 1.0 / np.sqrt(acc)
-        else:
-            out[t] = np.nan
+            v0, v1, v2, v3 = np.float64(a[r0, s]), np.float64(a[r1, s]), np.float64(a[r2, s]), np.float64(a[r3, s])
+            v4, v5, v6, v7 = np.float64(a[r4, s]), np.float64(a[r5, s]), np.float64(a[r6, s]), np.float64(a[r7, s])
+            c0 += v0 * v0
+            c1 += v1 * v1
+            c2 += v2 * v2
+            c3 += v3 * v3
+            c4 += v4 * v4
+            c5 += v5 * v5
+            c6 += v6 * v6
+            c7 += v7 * v7
+        sums = (c0, c1, c2, c3, c4, c5, c6, c7)
+        for u in range(n):
+            acc = sums[u]
+            if acc == 0.0:
+                out[t0 + u] = 0.0
+            elif np.isfinite(acc):
+                out[t0 + u] = 1.0 / np.sqrt(acc)
+            else:
+                out[t0 + u] = np.nan
+        t0 += n
 
 
 @njit(cache=True)
@@ -802,38 +821,66 @@ def canonical_scores(a_in, a_out, inv_in, inv_out, rows, cols, out):
 
 
 @njit(cache=True)
-def lower_heap_push(heap, n, x):
-    """Push ``x`` into a min-heap that keeps the ``len(heap)`` largest values seen; return new size.
+def canonical_scores_of_row(a_in, a_out, inv_in, inv_out, i, cols, n, out):
+    """``out[t] = canonical_score(..., i, cols[t])`` for ``t < n <= 8``: one input row, up to 8 columns.
 
-    ``heap`` float64 (k,), its first ``n`` entries a binary min-heap. While ``n < k`` the value is
-    added; afterwards it replaces the root only if larger, so ``heap[0]`` is the k-th largest.
+    Each score is its own sequential float64 sum, so the bits are those of ``canonical_score``;
+    eight of them side by side keep the adder busy instead of waiting on one chain's latency.
+    ``cols`` int64 (8,); ``out`` float32 (8,), entries from ``n`` on are left undefined.
     """
-    k = heap.shape[0]
-    if n < k:
-        i = n
-        heap[i] = x
-        while i > 0:
-            parent = (i - 1) // 2
-            if heap[parent] <= heap[i]:
-                break
-            heap[parent], heap[i] = heap[i], heap[parent]
-            i = parent
-        return n + 1
-    if k == 0 or x <= heap[0]:
-        return n
-    heap[0] = x
-    i = 0
-    while True:
-        c = 2 * i + 1
-        if c >= n:
-            break
-        if c + 1 < n and heap[c + 1] < heap[c]:
-            c += 1
-        if heap[i] <= heap[c]:
-            break
-        heap[i], heap[c] = heap[c], heap[i]
-        i = c
-    return n
+    j0, j1, j2, j3 = cols[0], cols[min(1, n - 1)], cols[min(2, n - 1)], cols[min(3, n - 1)]
+    j4, j5, j6, j7 = cols[min(4, n - 1)], cols[min(5, n - 1)], cols[min(6, n - 1)], cols[min(7, n - 1)]
+    c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = 0.0
+    if inv_in[i] != 0.0:
+        for s in range(a_in.shape[1]):
+            x = np.float64(a_in[i, s])
+            c0 += x * np.float64(a_out[j0, s])
+            c1 += x * np.float64(a_out[j1, s])
+            c2 += x * np.float64(a_out[j2, s])
+            c3 += x * np.float64(a_out[j3, s])
+            c4 += x * np.float64(a_out[j4, s])
+            c5 += x * np.float64(a_out[j5, s])
+            c6 += x * np.float64(a_out[j6, s])
+            c7 += x * np.float64(a_out[j7, s])
+    sums = (c0, c1, c2, c3, c4, c5, c6, c7)
+    for t in range(n):
+        j = cols[t]
+        if inv_in[i] == 0.0 or inv_out[j] == 0.0:
+            out[t] = np.float32(0.0)
+        else:
+            out[t] = np.float32(abs(sums[t]) * inv_in[i] * inv_out[j])
+
+
+@njit(cache=True)
+def keep_largest(values, n, k):
+    """Reorder ``values[:n]`` so that ``values[:k]`` are its k largest; return the k-th largest.
+
+    ``values`` float64 without NaN, ``1 <= k <= n``. A quickselect (median-of-three pivot, Hoare
+    partition), O(n) on average: pass 1 of ``scan_block`` calls it on a buffer of 2k lower bounds
+    each time the buffer fills, instead of sifting every admitted bound through a heap.
+    """
+    target = k - 1
+    lo, hi = 0, n - 1
+    while lo < hi:
+        x, y, z = values[lo], values[(lo + hi) // 2], values[hi]
+        pivot = max(min(x, y), min(max(x, y), z))  # median of the three
+        i, j = lo, hi
+        while i <= j:  # descending: values >= pivot end up left, <= pivot right
+            while values[i] > pivot:
+                i += 1
+            while values[j] < pivot:
+                j -= 1
+            if i <= j:
+                values[i], values[j] = values[j], values[i]
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            break  # values[j+1:i] all equal the pivot, and target lies among them
+    return values[target]
 
 
 @njit(cache=True)
@@ -881,14 +928,37 @@ def topk_heap_push(scores, positions, n, score, pos):
     return n
 
 
-@njit(cache=True, inline="always")
-def _margin(approx, kind_i, kind_j, rel, abs_err):
-    # Bound on |approx - canonical| for a pair of non-irregular neurons (see scan_block).
-    if kind_i == KIND_ZERO or kind_j == KIND_ZERO:
-        return 0.0
-    if kind_i == KIND_NONNEG and kind_j == KIND_NONNEG:
-        return rel * approx
-    return abs_err
+@njit(cache=True)
+def _score_and_offer(a_in, a_out, inv_in, inv_out, i, cols, n, got, best_scores, best_positions, n_best):
+    # Canonical scores of (i, cols[:n]), offered to the exact heap in column order; returns its size.
+    canonical_scores_of_row(a_in, a_out, inv_in, inv_out, i, cols, n, got)
+    n_out = a_out.shape[0]
+    for t in range(n):
+        n_best = topk_heap_push(best_scores, best_positions, n_best, got[t], i * n_out + cols[t])
+    return n_best
+
+
+@njit(cache=True)
+def _row_bounds(dots_row, v_i, kind_i, v_out, kind_out, rel, abs_err, sign, out):
+    """``out[j] = approx + sign * margin`` for one row of the prefilter (see ``scan_block``).
+
+    ``sign`` -1 gives the lower bounds of pass 1 and +1 the upper bounds of pass 2. Columns of
+    KIND_IRREGULAR neurons get -inf (pass 1: no lower bound) or +inf (pass 2: always rescored).
+    Written with selects only, so the loop vectorises.
+    """
+    zero_i = kind_i == KIND_ZERO
+    nonneg_i = kind_i == KIND_NONNEG
+    odd = -np.inf if sign < 0.0 else np.inf
+    for j in range(dots_row.shape[0]):
+        approx = abs(dots_row[j]) * v_i * v_out[j]
+        kj = kind_out[j]
+        margin = abs_err
+        if nonneg_i and kj == KIND_NONNEG:
+            margin = rel * approx
+        if zero_i or kj == KIND_ZERO:
+            margin = 0.0
+        value = np.float64(approx) + sign * margin
+        out[j] = odd if kj == KIND_IRREGULAR else value
 
 
 @njit(cache=True)
@@ -907,7 +977,7 @@ def scan_block(
     a_out,
     inv_in,
     inv_out,
-    lower_heap,
+    lower,
     best_scores,
     best_positions,
     state,
@@ -922,8 +992,10 @@ def scan_block(
     KIND_IRREGULAR. ``similarity.py`` derives ``rel`` and ``abs_err`` from the float32 error bound
     ``gamma_S = S u / (1 - S u)``.
 
-    Pass 1 pushes every lower bound ``approx - margin`` into ``lower_heap`` (float64, size k), whose
-    root R is then a lower bound of the final k-th canonical score. Pass 2 computes the canonical
+    Pass 1 collects every lower bound ``approx - margin`` above the running bound into ``lower``
+    (float64, size 2k; cut back to its k largest by ``keep_largest`` whenever it fills, which sets
+    the running bound), and ends with R, the k-th largest lower bound so far: a lower bound of the
+    final k-th canonical score. Pass 2 computes the canonical
     score of a position only if ``approx + margin >= R`` and, once the exact heap is full, only if
     ``approx + margin`` exceeds its worst score (blocks arrive in ascending position order, so an
     equal score loses the tie). The result is exactly the top-k by canonical score, whatever the
@@ -931,56 +1003,74 @@ def scan_block(
 
     Parameters: ``indptr`` int64 (n_in+1,) and ``indices`` int32 (nnz,) the kept positions (CSR,
     ascending in each row); ``v_*`` float32; ``kind_*`` int8; ``inv_*`` float64; ``best_scores``
-    float32 (k,), ``best_positions`` int64 (k,); ``state`` int64 (3,): sizes of the two heaps and
+    float32 (k,), ``best_positions`` int64 (k,); ``state`` int64 (3,): the fill of ``lower``, the heap's size and
     the running count of canonical scores computed, updated in place.
 
     Long on purpose: both passes share the block's loop state and the heaps, and splitting them
     into separate njit functions would pass a dozen arrays per call for no reuse elsewhere.
     """
     n_rows, n_out = dots.shape
-    k = lower_heap.shape[0]
+    k = best_scores.shape[0]
+    cap = lower.shape[0]
+    # Each pass first computes a whole row's bounds in a branch-free loop that the compiler
+    # vectorises (the same float32 and float64 operations per entry as one at a time, so the same
+    # bits), marks kept positions -inf, and only then walks the row for the rare entries that pass.
+    lim = np.empty(n_out, np.float64)
     n_lower = state[0]
-    # Reject against a cached root inline: calling the push for every entry was 10x slower.
-    bound = lower_heap[0] if n_lower == k else -np.inf
+    bound = lower[k - 1] if n_lower == k else -np.inf  # cut back to its k largest after the last block
     for r in range(n_rows):
         i = row0 + r
         if kind_in[i] == KIND_IRREGULAR:
             continue
-        p, end = indptr[i], indptr[i + 1]
+        _row_bounds(dots[r], v_in[i], kind_in[i], v_out, kind_out, rel, abs_err, -1.0, lim)
+        for p in range(indptr[i], indptr[i + 1]):
+            lim[indices[p]] = -np.inf
         for j in range(n_out):
-            if p < end and indices[p] == j:
-                p += 1
-                continue
-            if kind_out[j] == KIND_IRREGULAR:
-                continue
-            approx = abs(dots[r, j]) * v_in[i] * v_out[j]
-            low = np.float64(approx) - _margin(approx, kind_in[i], kind_out[j], rel, abs_err)
-            if low > bound:
-                n_lower = lower_heap_push(lower_heap, n_lower, low)
-                if n_lower == k:
-                    bound = lower_heap[0]
+            if lim[j] > bound:
+                lower[n_lower] = lim[j]
+                n_lower += 1
+                if n_lower == cap:
+                    bound = keep_largest(lower, n_lower, k)
+                    n_lower = k
+    if n_lower >= k:
+        bound = keep_largest(lower, n_lower, k)
+        n_lower = k
     state[0] = n_lower
 
     n_best = state[1]
     n_scored = state[2]
     worst = best_scores[0] if n_best == k else -np.inf
+    # Candidates of a row are rescored eight at a time (``canonical_scores_of_row``) and offered in
+    # position order, so the heap ends as if each had been scored on its own; a few more are
+    # scored, those admitted against a worst score that is at most eight offers stale.
+    cand = np.empty(8, np.int64)
+    got = np.empty(8, np.float32)
     for r in range(n_rows):
         i = row0 + r
-        p, end = indptr[i], indptr[i + 1]
+        if kind_in[i] == KIND_IRREGULAR:
+            lim[:] = np.inf
+        else:
+            _row_bounds(dots[r], v_in[i], kind_in[i], v_out, kind_out, rel, abs_err, 1.0, lim)
+        for p in range(indptr[i], indptr[i + 1]):
+            lim[indices[p]] = -np.inf
+        n_cand = 0
         for j in range(n_out):
-            if p < end and indices[p] == j:
-                p += 1
-                continue
-            if kind_in[i] == KIND_IRREGULAR or kind_out[j] == KIND_IRREGULAR:
-                high = np.inf
-            else:
-                approx = abs(dots[r, j]) * v_in[i] * v_out[j]
-                high = np.float64(approx) + _margin(approx, kind_in[i], kind_out[j], rel, abs_err)
+            high = lim[j]
             if high < bound or high <= worst:
                 continue
-            score = canonical_score(a_in, a_out, inv_in, inv_out, i, j)
-            n_scored += 1
-            n_best = topk_heap_push(best_scores, best_positions, n_best, score, i * n_out + j)
+            cand[n_cand] = j
+            n_cand += 1
+            if n_cand == 8:
+                n_best = _score_and_offer(a_in, a_out, inv_in, inv_out, i, cand, n_cand, got,
+                                          best_scores, best_positions, n_best)
+                n_scored += n_cand
+                n_cand = 0
+                if n_best == k:
+                    worst = best_scores[0]
+        if n_cand:
+            n_best = _score_and_offer(a_in, a_out, inv_in, inv_out, i, cand, n_cand, got,
+                                      best_scores, best_positions, n_best)
+            n_scored += n_cand
             if n_best == k:
                 worst = best_scores[0]
     state[1] = n_best

@@ -214,6 +214,17 @@ def test_bench_ab_against_itself_gives_the_same_bits():
     assert len(rows) == 2 and all(row.rstrip().endswith("| yes |") for row in rows), r.stdout
 
 
+@pytest.mark.slow
+def test_bench_update_against_itself_gives_the_same_bits():
+    """Both imports of the package update the same trained network with the same draws: same bits."""
+    r = subprocess.run([sys.executable, "-m", "tools.bench_update", "--base", ".", "--data", "builtin:digits",
+                        "--hidden", "60,60", "--epochs", "2", "--passes", "2", "--epsilon", "5"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 5 |")]
+    assert len(rows) == 1 and rows[0].rstrip().endswith("| yes |"), r.stdout
+
+
 def test_bench_huge_smoke():
     r = run_tool("bench_huge.py", "--width", "300", "--epochs", "1", timeout=300)
     rows = table_rows(r.stdout)

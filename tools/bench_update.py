@@ -5,34 +5,116 @@ ctre-sim, once per scoring mode, and prints the median seconds of the training p
 of the topology update, and their ratio. Sketch mode also spends time inside the epoch folding
 activations into the sketches; that cost is in the epoch column.
 
-    python -m tools.bench_update --data mnist.npz [--epochs 6] [--samples 2000]
+    python -m tools.bench_update --data mnist.npz [--epochs 6] [--samples 2000] [--epsilon 1]
+
+With ``--base DIR`` (another checkout), it instead times the exact ctre-sim update of both
+checkouts in ONE process, alternating, on the same network (trained here for --epochs epochs, so it
+has the dead neurons of a trained network) and the same random draws, and says whether the two
+updated networks are bit-identical; the fastest of --passes updates each. The machine's speed drifts
+too much between runs for two separate runs to compare (see ``tools/bench_ab.py``).
+
+    python -m tools.bench_update --data mnist.npz --base ../base [--epsilon 20] [--passes 15]
 """
 
 import argparse
+import importlib
+import inspect
 import platform
 import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
 
 from ctre_edge.data import load_data
 from ctre_edge.train import TrainConfig, train
 
 
-def main():
+def load_checkout(path: Path) -> dict:
+    """Another checkout's ctre_edge modules, imported under their own names and then set aside, so
+    that their imports of each other (``from ctre_edge import kernels``) bind to that checkout."""
+    ours = {n: m for n, m in sys.modules.items() if n == "ctre_edge" or n.startswith("ctre_edge.")}
+    for n in ours:
+        del sys.modules[n]
+    sys.path.insert(0, str(path))
+    try:
+        modules = {n: importlib.import_module(f"ctre_edge.{n}") for n in ("kernels", "packed", "evolve")}
+    finally:
+        sys.path.remove(str(path))
+        for n in [n for n in sys.modules if n == "ctre_edge" or n.startswith("ctre_edge.")]:
+            del sys.modules[n]
+        sys.modules.update(ours)
+    return modules
+
+
+def timed_update(modules, layers, config, X, rows, shift, scale):
+    import numba
+
+    net = modules["packed"].PackedNet.from_layers(layers)
+    policy = modules["evolve"].TopologyPolicy(config, X, rows, shift, scale)
+    extra = ()
+    if "csc" in inspect.signature(policy.update).parameters:  # checkouts that thread the activation pass
+        csc, threads = net.csc_buffers(), numba.get_num_threads()
+        if csc[0].shape[0]:
+            modules["kernels"].csc_all(*net[:6], *csc, modules["packed"].CSC_MAX_CONNECTIONS)
+        extra = (csc, threads)
+    t = time.perf_counter()
+    policy.update(net, 1, 0.5, np.random.default_rng(3), *extra)
+    return time.perf_counter() - t, net
+
+
+def compare(args, data, hidden):
+    from ctre_edge import evolve, kernels, packed
+
+    base = Path(args.base).resolve()
+    if not (base / "ctre_edge" / "evolve.py").exists():
+        raise SystemExit(f"--base: no ctre_edge/evolve.py in {base}")
+    other = load_checkout(base)
+    this = {"kernels": kernels, "packed": packed, "evolve": evolve}
+    config = TrainConfig(hidden=hidden, method="ctre-sim", epsilon=args.epsilon, epochs=args.epochs, lr=0.01,
+                         similarity_samples=args.samples)
+    model = train(data, config).model
+    rows = np.arange(data.X.shape[0])
+    print(f"base: {base}\n\nctre-sim update, exact scoring, after {args.epochs} epochs; fastest of {args.passes} "
+          f"updates per checkout, alternating\n")
+    print("| epsilon | this checkout ms | base ms | speed-up | same bits |")
+    print("|---|---|---|---|---|")
+    run = lambda m: timed_update(m, model.layers, config, data.X, rows, model.shift, model.scale)  # noqa: E731
+    run(this), run(other)  # compile or load both
+    times = {"this": [], "base": []}
+    for _ in range(args.passes):
+        a, mine = run(this)
+        b, theirs = run(other)
+        times["this"].append(a)
+        times["base"].append(b)
+    same = all(np.array_equal(x, y) for x, y in zip(mine, theirs))
+    a, b = min(times["this"]), min(times["base"])
+    print(f"| {args.epsilon:g} | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.2f}x | {'yes' if same else 'no'} |")
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="builtin:digits")
     ap.add_argument("--hidden", default="1000,1000,1000")
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epsilon", type=float, default=1.0)
     ap.add_argument("--samples", type=int, default=1000, help="S, samples for the cosine scores")
     ap.add_argument("--sketch-dim", type=int, default=256)
-    args = ap.parse_args()
+    ap.add_argument("--base", help="another checkout: time both checkouts' exact update in one process")
+    ap.add_argument("--passes", type=int, default=15, help="with --base: updates per checkout")
+    args = ap.parse_args(argv)
     data = load_data(args.data)
     hidden = tuple(int(h) for h in args.hidden.split(","))
     print(f"{platform.machine()}, data {args.data}, {data.n_features}-{'-'.join(map(str, hidden))}-"
-          f"{len(data.classes)}, epsilon 1, S = {args.samples}, sketch dim {args.sketch_dim}\n")
+          f"{len(data.classes)}, epsilon {args.epsilon:g}, S = {args.samples}, sketch dim {args.sketch_dim}\n")
+    if args.base:
+        return compare(args, data, hidden)
     print("| scoring | epoch without update (s) | update (s) | update / epoch |")
     print("|---|---|---|---|")
     for similarity in ("exact", "sketch"):
         config = TrainConfig(hidden=hidden, method="ctre-sim", similarity=similarity, epochs=args.epochs, lr=0.01,
-                             similarity_samples=args.samples, sketch_dim=args.sketch_dim)
+                             epsilon=args.epsilon, similarity_samples=args.samples, sketch_dim=args.sketch_dim)
         history = train(data, config).history[1:-1]  # the first epoch compiles, the last has no update
         epoch = statistics.median(h.seconds - h.update_seconds for h in history)
         update = statistics.median(h.update_seconds for h in history)
