@@ -1048,7 +1048,8 @@ def scan_block(
     for r in range(n_rows):
         i = row0 + r
         if kind_in[i] == KIND_IRREGULAR:
-            lim[:] = np.inf
+            for j in range(n_out):  # a loop, not lim[:] = inf: numba's slice assignment costs compile memory
+                lim[j] = np.inf
         else:
             _row_bounds(dots[r], v_in[i], kind_in[i], v_out, kind_out, rel, abs_err, 1.0, lim)
         for p in range(indptr[i], indptr[i + 1]):
