@@ -18,7 +18,7 @@ import numpy as np
 from . import kernels
 from .layers import csr_from_positions, linear_positions, sample_positions
 from .packed import level_views
-from .similarity import CosineSketch, topk_cosine
+from .similarity import CosineSketch, neuron_stats, topk_cosine
 
 # How each method grows this epoch, given the policy's state and the validation accuracy: not at
 # all, at random, or by cosine (replacing re-added picks at random, or re-adding them). A policy
@@ -132,8 +132,10 @@ class TopologyPolicy:
     def _exact_pickers(self, net, rng, csc, threads) -> list:
         levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng,
                                     csc, threads)
-        return [lambda ip, ix, k, a=levels[l], b=levels[l + 1]:
-                topk_cosine(a, b, ip, ix, k, workspace_bytes=self.workspace)[:2] for l in range(net.n_layers)]
+        stats = [neuron_stats(a) for a in levels]  # a hidden level is scored against two layers
+        return [lambda ip, ix, k, a=levels[l], b=levels[l + 1], s=(*stats[l], *stats[l + 1]):
+                topk_cosine(a, b, ip, ix, k, workspace_bytes=self.workspace, stats=s)[:2]
+                for l in range(net.n_layers)]
 
 
 def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator,

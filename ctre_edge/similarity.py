@@ -47,8 +47,13 @@ def _as_csr(indptr, indices, n_in, n_out):
     return indptr, indices
 
 
-def _neuron_stats(a, name):
-    """Inverse norms (float64, 0 for a zero vector) and prefilter kinds (int8) of every neuron."""
+def neuron_stats(a, name="activations"):
+    """Inverse norms (float64, 0 for a zero vector) and prefilter kinds (int8) of every neuron.
+
+    ``a`` is float32 (neurons, samples), C-contiguous; ``topk_cosine`` computes these for both of
+    its sides, and takes them as ``stats`` where a caller scores one level against two layers.
+    Raises ValueError, naming ``name``, if an activation is Inf or NaN.
+    """
     inv = np.empty(a.shape[0], dtype=np.float64)
     ks.inverse_norms(a, np.arange(a.shape[0], dtype=np.int64), inv)
     if np.isnan(inv).any():
@@ -78,7 +83,7 @@ def _default_block_rows(n_in, n_out, workspace_bytes):
     return int(max(1, min(n_in, workspace_bytes // (4 * max(n_out, 1)))))
 
 
-def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_bytes=32 << 20):
+def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_bytes=32 << 20, stats=None):
     """The k missing connections with the largest |cosine| of their neurons' activations.
 
     Score of (i, j): ``|<a_i, a_j>| / (||a_i|| ||a_j||)``, 0 where a norm is 0, computed canonically
@@ -100,6 +105,8 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
         Input rows scored per block; by default the most that fit ``workspace_bytes``.
     workspace_bytes : int, default=32 MiB
         Size of the float32 block of scores when ``block_rows`` is None (at least one row).
+    stats : tuple, default=None
+        ``(*neuron_stats(a_in), *neuron_stats(a_out))`` if already computed, else computed here.
 
     Returns
     -------
@@ -132,12 +139,12 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
     Highly Sparse Neural Networks", Machine Learning 111 (2022).
     """
     rows, cols, scores, _ = _topk_cosine(
-        a_in, a_out, indptr, indices, k, block_rows=block_rows, workspace_bytes=workspace_bytes
+        a_in, a_out, indptr, indices, k, block_rows=block_rows, workspace_bytes=workspace_bytes, stats=stats
     )
     return rows, cols, scores
 
 
-def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes):
+def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes, stats=None):
     """``topk_cosine`` plus the number of canonical scores computed (a measure of the prefilter)."""
     a_in = _as_activations(a_in, "a_in")
     a_out = _as_activations(a_out, "a_out")
@@ -155,8 +162,13 @@ def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes
         raise ValueError(f"k must be in [0, {n_free}] (positions not kept); got {k}.")
     if k == 0:
         return np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.float32), 0
-    inv_in, kind_in = _neuron_stats(a_in, "a_in")
-    inv_out, kind_out = _neuron_stats(a_out, "a_out")
+    if stats is None:
+        inv_in, kind_in = neuron_stats(a_in, "a_in")
+        inv_out, kind_out = neuron_stats(a_out, "a_out")
+    else:
+        inv_in, kind_in, inv_out, kind_out = stats
+        if {inv_in.shape, kind_in.shape} != {(n_in,)} or {inv_out.shape, kind_out.shape} != {(n_out,)}:
+            raise ValueError(f"stats must hold ({n_in},) and ({n_out},) arrays, as neuron_stats returns them.")
     live = _live_problem(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out, k, workspace_bytes)
     if live is not None:
         rows, cols, scores, n_scored = _scan_topk(*live[0], k, block_rows, workspace_bytes)

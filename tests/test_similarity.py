@@ -120,6 +120,18 @@ def test_inverse_norms_and_kinds_match_numpy(seed, kind, n, s):
     np.testing.assert_array_equal(kinds, neuron_kinds_reference(a, inv))
 
 
+def test_neuron_kinds_at_the_edges_of_the_regular_range():
+    lo, hi = np.float32(2.0**-30), np.float32(2.0**30)
+    a = np.array([[-0.0, 1.0], [lo, 1.0], [np.nextafter(lo, np.float32(0)), 1.0], [hi, 1.0],
+                  [np.nextafter(hi, np.float32(np.inf)), 1.0], [-lo, 1.0], [0.0, 0.0]], np.float32)
+    inv = inverse_norms_reference(a)
+    kinds = np.empty(7, np.int8)
+    ks.neuron_kinds(a, inv, kinds)
+    np.testing.assert_array_equal(kinds, neuron_kinds_reference(a, inv))
+    np.testing.assert_array_equal(kinds, [ks.KIND_NONNEG, ks.KIND_NONNEG, ks.KIND_IRREGULAR, ks.KIND_NONNEG,
+                                          ks.KIND_IRREGULAR, ks.KIND_SIGNED, ks.KIND_ZERO])
+
+
 def test_inverse_norms_flags_non_finite():
     a = np.array([[1, 2], [np.inf, 0], [np.nan, 1], [0, 0]], np.float32)
     inv = np.empty(4)
@@ -540,3 +552,17 @@ def test_live_copies_stay_within_the_workspace(monkeypatch):
         got = topk_cosine(a_in, a_out, indptr, indices, 50, workspace_bytes=workspace)
         assert_same_topk(got, topk_cosine_reference(a_in, a_out, indptr, indices, 50))
         assert shapes == [(rows, 16)]
+
+
+def test_precomputed_stats_give_the_same_picks():
+    rng = np.random.default_rng(4)
+    a_in, a_out = activations("relu", 40, 16, rng), activations("signed", 30, 16, rng)
+    a_in[:25] = 0
+    indptr, indices = random_csr(40, 30, 90, rng)
+    stats = (*similarity.neuron_stats(a_in), *similarity.neuron_stats(a_out))
+    assert_same_topk(topk_cosine(a_in, a_out, indptr, indices, 50, stats=stats),
+                     topk_cosine_reference(a_in, a_out, indptr, indices, 50))
+    with pytest.raises(ValueError, match="stats must hold"):
+        topk_cosine(a_in, a_out, indptr, indices, 50, stats=stats[2:] + stats[:2])
+    with pytest.raises(ValueError, match="activations contains Inf or NaN"):
+        similarity.neuron_stats(np.full((2, 3), np.nan, np.float32))
