@@ -826,30 +826,37 @@ def canonical_scores(a_in, a_out, inv_in, inv_out, rows, cols, out):
 
 
 @njit(cache=True)
-def canonical_scores_of_row(a_in, a_out, inv_in, inv_out, i, cols, n, out):
-    """``out[t] = canonical_score(..., i, cols[t])`` for ``t < n <= 8``: one input row, up to 8 columns.
+def canonical_scores_of_pairs(a_in, a_out, inv_in, inv_out, positions, n, out):
+    """``out[t] = canonical_score(..., i, j)`` of the linear positions ``positions[t] = i * n_out + j``,
+    for ``t < n <= 8``.
 
     Each score is its own sequential float64 sum, so the bits are those of ``canonical_score``;
-    eight of them side by side keep the adder busy instead of waiting on one chain's latency.
-    ``cols`` int64 (8,); ``out`` float32 (8,), entries from ``n`` on are left undefined.
+    eight of them side by side keep the adder busy instead of waiting on one chain's latency. The
+    pairs may come from different rows, so no chain is spent on padding while candidates are sparse
+    (about one per row at epsilon 1). ``positions`` int64 (8,); ``out`` float32 (8,), entries from
+    ``n`` on are left undefined.
     """
-    j0, j1, j2, j3 = cols[0], cols[min(1, n - 1)], cols[min(2, n - 1)], cols[min(3, n - 1)]
-    j4, j5, j6, j7 = cols[min(4, n - 1)], cols[min(5, n - 1)], cols[min(6, n - 1)], cols[min(7, n - 1)]
+    n_out = a_out.shape[0]
+    p0, p1, p2, p3 = positions[0], positions[min(1, n - 1)], positions[min(2, n - 1)], positions[min(3, n - 1)]
+    p4, p5, p6, p7 = positions[min(4, n - 1)], positions[min(5, n - 1)], positions[min(6, n - 1)], \
+        positions[min(7, n - 1)]
+    i0, j0, i1, j1, i2, j2, i3, j3 = p0 // n_out, p0 % n_out, p1 // n_out, p1 % n_out, p2 // n_out, p2 % n_out, \
+        p3 // n_out, p3 % n_out
+    i4, j4, i5, j5, i6, j6, i7, j7 = p4 // n_out, p4 % n_out, p5 // n_out, p5 % n_out, p6 // n_out, p6 % n_out, \
+        p7 // n_out, p7 % n_out
     c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = 0.0
-    if inv_in[i] != 0.0:
-        for s in range(a_in.shape[1]):
-            x = np.float64(a_in[i, s])
-            c0 += x * np.float64(a_out[j0, s])
-            c1 += x * np.float64(a_out[j1, s])
-            c2 += x * np.float64(a_out[j2, s])
-            c3 += x * np.float64(a_out[j3, s])
-            c4 += x * np.float64(a_out[j4, s])
-            c5 += x * np.float64(a_out[j5, s])
-            c6 += x * np.float64(a_out[j6, s])
-            c7 += x * np.float64(a_out[j7, s])
+    for s in range(a_in.shape[1]):
+        c0 += np.float64(a_in[i0, s]) * np.float64(a_out[j0, s])
+        c1 += np.float64(a_in[i1, s]) * np.float64(a_out[j1, s])
+        c2 += np.float64(a_in[i2, s]) * np.float64(a_out[j2, s])
+        c3 += np.float64(a_in[i3, s]) * np.float64(a_out[j3, s])
+        c4 += np.float64(a_in[i4, s]) * np.float64(a_out[j4, s])
+        c5 += np.float64(a_in[i5, s]) * np.float64(a_out[j5, s])
+        c6 += np.float64(a_in[i6, s]) * np.float64(a_out[j6, s])
+        c7 += np.float64(a_in[i7, s]) * np.float64(a_out[j7, s])
     sums = (c0, c1, c2, c3, c4, c5, c6, c7)
     for t in range(n):
-        j = cols[t]
+        i, j = positions[t] // n_out, positions[t] % n_out
         if inv_in[i] == 0.0 or inv_out[j] == 0.0:
             out[t] = np.float32(0.0)
         else:
@@ -934,12 +941,11 @@ def topk_heap_push(scores, positions, n, score, pos):
 
 
 @njit(cache=True)
-def _score_and_offer(a_in, a_out, inv_in, inv_out, i, cols, n, got, best_scores, best_positions, n_best):
-    # Canonical scores of (i, cols[:n]), offered to the exact heap in column order; returns its size.
-    canonical_scores_of_row(a_in, a_out, inv_in, inv_out, i, cols, n, got)
-    n_out = a_out.shape[0]
+def _score_and_offer(a_in, a_out, inv_in, inv_out, positions, n, got, best_scores, best_positions, n_best):
+    # Canonical scores of positions[:n], offered to the exact heap in that (position) order; returns its size.
+    canonical_scores_of_pairs(a_in, a_out, inv_in, inv_out, positions, n, got)
     for t in range(n):
-        n_best = topk_heap_push(best_scores, best_positions, n_best, got[t], i * n_out + cols[t])
+        n_best = topk_heap_push(best_scores, best_positions, n_best, got[t], positions[t])
     return n_best
 
 
@@ -1045,11 +1051,12 @@ def scan_block(
     n_best = state[1]
     n_scored = state[2]
     worst = best_scores[0] if n_best == k else -np.inf
-    # Candidates of a row are rescored eight at a time (``canonical_scores_of_row``) and offered in
-    # position order, so the heap ends as if each had been scored on its own; a few more are
-    # scored, those admitted against a worst score that is at most eight offers stale.
+    # Candidates are rescored eight at a time (``canonical_scores_of_pairs``) and offered in position
+    # order, so the heap ends as if each had been scored on its own; a few more are scored, those
+    # admitted against a worst score that is at most eight offers stale.
     cand = np.empty(8, np.int64)
     got = np.empty(8, np.float32)
+    n_cand = 0
     for r in range(n_rows):
         i = row0 + r
         if kind_in[i] == KIND_IRREGULAR:
@@ -1059,26 +1066,23 @@ def scan_block(
             _row_bounds(dots[r], v_in[i], kind_in[i], v_out, kind_out, rel, abs_err, 1.0, lim)
         for p in range(indptr[i], indptr[i + 1]):
             lim[indices[p]] = -np.inf
-        n_cand = 0
         for j in range(n_out):
             high = lim[j]
             if high < bound or high <= worst:
                 continue
-            cand[n_cand] = j
+            cand[n_cand] = i * n_out + j
             n_cand += 1
             if n_cand == 8:
-                n_best = _score_and_offer(a_in, a_out, inv_in, inv_out, i, cand, n_cand, got,
+                n_best = _score_and_offer(a_in, a_out, inv_in, inv_out, cand, n_cand, got,
                                           best_scores, best_positions, n_best)
                 n_scored += n_cand
                 n_cand = 0
                 if n_best == k:
                     worst = best_scores[0]
-        if n_cand:
-            n_best = _score_and_offer(a_in, a_out, inv_in, inv_out, i, cand, n_cand, got,
-                                      best_scores, best_positions, n_best)
-            n_scored += n_cand
-            if n_best == k:
-                worst = best_scores[0]
+    if n_cand:
+        n_best = _score_and_offer(a_in, a_out, inv_in, inv_out, cand, n_cand, got, best_scores, best_positions,
+                                  n_best)
+        n_scored += n_cand
     state[1] = n_best
     state[2] = n_scored
 

@@ -153,6 +153,20 @@ def test_canonical_scores_match_dense_reference(seed, kind, s):
     assert (out.reshape(7, 5)[2] == 0).all()  # zero-norm rule
 
 
+@given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(KINDS), s=st.integers(0, 30), n=st.integers(1, 8))
+@settings(max_examples=60, deadline=None)
+def test_canonical_scores_of_pairs_match_dense_reference(seed, kind, s, n):
+    rng = np.random.default_rng(seed)
+    a_in, a_out = activations(kind, 7, s, rng), activations(kind, 5, s, rng)
+    a_in[2] = 0
+    positions = np.zeros(8, np.int64)
+    positions[:n] = rng.choice(35, n, replace=False)
+    out = np.empty(8, np.float32)
+    ks.canonical_scores_of_pairs(a_in, a_out, inverse_norms_reference(a_in), inverse_norms_reference(a_out),
+                                 positions, n, out)
+    np.testing.assert_array_equal(out[:n], canonical_scores_reference(a_in, a_out).ravel()[positions[:n]])
+
+
 @given(values=st.lists(st.integers(-5, 5), min_size=1, max_size=80), k=st.integers(1, 80),
        seed=st.integers(0, 2**32 - 1))
 @settings(deadline=None)
