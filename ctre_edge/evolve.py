@@ -104,17 +104,13 @@ class TopologyPolicy:
         self.best_val, self.stale, self.random_from_now = state["best_val"], state["stale"], state["random_from_now"]
         self.switched_at = state.get("switched_at")
 
-    def update(self, net, epoch: int, val_acc: float, rng: np.random.Generator, csc: tuple = (),
-               threads: int = 1) -> tuple[int, int, int]:
-        """Drop and grow every layer of ``net``; ``csc`` (the trainer's CSC copy of ``net``'s current
-        pattern, as ``kernels.csc_all`` fills it) and ``threads`` let the activation sample's forward
-        pass run on threads, with the same bits."""
+    def update(self, net, epoch: int, val_acc: float, rng: np.random.Generator) -> tuple[int, int, int]:
         growth = self.grow(self, epoch, val_acc)
         if growth == NONE:
             return 0, 0, 0
         pickers = [None] * net.n_layers
         if growth != RANDOM:
-            pickers = self._sketch_pickers(epoch) if self.sketched else self._exact_pickers(net, rng, csc, threads)
+            pickers = self._sketch_pickers(epoch) if self.sketched else self._exact_pickers(net, rng)
         totals = np.zeros(3, dtype=np.int64)
         for l in range(net.n_layers):
             totals += update_layer(net, l, self.zeta, rng, pickers[l], readd=growth == COSINE_READD)
@@ -129,54 +125,28 @@ class TopologyPolicy:
         return [lambda ip, ix, k, s=s: s.candidates(ip, ix, k, n_candidates=k, workspace_bytes=self.workspace)[:2]
                 for s in sketches]
 
-    def _exact_pickers(self, net, rng, csc, threads) -> list:
-        levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng,
-                                    csc, threads)
+    def _exact_pickers(self, net, rng) -> list:
+        # The forward pass stays serial on purpose: numba's threads, still spinning after a parallel
+        # one, slowed the BLAS GEMM that follows about 2x, and the whole update measured slower
+        # threaded than serial at epsilon 1 and 20 (MNIST network, one process, alternating).
+        levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng)
         stats = [neuron_stats(a) for a in levels]  # a hidden level is scored against two layers
         return [lambda ip, ix, k, a=levels[l], b=levels[l + 1], s=(*stats[l], *stats[l + 1]):
                 topk_cosine(a, b, ip, ix, k, workspace_bytes=self.workspace, stats=s)[:2]
                 for l in range(net.n_layers)]
 
 
-def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator,
-                       csc: tuple = (), threads: int = 1) -> list:
+def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator) -> list:
     """Activations of every level over S = min(N, samples) training rows chosen by ``rng``.
 
     Returns feature-major float32 arrays (n_l, S): scaled inputs, ReLU hidden layers, softmax
     output, i.e. exactly the pairs the cosine scoring needs (docs/algorithm.md, "The topology update", step 2).
-    With ``threads`` > 1 and ``csc`` (see ``TopologyPolicy.update``), the layers that
-    ``kernels.train_batches`` would run on threads run on threads here too; the bits are the same
-    as ``kernels.forward_all``'s.
     """
     s = min(train_rows.shape[0], samples)
     rows = np.sort(rng.choice(train_rows, size=s, replace=False))
     act = net.activation_buffer(s)
-    if threads <= 1 or not csc or not csc[0].shape[0]:
-        kernels.forward_all(X, rows, shift, scale, *net.forward, act)
-        return level_views(act, net.sizes, s)
-    # The same per-layer choice as train_batches, one kernel call per layer: S is large, so the
-    # Python between the calls costs nothing next to them.
-    levels = level_views(act, net.sizes, s)
-    alive = np.ones(int(net.sizes.max()), np.uint8)
-    kernels.gather_scaled(X, rows, shift, scale, levels[0])
-    colptr, rowidx, perm = csc
-    for l in range(net.n_layers):
-        n_out, hidden = int(net.sizes[l + 1]), l < net.n_layers - 1
-        p0, p1 = int(net.nz_off[l]), int(net.nz_off[l + 1])
-        u0, u1 = int(net.unit_off[l]), int(net.unit_off[l + 1])
-        c0 = u0 + l
-        if n_out > 1 and (p1 - p0) * s >= kernels.PARALLEL_MIN_WORK and colptr[c0 + n_out] > 0:
-            kernels.sparse_forward_threads(colptr[c0:c0 + n_out + 1], rowidx[p0:p1], perm[p0:p1], net.values[p0:p1],
-                                           net.bias[u0:u1], levels[l], levels[l + 1], hidden, min(threads, n_out))
-        else:
-            kernels.sparse_forward(net.indptr[net.ptr_off[l]:net.ptr_off[l + 1]], net.indices[p0:p1],
-                                   net.values[p0:p1], net.bias[u0:u1], levels[l], levels[l + 1],
-                                   alive[:levels[l].shape[0]])
-        if hidden:
-            kernels.relu_alive(levels[l + 1], alive[:n_out])
-        else:
-            kernels.softmax_inplace(levels[l + 1])
-    return levels
+    kernels.forward_all(X, rows, shift, scale, *net.forward, act)
+    return level_views(act, net.sizes, s)
 
 
 def drop_weakest(values: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -201,29 +201,3 @@ def test_the_policy_table_is_the_method_list():
     from ctre_edge.evolve import POLICIES, SCORES
 
     assert tuple(POLICIES) == tuple(SCORES) == METHODS
-
-
-def test_threaded_activation_sample_has_the_bits_of_the_serial_one():
-    # Layers of 30,000 and 2,000 connections over 600 samples: above kernels.PARALLEL_MIN_WORK, so
-    # they run on threads from the CSC copy; the 20 x 3 output layer stays serial.
-    import numba
-
-    from ctre_edge.evolve import sample_activations
-    from ctre_edge.packed import CSC_MAX_CONNECTIONS
-    from ctre_edge.train import init_layers
-
-    rng = np.random.default_rng(0)
-    X = rng.random((900, 50)).astype(np.float32)
-    net = PackedNet.from_layers(init_layers([50, 400, 20, 3], 40.0, np.random.default_rng(1)))
-    net.bias[:] = rng.normal(0, 0.1, net.bias.shape).astype(np.float32)  # some neurons die, some not
-    csc = net.csc_buffers()
-    kernels.csc_all(*net[:6], *csc, CSC_MAX_CONNECTIONS)
-    shift, scale = np.zeros(50, np.float32), np.ones(50, np.float32)
-    rows = np.arange(900)
-    serial = sample_activations(net, X, rows, shift, scale, 600, np.random.default_rng(2))
-    threads = min(2, numba.config.NUMBA_NUM_THREADS)
-    threaded = sample_activations(net, X, rows, shift, scale, 600, np.random.default_rng(2), csc, threads)
-    assert len(serial) == len(threaded) == 4
-    for a, b in zip(serial, threaded):
-        assert a.tobytes() == b.tobytes()
-    assert (threaded[1] == 0).all(axis=1).any() and not (threaded[1] == 0).all()

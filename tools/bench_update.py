@@ -18,7 +18,6 @@ too much between runs for two separate runs to compare (see ``tools/bench_ab.py`
 
 import argparse
 import importlib
-import inspect
 import platform
 import statistics
 import sys
@@ -49,18 +48,10 @@ def load_checkout(path: Path) -> dict:
 
 
 def timed_update(modules, layers, config, X, rows, shift, scale):
-    import numba
-
     net = modules["packed"].PackedNet.from_layers(layers)
     policy = modules["evolve"].TopologyPolicy(config, X, rows, shift, scale)
-    extra = ()
-    if "csc" in inspect.signature(policy.update).parameters:  # checkouts that thread the activation pass
-        csc, threads = net.csc_buffers(), numba.get_num_threads()
-        if csc[0].shape[0]:
-            modules["kernels"].csc_all(*net[:6], *csc, modules["packed"].CSC_MAX_CONNECTIONS)
-        extra = (csc, threads)
     t = time.perf_counter()
-    policy.update(net, 1, 0.5, np.random.default_rng(3), *extra)
+    policy.update(net, 1, 0.5, np.random.default_rng(3))
     return time.perf_counter() - t, net
 
 
