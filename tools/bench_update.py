@@ -67,8 +67,12 @@ def compare(args, data, hidden):
                          similarity_samples=args.samples)
     model = train(data, config).model
     rows = np.arange(data.X.shape[0])
-    print(f"base: {base}\n\nctre-sim update, exact scoring, after {args.epochs} epochs; fastest of {args.passes} "
-          f"updates per checkout, alternating\n")
+    # The sample the update scores over (its rng draws it first), and how many neurons it leaves alive.
+    levels = evolve.sample_activations(packed.PackedNet.from_layers(model.layers), data.X, rows, model.shift,
+                                       model.scale, args.samples, np.random.default_rng(3))
+    live = ", ".join(f"{int((a != 0).any(axis=1).sum())}/{a.shape[0]}" for a in levels)
+    print(f"base: {base}\n\nneurons not all zero over the sample, per level: {live}\n\nctre-sim update, exact "
+          f"scoring, after {args.epochs} epochs; fastest of {args.passes} updates per checkout, alternating\n")
     print("| epsilon | this checkout ms | base ms | speed-up | same bits |")
     print("|---|---|---|---|---|")
     run = lambda m: timed_update(m, model.layers, config, data.X, rows, model.shift, model.scale)  # noqa: E731
