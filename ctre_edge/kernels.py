@@ -800,6 +800,14 @@ def neuron_kinds(a, inv, out):
 
 
 @njit(cache=True)
+def _scaled_score(dot, inv_i, inv_j):
+    # The last step of the canonical score: float32(|dot| * inv_i * inv_j), 0 where a norm is 0.
+    if inv_i == 0.0 or inv_j == 0.0:
+        return np.float32(0.0)
+    return np.float32(abs(dot) * inv_i * inv_j)
+
+
+@njit(cache=True)
 def canonical_score(a_in, a_out, inv_in, inv_out, i, j):
     """Canonical |cosine| of one position (module docstring): float32, 0 where a norm is 0.
 
@@ -811,7 +819,7 @@ def canonical_score(a_in, a_out, inv_in, inv_out, i, j):
     acc = 0.0
     for s in range(a_in.shape[1]):
         acc += np.float64(a_in[i, s]) * np.float64(a_out[j, s])
-    return np.float32(abs(acc) * inv_in[i] * inv_out[j])
+    return _scaled_score(acc, inv_in[i], inv_out[j])
 
 
 @njit(cache=True)
@@ -856,11 +864,7 @@ def canonical_scores_of_pairs(a_in, a_out, inv_in, inv_out, positions, n, out):
         c7 += np.float64(a_in[i7, s]) * np.float64(a_out[j7, s])
     sums = (c0, c1, c2, c3, c4, c5, c6, c7)
     for t in range(n):
-        i, j = positions[t] // n_out, positions[t] % n_out
-        if inv_in[i] == 0.0 or inv_out[j] == 0.0:
-            out[t] = np.float32(0.0)
-        else:
-            out[t] = np.float32(abs(sums[t]) * inv_in[i] * inv_out[j])
+        out[t] = _scaled_score(sums[t], inv_in[positions[t] // n_out], inv_out[positions[t] % n_out])
 
 
 @njit(cache=True)
@@ -950,26 +954,34 @@ def _score_and_offer(a_in, a_out, inv_in, inv_out, positions, n, got, best_score
 
 
 @njit(cache=True)
-def _row_bounds(dots_row, v_i, kind_i, v_out, kind_out, rel, abs_err, sign, out):
-    """``out[j] = approx + sign * margin`` for one row of the prefilter (see ``scan_block``).
+def _row_bounds(dots_row, i, indptr, indices, v_in, kind_in, v_out, kind_out, rel, abs_err, sign, out):
+    """``out[j] = approx + sign * margin`` for row ``i`` of the prefilter (see ``scan_block``).
 
-    ``sign`` -1 gives the lower bounds of pass 1 and +1 the upper bounds of pass 2. Columns of
-    KIND_IRREGULAR neurons get -inf (pass 1: no lower bound) or +inf (pass 2: always rescored).
-    Written with selects only, so the loop vectorises.
+    ``sign`` -1 gives the lower bounds of pass 1 and +1 the upper bounds of pass 2. Pairs with a
+    KIND_IRREGULAR neuron get -inf (pass 1: no lower bound) or +inf (pass 2: always rescored); kept
+    positions get -inf (never a candidate). The loop over the row is written with selects only, so
+    it vectorises.
     """
-    zero_i = kind_i == KIND_ZERO
-    nonneg_i = kind_i == KIND_NONNEG
     odd = -np.inf if sign < 0.0 else np.inf
-    for j in range(dots_row.shape[0]):
-        approx = abs(dots_row[j]) * v_i * v_out[j]
-        kj = kind_out[j]
-        margin = abs_err
-        if nonneg_i and kj == KIND_NONNEG:
-            margin = rel * approx
-        if zero_i or kj == KIND_ZERO:
-            margin = 0.0
-        value = np.float64(approx) + sign * margin
-        out[j] = odd if kj == KIND_IRREGULAR else value
+    if kind_in[i] == KIND_IRREGULAR:
+        for j in range(out.shape[0]):  # a loop, not out[:] = odd: numba's slice assignment costs compile memory
+            out[j] = odd
+    else:
+        v_i = v_in[i]
+        zero_i = kind_in[i] == KIND_ZERO
+        nonneg_i = kind_in[i] == KIND_NONNEG
+        for j in range(dots_row.shape[0]):
+            approx = abs(dots_row[j]) * v_i * v_out[j]
+            kj = kind_out[j]
+            margin = abs_err
+            if nonneg_i and kj == KIND_NONNEG:
+                margin = rel * approx
+            if zero_i or kj == KIND_ZERO:
+                margin = 0.0
+            value = np.float64(approx) + sign * margin
+            out[j] = odd if kj == KIND_IRREGULAR else value
+    for p in range(indptr[i], indptr[i + 1]):
+        out[indices[p]] = -np.inf
 
 
 @njit(cache=True)
@@ -1023,19 +1035,15 @@ def scan_block(
     n_rows, n_out = dots.shape
     k = best_scores.shape[0]
     cap = lower.shape[0]
-    # Each pass first computes a whole row's bounds in a branch-free loop that the compiler
-    # vectorises (the same float32 and float64 operations per entry as one at a time, so the same
-    # bits), marks kept positions -inf, and only then walks the row for the rare entries that pass.
+    # Each pass first computes a whole row's bounds (``_row_bounds``: a branch-free loop that the
+    # compiler vectorises, the same float32 and float64 operations per entry as one at a time, so
+    # the same bits), and only then walks the row for the rare entries that pass.
     lim = np.empty(n_out, np.float64)
     n_lower = state[0]
     bound = lower[k - 1] if n_lower == k else -np.inf  # cut back to its k largest after the last block
     for r in range(n_rows):
         i = row0 + r
-        if kind_in[i] == KIND_IRREGULAR:
-            continue
-        _row_bounds(dots[r], v_in[i], kind_in[i], v_out, kind_out, rel, abs_err, -1.0, lim)
-        for p in range(indptr[i], indptr[i + 1]):
-            lim[indices[p]] = -np.inf
+        _row_bounds(dots[r], i, indptr, indices, v_in, kind_in, v_out, kind_out, rel, abs_err, -1.0, lim)
         for j in range(n_out):
             if lim[j] > bound:
                 lower[n_lower] = lim[j]
@@ -1059,13 +1067,7 @@ def scan_block(
     n_cand = 0
     for r in range(n_rows):
         i = row0 + r
-        if kind_in[i] == KIND_IRREGULAR:
-            for j in range(n_out):  # a loop, not lim[:] = inf: numba's slice assignment costs compile memory
-                lim[j] = np.inf
-        else:
-            _row_bounds(dots[r], v_in[i], kind_in[i], v_out, kind_out, rel, abs_err, 1.0, lim)
-        for p in range(indptr[i], indptr[i + 1]):
-            lim[indices[p]] = -np.inf
+        _row_bounds(dots[r], i, indptr, indices, v_in, kind_in, v_out, kind_out, rel, abs_err, 1.0, lim)
         for j in range(n_out):
             high = lim[j]
             if high < bound or high <= worst:

@@ -38,7 +38,7 @@ def load_checkout(path: Path) -> dict:
         del sys.modules[n]
     sys.path.insert(0, str(path))
     try:
-        modules = {n: importlib.import_module(f"ctre_edge.{n}") for n in ("kernels", "packed", "evolve")}
+        modules = {n: importlib.import_module(f"ctre_edge.{n}") for n in ("packed", "evolve")}
     finally:
         sys.path.remove(str(path))
         for n in [n for n in sys.modules if n == "ctre_edge" or n.startswith("ctre_edge.")]:
@@ -56,13 +56,13 @@ def timed_update(modules, layers, config, X, rows, shift, scale):
 
 
 def compare(args, data, hidden):
-    from ctre_edge import evolve, kernels, packed
+    from ctre_edge import evolve, packed
 
     base = Path(args.base).resolve()
     if not (base / "ctre_edge" / "evolve.py").exists():
         raise SystemExit(f"--base: no ctre_edge/evolve.py in {base}")
     other = load_checkout(base)
-    this = {"kernels": kernels, "packed": packed, "evolve": evolve}
+    this = {"packed": packed, "evolve": evolve}
     config = TrainConfig(hidden=hidden, method="ctre-sim", epsilon=args.epsilon, epochs=args.epochs, lr=0.01,
                          similarity_samples=args.samples)
     model = train(data, config).model
