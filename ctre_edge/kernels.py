@@ -18,7 +18,11 @@ Each kernel has a numpy twin in ``tests/reference.py`` that the tests compare ag
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np.arrayobj import make_array
 
 # Start numba's threading layer now, whatever is called first. A cached kernel records that loading it
 # must start the threading layer only when its parallel callees were compiled in the same process
@@ -77,11 +81,12 @@ def sparse_backward(indptr, indices, values, x, dy, dx, grad, compute_dx):
     pattern); if ``compute_dx``: dx[i, :] = sum_{(i,j)} w_ij dy[j, :] (dL/dx, with the weights
     before this step's update). x: (n_in, B), dy: (n_out, B), dx: (n_in, B), grad: (nnz,).
 
-    Summation order, the same in every backward kernel here: each grad[p] adds its products in
-    batch order b = 0, 1, ... starting from 0; each dx[i, b] adds its connections in CSR order
-    starting from 0. The two sums run in separate loops because they need different loops to be
-    fast: the weight gradient is a reduction per connection (a float chain that cannot become a
-    SIMD reduction without reordering it), the input gradient is elementwise over the batch.
+    Summation order, the same in every backward kernel here: each dx[i, b] adds its connections in
+    CSR order starting from 0. Each grad[p] adds its products in batch order b = 0, 1, ... starting
+    from 0 in a layer of short rows; in a wide layer (``wide_rows``) in 16 lanes, then a fixed tree
+    (``lane_dots4``), which is SIMD. The two sums run in separate loops because they need different
+    loops to be fast: the weight gradient is a reduction per connection, the input gradient is
+    elementwise over the batch.
     The training loop runs the same sums in ``backward_rows``, which also skips dead neurons and
     applies the ReLU mask to dx; this one-layer form leaves dx unmasked.
     """
@@ -95,66 +100,183 @@ def sparse_backward(indptr, indices, values, x, dy, dx, grad, compute_dx):
 
 @njit(cache=True)
 def wide_rows(indptr):
-    """Whether a layer's rows hold 8 or more connections on average (picks the weight-gradient loop)."""
+    """Whether a layer's rows hold 8 or more connections on average: picks the weight-gradient loop,
+    and with it the summation order (lanes or sample order). The topology update keeps a layer's
+    number of connections, so a layer keeps its order for the whole run."""
     n_in = indptr.shape[0] - 1
     return indptr[n_in] - indptr[0] >= 8 * n_in
 
 
+# The weight gradient of wide layers, in 16 lanes. numba offers no SIMD and its compiler keeps a
+# float sum in its written order (no reassociation without fastmath, which would make the bits
+# depend on the CPU), so a dot product over the batch is a scalar chain. These intrinsics write the
+# vector code in LLVM IR instead: lane l (0..15) adds the products of samples b = l, l + 16, ... in
+# that order, from +0; a batch that is not a multiple of 16 leaves the last lanes short. The lanes
+# are then added in a fixed tree (l + 8, then + 4, + 2, + 1). Only IEEE multiplies and adds on
+# <16 x float>, without fast-math flags, so no fused multiply-add and the same bits on every CPU
+# (AVX-512 runs them as one register, AVX2 as two, NEON as four). ``tests/reference.py`` has the
+# numpy twin, ``lane_dot_ref``.
+LANES = 16
+
+
+def _lane_tree(builder, v):
+    width = LANES
+    while width > 1:
+        half = width // 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), half), list(range(half))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), half), list(range(half, width))))
+        v = builder.fadd(lo, hi)
+        width = half
+    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+
+def _f32_c_array(a):
+    return isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C"
+
+
+def _lane_codegen(k, with_dx):
+    """LLVM IR of ``lane_dots{k}`` (and, ``with_dx``, of ``lane_dots_dx{k}``); see there."""
+
+    def codegen(context, builder, sig, args):
+        vec = ir.VectorType(ir.FloatType(), LANES)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+
+        def int64(value, ty):
+            return context.cast(builder, value, ty, types.int64)
+
+        def vload(ptr):
+            return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
+
+        def var():
+            return cgutils.alloca_once_value(builder, ir.Constant(vec, None))
+
+        x_off = int64(args[1], sig.args[1])
+        px = builder.gep(make_array(sig.args[0])(context, builder, args[0]).data, [x_off])
+        y_data = make_array(sig.args[2])(context, builder, args[2]).data
+        pys = [builder.gep(y_data, [int64(off, sig.args[3].dtype)])
+               for off in cgutils.unpack_tuple(builder, args[3], k)]
+        n = int64(args[4], sig.args[4])
+        if with_dx:
+            pdx = builder.gep(make_array(sig.args[5])(context, builder, args[5]).data, [x_off])
+            ws = []
+            for w in cgutils.unpack_tuple(builder, args[6], k):
+                w = builder.insert_element(ir.Constant(vec, None), w, ir.Constant(i32, 0))
+                ws.append(builder.shuffle_vector(w, w, ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)))
+
+        def step(vx, vys, acc_vals, d):
+            # One chunk: each lane sum + x * y; dx (elementwise) + w0 * y0, then + w1 * y1, ...
+            sums = [builder.fadd(a, builder.fmul(vx, vy)) for a, vy in zip(acc_vals, vys)]
+            if with_dx:
+                for w, vy in zip(ws, vys):
+                    d = builder.fadd(d, builder.fmul(w, vy))
+            return sums, d
+
+        accs = [var() for _ in range(k)]
+        chunks = builder.udiv(n, ir.Constant(i64, LANES))
+        with cgutils.for_range(builder, chunks) as loop:
+            off = builder.mul(loop.index, ir.Constant(i64, LANES))
+            d = vload(builder.gep(pdx, [off])) if with_dx else None
+            sums, d = step(vload(builder.gep(px, [off])), [vload(builder.gep(py, [off])) for py in pys],
+                           [builder.load(acc) for acc in accs], d)
+            for acc, v in zip(accs, sums):
+                builder.store(v, acc)
+            if with_dx:
+                builder.store(d, builder.bitcast(builder.gep(pdx, [off]), vec.as_pointer()), align=4)
+        # The last n % 16 samples go to lanes 0.. of one more chunk whose other lanes are +0;
+        # +0 * +0 = +0 and a lane (from +0, never -0) plus +0 is unchanged, so that is exact.
+        done = builder.mul(chunks, ir.Constant(i64, LANES))
+        left = builder.sub(n, done)
+        tails = [var() for _ in range(k + 1 + with_dx)]  # x, the k y's, dx
+        with cgutils.for_range(builder, left) as loop:
+            b = builder.add(done, loop.index)
+            for t, ptr in zip(tails, [px] + pys + ([pdx] if with_dx else [])):
+                value = builder.load(builder.gep(ptr, [b]))
+                builder.store(builder.insert_element(builder.load(t), value, loop.index), t)
+        sums, d = step(builder.load(tails[0]), [builder.load(t) for t in tails[1:k + 1]],
+                       [builder.load(acc) for acc in accs], builder.load(tails[-1]) if with_dx else None)
+        if with_dx:
+            with cgutils.for_range(builder, left) as loop:
+                builder.store(builder.extract_element(d, loop.index), builder.gep(pdx, [builder.add(done, loop.index)]))
+        return context.make_tuple(builder, sig.return_type, [_lane_tree(builder, v) for v in sums])
+
+    return codegen
+
+
+def _lane_dots(k):
+    """An intrinsic (x, x_off, y, y_offs, n) -> k float32: dot(x.flat[x_off:x_off + n],
+    y.flat[y_offs[t]:y_offs[t] + n]) for t < k in the lane order above, sharing each load of x.
+    x and y: C-contiguous float32 arrays (the flat offsets assume it)."""
+
+    @intrinsic
+    def lane_dots(typingctx, x, x_off, y, y_offs, n):
+        if _f32_c_array(x) and _f32_c_array(y) and isinstance(y_offs, types.UniTuple) and y_offs.count == k:
+            return types.UniTuple(types.float32, k)(x, x_off, y, y_offs, n), _lane_codegen(k, False)
+        return None
+
+    return lane_dots
+
+
+def _lane_dots_dx(k):
+    """``_lane_dots(k)`` that also adds ws[t] * y.flat[y_offs[t]:...] to dx.flat[x_off:x_off + n],
+    elementwise, t = 0, 1, ... in turn (``input_gradient_rows``' order): one pass over the y rows
+    for both gradients. dx: C-contiguous float32 of x's shape; ws: k float32."""
+
+    @intrinsic
+    def lane_dots_dx(typingctx, x, x_off, y, y_offs, n, dx, ws):
+        if (_f32_c_array(x) and _f32_c_array(y) and _f32_c_array(dx) and isinstance(y_offs, types.UniTuple)
+                and y_offs.count == k and isinstance(ws, types.UniTuple) and ws.count == k
+                and ws.dtype == types.float32):
+            return types.UniTuple(types.float32, k)(x, x_off, y, y_offs, n, dx, ws), _lane_codegen(k, True)
+        return None
+
+    return lane_dots_dx
+
+
+lane_dots1, lane_dots4 = _lane_dots(1), _lane_dots(4)
+lane_dots_dx1, lane_dots_dx4 = _lane_dots_dx(1), _lane_dots_dx(4)
+
+
 @njit(cache=True)
 def _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1):
-    # Eight (then four, then one) chains per row share each load of x[i, b]; scalar code on
-    # purpose: numba's arrays may alias, so the compiler does not pack these chains into SIMD.
-    # The chains run only over the samples where x[i, b] is not 0 (listed first, in order): the
-    # others' products are +-0 and leave the sums unchanged (see ``backward_rows``), and ReLU
-    # zeroes about half of a hidden layer's entries.
+    # Four connections at a time share each vector load of x[i, :] (measured about 10% faster than
+    # one at a time on a 1000 x 1000 layer at epsilon 20; dy's rows come from L2 and bound it).
     nb = x.shape[1]
-    z = np.float32(0.0)
-    nz = np.empty(nb, np.int64)
     for i in range(i0, i1):
         p = indptr[i]
         p1 = indptr[i + 1]
-        m = 0
-        for b in range(nb):
-            nz[m] = b
-            m += x[i, b] != 0.0
-        while p + 8 <= p1:
-            j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
-            j4, j5, j6, j7 = indices[p + 4], indices[p + 5], indices[p + 6], indices[p + 7]
-            a0, a1, a2, a3, a4, a5, a6, a7 = z, z, z, z, z, z, z, z
-            for t in range(m):
-                b = nz[t]
-                xb = x[i, b]
-                a0 += xb * dy[j0, b]
-                a1 += xb * dy[j1, b]
-                a2 += xb * dy[j2, b]
-                a3 += xb * dy[j3, b]
-                a4 += xb * dy[j4, b]
-                a5 += xb * dy[j5, b]
-                a6 += xb * dy[j6, b]
-                a7 += xb * dy[j7, b]
-            grad[p], grad[p + 1], grad[p + 2], grad[p + 3] = a0, a1, a2, a3
-            grad[p + 4], grad[p + 5], grad[p + 6], grad[p + 7] = a4, a5, a6, a7
-            p += 8
+        xi = i * nb
         while p + 4 <= p1:
-            j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
-            a0, a1, a2, a3 = z, z, z, z
-            for t in range(m):
-                b = nz[t]
-                xb = x[i, b]
-                a0 += xb * dy[j0, b]
-                a1 += xb * dy[j1, b]
-                a2 += xb * dy[j2, b]
-                a3 += xb * dy[j3, b]
-            grad[p], grad[p + 1], grad[p + 2], grad[p + 3] = a0, a1, a2, a3
+            grad[p], grad[p + 1], grad[p + 2], grad[p + 3] = lane_dots4(
+                x, xi, dy, (indices[p] * nb, indices[p + 1] * nb, indices[p + 2] * nb, indices[p + 3] * nb), nb)
             p += 4
         while p < p1:
-            j0 = indices[p]
-            a0 = z
-            for t in range(m):
-                b = nz[t]
-                a0 += x[i, b] * dy[j0, b]
-            grad[p] = a0
+            (grad[p],) = lane_dots1(x, xi, dy, (indices[p] * nb,), nb)
             p += 1
+
+
+@njit(cache=True)
+def _backward_by_row(indptr, indices, values, x, dy, dx, grad, i0, i1):
+    # ``_weight_gradient_by_row`` and ``input_gradient_rows(..., relu=True)`` in one pass over each
+    # row's dy rows, same bits as the two: dy's rows come from L2, and reading them once for both
+    # gradients instead of twice was measured faster (tools/bench_train.py's phase table).
+    nb = x.shape[1]
+    for i in range(i0, i1):
+        for b in range(nb):
+            dx[i, b] = 0.0
+        p = indptr[i]
+        p1 = indptr[i + 1]
+        xi = i * nb
+        while p + 4 <= p1:
+            grad[p], grad[p + 1], grad[p + 2], grad[p + 3] = lane_dots_dx4(
+                x, xi, dy, (indices[p] * nb, indices[p + 1] * nb, indices[p + 2] * nb, indices[p + 3] * nb), nb,
+                dx, (values[p], values[p + 1], values[p + 2], values[p + 3]))
+            p += 4
+        while p < p1:
+            (grad[p],) = lane_dots_dx1(x, xi, dy, (indices[p] * nb,), nb, dx, (values[p],))
+            p += 1
+        for b in range(nb):
+            if x[i, b] <= 0.0:
+                dx[i, b] = 0.0
 
 
 @njit(cache=True)
@@ -209,9 +331,10 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
     its gradient is +0 and its terms in dx vanish; a dead row's dx is all masked to 0 anyway. (Only a
     non-finite weight or activation, in a run that has diverged, could tell the difference.)
 
-    ``wide`` (``wide_rows``, where hardly any neuron is dead): the weight gradient runs by rows, 8
-    chains sharing each load of x[i, b], and dx by ``input_gradient_rows``, without skipping (there,
-    listing the connections cost more than it saved). Else the live connections are listed chunk by
+    ``wide`` (``wide_rows``, where hardly any neuron is dead): the weight gradient runs by rows in
+    16 lanes (``_weight_gradient_by_row``; a different order from the short rows' chains, so other
+    bits), and dx by ``input_gradient_rows``, without skipping (there, listing the connections cost
+    more than it saved). Else the live connections are listed chunk by
     chunk in CSR order (``live``: int64 scratch, its halves their positions and rows); 8 chains run
     over them, whatever rows they are in (rows of about 2 connections at epsilon 1), and dx adds each
     row's listed connections four per pass over dx[i, :], left to right.
@@ -219,9 +342,10 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
     nb = x.shape[1]
     z = np.float32(0.0)
     if wide:
-        _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1)
         if compute_dx:
-            input_gradient_rows(indptr, indices, values, dy, x, dx, i0, i1, True)
+            _backward_by_row(indptr, indices, values, x, dy, dx, grad, i0, i1)
+        else:
+            _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1)
         return
     chunk = live.shape[0] // 2
     pos = live[:chunk]

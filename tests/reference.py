@@ -51,12 +51,37 @@ def forward_in_order_ref(layer, x_fm):
     return out
 
 
-def backward_in_order_ref(layer, x_fm, dy_fm):
-    """The backward kernels' exact float32 sums: grad[p] over the batch in order b = 0, 1, ...;
-    dx[i, b] over the row's connections in CSR order, each from 0. Returns (dx (n_in, B), grad)."""
+LANES = 16
+
+
+def lane_dot_ref(products):
+    """``kernels.lane_dots4``'s exact float32 sums of each row of ``products`` (m, B): lane l adds
+    columns l, l + 16, ... in order from 0 (the batch padded with +0 to a multiple of 16, which
+    changes no sum), then the 16 lanes are added in a fixed tree: l + 8, then + 4, + 2, + 1."""
+    m, nb = products.shape
+    chunks = -(-nb // LANES)
+    padded = np.zeros((m, max(chunks, 1) * LANES), np.float32)
+    padded[:, :nb] = products
+    lanes = np.cumsum(padded.reshape(m, -1, LANES), axis=1, dtype=np.float32)[:, -1]
+    while lanes.shape[1] > 1:
+        half = lanes.shape[1] // 2
+        lanes = (lanes[:, :half] + lanes[:, half:]).astype(np.float32)
+    return lanes[:, 0]
+
+
+def backward_in_order_ref(layer, x_fm, dy_fm, wide=None):
+    """The backward kernels' exact float32 sums: dx[i, b] over the row's connections in CSR order,
+    from 0; grad[p] over the batch in order b = 0, 1, ... from 0, or, in a wide layer (8 or more
+    connections per row on average, ``kernels.wide_rows``; ``wide`` overrides), in 16 lanes
+    (``lane_dot_ref``). Returns (dx (n_in, B), grad)."""
+    if wide is None:
+        wide = layer.nnz >= 8 * layer.n_in
     rows, nb = layer.rows(), x_fm.shape[1]
     products = (x_fm[rows] * dy_fm[layer.indices]).astype(np.float32)
-    grad = np.cumsum(products, axis=1, dtype=np.float32)[:, -1] if nb else np.zeros(layer.nnz, np.float32)
+    if wide:
+        grad = lane_dot_ref(products)
+    else:
+        grad = np.cumsum(products, axis=1, dtype=np.float32)[:, -1] if nb else np.zeros(layer.nnz, np.float32)
     dx = np.zeros((layer.n_in, nb), np.float32)
     for i in range(layer.n_in):
         p0, p1 = layer.indptr[i], layer.indptr[i + 1]

@@ -234,13 +234,14 @@ def test_backward_adds_in_the_documented_order(shape):
     layer, rng = random_layer(n_in, n_out, eps, seed)
     x = rng.normal(size=(n_in, batch)).astype(np.float32)
     dy = rng.normal(size=(n_out, batch)).astype(np.float32)
-    want_dx, want_g = backward_in_order_ref(layer, x, dy)
     ones = np.ones(n_in, np.uint8), np.ones(n_out, np.uint8)
     for wide in (False, True):  # both weight-gradient loops, whatever the row lengths
+        want_dx, want_g = backward_in_order_ref(layer, x, dy, wide)
         g, dx = np.empty(layer.nnz, np.float32), np.full_like(x, 7.0)
         backward_rows(layer, x, dy, dx, g, *ones, True, wide)
         np.testing.assert_array_equal(g, want_g)
         np.testing.assert_array_equal(dx, np.where(x > 0, want_dx, 0))
+    want_dx, want_g = backward_in_order_ref(layer, x, dy)  # the loop the layer's rows pick
     dx = np.full_like(x, 7.0)
     kernels.sparse_backward(layer.indptr, layer.indices, layer.values, x, dy, dx, g, True)
     np.testing.assert_array_equal(dx, want_dx)
@@ -272,7 +273,7 @@ def test_backward_on_live_connections_gives_the_same_bits(shape, dead_in, dead_o
         for wide in (False, True):
             g = np.full(layer.nnz, 7.0, np.float32)
             backward_rows(layer, x, dy, dx, g, alive_in, alive_out, False, wide)
-            np.testing.assert_array_equal(g, want_g)
+            np.testing.assert_array_equal(g, backward_in_order_ref(layer, x, dy, wide)[1])
 
 
 @settings(max_examples=60, deadline=None)
@@ -315,9 +316,9 @@ def test_backward_on_live_connections_across_chunks_and_over_long_rows(rng):
     x[5] = np.abs(x[5]) + 0.5  # the long row is alive
     dy = rng.normal(size=(n_out, batch)).astype(np.float32)
     dy[rng.random(n_out) < 0.3] = 0.0
-    want_dx, want_g = backward_in_order_ref(layer, x, dy)
     flags = (x > 0).any(1).astype(np.uint8), (dy != 0).any(1).astype(np.uint8)
     for wide in (False, True):
+        want_dx, want_g = backward_in_order_ref(layer, x, dy, wide)
         g, dx = np.empty(layer.nnz, np.float32), np.empty_like(x)
         backward_rows(layer, x, dy, dx, g, *flags, True, wide)
         np.testing.assert_array_equal(g, want_g)
@@ -392,3 +393,31 @@ def test_csc_all_leaves_layers_over_the_limit_without_a_copy(rng):
     np.testing.assert_array_equal(perm[layers[0].nnz:], want_perm)
     from ctre_edge.packed import uses_csc
     assert uses_csc([CSC_MAX_CONNECTIONS + 1, CSC_MAX_CONNECTIONS]) and not uses_csc([CSC_MAX_CONNECTIONS + 1])
+
+
+@pytest.mark.parametrize("batch", [0, 1, 15, 16, 17, 33, 100])
+def test_wide_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
+    """The wide loops' order (lanes b mod 16, a short last chunk, then the tree; dx as in the narrow
+    loops) at batch sizes around the lane width, on rows of 1 to 13 connections (the 4-at-a-time
+    loop and its tail)."""
+    lengths = np.array([1, 2, 3, 4, 5, 7, 8, 9] + [13] * 22)
+    indices = np.concatenate([np.sort(rng.choice(50, n, replace=False)) for n in lengths]).astype(np.int32)
+    layer = erdos_renyi_layer(30, 50, 1, rng)
+    layer = layer._replace(
+        indptr=np.concatenate([[0], np.cumsum(lengths)]).astype(layer.indptr.dtype), indices=indices,
+        values=rng.normal(size=indices.size).astype(np.float32))
+    assert kernels.wide_rows(layer.indptr)
+    x = np.maximum(rng.normal(size=(30, batch)), 0).astype(np.float32)
+    dy = (rng.normal(size=(50, batch)) * 1e3 ** rng.integers(-2, 3, size=(50, 1))).astype(np.float32)
+    want_dx, want_g = backward_in_order_ref(layer, x, dy)
+    g = np.full(layer.nnz, 7.0, np.float32)
+    kernels._weight_gradient_by_row(layer.indptr, layer.indices, x, dy, g, 0, 30)
+    np.testing.assert_array_equal(g, want_g)
+    g, dx = np.full(layer.nnz, 7.0, np.float32), np.full_like(x, 7.0)  # and with dx, in the same pass
+    kernels._backward_by_row(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 0, 30)
+    np.testing.assert_array_equal(g, want_g)
+    np.testing.assert_array_equal(dx, np.where(x > 0, want_dx, 0))
+    products = (x[layer.rows()] * dy[layer.indices]).astype(np.float32)
+    in_order = np.cumsum(products, axis=1, dtype=np.float32)[:, -1] if batch else g
+    if batch > 16:  # the lanes are a different order from the samples', and the test can tell
+        assert not np.array_equal(g, in_order)
