@@ -1,3 +1,6 @@
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,25 @@ def user_cache_home(_user_cache_home, monkeypatch):
     """
     monkeypatch.setenv("XDG_CACHE_HOME", str(_user_cache_home))
     return _user_cache_home
+
+
+@pytest.fixture(scope="session")
+def warmed_cache_template(tmp_path_factory):
+    """One cold ``ctre-edge warmup`` into an empty kernel cache for the whole session (about half a
+    minute on 2 cores), and its CompletedProcess. Tests never use it directly: ``copy_warmed_cache``
+    gives each its own copy, so what one test compiles cannot make another's check pass."""
+    cache = tmp_path_factory.mktemp("warmed") / "cache"
+    r = subprocess.run([sys.executable, "-m", "ctre_edge.cli", "--cache-dir", str(cache), "warmup"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return cache, r
+
+
+def copy_warmed_cache(template, dest: Path) -> Path:
+    """A copy of the session's warmed kernel cache at ``dest`` (numba's index files name the source
+    files, not the cache's own location, so a copy loads like the original)."""
+    shutil.copytree(template[0], dest)
+    return dest
 
 
 def evict_library_pages() -> None:

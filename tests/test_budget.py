@@ -6,7 +6,7 @@ import sys
 import time
 
 import pytest
-from conftest import evict_library_pages, shared_dataset
+from conftest import copy_warmed_cache, evict_library_pages, shared_dataset
 
 from ctre_edge.budget import MiB, RunShape, fit_to_budget, plan_inference, plan_training
 from ctre_edge.errors import BudgetError
@@ -92,12 +92,11 @@ def test_refusal_names_the_part_and_the_fix(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def warm_cache(tmp_path_factory):
-    """A kernel cache of these tests' own, filled by warmup: the budgets below leave no room for a
-    cold compile (which the planner would rightly refuse), and a shared cache may be in any state."""
-    cache = tmp_path_factory.mktemp("kernel-cache")
-    r = cli("--cache-dir", str(cache), "warmup")
-    assert r.returncode == 0, r.stderr
+def warm_cache(tmp_path_factory, warmed_cache_template):
+    """A kernel cache of these tests' own, filled by warmup (a copy of the session's): the budgets
+    below leave no room for a cold compile (which the planner would rightly refuse), and a shared
+    cache may be in any state."""
+    cache = copy_warmed_cache(warmed_cache_template, tmp_path_factory.mktemp("kernel-cache") / "cache")
     return ["--cache-dir", str(cache)]
 
 
