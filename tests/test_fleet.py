@@ -335,7 +335,10 @@ def test_client_that_cannot_hold_the_run_refuses_before_joining(tmp_path):
 
 
 # -- real processes on loopback -------------------------------------------------------------------
-SMALL = ["--hidden", "24,24", "--epsilon", "3", "--similarity-samples", "100", "--lr", "0.2"]
+# lr 0.1: at 0.2 the simulated run below ended at 0.10-0.60 test accuracy over five runs (the client
+# seeds include Flower's random node ids, so every run differs), once at chance; at 0.1, 0.74-0.87
+# over four.
+SMALL = ["--hidden", "24,24", "--epsilon", "3", "--similarity-samples", "100", "--lr", "0.1"]
 
 
 @needs_flwr
