@@ -334,12 +334,13 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
     non-finite weight or activation, in a run that has diverged, could tell the difference.)
 
     ``wide`` (``wide_rows``, where hardly any neuron is dead): the weight gradient runs by rows in
-    16 lanes (``_weight_gradient_by_row``; a different order from the short rows' chains, so other
-    bits), and dx by ``input_gradient_rows``, without skipping (there, listing the connections cost
-    more than it saved). Else the live connections are listed chunk by
-    chunk in CSR order (``live``: int64 scratch, its halves their positions and rows); 8 chains run
-    over them, whatever rows they are in (rows of about 2 connections at epsilon 1), and dx adds each
-    row's listed connections four per pass over dx[i, :], left to right.
+    16 lanes, a different order from the short rows' chains, so other bits; with ``compute_dx``,
+    dx in the same pass over each row's dy rows (``_backward_by_row``), else the weight gradient
+    alone (``_weight_gradient_by_row``); neither skips dead neurons (there, listing the connections
+    cost more than it saved). Else the live connections are listed chunk by chunk in CSR order
+    (``live``: int64 scratch, its halves their positions and rows); 8 chains run over them, whatever
+    rows they are in (rows of about 2 connections at epsilon 1), and dx adds each row's listed
+    connections four per pass over dx[i, :], left to right.
     """
     nb = x.shape[1]
     z = np.float32(0.0)

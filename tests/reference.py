@@ -75,7 +75,7 @@ def backward_in_order_ref(layer, x_fm, dy_fm, wide=None):
     connections per row on average, ``kernels.wide_rows``; ``wide`` overrides), in 16 lanes
     (``lane_dot_ref``). Returns (dx (n_in, B), grad)."""
     if wide is None:
-        wide = layer.nnz >= 8 * layer.n_in
+        wide = kernels.wide_rows(layer.indptr)
     rows, nb = layer.rows(), x_fm.shape[1]
     products = (x_fm[rows] * dy_fm[layer.indices]).astype(np.float32)
     if wide:
