@@ -104,13 +104,15 @@ class TopologyPolicy:
         self.best_val, self.stale, self.random_from_now = state["best_val"], state["stale"], state["random_from_now"]
         self.switched_at = state.get("switched_at")
 
-    def update(self, net, epoch: int, val_acc: float, rng: np.random.Generator) -> tuple[int, int, int]:
+    def update(self, net, epoch: int, val_acc: float, rng: np.random.Generator, csc=None) -> tuple[int, int, int]:
+        """``csc``: the trainer's CSC copy of the current pattern (``PackedNet.csc_buffers`` filled by
+        ``kernels.csc_all``), if it has one; the activation sample's forward pass reads it."""
         growth = self.grow(self, epoch, val_acc)
         if growth == NONE:
             return 0, 0, 0
         pickers = [None] * net.n_layers
         if growth != RANDOM:
-            pickers = self._sketch_pickers(epoch) if self.sketched else self._exact_pickers(net, rng)
+            pickers = self._sketch_pickers(epoch) if self.sketched else self._exact_pickers(net, rng, csc)
         totals = np.zeros(3, dtype=np.int64)
         for l in range(net.n_layers):
             totals += update_layer(net, l, self.zeta, rng, pickers[l], readd=growth == COSINE_READD)
@@ -125,27 +127,32 @@ class TopologyPolicy:
         return [lambda ip, ix, k, s=s: s.candidates(ip, ix, k, n_candidates=k, workspace_bytes=self.workspace)[:2]
                 for s in sketches]
 
-    def _exact_pickers(self, net, rng) -> list:
+    def _exact_pickers(self, net, rng, csc) -> list:
         # The forward pass stays serial on purpose: numba's threads, still spinning after a parallel
         # one, slowed the BLAS GEMM that follows about 2x, and the whole update measured slower
         # threaded than serial at epsilon 1 and 20 (MNIST network, one process, alternating).
-        levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng)
+        levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc)
         stats = [neuron_stats(a) for a in levels]  # a hidden level is scored against two layers
         return [lambda ip, ix, k, a=levels[l], b=levels[l + 1], s=(*stats[l], *stats[l + 1]):
                 topk_cosine(a, b, ip, ix, k, workspace_bytes=self.workspace, stats=s)[:2]
                 for l in range(net.n_layers)]
 
 
-def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator) -> list:
+def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator,
+                       csc=None) -> list:
     """Activations of every level over S = min(N, samples) training rows chosen by ``rng``.
 
     Returns feature-major float32 arrays (n_l, S): scaled inputs, ReLU hidden layers, softmax
     output, i.e. exactly the pairs the cosine scoring needs (docs/algorithm.md, "The topology update", step 2).
+    ``csc``: a CSC copy of the current pattern for a faster forward pass (``TopologyPolicy.update``),
+    or None; the activations are the same bits either way.
     """
     s = min(train_rows.shape[0], samples)
     rows = np.sort(rng.choice(train_rows, size=s, replace=False))
     act = net.activation_buffer(s)
-    kernels.forward_all(X, rows, shift, scale, *net.forward, act)
+    if csc is None:
+        csc = (np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int32))
+    kernels.forward_all(X, rows, shift, scale, *net.forward, *csc, act)
     return level_views(act, net.sizes, s)
 
 

@@ -35,7 +35,8 @@ def uses_csc(layer_nnz) -> bool:
 class PackedNet(NamedTuple):
     """A network packed into flat arrays; the field order is the kernels' argument order.
 
-    ``kernels.forward_all(X, rows, shift, scale, *net.forward, act)`` and
+    ``kernels.forward_all(X, rows, shift, scale, *net.forward, *csc, act)`` (``csc_buffers`` or three
+    empty arrays) and
     ``kernels.train_batches(X, y, order, bs, shift, scale, *net, *buffers, ...)`` take it whole.
     ``velocity`` and ``bias_velocity`` are empty for a network packed for inference.
     """

@@ -230,7 +230,7 @@ def _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out,
     block_rows = int(min(max(1, block_rows), n_in))
     v_in, v_out = inv_in.astype(np.float32), inv_out.astype(np.float32)
     rel, abs_err = _prefilter_bounds(n_samples)
-    lower = np.empty(2 * k, np.float64)  # scan_block's buffer of lower bounds
+    lower = np.empty(2 * k + n_out, np.float64)  # scan_block's buffer of lower bounds
     best_scores = np.empty(k, np.float32)
     best_positions = np.empty(k, np.int64)
     state = np.zeros(3, np.int64)

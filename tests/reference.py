@@ -52,6 +52,7 @@ def forward_in_order_ref(layer, x_fm):
 
 
 LANES = 16
+PAIR_LANES = 8
 
 
 def lane_dot_ref(products):
@@ -149,16 +150,29 @@ def train_step_ref(layers, velocities, bias_velocities, x_bm, y, lr, momentum, l
 
 # --- cosine scoring: the dense references of similarity.py ------------------------------------------
 
+def pair_lane_sum(x, y):
+    """``kernels.pair_dots8``'s float64 sums of x * y over the last axis (x and y float32, broadcast
+    against each other): lane l adds samples l, l + 8, ... in order from 0 (the samples padded with
+    +0 to a multiple of 8, which changes no sum), then the lanes are added l + 4, + 2, + 1."""
+    x, y = np.asarray(x, np.float32).astype(np.float64), np.asarray(y, np.float32).astype(np.float64)
+    n = x.shape[-1]
+    chunks = -(-n // PAIR_LANES)
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, chunks * PAIR_LANES - n)]
+    x, y = np.pad(x, pad), np.pad(y, pad)
+    lanes = np.zeros(np.broadcast_shapes(x.shape[:-1], y.shape[:-1]) + (PAIR_LANES,))
+    for c in range(chunks):  # sequential over chunks, like the kernels
+        lanes = lanes + x[..., c * PAIR_LANES:(c + 1) * PAIR_LANES] * y[..., c * PAIR_LANES:(c + 1) * PAIR_LANES]
+    while lanes.shape[-1] > 1:
+        half = lanes.shape[-1] // 2
+        lanes = lanes[..., :half] + lanes[..., half:]
+    return lanes[..., 0]
+
+
 def canonical_scores_reference(a_in, a_out):
     """Dense (n_in, n_out) float32 canonical scores in plain numpy; for tests and small layers only."""
-    a_in = np.asarray(a_in, dtype=np.float32).astype(np.float64)
-    a_out = np.asarray(a_out, dtype=np.float32).astype(np.float64)
-    dots = np.zeros((a_in.shape[0], a_out.shape[0]))
-    sq_in, sq_out = np.zeros(a_in.shape[0]), np.zeros(a_out.shape[0])
-    for s in range(a_in.shape[1]):  # sequential over samples, like the kernels
-        dots += a_in[:, s, None] * a_out[None, :, s]
-        sq_in += a_in[:, s] * a_in[:, s]
-        sq_out += a_out[:, s] * a_out[:, s]
+    a_in, a_out = np.asarray(a_in, dtype=np.float32), np.asarray(a_out, dtype=np.float32)
+    dots = pair_lane_sum(a_in[:, None, :], a_out[None, :, :])
+    sq_in, sq_out = pair_lane_sum(a_in, a_in), pair_lane_sum(a_out, a_out)
     with np.errstate(divide="ignore"):
         inv_in = np.where(sq_in > 0, 1.0 / np.sqrt(sq_in), 0.0)
         inv_out = np.where(sq_out > 0, 1.0 / np.sqrt(sq_out), 0.0)

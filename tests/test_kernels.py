@@ -8,6 +8,7 @@ from reference import (
     backward_in_order_ref,
     backward_ref,
     csc_ref,
+    dense_weights,
     forward_in_order_ref,
     forward_ref,
     nesterov_ref,
@@ -393,6 +394,28 @@ def test_csc_all_leaves_layers_over_the_limit_without_a_copy(rng):
     np.testing.assert_array_equal(perm[layers[0].nnz:], want_perm)
     from ctre_edge.packed import uses_csc
     assert uses_csc([CSC_MAX_CONNECTIONS + 1, CSC_MAX_CONNECTIONS]) and not uses_csc([CSC_MAX_CONNECTIONS + 1])
+
+
+def test_forward_all_from_the_csc_copy_gives_the_same_bits(rng):
+    """The topology update's sample forward pass reads the trainer's CSC copy where a layer has one
+    (here the first and last layers; the middle one is over the limit and runs by rows)."""
+    layers = [erdos_renyi_layer(30, 50, 4, rng), erdos_renyi_layer(50, 40, 6, rng), erdos_renyi_layer(40, 5, 3, rng)]
+    for layer in layers:
+        layer.bias[:] = rng.normal(size=layer.n_out) * 0.1
+    net = PackedNet.from_layers(layers)
+    X = rng.normal(size=(70, 30)).astype(np.float32)
+    rows = np.sort(rng.choice(70, 37, replace=False))
+    shift, scale = np.zeros(30, np.float32), np.ones(30, np.float32)
+    colptr, rowidx, perm = net.csc_buffers()
+    kernels.csc_all(*net[:6], colptr, rowidx, perm, max(layers[0].nnz, layers[2].nnz))
+    assert layers[1].nnz > max(layers[0].nnz, layers[2].nnz)
+    got, want = net.activation_buffer(37), net.activation_buffer(37)
+    kernels.forward_all(X, rows, shift, scale, *net.forward, colptr, rowidx, perm, got)
+    empty = np.empty(0, np.int32)
+    kernels.forward_all(X, rows, shift, scale, *net.forward, np.empty(0, np.int64), empty, empty, want)
+    np.testing.assert_array_equal(got, want)
+    h = np.maximum(X[rows] @ dense_weights(layers[0]) + layers[0].bias, 0)
+    np.testing.assert_allclose(got[30 * 37:80 * 37].reshape(50, 37), h.T, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch", [0, 1, 15, 16, 17, 33, 100])

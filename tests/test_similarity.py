@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import canonical_scores_reference, rescore_topk, topk_cosine_reference
+from reference import canonical_scores_reference, pair_lane_sum, rescore_topk, topk_cosine_reference
 
 from ctre_edge import kernels as ks
 from ctre_edge import similarity
@@ -42,10 +42,7 @@ def assert_same_topk(got, expected):
 
 
 def squared_norms_reference(a):
-    sq = np.zeros(a.shape[0])
-    for s in range(a.shape[1]):  # sequential, like the kernels
-        sq += a[:, s].astype(np.float64) ** 2
-    return sq
+    return pair_lane_sum(a, a)
 
 
 def inverse_norms_reference(a):
@@ -90,7 +87,7 @@ def activations(kind, n, n_samples, rng):
         return rng.integers(-1, 3, (n, n_samples)).astype(np.float32)
     if kind == "duplicated":  # copies and power-of-two multiples of two rows: exact ties
         base = rng.integers(0, 3, (2, n_samples)).astype(np.float32)
-        return base[rng.integers(0, 2, n)] * np.float32(2.0) ** rng.integers(-2, 3, n)[:, None]
+        return (base[rng.integers(0, 2, n)] * 2.0 ** rng.integers(-2, 3, n)[:, None]).astype(np.float32)
     if kind == "irregular":  # values outside [2**-30, 2**30] on some neurons
         a = rng.standard_normal((n, n_samples)).astype(np.float32)
         a *= np.float32(2.0) ** rng.choice([0, 0, -45, 40], n)[:, None].astype(np.float32)
@@ -167,6 +164,31 @@ def test_canonical_scores_of_pairs_match_dense_reference(seed, kind, s, n):
     np.testing.assert_array_equal(out[:n], canonical_scores_reference(a_in, a_out).ravel()[positions[:n]])
 
 
+@pytest.mark.parametrize("n_samples", list(range(0, 26)) + [1000, 1003])
+def test_canonical_dots_add_in_8_lanes_then_a_fixed_tree(n_samples):
+    """The norms' and scores' float64 sums follow ``pair_lane_sum``'s order (lanes s mod 8, a short
+    last chunk, then the tree), at sample counts around the lane width; magnitudes 1e-8 to 1e8, so
+    that another order gives other bits and the test can tell."""
+    rng = np.random.default_rng(n_samples)
+    a_in = (rng.standard_normal((9, n_samples)) * 1e4 ** rng.integers(-2, 3, (9, n_samples))).astype(np.float32)
+    a_out = (rng.standard_normal((5, n_samples)) * 1e4 ** rng.integers(-2, 3, (5, n_samples))).astype(np.float32)
+    inv = np.empty(9)
+    ks.inverse_norms(a_in, np.arange(9, dtype=np.int64), inv)
+    sq = pair_lane_sum(a_in, a_in)
+    with np.errstate(divide="ignore"):
+        np.testing.assert_array_equal(inv, np.where(sq > 0, 1.0 / np.sqrt(sq), 0.0))
+    positions = rng.choice(45, 8, replace=False).astype(np.int64)
+    out = np.empty(8, np.float32)
+    inv_out = inverse_norms_reference(a_out)
+    ks.canonical_scores_of_pairs(a_in, a_out, inv, inv_out, positions, 8, out)
+    i, j = np.divmod(positions, 5)
+    dots = pair_lane_sum(a_in[i], a_out[j])
+    np.testing.assert_array_equal(out, (np.abs(dots) * inv[i] * inv_out[j]).astype(np.float32))
+    if n_samples == 1000:  # in sample order the float64 sums differ
+        in_order = np.cumsum(a_in[i].astype(np.float64) * a_out[j], axis=1)[:, -1]
+        assert not np.array_equal(dots, in_order)
+
+
 @given(values=st.lists(st.integers(-5, 5), min_size=1, max_size=80), k=st.integers(1, 80),
        seed=st.integers(0, 2**32 - 1))
 @settings(deadline=None)
@@ -206,7 +228,7 @@ def test_scan_block_on_one_block_matches_reference():
     kind_in, kind_out = neuron_kinds_reference(a_in, inv_in), neuron_kinds_reference(a_out, inv_out)
     u, g = 2.0**-24, 20 * 2.0**-24 / (1 - 20 * 2.0**-24)
     rel, abs_err = 1.05 * (g + 8 * u) / (1 - 2 * (g + 8 * u)), 1.05 * g + 12 * u
-    lower, state = np.empty(2 * k), np.zeros(3, np.int64)  # scan_block buffers 2k lower bounds
+    lower, state = np.empty(2 * k + 11), np.zeros(3, np.int64)  # scan_block buffers 2k + n_out lower bounds
     scores, positions = np.empty(k, np.float32), np.empty(k, np.int64)
     ks.scan_block(
         a_in @ a_out.T, 0, indptr, indices, inv_in.astype(np.float32), inv_out.astype(np.float32),
