@@ -398,8 +398,10 @@ def test_csc_all_leaves_layers_over_the_limit_without_a_copy(rng):
 
 def test_forward_all_from_the_csc_copy_gives_the_same_bits(rng):
     """The topology update's sample forward pass reads the trainer's CSC copy where a layer has one
-    (here the first and last layers; the middle one is over the limit and runs by rows)."""
-    layers = [erdos_renyi_layer(30, 50, 4, rng), erdos_renyi_layer(50, 40, 6, rng), erdos_renyi_layer(40, 5, 3, rng)]
+    and 8 or more connections per output (here the first and last layers; the second is over the
+    copy's limit and the third too sparse, and both run by rows)."""
+    layers = [erdos_renyi_layer(30, 50, 12, rng), erdos_renyi_layer(50, 40, 15, rng), erdos_renyi_layer(40, 20, 1, rng),
+              erdos_renyi_layer(20, 5, 3, rng)]
     for layer in layers:
         layer.bias[:] = rng.normal(size=layer.n_out) * 0.1
     net = PackedNet.from_layers(layers)
@@ -407,8 +409,10 @@ def test_forward_all_from_the_csc_copy_gives_the_same_bits(rng):
     rows = np.sort(rng.choice(70, 37, replace=False))
     shift, scale = np.zeros(30, np.float32), np.ones(30, np.float32)
     colptr, rowidx, perm = net.csc_buffers()
-    kernels.csc_all(*net[:6], colptr, rowidx, perm, max(layers[0].nnz, layers[2].nnz))
-    assert layers[1].nnz > max(layers[0].nnz, layers[2].nnz)
+    limit = max(layers[0].nnz, layers[2].nnz, layers[3].nnz)
+    kernels.csc_all(*net[:6], colptr, rowidx, perm, limit)
+    assert layers[1].nnz > limit and layers[2].nnz < 8 * 20
+    assert layers[0].nnz >= 8 * 50 and layers[3].nnz >= 8 * 5
     got, want = net.activation_buffer(37), net.activation_buffer(37)
     kernels.forward_all(X, rows, shift, scale, *net.forward, colptr, rowidx, perm, got)
     empty = np.empty(0, np.int32)
