@@ -18,7 +18,7 @@ import numpy as np
 from . import kernels
 from .layers import csr_from_positions, linear_positions, sample_positions
 from .packed import level_views
-from .similarity import CosineSketch, neuron_stats, topk_cosine
+from .similarity import CosineSketch, live_rows, neuron_stats, topk_cosine
 
 # How each method grows this epoch, given the policy's state and the validation accuracy: not at
 # all, at random, or by cosine (replacing re-added picks at random, or re-adding them). A policy
@@ -132,9 +132,24 @@ class TopologyPolicy:
         # one, slowed the BLAS GEMM that follows about 2x, and the whole update measured slower
         # threaded than serial at epsilon 1 and 20 (MNIST network, one process, alternating).
         levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc)
-        stats = [neuron_stats(a) for a in levels]  # a hidden level is scored against two layers
-        return [lambda ip, ix, k, a=levels[l], b=levels[l + 1], s=(*stats[l], *stats[l + 1]):
-                topk_cosine(a, b, ip, ix, k, workspace_bytes=self.workspace, stats=s)[:2]
+        # A hidden level is scored against two layers: its norms and kinds are computed once, and
+        # so is the copy of its live neurons, kept until the next layer has used it (two levels'
+        # copies at a time, as when each layer made its own).
+        stats = [neuron_stats(a) for a in levels]
+        copies = {}
+
+        def live_copy(l):
+            a, kinds = levels[l], stats[l][1]
+            n_live = int(np.count_nonzero(kinds != kernels.KIND_ZERO))
+            if l not in copies:
+                copies.pop(l - 2, None)
+                fits = 4 * a.shape[1] * n_live <= self.workspace
+                copies[l] = live_rows(a, kinds) if n_live < a.shape[0] and fits else None
+            return copies[l]
+
+        return [lambda ip, ix, k, l=l: topk_cosine(levels[l], levels[l + 1], ip, ix, k, workspace_bytes=self.workspace,
+                                                   stats=(*stats[l], *stats[l + 1]),
+                                                   live_copies=(live_copy(l), live_copy(l + 1)))[:2]
                 for l in range(net.n_layers)]
 
 

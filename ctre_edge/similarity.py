@@ -83,7 +83,8 @@ def _default_block_rows(n_in, n_out, workspace_bytes):
     return int(max(1, min(n_in, workspace_bytes // (4 * max(n_out, 1)))))
 
 
-def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_bytes=32 << 20, stats=None):
+def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_bytes=32 << 20, stats=None,
+                live_copies=None):
     """The k missing connections with the largest |cosine| of their neurons' activations.
 
     Score of (i, j): ``|<a_i, a_j>| / (||a_i|| ||a_j||)``, 0 where a norm is 0, computed canonically
@@ -107,6 +108,10 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
         Size of the float32 block of scores when ``block_rows`` is None (at least one row).
     stats : tuple, default=None
         ``(*neuron_stats(a_in), *neuron_stats(a_out))`` if already computed, else computed here.
+    live_copies : tuple, default=None
+        ``(live_rows(a_in, kind_in), live_rows(a_out, kind_out))``, either may be None: copies of
+        the neurons that are not all zero, where a caller scores one level against two layers and
+        would otherwise copy it twice. Made here where needed and not given.
 
     Returns
     -------
@@ -138,13 +143,18 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
     docs/algorithm.md ("The topology update"); Atashgahi et al., "A Brain-inspired Algorithm for Training
     Highly Sparse Neural Networks", Machine Learning 111 (2022).
     """
-    rows, cols, scores, _ = _topk_cosine(
-        a_in, a_out, indptr, indices, k, block_rows=block_rows, workspace_bytes=workspace_bytes, stats=stats
-    )
+    rows, cols, scores, _ = _topk_cosine(a_in, a_out, indptr, indices, k, block_rows=block_rows,
+                                         workspace_bytes=workspace_bytes, stats=stats, live_copies=live_copies)
     return rows, cols, scores
 
 
-def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes, stats=None):
+def live_rows(a, kinds):
+    """``a``'s rows whose activations are not all zero (``kinds != KIND_ZERO``), copied; the rows
+    ``topk_cosine`` scores on where dead neurons make up enough of a layer."""
+    return a[np.flatnonzero(kinds != ks.KIND_ZERO)]
+
+
+def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes, stats=None, live_copies=None):
     """``topk_cosine`` plus the number of canonical scores computed (a measure of the prefilter)."""
     a_in = _as_activations(a_in, "a_in")
     a_out = _as_activations(a_out, "a_out")
@@ -169,7 +179,8 @@ def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes
         inv_in, kind_in, inv_out, kind_out = stats
         if {inv_in.shape, kind_in.shape} != {(n_in,)} or {inv_out.shape, kind_out.shape} != {(n_out,)}:
             raise ValueError(f"stats must hold ({n_in},) and ({n_out},) arrays, as neuron_stats returns them.")
-    live = _live_problem(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out, k, workspace_bytes)
+    live = _live_problem(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out, k, workspace_bytes,
+                         live_copies or (None, None))
     if live is not None:
         rows, cols, scores, n_scored = _scan_topk(*live[0], k, block_rows, workspace_bytes)
         if scores[-1] > 0:
@@ -187,7 +198,7 @@ def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes
 _LIVE_MIN_SAVING = 0.1
 
 
-def _live_problem(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out, k, workspace_bytes):
+def _live_problem(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out, k, workspace_bytes, copies):
     """The scoring problem restricted to live neurons, or None where it would not pay or not fit.
 
     Returns ``((a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out), (live_in,
@@ -217,7 +228,13 @@ def _live_problem(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_o
     live_indices = np.ascontiguousarray(col_of[kept])
     if k > n_live_in * n_live_out - live_indices.shape[0]:
         return None  # too few live positions: some picks must have score 0
-    problem = (a_in[live_in], a_out[live_out], live_indptr, live_indices,
+    live_a = []
+    for a, idx, copy, name in ((a_in, live_in, copies[0], "a_in"), (a_out, live_out, copies[1], "a_out")):
+        if copy is not None and copy.shape != (idx.shape[0], n_samples):
+            raise ValueError(f"live_copies: the copy of {name} must have shape {(idx.shape[0], n_samples)}, "
+                             f"as live_rows returns it; got {copy.shape}.")
+        live_a.append(_as_activations(copy, name) if copy is not None else a[idx])
+    problem = (live_a[0], live_a[1], live_indptr, live_indices,
                inv_in[live_in], kind_in[live_in], inv_out[live_out], kind_out[live_out])
     return problem, (live_in, live_out)
 

@@ -602,3 +602,24 @@ def test_precomputed_stats_give_the_same_picks():
         topk_cosine(a_in, a_out, indptr, indices, 50, stats=stats[2:] + stats[:2])
     with pytest.raises(ValueError, match="activations contains Inf or NaN"):
         similarity.neuron_stats(np.full((2, 3), np.nan, np.float32))
+
+
+def test_given_live_copies_are_used_and_give_the_same_picks(monkeypatch):
+    rng = np.random.default_rng(5)
+    a_in, a_out = activations("relu", 40, 16, rng), activations("relu", 30, 16, rng)
+    a_in[:25] = 0
+    a_out[::3] = 0
+    indptr, indices = random_csr(40, 30, 90, rng)
+    stats = (*similarity.neuron_stats(a_in), *similarity.neuron_stats(a_out))
+    copies = (similarity.live_rows(a_in, stats[1]), similarity.live_rows(a_out, stats[3]))
+    assert copies[0].shape == (15, 16) and copies[1].shape == (20, 16)
+    seen = []
+    scan = similarity._scan_topk
+    monkeypatch.setattr(similarity, "_scan_topk", lambda *a: seen.append(a[0] is copies[0]) or scan(*a))
+    want = topk_cosine_reference(a_in, a_out, indptr, indices, 50)
+    for given in (copies, (copies[0], None), (None, copies[1])):
+        seen.clear()
+        assert_same_topk(topk_cosine(a_in, a_out, indptr, indices, 50, stats=stats, live_copies=given), want)
+        assert seen == [given[0] is not None]
+    with pytest.raises(ValueError, match="live_copies: the copy of a_out must have shape"):
+        topk_cosine(a_in, a_out, indptr, indices, 50, stats=stats, live_copies=(None, a_out))
