@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from .layers import csr_from_positions, linear_positions, sample_positions
+from .layers import linear_positions, sample_positions
 from .packed import level_views
 from .similarity import CosineSketch, live_rows, neuron_stats, topk_cosine
 
@@ -149,7 +149,8 @@ class TopologyPolicy:
 
         return [lambda ip, ix, k, l=l: topk_cosine(levels[l], levels[l + 1], ip, ix, k, workspace_bytes=self.workspace,
                                                    stats=(*stats[l], *stats[l + 1]),
-                                                   live_copies=(live_copy(l), live_copy(l + 1)))[:2]
+                                                   live_copies=(live_copy(l), live_copy(l + 1)),
+                                                   check_input=False)[:2]
                 for l in range(net.n_layers)]
 
 
@@ -233,7 +234,9 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
         new_pos, new_order = sample_positions(total, k, kept_pos, rng, with_order=True)
         new_vals[:] = rng.uniform(-bound, bound, size=k)
     else:
-        kept_indptr, kept_indices, _ = csr_from_positions(layer.n_in, layer.n_out, kept_pos)
+        # The kept connections' CSR, straight from the layer's (already in CSR order).
+        kept_indptr = np.concatenate([[0], np.cumsum(keep)])[layer.indptr]
+        kept_indices = layer.indices[keep]
         rows, cols = pick(kept_indptr, kept_indices, k)
         picks = rows * layer.n_out + cols.astype(np.int64)
         where = np.searchsorted(removed_pos, picks)

@@ -27,7 +27,7 @@ def _as_activations(a, name):
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _as_csr(indptr, indices, n_in, n_out):
+def _as_csr(indptr, indices, n_in, n_out, check=True):
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     indices = np.ascontiguousarray(indices, dtype=np.int32)
     if indptr.shape != (n_in + 1,) or indices.ndim != 1:
@@ -35,6 +35,8 @@ def _as_csr(indptr, indices, n_in, n_out):
             f"indptr must have shape ({n_in + 1},) and indices be 1-D; "
             f"got {indptr.shape} and {indices.shape}."
         )
+    if not check:
+        return indptr, indices
     counts = np.diff(indptr)
     if indptr[0] != 0 or np.any(counts < 0) or indptr[-1] != indices.shape[0]:
         raise ValueError("indptr must start at 0, never decrease, and end at len(indices).")
@@ -84,7 +86,7 @@ def _default_block_rows(n_in, n_out, workspace_bytes):
 
 
 def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_bytes=32 << 20, stats=None,
-                live_copies=None):
+                live_copies=None, check_input=True):
     """The k missing connections with the largest |cosine| of their neurons' activations.
 
     Score of (i, j): ``|<a_i, a_j>| / (||a_i|| ||a_j||)``, 0 where a norm is 0, computed canonically
@@ -112,6 +114,10 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
         ``(live_rows(a_in, kind_in), live_rows(a_out, kind_out))``, either may be None: copies of
         the neurons that are not all zero, where a caller scores one level against two layers and
         would otherwise copy it twice. Made here where needed and not given.
+    check_input : bool, default=True
+        False skips the O(nnz) checks that the CSR is sorted and in range, for a caller that built
+        it itself (the topology update), as scikit-learn's trees take ``check_input``. A malformed
+        CSR then gives wrong picks instead of an error.
 
     Returns
     -------
@@ -144,7 +150,8 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
     Highly Sparse Neural Networks", Machine Learning 111 (2022).
     """
     rows, cols, scores, _ = _topk_cosine(a_in, a_out, indptr, indices, k, block_rows=block_rows,
-                                         workspace_bytes=workspace_bytes, stats=stats, live_copies=live_copies)
+                                         workspace_bytes=workspace_bytes, stats=stats, live_copies=live_copies,
+                                         check_input=check_input)
     return rows, cols, scores
 
 
@@ -154,7 +161,8 @@ def live_rows(a, kinds):
     return a[np.flatnonzero(kinds != ks.KIND_ZERO)]
 
 
-def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes, stats=None, live_copies=None):
+def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes, stats=None, live_copies=None,
+                 check_input=True):
     """``topk_cosine`` plus the number of canonical scores computed (a measure of the prefilter)."""
     a_in = _as_activations(a_in, "a_in")
     a_out = _as_activations(a_out, "a_out")
@@ -165,7 +173,7 @@ def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes
         )
     if n_samples > _MAX_SAMPLES:
         raise ValueError(f"at most {_MAX_SAMPLES} samples are supported; got {n_samples}.")
-    indptr, indices = _as_csr(indptr, indices, n_in, n_out)
+    indptr, indices = _as_csr(indptr, indices, n_in, n_out, check_input)
     n_free = n_in * n_out - indices.shape[0]
     k = int(k)
     if not 0 <= k <= n_free:

@@ -617,9 +617,9 @@ def test_given_live_copies_are_used_and_give_the_same_picks(monkeypatch):
     scan = similarity._scan_topk
     monkeypatch.setattr(similarity, "_scan_topk", lambda *a: seen.append(a[0] is copies[0]) or scan(*a))
     want = topk_cosine_reference(a_in, a_out, indptr, indices, 50)
-    for given in (copies, (copies[0], None), (None, copies[1])):
+    for passed in (copies, (copies[0], None), (None, copies[1])):
         seen.clear()
-        assert_same_topk(topk_cosine(a_in, a_out, indptr, indices, 50, stats=stats, live_copies=given), want)
-        assert seen == [given[0] is not None]
+        assert_same_topk(topk_cosine(a_in, a_out, indptr, indices, 50, stats=stats, live_copies=passed), want)
+        assert seen == [passed[0] is not None]
     with pytest.raises(ValueError, match="live_copies: the copy of a_out must have shape"):
         topk_cosine(a_in, a_out, indptr, indices, 50, stats=stats, live_copies=(None, a_out))

@@ -18,6 +18,7 @@ too much between runs for two separate runs to compare (see ``tools/bench_ab.py`
 
 import argparse
 import importlib
+import inspect
 import platform
 import statistics
 import sys
@@ -38,7 +39,7 @@ def load_checkout(path: Path) -> dict:
         del sys.modules[n]
     sys.path.insert(0, str(path))
     try:
-        modules = {n: importlib.import_module(f"ctre_edge.{n}") for n in ("packed", "evolve")}
+        modules = {n: importlib.import_module(f"ctre_edge.{n}") for n in ("packed", "evolve", "kernels")}
     finally:
         sys.path.remove(str(path))
         for n in [n for n in sys.modules if n == "ctre_edge" or n.startswith("ctre_edge.")]:
@@ -50,19 +51,24 @@ def load_checkout(path: Path) -> dict:
 def timed_update(modules, layers, config, X, rows, shift, scale):
     net = modules["packed"].PackedNet.from_layers(layers)
     policy = modules["evolve"].TopologyPolicy(config, X, rows, shift, scale)
+    extra = ()
+    if "csc" in inspect.signature(policy.update).parameters:
+        # The CSC copy the trainer keeps on 2 or more threads, which this update's forward pass reads.
+        extra = (net.csc_buffers(),)
+        modules["kernels"].csc_all(*net[:6], *extra[0], modules["packed"].CSC_MAX_CONNECTIONS)
     t = time.perf_counter()
-    policy.update(net, 1, 0.5, np.random.default_rng(3))
+    policy.update(net, 1, 0.5, np.random.default_rng(3), *extra)
     return time.perf_counter() - t, net
 
 
 def compare(args, data, hidden):
-    from ctre_edge import evolve, packed
+    from ctre_edge import evolve, kernels, packed
 
     base = Path(args.base).resolve()
     if not (base / "ctre_edge" / "evolve.py").exists():
         raise SystemExit(f"--base: no ctre_edge/evolve.py in {base}")
     other = load_checkout(base)
-    this = {"packed": packed, "evolve": evolve}
+    this = {"packed": packed, "evolve": evolve, "kernels": kernels}
     config = TrainConfig(hidden=hidden, method="ctre-sim", epsilon=args.epsilon, epochs=args.epochs, lr=0.01,
                          similarity_samples=args.samples)
     model = train(data, config).model
