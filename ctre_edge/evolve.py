@@ -223,7 +223,6 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
     positions = linear_positions(layer)
     keep = drop_weakest(layer.values, k, rng)
     kept_pos, removed_pos = positions[keep], positions[~keep]  # both sorted
-    old_vals, old_vel = layer.values[~keep], velocity[~keep]
 
     n_cos = 0
     new_order = None
@@ -249,8 +248,9 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
             new_pos = picks
             n_cos = k
             new_vals[:] = rng.uniform(-bound, bound, size=k)
-            new_vals[readded] = old_vals[where[readded]]
-            new_vel[readded] = old_vel[where[readded]]
+            dropped = ~keep
+            new_vals[readded] = layer.values[dropped][where[readded]]
+            new_vel[readded] = velocity[dropped][where[readded]]
         else:
             # CTRE_sim: replace re-added picks by random positions that are neither kept, nor
             # picked by cosine, nor just removed (the authors' draw forgot the last two).

@@ -6,7 +6,7 @@ can be 200,000 x 200,000 with only ~400,000 connections, so nothing here allocat
 position: ``topk_cosine`` scores ``block_rows`` input rows at a time and keeps a running top-k.
 
 Ranking uses one canonical score (see ``ctre_edge.kernels``): float64 dot products
-summed in sample order, scaled by inverse norms computed once, rounded to float32. numpy BLAS in
+summed in a fixed order (8 lanes, then a tree), scaled by inverse norms computed once, rounded to float32. numpy BLAS in
 float32 does the bulk of the work as a prefilter; its rounding error is bounded and every position
 that could reach the top-k is rescored canonically. So the result is the same for every block
 size, thread count and BLAS build, and the dense reference in ``tests/reference.py`` can check it position for position.
@@ -268,10 +268,9 @@ def _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out,
             dots, i0, indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err,
             a_in, a_out, inv_in, inv_out, lower, best_scores, best_positions, state,
         )  # fmt: skip
-    order = np.lexsort((best_positions, -best_scores))
-    positions = best_positions[order]
-    rows, cols = positions // n_out, (positions % n_out).astype(np.int32)
-    return rows, cols, best_scores[order], int(state[2])
+    ks.topk_heap_sort(best_scores, best_positions)  # the heap is full: k <= the free positions
+    rows, cols = best_positions // n_out, (best_positions % n_out).astype(np.int32)
+    return rows, cols, best_scores, int(state[2])
 
 
 class CosineSketch:

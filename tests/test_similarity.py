@@ -217,6 +217,10 @@ def test_topk_heap_keeps_k_best_by_score_then_position(pairs, k):
     order = np.lexsort((positions[:n], -scores[:n]))
     np.testing.assert_array_equal(positions[:n][order], p_all[best])
     np.testing.assert_array_equal(scores[:n][order], s_all[best])
+    if n == k:  # a full heap sorts in place into the same rank order
+        ks.topk_heap_sort(scores, positions)
+        np.testing.assert_array_equal(positions, p_all[best])
+        np.testing.assert_array_equal(scores, s_all[best])
 
 
 def test_scan_block_on_one_block_matches_reference():

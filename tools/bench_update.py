@@ -10,8 +10,9 @@ activations into the sketches; that cost is in the epoch column.
 With ``--base DIR`` (another checkout), it instead times the exact ctre-sim update of both
 checkouts in ONE process, alternating, on the same network (trained here for --epochs epochs, so it
 has the dead neurons of a trained network) and the same random draws, and says whether the two
-updated networks are bit-identical; the fastest of --passes updates each. The machine's speed drifts
-too much between runs for two separate runs to compare (see ``tools/bench_ab.py``).
+updated networks are bit-identical; the fastest of --passes updates each. A checkout whose update
+reads the trainer's CSC copy of the pattern (as on 2 or more threads) gets one. The machine's speed
+drifts too much between runs for two separate runs to compare (see ``tools/bench_ab.py``).
 
     python -m tools.bench_update --data mnist.npz --base ../base [--epsilon 20] [--passes 15]
 """
