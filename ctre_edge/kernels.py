@@ -1093,6 +1093,23 @@ def _worse(s1, p1, s2, p2):
 
 
 @njit(cache=True)
+def _sift_down(scores, positions, n):
+    # Restore the heap order of the first n entries after the root was replaced.
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and _worse(scores[c + 1], positions[c + 1], scores[c], positions[c]):
+            c += 1
+        if not _worse(scores[c], positions[c], scores[i], positions[i]):
+            break
+        scores[i], scores[c] = scores[c], scores[i]
+        positions[i], positions[c] = positions[c], positions[i]
+        i = c
+
+
+@njit(cache=True)
 def topk_heap_push(scores, positions, n, score, pos):
     """Offer (score, pos) to a bounded heap of the k best by (score desc, pos asc); return new size.
 
@@ -1116,18 +1133,7 @@ def topk_heap_push(scores, positions, n, score, pos):
         return n
     scores[0] = score
     positions[0] = pos
-    i = 0
-    while True:
-        c = 2 * i + 1
-        if c >= n:
-            break
-        if c + 1 < n and _worse(scores[c + 1], positions[c + 1], scores[c], positions[c]):
-            c += 1
-        if not _worse(scores[c], positions[c], scores[i], positions[i]):
-            break
-        scores[i], scores[c] = scores[c], scores[i]
-        positions[i], positions[c] = positions[c], positions[i]
-        i = c
+    _sift_down(scores, positions, n)
     return n
 
 
@@ -1135,24 +1141,13 @@ def topk_heap_push(scores, positions, n, score, pos):
 def topk_heap_sort(scores, positions):
     """Sort a full heap of ``topk_heap_push`` in place into rank order (score descending, then
     position ascending): each step moves the worst entry, the root, behind the shrinking heap.
-    O(k log k), about half the time of ``np.lexsort`` on the two arrays at k = 8000."""
+    O(k log k) and no allocation, where ``np.lexsort`` would sort both arrays again."""
     n = scores.shape[0]
     while n > 1:
         n -= 1
         scores[0], scores[n] = scores[n], scores[0]
         positions[0], positions[n] = positions[n], positions[0]
-        i = 0
-        while True:
-            c = 2 * i + 1
-            if c >= n:
-                break
-            if c + 1 < n and _worse(scores[c + 1], positions[c + 1], scores[c], positions[c]):
-                c += 1
-            if not _worse(scores[c], positions[c], scores[i], positions[i]):
-                break
-            scores[i], scores[c] = scores[c], scores[i]
-            positions[i], positions[c] = positions[c], positions[i]
-            i = c
+        _sift_down(scores, positions, n)
 
 
 @njit(cache=True)
