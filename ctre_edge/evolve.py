@@ -133,8 +133,9 @@ class TopologyPolicy:
         # threaded than serial at epsilon 1 and 20 (MNIST network, one process, alternating).
         levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc)
         # A hidden level is scored against two layers: its norms and kinds are computed once, and
-        # so is the copy of its live neurons, kept until the next layer has used it (two levels'
-        # copies at a time, as when each layer made its own).
+        # so is the copy of its live neurons, kept until the next layer has used it. A copy is kept
+        # only if it takes at most half the scoring workspace, so the two levels' copies held at a
+        # time stay within it, as when each layer made its own (larger ones it still makes itself).
         stats = [neuron_stats(a) for a in levels]
         copies = {}
 
@@ -143,7 +144,7 @@ class TopologyPolicy:
             n_live = int(np.count_nonzero(kinds != kernels.KIND_ZERO))
             if l not in copies:
                 copies.pop(l - 2, None)
-                fits = 4 * a.shape[1] * n_live <= self.workspace
+                fits = 2 * 4 * a.shape[1] * n_live <= self.workspace
                 copies[l] = live_rows(a, kinds) if n_live < a.shape[0] and fits else None
             return copies[l]
 
