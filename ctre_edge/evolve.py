@@ -17,7 +17,7 @@ import numpy as np
 
 from . import kernels
 from .layers import linear_positions, sample_positions
-from .packed import level_views
+from .packed import level_views, no_csc
 from .similarity import CosineSketch, live_rows, neuron_stats, topk_cosine
 
 # How each method grows this epoch, given the policy's state and the validation accuracy: not at
@@ -140,9 +140,9 @@ class TopologyPolicy:
         copies = {}
 
         def live_copy(l):
-            a, kinds = levels[l], stats[l][1]
-            n_live = int(np.count_nonzero(kinds != kernels.KIND_ZERO))
             if l not in copies:
+                a, kinds = levels[l], stats[l][1]
+                n_live = int(np.count_nonzero(kinds != kernels.KIND_ZERO))
                 copies.pop(l - 2, None)
                 fits = 2 * 4 * a.shape[1] * n_live <= self.workspace
                 copies[l] = live_rows(a, kinds) if n_live < a.shape[0] and fits else None
@@ -167,9 +167,7 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
     s = min(train_rows.shape[0], samples)
     rows = np.sort(rng.choice(train_rows, size=s, replace=False))
     act = net.activation_buffer(s)
-    if csc is None:
-        csc = (np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int32))
-    kernels.forward_all(X, rows, shift, scale, *net.forward, *csc, act)
+    kernels.forward_all(X, rows, shift, scale, *net.forward, *(no_csc() if csc is None else csc), act)
     return level_views(act, net.sizes, s)
 
 

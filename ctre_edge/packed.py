@@ -27,6 +27,11 @@ from .layers import SparseLayer
 CSC_MAX_CONNECTIONS = 1 << 20
 
 
+def no_csc() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The empty CSC arrays that tell the kernels a network has no CSC copy (see ``csc_buffers``)."""
+    return np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int32)
+
+
 def uses_csc(layer_nnz) -> bool:
     """Whether a network with these layer sizes (connections) keeps a CSC copy for the parallel forward."""
     return any(int(z) <= CSC_MAX_CONNECTIONS for z in layer_nnz)
@@ -102,7 +107,7 @@ class PackedNet(NamedTuple):
         Empty when no layer has at most ``CSC_MAX_CONNECTIONS`` connections (``uses_csc``)."""
         n = self.indices.shape[0]
         if not uses_csc(np.diff(self.nz_off)):
-            return np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int32)
+            return no_csc()
         if np.diff(self.nz_off).max(initial=0) >= 2**31:
             raise ValueError("a layer has 2**31 or more connections; the CSC copy indexes them with int32")
         return (np.empty(int(self.sizes[1:].sum()) + self.n_layers, np.int64), np.empty(n, np.int32),

@@ -29,7 +29,7 @@ from .evolve import TopologyPolicy
 from .fileio import fault_point
 from .layers import LINEAR_GAIN, RELU_GAIN, SparseLayer, erdos_renyi_layer
 from .model import SparseMLP
-from .packed import CSC_MAX_CONNECTIONS, PackedNet, level_views
+from .packed import CSC_MAX_CONNECTIONS, PackedNet, level_views, no_csc
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -276,8 +276,7 @@ class _EpochTrainer:
         self.threads = numba.get_num_threads()  # set from the device profile; any count gives the same model
         # The CSC copy of the topology that the parallel forward pass reads (8 bytes per connection);
         # rebuilt each epoch, as the topology update changes the pattern between epochs.
-        self.csc = net.csc_buffers() if self.threads > 1 else (np.empty(0, np.int64), np.empty(0, np.int32),
-                                                              np.empty(0, np.int32))
+        self.csc = net.csc_buffers() if self.threads > 1 else no_csc()
         self.buffers = (self.act, delta_a, np.empty_like(delta_a), np.empty(int(np.diff(net.nz_off).max()), np.float32),
                         np.empty(int(net.sizes[1:].max()), np.float32), *self.csc)
 

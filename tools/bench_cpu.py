@@ -28,7 +28,7 @@ import json, sys, time
 import numpy as np
 from ctre_edge import kernels as K
 from ctre_edge.data import load_data
-from ctre_edge.packed import PackedNet
+from ctre_edge.packed import PackedNet, no_csc
 from ctre_edge.train import init_layers
 d = load_data(sys.argv[1])
 out = {}
@@ -40,7 +40,7 @@ for eps in json.loads(sys.argv[2]):
             np.empty(int(np.diff(net.nz_off).max()), np.float32), np.empty(1000, np.float32))
     shift, scale = np.zeros(784, np.float32), np.full(784, 1 / 255, np.float32)
     # Kernels after the rewrite take a (here empty: serial) CSC copy of the pattern.
-    csc = (np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int32)) if hasattr(K, "csc_all") else ()
+    csc = no_csc() if hasattr(K, "csc_all") else ()
     order = rng.permutation(min(54000, d.X.shape[0]))[:2000]
     run = lambda: K.train_batches(d.X, d.y, order, bs, shift, scale, *net, *bufs, *csc, np.float32(0.01),
                                   np.float32(0.9), np.float32(1e-4), 1)
