@@ -12,6 +12,7 @@ The parts that live for the whole run are summed; the two that come and go once 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field, replace
 
 from .errors import BudgetError
@@ -77,6 +78,7 @@ class RunShape:
     data_bytes: int
     similarity_workspace_mib: int = 32
     sketch_dim: int = 0  # > 0: sketch scoring instead of an exact activation sample
+    threads: int = 1  # kernel threads; each scoring thread keeps its own top-k
 
     @property
     def nnz(self) -> list[int]:
@@ -158,7 +160,9 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         # + copies of a layer's live neurons (similarity._live_problem), at most the workspace.
         live = min(shape.similarity_workspace_mib * MiB,
                    4 * (shape.sketch_dim or s) * max(a + c for a, c in zip(sizes[:-1], sizes[1:])))
-        parts["similarity"] = held + block + live + 64 * k + 4 * widest * n_layers
+        # Each scoring thread after the first keeps its own top-k (12 bytes per entry) and lower
+        # bounds (16), and merging adds one more top-k (12): similarity._scan_topk.
+        parts["similarity"] = held + block + live + (64 + 40 * (shape.threads - 1)) * k + 4 * widest * n_layers
     parts["evaluation"] = max(validation, evaluation - parts["update"])
     if cold_cache:
         parts["compile"] = COMPILE_EXTRA_BYTES
@@ -256,7 +260,7 @@ def fit_to_budget(shape: RunShape, budget: int, profile: str | None = None,
     return shape, plan
 
 
-def shape_of(config, summary, data_bytes: int | None = None) -> RunShape:
+def shape_of(config, summary, data_bytes: int | None = None, threads: int = 1) -> RunShape:
     """The RunShape of a TrainConfig on a data set (``data.DataSummary``), splits as ``train.split_data``."""
     n = summary.n_samples
     n_test = summary.n_test
@@ -270,7 +274,8 @@ def shape_of(config, summary, data_bytes: int | None = None) -> RunShape:
     return RunShape(sizes, config.epsilon, config.method, config.batch_size, config.eval_batch_size,
                     config.similarity_samples, n - n_val, n_val, n_test,
                     (summary.min_bytes if data_bytes is None else data_bytes) + copied,
-                    config.similarity_workspace_mib, config.sketch_dim if config.similarity == "sketch" else 0)
+                    config.similarity_workspace_mib, config.sketch_dim if config.similarity == "sketch" else 0,
+                    threads)
 
 
 FIT_KNOBS = ("batch_size", "eval_batch_size", "similarity_samples", "similarity_workspace_mib")  # what --fit shrinks
@@ -291,7 +296,9 @@ def plan_run(config, summary, profile=None, *, fit: bool = False, cold_cache: bo
         changes.append(f"--similarity-samples {profile.similarity_sample_cap} (was {config.similarity_samples}; "
                        f"the {profile.name} cap)")
         config = replace(config, similarity_samples=profile.similarity_sample_cap)
-    shape = shape_of(config, summary, data_bytes)
+    # The run's kernel threads: the profile's, else numba's default of one per core.
+    threads = profile.threads if profile is not None else max(1, os.cpu_count() or 1)
+    shape = shape_of(config, summary, data_bytes, threads)
     if profile is not None and not profile.can_train and inference_only_ok:
         return config, plan_inference(shape.sizes, shape.nnz, profile, epsilon=shape.epsilon)
     if profile is None:

@@ -13,6 +13,7 @@ docs/algorithm.md, "The topology update".
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from . import kernels
@@ -137,6 +138,7 @@ class TopologyPolicy:
         # only if it takes at most half the scoring workspace, so the two levels' copies held at a
         # time stay within it, as when each layer made its own (larger ones it still makes itself).
         stats = [neuron_stats(a) for a in levels]
+        threads = numba.get_num_threads()  # the trainer's, from the device profile
         copies = {}
 
         def live_copy(l):
@@ -151,7 +153,7 @@ class TopologyPolicy:
         return [lambda ip, ix, k, l=l: topk_cosine(levels[l], levels[l + 1], ip, ix, k, workspace_bytes=self.workspace,
                                                    stats=(*stats[l], *stats[l + 1]),
                                                    live_copies=(live_copy(l), live_copy(l + 1)),
-                                                   check_input=False)[:2]
+                                                   check_input=False, threads=threads)[:2]
                 for l in range(net.n_layers)]
 
 

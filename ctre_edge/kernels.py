@@ -1137,7 +1137,7 @@ def topk_heap_push(scores, positions, n, score, pos):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def topk_heap_sort(scores, positions):
     """Sort a full heap of ``topk_heap_push`` in place into rank order (score descending, then
     position ascending): each step moves the worst entry, the root, behind the shrinking heap.
@@ -1148,6 +1148,23 @@ def topk_heap_sort(scores, positions):
         scores[0], scores[n] = scores[n], scores[0]
         positions[0], positions[n] = positions[n], positions[0]
         _sift_down(scores, positions, n)
+
+
+@njit(cache=True)
+def merge_ranked(scores_a, positions_a, scores_b, positions_b, out_scores, out_positions):
+    """The first ``len(out_scores)`` entries of two lists in rank order (score descending, then
+    position ascending), merged into ``out_*`` in rank order: the top-k of a union from the top-k of
+    its parts, as ``similarity`` combines the scoring threads' heaps. Positions are distinct."""
+    a = 0
+    b = 0
+    for t in range(out_scores.shape[0]):
+        if b == scores_b.shape[0] or (a < scores_a.shape[0] and
+                                      _worse(scores_b[b], positions_b[b], scores_a[a], positions_a[a])):
+            out_scores[t], out_positions[t] = scores_a[a], positions_a[a]
+            a += 1
+        else:
+            out_scores[t], out_positions[t] = scores_b[b], positions_b[b]
+            b += 1
 
 
 @njit(cache=True)
@@ -1190,7 +1207,7 @@ def _row_bounds(dots_row, i, indptr, indices, v_in, kind_in, v_out, kind_out, re
         out[indices[p]] = -np.inf
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def scan_block(
     dots,
     row0,

@@ -12,7 +12,10 @@ that could reach the top-k is rescored canonically. So the result is the same fo
 size, thread count and BLAS build, and the dense reference in ``tests/reference.py`` can check it position for position.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from ctre_edge import kernels as ks
 
@@ -86,7 +89,7 @@ def _default_block_rows(n_in, n_out, workspace_bytes):
 
 
 def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_bytes=32 << 20, stats=None,
-                live_copies=None, check_input=True):
+                live_copies=None, check_input=True, threads=None):
     """The k missing connections with the largest |cosine| of their neurons' activations.
 
     Score of (i, j): ``|<a_i, a_j>| / (||a_i|| ||a_j||)``, 0 where a norm is 0, computed canonically
@@ -118,6 +121,10 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
         False skips the O(nnz) checks that the CSR is sorted and in range, for a caller that built
         it itself (the topology update), as scikit-learn's trees take ``check_input``. A malformed
         CSR then gives wrong picks instead of an error.
+    threads : int, default=None
+        None: one scan, BLAS with as many threads as it has. An int: that many scans at once, each
+        over a share of the input rows and the workspace, each on one BLAS thread, so the scoring
+        uses exactly ``threads`` cores. The result is the same for every value.
 
     Returns
     -------
@@ -151,7 +158,7 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
     """
     rows, cols, scores, _ = _topk_cosine(a_in, a_out, indptr, indices, k, block_rows=block_rows,
                                          workspace_bytes=workspace_bytes, stats=stats, live_copies=live_copies,
-                                         check_input=check_input)
+                                         check_input=check_input, threads=threads)
     return rows, cols, scores
 
 
@@ -162,7 +169,7 @@ def live_rows(a, kinds):
 
 
 def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes, stats=None, live_copies=None,
-                 check_input=True):
+                 check_input=True, threads=None):
     """``topk_cosine`` plus the number of canonical scores computed (a measure of the prefilter)."""
     a_in = _as_activations(a_in, "a_in")
     a_out = _as_activations(a_out, "a_out")
@@ -190,14 +197,14 @@ def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes
     live = _live_problem(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out, k, workspace_bytes,
                          live_copies or (None, None))
     if live is not None:
-        rows, cols, scores, n_scored = _scan_topk(*live[0], k, block_rows, workspace_bytes)
+        rows, cols, scores, n_scored = _scan_topk(*live[0], k, block_rows, workspace_bytes, threads)
         if scores[-1] > 0:
             live_in, live_out = live[1]
             return live_in[rows], live_out[cols].astype(np.int32), scores, n_scored
         # Fewer than k positive scores among live neurons: the rest are the first free positions
         # of score 0 in position order, dead neurons' included, which only the full scan has.
     return _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out, k, block_rows,
-                      workspace_bytes)
+                      workspace_bytes, threads)
 
 
 # A neuron whose activations are all zero scores exactly 0 with everyone (KIND_ZERO). At epsilon 1
@@ -247,30 +254,76 @@ def _live_problem(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_o
     return problem, (live_in, live_out)
 
 
-def _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out, k, block_rows, workspace_bytes):
-    """Exact top-k by the blocked BLAS prefilter and ``kernels.scan_block`` (module docstring)."""
-    (n_in, n_samples), n_out = a_in.shape, a_out.shape[0]
+def _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out, k, block_rows, workspace_bytes,
+               threads=None):
+    """Exact top-k by the blocked BLAS prefilter and ``kernels.scan_block`` (module docstring).
+
+    ``threads`` None: one scan over all rows, BLAS with its own threads. An int: that many scans
+    at once, each over a contiguous share of the rows with its own share of the workspace and its
+    own top-k, on one BLAS thread each; the top-k of the union of theirs is the same top-k.
+    """
+    n_in, n_out = a_in.shape[0], a_out.shape[0]
+    parts = 1 if threads is None else max(1, min(int(threads), n_in))
     if block_rows is None:
-        block_rows = _default_block_rows(n_in, n_out, workspace_bytes)
+        block_rows = _default_block_rows(n_in, n_out, workspace_bytes // parts)
     block_rows = int(min(max(1, block_rows), n_in))
     v_in, v_out = inv_in.astype(np.float32), inv_out.astype(np.float32)
-    rel, abs_err = _prefilter_bounds(n_samples)
-    lower = np.empty(2 * k + n_out, np.float64)  # scan_block's buffer of lower bounds
-    best_scores = np.empty(k, np.float32)
-    best_positions = np.empty(k, np.int64)
-    state = np.zeros(3, np.int64)
-    buffer = np.empty(block_rows * n_out, np.float32)
-    for i0 in range(0, n_in, block_rows):
-        i1 = min(n_in, i0 + block_rows)
-        dots = buffer[: (i1 - i0) * n_out].reshape(i1 - i0, n_out)
-        np.matmul(a_in[i0:i1], a_out.T, out=dots)  # BLAS, no copy: a_out.T is F-contiguous
-        ks.scan_block(
-            dots, i0, indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err,
-            a_in, a_out, inv_in, inv_out, lower, best_scores, best_positions, state,
-        )  # fmt: skip
-    ks.topk_heap_sort(best_scores, best_positions)  # the heap is full: k <= the free positions
+    rel, abs_err = _prefilter_bounds(a_in.shape[1])
+
+    def scan(t):
+        i_start, i_stop = n_in * t // parts, n_in * (t + 1) // parts
+        lower = np.empty(2 * k + n_out, np.float64)  # scan_block's buffer of lower bounds
+        best_scores = np.empty(k, np.float32)
+        best_positions = np.empty(k, np.int64)
+        state = np.zeros(3, np.int64)
+        buffer = np.empty(min(block_rows, i_stop - i_start) * n_out, np.float32)
+        for i0 in range(i_start, i_stop, block_rows):
+            i1 = min(i_stop, i0 + block_rows)
+            dots = buffer[: (i1 - i0) * n_out].reshape(i1 - i0, n_out)
+            np.matmul(a_in[i0:i1], a_out.T, out=dots)  # BLAS, no copy: a_out.T is F-contiguous
+            ks.scan_block(
+                dots, i0, indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err,
+                a_in, a_out, inv_in, inv_out, lower, best_scores, best_positions, state,
+            )  # fmt: skip
+        n = int(state[1])  # below k only where this share has fewer free positions
+        ks.topk_heap_sort(best_scores[:n], best_positions[:n])
+        return best_scores[:n], best_positions[:n], int(state[2])
+
+    if threads is None:
+        found = [scan(0)]
+    else:
+        # One BLAS thread per scan: BLAS's own workers, spinning for about 0.1 s after a GEMM
+        # before they sleep, would take a core from the training kernels that follow the update
+        # (numba's parallel loops measured 2x slower for that long, a one-off script), and a
+        # profile's thread cap holds for the scoring too.
+        with _blas_threads(1):
+            others = [_pool(parts - 1).submit(scan, t) for t in range(1, parts)] if parts > 1 else []
+            found = [scan(0)] + [f.result() for f in others]  # share 0 on this thread
+    best_scores, best_positions, n_scored = found[0]
+    for scores, positions, scored in found[1:]:
+        n = min(k, best_scores.shape[0] + scores.shape[0])
+        out_scores, out_positions = np.empty(n, np.float32), np.empty(n, np.int64)
+        ks.merge_ranked(best_scores, best_positions, scores, positions, out_scores, out_positions)
+        best_scores, best_positions = out_scores, out_positions
+        n_scored += scored
     rows, cols = best_positions // n_out, (best_positions % n_out).astype(np.int32)
-    return rows, cols, best_scores, int(state[2])
+    return rows, cols, best_scores, n_scored
+
+
+_CONTROLLER = []  # threadpoolctl's view of the loaded BLAS, made on first use (it scans the libraries)
+_POOLS = {}  # worker threads per count, kept: starting threads per layer and epoch costs more
+
+
+def _blas_threads(n):
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=n, user_api="blas")
+
+
+def _pool(n):
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="ctre-edge-scoring")
+    return _POOLS[n]
 
 
 class CosineSketch:

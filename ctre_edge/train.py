@@ -313,8 +313,8 @@ class _EpochTrainer:
             # Sketch mode: the epoch's first S samples (a uniform sample, the order being shuffled)
             # go one batch at a time, and their forward activations, still in ``act``, feed the
             # sketches: no extra pass over the data. Serial on purpose: these single batches
-            # alternate with BLAS calls, and numba's workers still spinning after a parallel
-            # region slowed the epoch 2x.
+            # alternate with BLAS calls (the sketch's projection), and BLAS's workers, spinning
+            # for about 0.1 s after each, made parallel batches 2x slower.
             first = min(order.shape[0], c.similarity_samples)
             loss, correct, stopped = self._sgd(order, 0, first, self.bs, sgd, 1, epoch)
         if not stopped:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import threadpoolctl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import canonical_scores_reference, pair_lane_sum, rescore_topk, topk_cosine_reference
@@ -217,10 +218,32 @@ def test_topk_heap_keeps_k_best_by_score_then_position(pairs, k):
     order = np.lexsort((positions[:n], -scores[:n]))
     np.testing.assert_array_equal(positions[:n][order], p_all[best])
     np.testing.assert_array_equal(scores[:n][order], s_all[best])
-    if n == k:  # a full heap sorts in place into the same rank order
-        ks.topk_heap_sort(scores, positions)
-        np.testing.assert_array_equal(positions, p_all[best])
-        np.testing.assert_array_equal(scores, s_all[best])
+    # A heap, full or not (a scoring thread's share may hold fewer than k), sorts in place into
+    # the same rank order.
+    ks.topk_heap_sort(scores[:n], positions[:n])
+    np.testing.assert_array_equal(positions[:n], p_all[best])
+    np.testing.assert_array_equal(scores[:n], s_all[best])
+
+
+@given(
+    pairs=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 40), st.booleans()), max_size=60,
+                   unique_by=lambda t: t[1]),
+    n_out=st.integers(0, 60),
+)
+def test_merge_ranked_takes_the_first_of_two_ranked_lists(pairs, n_out):
+    def ranked(side):
+        s = np.array([s for s, _, b in pairs if b == side], np.float32)
+        p = np.array([p for _, p, b in pairs if b == side], np.int64)
+        order = np.lexsort((p, -s))
+        return s[order], p[order]
+    (s_a, p_a), (s_b, p_b) = ranked(True), ranked(False)
+    n_out = min(n_out, len(pairs))
+    out_s, out_p = np.empty(n_out, np.float32), np.empty(n_out, np.int64)
+    ks.merge_ranked(s_a, p_a, s_b, p_b, out_s, out_p)
+    s_all, p_all = np.concatenate([s_a, s_b]), np.concatenate([p_a, p_b])
+    best = np.lexsort((p_all, -s_all))[:n_out]  # the numpy twin
+    np.testing.assert_array_equal(out_p, p_all[best])
+    np.testing.assert_array_equal(out_s, s_all[best])
 
 
 def test_scan_block_on_one_block_matches_reference():
@@ -292,6 +315,38 @@ def test_topk_matches_reference_position_for_position(case):
     assert_same_topk(got, topk_cosine_reference(a_in, a_out, indptr, indices, k))
     kept = set((np.repeat(np.arange(len(indptr) - 1), np.diff(indptr)) * a_out.shape[0] + indices).tolist())
     assert kept.isdisjoint((got[0] * a_out.shape[0] + got[1]).tolist())
+
+
+@given(case=layer_cases(), threads=st.integers(1, 5))
+@settings(max_examples=100, deadline=None)
+def test_topk_is_the_same_for_every_thread_count(case, threads):
+    # Each thread scans a share of the rows with its own top-k; the merged top-k is the same.
+    a_in, a_out, indptr, indices, k, block_rows = case
+    expected = topk_cosine(a_in, a_out, indptr, indices, k, block_rows=block_rows)
+    got = topk_cosine(a_in, a_out, indptr, indices, k, block_rows=block_rows, threads=threads)
+    assert_same_topk(got, expected)
+    for x, y in zip(got, expected):
+        assert x.dtype == y.dtype
+
+
+def test_scoring_threads_run_blas_on_one_thread_each(monkeypatch):
+    # A profile's thread cap holds for the scoring's GEMMs too, and BLAS's own workers, which spin
+    # after a GEMM, are never woken.
+    seen = []
+    matmul = np.matmul
+
+    def spy(*args, **kwargs):
+        seen.append(max(i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"))
+        return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(similarity.np, "matmul", spy)
+    rng = np.random.default_rng(8)
+    a_in, a_out = activations("relu", 30, 16, rng), activations("relu", 20, 16, rng)
+    indptr, indices = random_csr(30, 20, 40, rng)
+    before = threadpoolctl.threadpool_info()
+    topk_cosine(a_in, a_out, indptr, indices, 50, threads=2)
+    assert seen and set(seen) == {1}
+    assert threadpoolctl.threadpool_info() == before  # restored
 
 
 @pytest.mark.parametrize("n_samples", [1, 300, 3000])
