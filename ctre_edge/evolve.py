@@ -17,7 +17,7 @@ import numba
 import numpy as np
 
 from . import kernels
-from .layers import linear_positions, sample_positions
+from .layers import sample_positions
 from .packed import level_views, no_csc
 from .similarity import CosineSketch, live_rows, neuron_stats, topk_cosine
 
@@ -221,9 +221,13 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
     k = min(k, total - nnz + k)  # a (nearly) dense layer can only regrow where it dropped
     if k <= 0:
         return np.zeros(3, dtype=np.int64)
-    positions = linear_positions(layer)
     keep = drop_weakest(layer.values, k, rng)
-    kept_pos, removed_pos = positions[keep], positions[~keep]  # both sorted
+    n_kept = nnz - k
+    kept_pos = np.empty(n_kept, np.int64)
+    kept_indptr, kept_indices = np.empty(layer.n_in + 1, np.int64), np.empty(n_kept, np.int32)
+    kept_vals, kept_vel = np.empty(n_kept, np.float32), np.empty(n_kept, np.float32)
+    kernels.split_kept(layer.indptr, layer.indices, layer.values, velocity, keep, layer.n_out, kept_pos,
+                       kept_indptr, kept_indices, kept_vals, kept_vel)
 
     n_cos = 0
     new_order = None
@@ -234,14 +238,15 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
         new_pos, new_order = sample_positions(total, k, kept_pos, rng, with_order=True)
         new_vals[:] = rng.uniform(-bound, bound, size=k)
     else:
-        # The kept connections' CSR, straight from the layer's (already in CSR order).
-        kept_indptr = np.concatenate([[0], np.cumsum(keep)])[layer.indptr]
-        kept_indices = layer.indices[keep]
         rows, cols = pick(kept_indptr, kept_indices, k)
         picks = rows * layer.n_out + cols.astype(np.int64)
-        where = np.searchsorted(removed_pos, picks)
-        where[where == removed_pos.shape[0]] = 0
-        readded = removed_pos[where] == picks
+        # Which picks the drop just removed, and the sorted union of all positions before the drop
+        # and the fresh picks (what CTRE_sim's random draw excludes), in one pass.
+        where = np.empty(k, np.int64)
+        excluded = np.empty(nnz + k, np.int64)
+        n_fresh = kernels.locate_picks(picks, np.argsort(picks), layer.indptr, layer.indices, keep, layer.n_out,
+                                       where, excluded)
+        readded = where >= 0
         fresh = picks[~readded]
         n_cos = int(fresh.shape[0])
         if readd:
@@ -255,11 +260,7 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
         else:
             # CTRE_sim: replace re-added picks by random positions that are neither kept, nor
             # picked by cosine, nor just removed (the authors' draw forgot the last two).
-            # kept and removed are the layer's sorted positions and the fresh picks are none of
-            # them, so one insertion gives the sorted union that np.unique of all three (a hash
-            # and a sort of every connection) gave.
-            fresh_sorted = np.sort(fresh)
-            excluded = np.insert(positions, np.searchsorted(positions, fresh_sorted), fresh_sorted)
+            excluded = excluded[:nnz + n_fresh]
             n_extra = min(k - n_cos, total - excluded.shape[0])
             extra = sample_positions(total, n_extra, excluded, rng)
             # Departure: in a (nearly) dense layer there may be no such position left; the
@@ -269,7 +270,7 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
             new_vals[:] = rng.uniform(-bound, bound, size=k)
 
     if new_order is None:
-        new_order = np.argsort(new_pos, kind="stable")
-    kernels.merge_topology(layer.n_out, kept_pos, layer.values[keep], velocity[keep], new_pos, new_order, new_vals,
+        new_order = np.argsort(new_pos)  # distinct, so any sort gives this order; the default is the fastest
+    kernels.merge_topology(layer.n_out, kept_pos, kept_vals, kept_vel, new_pos, new_order, new_vals,
                            new_vel, layer.indptr, layer.indices, layer.values, velocity)
     return np.array([k, n_cos, k - n_cos], dtype=np.int64)

@@ -1358,6 +1358,64 @@ def projection_rows(sample_ids, seed, out):
 # --- the topology update's rebuild (evolve.py) ------------------------------------------------------
 
 @njit(cache=True)
+def split_kept(indptr, indices, values, velocity, keep, n_out, kept_pos, kept_indptr, kept_indices, kept_vals,
+               kept_vel):
+    """The connections the drop's ``keep`` mask keeps, in one pass: their linear positions
+    ``i * n_out + j``, CSR (``kept_indptr``, ``kept_indices``), weights and momenta, in CSR order
+    (so ascending). Outputs are sized by the caller; numpy took five masked copies and a cumsum."""
+    a = 0
+    kept_indptr[0] = 0
+    for i in range(indptr.shape[0] - 1):
+        for p in range(indptr[i], indptr[i + 1]):
+            pos = i * n_out + np.int64(indices[p])
+            if keep[p]:
+                kept_pos[a] = pos
+                kept_indices[a] = indices[p]
+                kept_vals[a] = values[p]
+                kept_vel[a] = velocity[p]
+                a += 1
+        kept_indptr[i + 1] = a
+
+
+@njit(cache=True)
+def locate_picks(picks, order, indptr, indices, keep, n_out, where, excluded):
+    """Where each cosine pick lies: ``where[t]`` is its index among the removed connections (in
+    position order) if the drop just removed it, else -1 (a fresh position). ``excluded`` gets the
+    sorted union of the layer's positions before the drop and the fresh picks; returns how many
+    picks are fresh. Picks are distinct and never kept (``topk_cosine`` skips kept positions);
+    ``order`` sorts them (numpy's ``argsort``, which is several times faster than numba's).
+
+    One pass over the layer, where numpy searched the removed positions for every pick and
+    inserted the sorted fresh picks into the positions in two more passes.
+    """
+    k = picks.shape[0]
+    n_in = indptr.shape[0] - 1
+    t = 0  # next pick in position order
+    n_removed = 0
+    o = 0
+    for i in range(n_in):
+        for p in range(indptr[i], indptr[i + 1]):
+            pos = i * n_out + np.int64(indices[p])
+            while t < k and picks[order[t]] < pos:
+                where[order[t]] = -1
+                excluded[o] = picks[order[t]]
+                o += 1
+                t += 1
+            if t < k and picks[order[t]] == pos:
+                where[order[t]] = n_removed
+                t += 1
+            excluded[o] = pos
+            o += 1
+            n_removed += not keep[p]
+    while t < k:
+        where[order[t]] = -1
+        excluded[o] = picks[order[t]]
+        o += 1
+        t += 1
+    return o - (indptr[n_in] - indptr[0])
+
+
+@njit(cache=True)
 def merge_topology(n_out, kept_pos, kept_vals, kept_vel, new_pos, new_order, new_vals, new_vel,
                    indptr, indices, values, velocity):
     """The layer's CSR arrays after an update, in one O(nnz) pass: the kept connections (linear

@@ -262,3 +262,23 @@ def merged_csr_ref(n_in, n_out, kept_pos, new_pos, new_order=None):
     indptr = np.zeros(n_in + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_in), out=indptr[1:])
     return indptr, indices, order
+
+
+def split_kept_ref(layer, velocity, keep):
+    """``kernels.split_kept`` in numpy: the kept connections' positions, CSR, weights and momenta."""
+    positions = layer.rows() * layer.n_out + layer.indices.astype(np.int64)
+    kept_indptr = np.concatenate([[0], np.cumsum(keep)])[layer.indptr]
+    return positions[keep], kept_indptr, layer.indices[keep], layer.values[keep], velocity[keep]
+
+
+def locate_picks_ref(layer, keep, picks):
+    """``kernels.locate_picks`` in numpy: each pick's index among the removed positions (-1 if it
+    is fresh), and the sorted union of the positions before the drop and the fresh picks."""
+    positions = layer.rows() * layer.n_out + layer.indices.astype(np.int64)
+    removed = positions[~keep]
+    where = np.searchsorted(removed, picks)
+    where[where == removed.shape[0]] = 0
+    readded = removed[where] == picks if removed.shape[0] else np.zeros(picks.shape[0], bool)
+    fresh = np.sort(picks[~readded])
+    excluded = np.insert(positions, np.searchsorted(positions, fresh), fresh)
+    return np.where(readded, where, -1), excluded

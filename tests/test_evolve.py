@@ -1,7 +1,7 @@
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import merged_csr_ref
+from reference import locate_picks_ref, merged_csr_ref, split_kept_ref
 
 from ctre_edge import kernels
 from ctre_edge.config import TrainConfig
@@ -71,6 +71,31 @@ def test_merging_the_grown_connections_equals_sorting_everything(n_in, n_out, ke
     np.testing.assert_array_equal(indices, want[1])
     np.testing.assert_array_equal(out_vals, vals[want[2]])
     np.testing.assert_array_equal(out_vel, vel[want[2]])
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.floats(0.3, 30), st.floats(0, 1), st.floats(0, 1),
+       st.integers(0, 2**32 - 1))
+def test_split_and_locate_kernels_equal_their_numpy_twins(n_in, n_out, eps, drop_share, pick_share, seed):
+    net, rng = net_of([n_in, n_out], eps, seed)
+    layer, velocity = net.layer(0), net.layer_velocity(0)
+    keep = rng.random(layer.nnz) >= drop_share
+    n_kept = int(keep.sum())
+    out = (np.empty(n_kept, np.int64), np.empty(n_in + 1, np.int64), np.empty(n_kept, np.int32),
+           np.empty(n_kept, np.float32), np.empty(n_kept, np.float32))
+    kernels.split_kept(layer.indptr, layer.indices, layer.values, velocity, keep, n_out, *out)
+    for got, want in zip(out, split_kept_ref(layer, velocity, keep)):
+        np.testing.assert_array_equal(got, want)
+    # Picks: distinct positions not kept, some of them just removed, in a random (rank) order.
+    kept_pos = out[0]
+    free = np.setdiff1d(np.arange(n_in * n_out), kept_pos)
+    picks = rng.permutation(free)[:int(pick_share * free.shape[0])]
+    where, excluded = np.empty(picks.shape[0], np.int64), np.empty(layer.nnz + picks.shape[0], np.int64)
+    n_fresh = kernels.locate_picks(picks, np.argsort(picks), layer.indptr, layer.indices, keep, n_out, where, excluded)
+    want_where, want_excluded = locate_picks_ref(layer, keep, picks)
+    np.testing.assert_array_equal(where, want_where)
+    assert n_fresh == int((want_where < 0).sum())
+    np.testing.assert_array_equal(excluded[:layer.nnz + n_fresh], want_excluded)
 
 
 @settings(max_examples=40, deadline=None)
