@@ -19,7 +19,7 @@ import numpy as np
 from . import kernels
 from .layers import sample_positions
 from .packed import level_views, no_csc
-from .similarity import CosineSketch, live_rows, neuron_stats, topk_cosine
+from .similarity import CosineSketch, in_threads, live_rows, neuron_stats, topk_cosine
 
 # How each method grows this epoch, given the policy's state and the validation accuracy: not at
 # all, at random, or by cosine (replacing re-added picks at random, or re-adding them). A policy
@@ -129,16 +129,19 @@ class TopologyPolicy:
                 for s in sketches]
 
     def _exact_pickers(self, net, rng, csc) -> list:
-        # The forward pass stays serial on purpose: numba's threads, still spinning after a parallel
-        # one, slowed the BLAS GEMM that follows about 2x, and the whole update measured slower
-        # threaded than serial at epsilon 1 and 20 (MNIST network, one process, alternating).
-        levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc)
+        threads = numba.get_num_threads()  # the trainer's, from the device profile
+        levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc,
+                                    threads)
         # A hidden level is scored against two layers: its norms and kinds are computed once, and
         # so is the copy of its live neurons, kept until the next layer has used it. A copy is kept
         # only if it takes at most half the scoring workspace, so the two levels' copies held at a
         # time stay within it, as when each layer made its own (larger ones it still makes itself).
-        stats = [neuron_stats(a) for a in levels]
-        threads = numba.get_num_threads()  # the trainer's, from the device profile
+        # The levels' norms are split among the threads, largest first.
+        by_size = np.argsort([-a.shape[0] for a in levels], kind="stable")
+        stats = [None] * len(levels)
+        for t, part in enumerate(in_threads(lambda t: [neuron_stats(levels[l]) for l in by_size[t::threads]], threads)):
+            for l, st in zip(by_size[t::threads], part):
+                stats[l] = st
         copies = {}
 
         def live_copy(l):
@@ -158,19 +161,44 @@ class TopologyPolicy:
 
 
 def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator,
-                       csc=None) -> list:
+                       csc=None, threads: int = 1) -> list:
     """Activations of every level over S = min(N, samples) training rows chosen by ``rng``.
 
     Returns feature-major float32 arrays (n_l, S): scaled inputs, ReLU hidden layers, softmax
     output, i.e. exactly the pairs the cosine scoring needs (docs/algorithm.md, "The topology update", step 2).
-    ``csc``: a CSC copy of the current pattern for a faster forward pass (``TopologyPolicy.update``),
-    or None; the activations are the same bits either way.
+    ``csc``: a CSC copy of the current pattern (``TopologyPolicy.update``), or None; with it, a
+    layer's output neurons are split among ``threads`` threads. The same bits either way.
     """
     s = min(train_rows.shape[0], samples)
     rows = np.sort(rng.choice(train_rows, size=s, replace=False))
     act = net.activation_buffer(s)
-    kernels.forward_all(X, rows, shift, scale, *net.forward, *(no_csc() if csc is None else csc), act)
-    return level_views(act, net.sizes, s)
+    if csc is None or threads == 1:
+        kernels.forward_all(X, rows, shift, scale, *net.forward, *(no_csc() if csc is None else csc), act)
+        return level_views(act, net.sizes, s)
+    # On Python threads, not numba's: a numba worker keeps spinning for milliseconds after a
+    # parallel loop, and took a core from the scoring threads that follow (measured: the update at
+    # epsilon 1 was 17-18 ms instead of 12-13 with the pass as a numba parallel kernel).
+    levels = level_views(act, net.sizes, s)
+    sizes, ptr_off, nz_off, unit_off, indptr, indices, values, bias = net.forward
+    colptr, rowidx, perm = csc
+    kernels.gather_scaled(X, rows, shift, scale, levels[0])
+    alive = np.ones(int(sizes.max()), np.uint8)  # skip no input: the same bits as skipping dead ones
+    for l in range(net.n_layers):
+        a, out, n_out, hidden = levels[l], levels[l + 1], int(sizes[l + 1]), l < net.n_layers - 1
+        p0, p1, u0, u1 = nz_off[l], nz_off[l + 1], unit_off[l], unit_off[l + 1]
+        cols = colptr[u0 + l:u1 + l + 1]
+        if cols[-1] > 0:  # the layer has a CSC copy
+            in_threads(lambda t: kernels.forward_cols(cols, rowidx[p0:p1], perm[p0:p1], values[p0:p1], bias[u0:u1],
+                                                      a, out, t * n_out // threads, (t + 1) * n_out // threads,
+                                                      hidden), threads)
+        else:
+            kernels.sparse_forward(indptr[ptr_off[l]:ptr_off[l + 1]], indices[p0:p1], values[p0:p1],
+                                   bias[u0:u1], a, out, alive)
+            if hidden:
+                kernels.relu_alive(out, np.empty(n_out, np.uint8))
+        if not hidden:
+            kernels.softmax_inplace(out)
+    return levels
 
 
 def drop_weakest(values: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -545,7 +545,7 @@ def csc_from_csr(indptr, indices, colptr, rowidx, perm):
     colptr[0] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def forward_cols(colptr, rowidx, perm, values, bias, x, out, j0, j1, relu):
     """Output rows j0:j1 of ``sparse_forward`` from the CSC copy, optionally with ReLU applied.
 
@@ -928,7 +928,7 @@ RANGE_LO = 2.0**-30
 RANGE_HI = 2.0**30
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def inverse_norms(a, rows, out):
     """Inverse Euclidean norms of selected neurons, in float64.
 
@@ -960,7 +960,7 @@ def inverse_norms(a, rows, out):
         t0 += n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def neuron_kinds(a, inv, out):
     """Classify each neuron for the BLAS prefilter bound (``KIND_*`` constants), as int8.
 

@@ -297,8 +297,7 @@ def _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out,
         # (numba's parallel loops measured 2x slower for that long, a one-off script), and a
         # profile's thread cap holds for the scoring too.
         with _blas_threads(1):
-            others = [_pool(parts - 1).submit(scan, t) for t in range(1, parts)] if parts > 1 else []
-            found = [scan(0)] + [f.result() for f in others]  # share 0 on this thread
+            found = in_threads(scan, parts)
     best_scores, best_positions, n_scored = found[0]
     for scores, positions, scored in found[1:]:
         n = min(k, best_scores.shape[0] + scores.shape[0])
@@ -311,7 +310,7 @@ def _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out,
 
 
 _CONTROLLER = []  # threadpoolctl's view of the loaded BLAS, made on first use (it scans the libraries)
-_POOLS = {}  # worker threads per count, kept: starting threads per layer and epoch costs more
+_POOLS = {}  # worker threads per count, kept: starting threads per call costs more
 
 
 def _blas_threads(n):
@@ -320,10 +319,16 @@ def _blas_threads(n):
     return _CONTROLLER[0].limit(limits=n, user_api="blas")
 
 
-def _pool(n):
-    if n not in _POOLS:
-        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="ctre-edge-scoring")
-    return _POOLS[n]
+def in_threads(fn, n):
+    """``[fn(t) for t in range(n)]`` with ``fn(0)`` on the calling thread and the rest on worker
+    threads at once (``fn`` releases the GIL in its numba kernels and BLAS calls). Share 0 stays
+    here: handed to the pool too, one worker often ran two shares in turn."""
+    if n == 1:
+        return [fn(0)]
+    if n - 1 not in _POOLS:
+        _POOLS[n - 1] = ThreadPoolExecutor(n - 1, thread_name_prefix="ctre-edge")
+    others = [_POOLS[n - 1].submit(fn, t) for t in range(1, n)]
+    return [fn(0)] + [f.result() for f in others]
 
 
 class CosineSketch:

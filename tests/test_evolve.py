@@ -5,7 +5,7 @@ from reference import locate_picks_ref, merged_csr_ref, split_kept_ref
 
 from ctre_edge import kernels
 from ctre_edge.config import TrainConfig
-from ctre_edge.evolve import TopologyPolicy, drop_weakest, update_layer
+from ctre_edge.evolve import TopologyPolicy, drop_weakest, sample_activations, update_layer
 from ctre_edge.layers import check_layer, csr_from_positions, erdos_renyi_layer, linear_positions, sample_positions
 from ctre_edge.packed import PackedNet
 
@@ -226,3 +226,23 @@ def test_the_policy_table_is_the_method_list():
     from ctre_edge.evolve import POLICIES, SCORES
 
     assert tuple(POLICIES) == tuple(SCORES) == METHODS
+
+
+def test_sample_activations_on_threads_give_the_same_bits():
+    # The first and last layers have a CSC copy (split among the threads), the second is over the
+    # copy's limit and runs serially by rows.
+    rng = np.random.default_rng(4)
+    layers = [erdos_renyi_layer(30, 50, 12, rng), erdos_renyi_layer(50, 40, 15, rng), erdos_renyi_layer(40, 5, 3, rng)]
+    for layer in layers:
+        layer.bias[:] = rng.normal(size=layer.n_out) * 0.1
+    net = PackedNet.from_layers(layers)
+    X = rng.normal(size=(90, 30)).astype(np.float32)
+    shift, scale = np.zeros(30, np.float32), np.ones(30, np.float32)
+    csc = net.csc_buffers()
+    kernels.csc_all(*net[:6], *csc, max(layers[0].nnz, layers[2].nnz))
+    assert csc[0][51 + 40] == 0 and csc[0][-1] > 0  # no copy of the second layer, one of the third
+    want = sample_activations(net, X, np.arange(90), shift, scale, 61, np.random.default_rng(9))
+    for threads in (1, 2, 3):
+        got = sample_activations(net, X, np.arange(90), shift, scale, 61, np.random.default_rng(9), csc, threads)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
