@@ -160,9 +160,13 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         # + copies of a layer's live neurons (similarity._live_problem), at most the workspace.
         live = min(shape.similarity_workspace_mib * MiB,
                    4 * (shape.sketch_dim or s) * max(a + c for a, c in zip(sizes[:-1], sizes[1:])))
-        # Each scoring thread after the first keeps its own top-k (12 bytes per entry) and lower
-        # bounds (16), and merging adds one more top-k (12): similarity._scan_topk.
-        parts["similarity"] = held + block + live + (64 + 40 * (shape.threads - 1)) * k + 4 * widest * n_layers
+        topk = 64 * k
+        if shape.threads > 1:
+            # Each scoring thread after the first keeps its own top-k (12 bytes per entry) and lower
+            # bounds (16), merging adds one more top-k (12), and the shares' lower bounds are joined
+            # (8 per thread) to find the layer's bound: similarity._scan_topk.
+            topk += (40 * (shape.threads - 1) + 8 * shape.threads) * k
+        parts["similarity"] = held + block + live + topk + 4 * widest * n_layers
     parts["evaluation"] = max(validation, evaluation - parts["update"])
     if cold_cache:
         parts["compile"] = COMPILE_EXTRA_BYTES

@@ -1252,11 +1252,21 @@ def scan_block(
     float32 (k,), ``best_positions`` int64 (k,); ``state`` int64 (3,): the fill of ``lower``, the heap's size and
     the running count of canonical scores computed, updated in place.
 
-    Long on purpose: both passes share the block's loop state and the heaps, and splitting them
-    into separate njit functions would pass a dozen arrays per call for no reuse elsewhere.
+    The two passes are also kernels of their own (``scan_block_lower``, ``scan_block_rescore``):
+    where the scoring threads each hold their share of a layer in one block, ``similarity`` runs
+    pass 1 on all shares, takes R over all of them, and only then pass 2.
     """
+    bound = scan_block_lower(dots, row0, indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err, lower,
+                             best_scores.shape[0], state)
+    scan_block_rescore(dots, row0, indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err, a_in, a_out,
+                       inv_in, inv_out, bound, best_scores, best_positions, state)
+
+
+@njit(cache=True, nogil=True)
+def scan_block_lower(dots, row0, indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err, lower, k, state):
+    """Pass 1 of ``scan_block``: fold the block's lower bounds into ``lower`` and ``state[0]``;
+    returns R, the k-th largest lower bound so far (-inf while fewer than k)."""
     n_rows, n_out = dots.shape
-    k = best_scores.shape[0]
     # Each pass first computes a whole row's bounds (``_row_bounds``: a branch-free loop that the
     # compiler vectorises, the same float32 and float64 operations per entry as one at a time, so
     # the same bits), and only then walks the row for the rare entries that pass.
@@ -1286,7 +1296,18 @@ def scan_block(
         bound = keep_largest(lower, n_lower, k)
         n_lower = k
     state[0] = n_lower
+    return bound
 
+
+@njit(cache=True, nogil=True)
+def scan_block_rescore(dots, row0, indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err, a_in, a_out,
+                       inv_in, inv_out, bound, best_scores, best_positions, state):
+    """Pass 2 of ``scan_block``: rescore canonically the block's positions whose upper bound reaches
+    ``bound`` (a lower bound of the final k-th canonical score) and the heap's worst score, and offer
+    them to the heap (``state[1]``, ``state[2]``)."""
+    n_rows, n_out = dots.shape
+    k = best_scores.shape[0]
+    lim = np.empty(n_out, np.float64)
     n_best = state[1]
     n_scored = state[2]
     worst = best_scores[0] if n_best == k else -np.inf

@@ -260,7 +260,9 @@ def _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out,
 
     ``threads`` None: one scan over all rows, BLAS with its own threads. An int: that many scans
     at once, each over a contiguous share of the rows with its own share of the workspace and its
-    own top-k, on one BLAS thread each; the top-k of the union of theirs is the same top-k.
+    own top-k, on one BLAS thread each; the top-k of the union of theirs is the same top-k. Where
+    every share is one block, the shares' pass 2 shares one bound, R of the whole layer: any bound
+    at most the final k-th canonical score gives the same top-k.
     """
     n_in, n_out = a_in.shape[0], a_out.shape[0]
     parts = 1 if threads is None else max(1, min(int(threads), n_in))
@@ -270,27 +272,50 @@ def _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out,
     v_in, v_out = inv_in.astype(np.float32), inv_out.astype(np.float32)
     rel, abs_err = _prefilter_bounds(a_in.shape[1])
 
+    shares = [(n_in * t // parts, n_in * (t + 1) // parts) for t in range(parts)]
+    state = [np.zeros(3, np.int64) for _ in range(parts)]
+    lower = [np.empty(2 * k + n_out, np.float64) for _ in range(parts)]  # scan_block's lower bounds
+    best = [(np.empty(k, np.float32), np.empty(k, np.int64)) for _ in range(parts)]
+    kernel_args = (indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err)
+
+    def ranked(t):
+        n = int(state[t][1])  # below k only where this share has fewer free positions
+        ks.topk_heap_sort(best[t][0][:n], best[t][1][:n])
+        return best[t][0][:n], best[t][1][:n], int(state[t][2])
+
     def scan(t):
-        i_start, i_stop = n_in * t // parts, n_in * (t + 1) // parts
-        lower = np.empty(2 * k + n_out, np.float64)  # scan_block's buffer of lower bounds
-        best_scores = np.empty(k, np.float32)
-        best_positions = np.empty(k, np.int64)
-        state = np.zeros(3, np.int64)
+        (i_start, i_stop), (best_scores, best_positions) = shares[t], best[t]
         buffer = np.empty(min(block_rows, i_stop - i_start) * n_out, np.float32)
         for i0 in range(i_start, i_stop, block_rows):
             i1 = min(i_stop, i0 + block_rows)
             dots = buffer[: (i1 - i0) * n_out].reshape(i1 - i0, n_out)
             np.matmul(a_in[i0:i1], a_out.T, out=dots)  # BLAS, no copy: a_out.T is F-contiguous
-            ks.scan_block(
-                dots, i0, indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err,
-                a_in, a_out, inv_in, inv_out, lower, best_scores, best_positions, state,
-            )  # fmt: skip
-        n = int(state[1])  # below k only where this share has fewer free positions
-        ks.topk_heap_sort(best_scores[:n], best_positions[:n])
-        return best_scores[:n], best_positions[:n], int(state[2])
+            ks.scan_block(dots, i0, *kernel_args, a_in, a_out, inv_in, inv_out, lower[t], best_scores,
+                          best_positions, state[t])
+        return ranked(t)
 
     if threads is None:
         found = [scan(0)]
+    elif parts > 1 and all(i1 - i0 <= block_rows for i0, i1 in shares):
+        # Each share is one block: pass 1 on all of them first, then pass 2 against R, the k-th
+        # largest lower bound of the whole layer, not of the share. A share's own R admits about
+        # k candidates per share for the exact rescoring, which reads two activation rows each.
+        dots = [np.empty((i1 - i0, n_out), np.float32) for i0, i1 in shares]
+
+        def lower_pass(t):
+            np.matmul(a_in[shares[t][0]:shares[t][1]], a_out.T, out=dots[t])
+            ks.scan_block_lower(dots[t], shares[t][0], *kernel_args, lower[t], k, state[t])
+
+        def rescore_pass(t):
+            ks.scan_block_rescore(dots[t], shares[t][0], *kernel_args, a_in, a_out, inv_in, inv_out, bound,
+                                  *best[t], state[t])
+            return ranked(t)
+
+        with _blas_threads(1):  # as below
+            in_threads(lower_pass, parts)
+            union = np.concatenate([lower[t][:state[t][0]] for t in range(parts)])
+            bound = ks.keep_largest(union, union.shape[0], k) if union.shape[0] >= k else -np.inf
+            found = in_threads(rescore_pass, parts)
     else:
         # One BLAS thread per scan: BLAS's own workers, spinning for about 0.1 s after a GEMM
         # before they sleep, would take a core from the training kernels that follow the update

@@ -37,9 +37,10 @@ def test_plan_parts_grow_with_what_they_depend_on():
     assert plan_training(shape(batch_size=400)).parts["batch"] > base.parts["batch"]
     assert plan_training(shape(epsilon=20)).parts["model"] > 10 * base.parts["model"]
     assert plan_training(shape(similarity_samples=4000)).parts["similarity"] > base.parts["similarity"]
-    # Each scoring thread after the first holds its own top-k of the largest layer's k positions.
+    # Each scoring thread after the first holds its own top-k of the largest layer's k positions,
+    # and the threads' lower bounds are joined.
     k = max(int(0.2 * z) for z in shape().nnz)
-    assert plan_training(shape(threads=3)).parts["similarity"] - base.parts["similarity"] == 2 * 40 * k
+    assert plan_training(shape(threads=3)).parts["similarity"] - base.parts["similarity"] == (2 * 40 + 3 * 8) * k
     assert "similarity" not in plan_training(shape(method="set")).parts
     assert plan_training(shape(), cold_cache=True).total > base.total
     # the two per-epoch parts never coexist: only the larger counts
