@@ -125,7 +125,9 @@ class TopologyPolicy:
         sketches = self.sketches[1] if self.sketches is not None and self.sketches[0] == epoch else None
         if sketches is None:
             raise RuntimeError("sketch mode: no batch of this epoch was observed")
-        return [lambda ip, ix, k, s=s: s.candidates(ip, ix, k, n_candidates=k, workspace_bytes=self.workspace)[:2]
+        threads = numba.get_num_threads()  # as in exact mode: the profile's cap, one BLAS thread each
+        return [lambda ip, ix, k, s=s: s.candidates(ip, ix, k, n_candidates=k, workspace_bytes=self.workspace,
+                                                    threads=threads)[:2]
                 for s in sketches]
 
     def _exact_pickers(self, net, rng, csc) -> list:

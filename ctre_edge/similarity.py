@@ -296,33 +296,34 @@ def _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out,
 
     if threads is None:
         found = [scan(0)]
-    elif parts > 1 and all(i1 - i0 <= block_rows for i0, i1 in shares):
-        # Each share is one block: pass 1 on all of them first, then pass 2 against R, the k-th
-        # largest lower bound of the whole layer, not of the share. A share's own R admits about
-        # k candidates per share for the exact rescoring, which reads two activation rows each.
-        dots = [np.empty((i1 - i0, n_out), np.float32) for i0, i1 in shares]
-
-        def lower_pass(t):
-            np.matmul(a_in[shares[t][0]:shares[t][1]], a_out.T, out=dots[t])
-            ks.scan_block_lower(dots[t], shares[t][0], *kernel_args, lower[t], k, state[t])
-
-        def rescore_pass(t):
-            ks.scan_block_rescore(dots[t], shares[t][0], *kernel_args, a_in, a_out, inv_in, inv_out, bound,
-                                  *best[t], state[t])
-            return ranked(t)
-
-        with _blas_threads(1):  # as below
-            in_threads(lower_pass, parts)
-            union = np.concatenate([lower[t][:state[t][0]] for t in range(parts)])
-            bound = ks.keep_largest(union, union.shape[0], k) if union.shape[0] >= k else -np.inf
-            found = in_threads(rescore_pass, parts)
     else:
         # One BLAS thread per scan: BLAS's own workers, spinning for about 0.1 s after a GEMM
         # before they sleep, would take a core from the training kernels that follow the update
         # (numba's parallel loops measured 2x slower for that long, a one-off script), and a
         # profile's thread cap holds for the scoring too.
         with _blas_threads(1):
-            found = in_threads(scan, parts)
+            if parts > 1 and all(i1 - i0 <= block_rows for i0, i1 in shares):
+                # Each share is one block: pass 1 on all of them first, then pass 2 against R,
+                # the k-th largest lower bound of the whole layer, not of the share. A share's
+                # own R admits about k candidates per share for the exact rescoring, which reads
+                # two activation rows each.
+                dots = [np.empty((i1 - i0, n_out), np.float32) for i0, i1 in shares]
+
+                def lower_pass(t):
+                    np.matmul(a_in[shares[t][0]:shares[t][1]], a_out.T, out=dots[t])
+                    ks.scan_block_lower(dots[t], shares[t][0], *kernel_args, lower[t], k, state[t])
+
+                def rescore_pass(t):
+                    ks.scan_block_rescore(dots[t], shares[t][0], *kernel_args, a_in, a_out, inv_in, inv_out,
+                                          bound, *best[t], state[t])
+                    return ranked(t)
+
+                in_threads(lower_pass, parts)
+                union = np.concatenate([lower[t][:state[t][0]] for t in range(parts)])
+                bound = ks.keep_largest(union, union.shape[0], k) if union.shape[0] >= k else -np.inf
+                found = in_threads(rescore_pass, parts)
+            else:
+                found = in_threads(scan, parts)
     best_scores, best_positions, n_scored = found[0]
     for scores, positions, scored in found[1:]:
         n = min(k, best_scores.shape[0] + scores.shape[0])
@@ -448,11 +449,12 @@ class CosineSketch:
                 sketch[i0 : i0 + 4096] += a[i0 : i0 + 4096] @ proj
         self.n_samples += proj.shape[0]
 
-    def candidates(self, indptr, indices, k, n_candidates=None, *, workspace_bytes=32 << 20):
+    def candidates(self, indptr, indices, k, n_candidates=None, *, workspace_bytes=32 << 20, threads=None):
         """Approximate top positions not kept, by the cosine of the sketches.
 
         Returns ``n_candidates`` positions (default ``4 * k``, capped at the positions not kept)
-        as ``(rows int64, cols int32, approx_scores float32)`` in rank order.
+        as ``(rows int64, cols int32, approx_scores float32)`` in rank order. ``threads`` as in
+        ``topk_cosine``.
         """
         n_free = self.sketch_in.shape[0] * self.sketch_out.shape[0] - np.asarray(indices).shape[0]
         if n_candidates is None:
@@ -461,5 +463,5 @@ class CosineSketch:
             raise ValueError(f"n_candidates must be at least k={k}; got {n_candidates}.")
         return topk_cosine(
             self.sketch_in, self.sketch_out, indptr, indices, n_candidates,
-            workspace_bytes=workspace_bytes,
+            workspace_bytes=workspace_bytes, threads=threads,
         )  # fmt: skip
