@@ -119,6 +119,24 @@ def wide_rows(indptr):
 LANES = 16
 
 
+def _tail_mask(builder, n, width):
+    """<width x i1>: lane l < n, for the masked loads of a short last chunk."""
+    i64v = ir.VectorType(ir.IntType(64), width)
+    nv = builder.insert_element(ir.Constant(i64v, None), n, ir.Constant(ir.IntType(32), 0))
+    nv = builder.shuffle_vector(nv, nv, ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
+    return builder.icmp_signed("<", ir.Constant(i64v, list(range(width))), nv)
+
+
+def _masked_load(builder, ptr, vec, mask):
+    """``vec`` from ``ptr`` where ``mask`` is set and +0 elsewhere; the masked-off lanes are not read,
+    so a chunk may run past the end of the array. One instruction on AVX2 and AVX-512 (vmaskmovps,
+    a masked vmovups); LLVM turns it into scalar loads where the CPU has none (NEON)."""
+    fnty = ir.FunctionType(vec, [vec.as_pointer(), ir.IntType(32), mask.type, vec])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.load.v{vec.count}f32.p0")
+    return builder.call(fn, [builder.bitcast(ptr, vec.as_pointer()), ir.Constant(ir.IntType(32), 4), mask,
+                             ir.Constant(vec, None)])
+
+
 def _lane_tree(builder, v, width=LANES):
     while width > 1:
         half = width // 2
@@ -182,20 +200,22 @@ def _lane_codegen(k, with_dx):
             if with_dx:
                 builder.store(d, builder.bitcast(builder.gep(pdx, [off]), vec.as_pointer()), align=4)
         # The last n % 16 samples go to lanes 0.. of one more chunk whose other lanes are +0;
-        # +0 * +0 = +0 and a lane (from +0, never -0) plus +0 is unchanged, so that is exact.
+        # +0 * +0 = +0 and a lane (from +0, never -0) plus +0 is unchanged, so that is exact. It is
+        # loaded under a mask and dx stored lane by lane behind predictable branches: built element
+        # by element through the stack, this chunk cost more than the other six of a batch of 100
+        # (1.7-2.5x the time of a batch of 112 on AVX2); AVX2's masked store is microcoded on AMD
+        # Zen 3 and was 1.05-1.24x slower than these branches (tools/bench_ab.py).
         done = builder.mul(chunks, ir.Constant(i64, LANES))
-        left = builder.sub(n, done)
-        tails = [var() for _ in range(k + 1 + with_dx)]  # x, the k y's, dx
-        with cgutils.for_range(builder, left) as loop:
-            b = builder.add(done, loop.index)
-            for t, ptr in zip(tails, [px] + pys + ([pdx] if with_dx else [])):
-                value = builder.load(builder.gep(ptr, [b]))
-                builder.store(builder.insert_element(builder.load(t), value, loop.index), t)
-        sums, d = step(builder.load(tails[0]), [builder.load(t) for t in tails[1:k + 1]],
-                       [builder.load(acc) for acc in accs], builder.load(tails[-1]) if with_dx else None)
+        mask = _tail_mask(builder, builder.sub(n, done), LANES)
+        tails = [_masked_load(builder, builder.gep(ptr, [done]), vec, mask)
+                 for ptr in [px] + pys + ([pdx] if with_dx else [])]  # x, the k y's, dx
+        sums, d = step(tails[0], tails[1:k + 1], [builder.load(acc) for acc in accs], tails[-1] if with_dx else None)
         if with_dx:
-            with cgutils.for_range(builder, left) as loop:
-                builder.store(builder.extract_element(d, loop.index), builder.gep(pdx, [builder.add(done, loop.index)]))
+            left = builder.sub(n, done)
+            for lane in range(LANES - 1):
+                with builder.if_then(builder.icmp_signed(">", left, ir.Constant(i64, lane))):
+                    builder.store(builder.extract_element(d, ir.Constant(i32, lane)),
+                                  builder.gep(pdx, [builder.add(done, ir.Constant(i64, lane))]))
         return context.make_tuple(builder, sig.return_type, [_lane_tree(builder, v) for v in sums])
 
     return codegen
@@ -274,13 +294,9 @@ def _pair_codegen(k):
         # The last n % 8 samples go to lanes 0.. of one more chunk whose other lanes are +0 (see
         # ``_lane_codegen``: that adds +0 to lanes that are never -0, which is exact).
         done = builder.mul(chunks, ir.Constant(i64, PAIR_LANES))
-        left = builder.sub(n, done)
-        tails = [var(f32v) for _ in range(2 * k)]
-        with cgutils.for_range(builder, left) as loop:
-            b = builder.add(done, loop.index)
-            for t, p in zip(tails, pxs + pys):
-                builder.store(builder.insert_element(builder.load(t), builder.load(builder.gep(p, [b])), loop.index), t)
-        step([builder.load(t) for t in tails[:k]], [builder.load(t) for t in tails[k:]])
+        mask = _tail_mask(builder, builder.sub(n, done), PAIR_LANES)
+        tails = [_masked_load(builder, builder.gep(p, [done]), f32v, mask) for p in pxs + pys]
+        step(tails[:k], tails[k:])
         return context.make_tuple(builder, sig.return_type,
                                   [_lane_tree(builder, builder.load(acc), PAIR_LANES) for acc in accs])
 

@@ -444,6 +444,12 @@ def test_wide_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
     kernels._backward_by_row(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 0, 30)
     np.testing.assert_array_equal(g, want_g)
     np.testing.assert_array_equal(dx, np.where(x > 0, want_dx, 0))
+    # A short last chunk is loaded and stored under a mask: nothing past a row's end is written (the
+    # next row may belong to another thread).
+    dx = np.full_like(x, 7.0)
+    kernels._backward_by_row(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 3, 10)
+    np.testing.assert_array_equal(dx[3:10], np.where(x > 0, want_dx, 0)[3:10])
+    assert (dx[:3] == 7).all() and (dx[10:] == 7).all()
     products = (x[layer.rows()] * dy[layer.indices]).astype(np.float32)
     in_order = np.cumsum(products, axis=1, dtype=np.float32)[:, -1] if batch else g
     if batch > 16:  # the lanes are a different order from the samples', and the test can tell
