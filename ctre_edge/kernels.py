@@ -621,32 +621,52 @@ def sparse_forward_threads(colptr, rowidx, perm, values, bias, x, out, relu, thr
 
 
 @njit(cache=True)
-def bias_gradient(dy, out):
+def bias_gradient(dy, out, alive, live):
     """out[j] = sum_b dy[j, b], added in batch order from 0; eight neurons' chains at a time, since
-    each chain waits on its add's latency."""
+    each chain waits on its add's latency.
+
+    Neurons with ``alive[j] == 0`` get +0 without being read: a dead neuron's dy is all +-0 (the
+    ReLU mask zeroes it), and a sum of +-0 from +0 is +0, so the bits are the same. At epsilon 1
+    most hidden neurons of a trained network are dead in a batch. ``live``: int64 scratch for the
+    list of live neurons, any length.
+    """
     n, nb = dy.shape
     z = np.float32(0.0)
+    chunk = live.shape[0]
     j = 0
-    while j + 8 <= n:
-        s0, s1, s2, s3, s4, s5, s6, s7 = z, z, z, z, z, z, z, z
-        for b in range(nb):
-            s0 += dy[j, b]
-            s1 += dy[j + 1, b]
-            s2 += dy[j + 2, b]
-            s3 += dy[j + 3, b]
-            s4 += dy[j + 4, b]
-            s5 += dy[j + 5, b]
-            s6 += dy[j + 6, b]
-            s7 += dy[j + 7, b]
-        out[j], out[j + 1], out[j + 2], out[j + 3] = s0, s1, s2, s3
-        out[j + 4], out[j + 5], out[j + 6], out[j + 7] = s4, s5, s6, s7
-        j += 8
     while j < n:
-        s0 = z
-        for b in range(nb):
-            s0 += dy[j, b]
-        out[j] = s0
-        j += 1
+        m = 0
+        while j < n and m < chunk:
+            if alive[j] != 0:
+                live[m] = j
+                m += 1
+            else:
+                out[j] = z
+            j += 1
+        q = 0
+        while q + 8 <= m:
+            r0, r1, r2, r3, r4, r5, r6, r7 = (live[q], live[q + 1], live[q + 2], live[q + 3], live[q + 4], live[q + 5],
+                                              live[q + 6], live[q + 7])
+            s0, s1, s2, s3, s4, s5, s6, s7 = z, z, z, z, z, z, z, z
+            for b in range(nb):
+                s0 += dy[r0, b]
+                s1 += dy[r1, b]
+                s2 += dy[r2, b]
+                s3 += dy[r3, b]
+                s4 += dy[r4, b]
+                s5 += dy[r5, b]
+                s6 += dy[r6, b]
+                s7 += dy[r7, b]
+            out[r0], out[r1], out[r2], out[r3] = s0, s1, s2, s3
+            out[r4], out[r5], out[r6], out[r7] = s4, s5, s6, s7
+            q += 8
+        while q < m:
+            r0 = live[q]
+            s0 = z
+            for b in range(nb):
+                s0 += dy[r0, b]
+            out[r0] = s0
+            q += 1
 
 
 @njit(cache=True)
@@ -888,7 +908,7 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
             u0 = unit_off[l]
             u1 = unit_off[l + 1]
             bg = bias_grad[:u1 - u0]
-            bias_gradient(dy, bg)
+            bias_gradient(dy, bg, alive_out, live)
             nesterov_step(bias[u0:u1], bias_velocity[u0:u1], bg, lr, momentum, np.float32(0.0))
             use_a = not use_a
     return total_loss, total_correct

@@ -375,11 +375,16 @@ def test_train_batches_is_bit_identical_across_thread_counts(rng):
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 40), st.integers(0, 40), st.integers(0, 2**32 - 1))
 def test_bias_gradient_adds_in_batch_order(n, batch, seed):
-    dy = np.random.default_rng(seed).normal(size=(n, batch)).astype(np.float32)
-    out = np.full(n, 7.0, np.float32)
-    kernels.bias_gradient(dy, out)
-    want = np.cumsum(dy, axis=1, dtype=np.float32)[:, -1] if batch else np.zeros(n, np.float32)
-    np.testing.assert_array_equal(out, want)
+    rng = np.random.default_rng(seed)
+    dy = rng.normal(size=(n, batch)).astype(np.float32)
+    dead = rng.random(n) < 0.5
+    dy[dead] = np.where(rng.random((int(dead.sum()), batch)) < 0.5, -0.0, 0.0)  # masked by the ReLU: +-0
+    # The kernel's sums start at +0, so a row of -0s sums to +0: adding +0 to numpy's sum gives its bits.
+    want = np.cumsum(dy, axis=1, dtype=np.float32)[:, -1] + np.float32(0) if batch else np.zeros(n, np.float32)
+    for alive, chunk in ((np.ones(n, np.uint8), 64), ((~dead).astype(np.uint8), 64), ((~dead).astype(np.uint8), 3)):
+        out = np.full(n, 7.0, np.float32)
+        kernels.bias_gradient(dy, out, alive, np.empty(chunk, np.int64))
+        np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))  # +0, not -0, where dead
 
 
 def test_csc_all_leaves_layers_over_the_limit_without_a_copy(rng):
