@@ -449,7 +449,7 @@ def test_wide_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
     kernels._backward_by_row(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 0, 30)
     np.testing.assert_array_equal(g, want_g)
     np.testing.assert_array_equal(dx, np.where(x > 0, want_dx, 0))
-    # A short last chunk is loaded and stored under a mask: nothing past a row's end is written (the
+    # A short last chunk is loaded under a mask and stored lane by lane: nothing past a row's end is written (the
     # next row may belong to another thread).
     dx = np.full_like(x, 7.0)
     kernels._backward_by_row(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 3, 10)
