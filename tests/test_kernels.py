@@ -344,6 +344,26 @@ def test_forward_by_columns_equals_serial_forward(shape, threads, relu):
     np.testing.assert_array_equal(out, np.maximum(serial, 0) if relu else serial)
 
 
+@pytest.mark.parametrize("batch", [1, 15, 16, 17, 63, 64, 65, 100, 112, 127, 128, 129, 300])
+def test_forward_rows_in_registers_at_every_batch_size(batch):
+    """``forward_cols`` holds an output row in 16-sample chunks, up to ``FORWARD_GROUP`` samples a
+    call, the last chunk masked: every split of the batch gives ``sparse_forward``'s bits, NaN
+    and -0 pass the ReLU as they are, and nothing past the row is written."""
+    layer, rng = random_layer(30, 25, 6.0, batch)
+    x = rng.normal(size=(30, batch)).astype(np.float32)
+    x[3, ::7] = np.nan
+    x[5] = -0.0
+    colptr, rowidx, perm = np.empty(26, np.int64), np.empty(layer.nnz, np.int32), np.empty(layer.nnz, np.int32)
+    kernels.csc_from_csr(layer.indptr, layer.indices, colptr, rowidx, perm)
+    want = forward_in_order_ref(layer, x)
+    for relu in (False, True):
+        out = np.full((27, batch), 7.0, np.float32)  # one guard row each side
+        kernels.forward_cols(colptr, rowidx, perm, layer.values, layer.bias, x, out[1:26], 0, 25, relu)
+        expect = np.where(want < 0, np.float32(0), want) if relu else want
+        np.testing.assert_array_equal(out[1:26].view(np.int32), expect.view(np.int32))
+        assert np.all(out[[0, 26]] == 7.0)
+
+
 def test_train_batches_is_bit_identical_across_thread_counts(rng):
     """The parallel forward and backward paths of the fused loop give the serial bits (layers above
     the parallel threshold), with the CSC copy rebuilt by ``csc_all``; also when the largest layer is
