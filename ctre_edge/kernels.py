@@ -580,7 +580,7 @@ def _target_features() -> str:
     """The CPU features numba compiles for: NUMBA_CPU_FEATURES if set, else the host's."""
     if numba.config.CPU_FEATURES:
         return numba.config.CPU_FEATURES
-    from llvmlite.binding import get_host_cpu_features
+    from llvmlite.binding import get_host_cpu_features  # only when NUMBA_CPU_FEATURES is unset
 
     try:
         return get_host_cpu_features().flatten()
