@@ -334,6 +334,31 @@ def test_client_that_cannot_hold_the_run_refuses_before_joining(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "error:" in r.stderr
 
 
+def test_a_failed_run_says_why_and_keeps_the_server_log(tmp_path):
+    """Flower keeps the ServerApp's log in the SuperLink: a failed run copies it to serverapp.log and
+    names Flower's reason and the last error in its one line."""
+    from ctre_edge.fleet.cli import _failed_run
+
+    class Server:
+        run_dir = tmp_path
+
+        def __init__(self, log):
+            self.log = log
+
+        def server_log(self):
+            return self.log
+
+    log = ("\x1b[92mINFO \x1b[0m:      round 1\n\x1b[91mERROR \x1b[0m:     ServerApp raised an exception\n"
+           "Traceback (most recent call last):\n  File \"apps.py\", line 9\nValueError: no replies\n")
+    msg = _failed_run(Server(log), "finished:failed", "Task failed because the run expired")
+    assert msg == ("the fleet run ended with status finished:failed (Task failed because the run expired; "
+                   f"ValueError: no replies); see {tmp_path / 'serverapp.log'}")
+    assert (tmp_path / "serverapp.log").read_text() == log.replace("\x1b[92m", "").replace(
+        "\x1b[91m", "").replace("\x1b[0m", "")
+    assert _failed_run(Server(""), "finished:stopped") == (
+        f"the fleet run ended with status finished:stopped; see {tmp_path / 'superlink.log'}")
+
+
 # -- real processes on loopback -------------------------------------------------------------------
 # lr 0.1: at 0.2 the simulated run below ended at 0.10-0.60 test accuracy over five runs (the client
 # seeds include Flower's random node ids, so every run differs), once at chance; at 0.1, 0.74-0.87

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -222,14 +223,33 @@ def _follow(srv, settings: dict, on_round, poll: float = 0.5, on_first=None):
             raise FleetError(f"flower-superlink exited (code {srv.proc.returncode}); see {srv.run_dir / 'superlink.log'}")
         if time.monotonic() - last_status > 10:
             last_status = time.monotonic()
-            status = str(srv.status().get("status", ""))
+            doc = srv.status()
+            status = str(doc.get("status", ""))
             if status.startswith("finished") and status != "finished:completed":
-                raise FleetError(f"the fleet run ended with status {status}; see {srv.run_dir / 'superlink.log'}")
+                raise FleetError(_failed_run(srv, status, str(doc.get("status-details") or "")))
             if status == "finished:completed" and model is not None:
                 # One more pass: the last round's checkpoint may have been written after it was read.
                 completed = True
                 continue
         time.sleep(poll)
+
+
+def _failed_run(srv, status: str, details: str = "") -> str:
+    """Why the run failed, in one line: Flower's status details (e.g. the run expired because the
+    ServerApp stopped sending heartbeats) and the last error line of the ServerApp's log, which is
+    kept in serverapp.log."""
+    from ..fileio import atomic_write  # as _follow's import: only for commands that start a run
+
+    log = re.sub(r"\x1b\[[0-9;]*m", "", srv.server_log())  # Flower colours its log levels
+    where = srv.run_dir / "superlink.log"
+    if log.strip():
+        where = atomic_write(srv.run_dir / "serverapp.log", lambda f: f.write(log.encode()), force=True)
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "ERROR" in ln or "Exception" in ln]
+    reasons = [details.strip()] if details.strip() else []
+    reasons += [errors[-1][-300:]] if errors else []
+    reason = f" ({'; '.join(reasons)})" if reasons else ""
+    return f"the fleet run ended with status {status}{reason}; see {where}"
 
 
 def _round_line(h: dict, rounds: int, extra: str = "") -> str:

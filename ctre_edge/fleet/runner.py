@@ -216,6 +216,15 @@ class Server:
         except (ValueError, KeyError, IndexError):
             return {}
 
+    def server_log(self) -> str:
+        """The ServerApp's own log (Flower keeps it in the SuperLink, not in superlink.log), from ``flwr log``."""
+        try:
+            out = subprocess.run([flower_command("flwr"), "log", str(self.run_id), "ctre", "--show"], env=self.env,
+                                 capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return out.stdout
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
