@@ -39,12 +39,19 @@ def user_cache_home(_user_cache_home, monkeypatch):
 
 @pytest.fixture(scope="session")
 def warmed_cache_template(tmp_path_factory):
-    """One cold ``ctre-edge warmup`` into an empty kernel cache for the whole session (about half a
-    minute on 2 cores), and its CompletedProcess. Tests never use it directly: ``copy_warmed_cache``
-    gives each its own copy, so what one test compiles cannot make another's check pass."""
+    """One cold ``ctre-edge warmup --profile rpi-zero-2w`` into an empty kernel cache for the whole
+    session (about a minute on 2 cores), and its CompletedProcess. Tests never use the cache directly:
+    ``copy_warmed_cache`` gives each its own copy, so what one test compiles cannot make another's
+    check pass.
+
+    Under that profile warmup runs its steps one fresh process at a time, the path a small device
+    takes; without a profile it runs the same steps in one process. Both compile the same kernels, so
+    one cold run serves the checks of that path (test_device) and every test that needs a warm cache;
+    each cold compile costs the suite about a minute."""
     cache = tmp_path_factory.mktemp("warmed") / "cache"
-    r = subprocess.run([sys.executable, "-m", "ctre_edge.cli", "--cache-dir", str(cache), "warmup"],
-                       capture_output=True, text=True)
+    evict_library_pages()  # the step peaks it prints are checked (test_device)
+    r = subprocess.run([sys.executable, "-m", "ctre_edge.cli", "--cache-dir", str(cache), "warmup",
+                        "--profile", "rpi-zero-2w"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return cache, r
 

@@ -362,18 +362,18 @@ def test_a_failed_run_says_why_and_keeps_the_server_log(tmp_path):
 # -- real processes on loopback -------------------------------------------------------------------
 # lr 0.1: at 0.2 the simulated run below ended at 0.10-0.60 test accuracy over five runs (the client
 # seeds include Flower's random node ids, so every run differs), once at chance; at 0.1, 0.74-0.87
-# over four.
+# over four (three rounds), and 0.61-0.73 over three runs of the two rounds the test runs.
 SMALL = ["--hidden", "24,24", "--epsilon", "3", "--similarity-samples", "100", "--lr", "0.1"]
 
 
 @needs_flwr
 @pytest.mark.slow
 def test_simulate_trains_and_measures_bytes_at_the_socket(tmp_path):
-    r = run_cli("fleet", "simulate", "--clients", "3", "--rounds", "3", "--local-epochs", "3", "--method", "ctre-sim", *SMALL,
+    r = run_cli("fleet", "simulate", "--clients", "3", "--rounds", "2", "--local-epochs", "3", "--method", "ctre-sim", *SMALL,
                 "--dir", str(tmp_path / "run"), "--json", timeout=400)
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(r.stdout)
-    assert [h["round"] for h in doc["history"]] == [1, 2, 3]
+    assert [h["round"] for h in doc["history"]] == [1, 2]
     assert all(h["replies"] == 3 for h in doc["history"])
     assert doc["test_accuracy"] > 0.3  # digits: chance is 0.1
     for h in doc["history"]:
@@ -442,16 +442,23 @@ def client_files(tmp_path):
     return files
 
 
+# One scenario for both kinds of failure: each run of real processes costs about a minute of Flower's
+# own start-up (a new flwr-clientapp process per node and round imports about 2.5 s of Flower), so a
+# client killed mid-round and a server killed after it share one run.
 @needs_flwr
 @pytest.mark.slow
-def test_killed_clients_do_not_stop_the_run_and_rejoin(tmp_path, client_files):
+def test_killed_client_and_killed_server_do_not_stop_the_run(tmp_path, client_files):
     port, run_dir = _free_port(), tmp_path / "run"
     server = _server(run_dir, port, 4)
     clients = [_client(i, port, f, tmp_path) for i, f in enumerate(client_files)]
     try:
         first = _wait_round(run_dir, 1, 180)
-        _kill(clients[0])  # mid-run: round 2 is under way
+        _kill(clients[0])  # mid-run: round 2 is under way, and ends at the round timeout with 2 replies
         _wait_round(run_dir, 2, 120)
+        _kill(server)  # then the server, with its SuperLink, before round 3 ends
+        os.killpg(int((run_dir / "superlink.pid").read_text()), signal.SIGKILL)
+        crashed_at = _wait_round(run_dir, 0, 5)["round"]
+        server = _server(run_dir, port, 4, "--resume")
         clients[0] = _client(0, port, client_files[0], tmp_path)  # restarted: a new node joins
         metrics = _wait_round(run_dir, 4, 300)
         assert server.wait(120) == 0, (tmp_path / "server.log").read_text()[-2000:]
@@ -463,30 +470,9 @@ def test_killed_clients_do_not_stop_the_run_and_rejoin(tmp_path, client_files):
     before = set(first["history"][0]["nodes"])
     assert len(before) == 3
     assert history[1]["replies"] == 2 and set(history[1]["nodes"]) < before  # the round it died in still counted
-    rejoined = {n for h in history[2:] for n in h["nodes"]} - before
-    assert len(rejoined) == 1  # the restarted client took part in a later round as a new node
-
-
-@needs_flwr
-@pytest.mark.slow
-def test_server_killed_mid_run_resumes_from_its_last_round(tmp_path, client_files):
-    port, run_dir = _free_port(), tmp_path / "run"
-    server = _server(run_dir, port, 4)
-    clients = [_client(i, port, f, tmp_path) for i, f in enumerate(client_files)]
-    try:
-        _wait_round(run_dir, 2, 240)
-        _kill(server)
-        os.killpg(int((run_dir / "superlink.pid").read_text()), signal.SIGKILL)
-        crashed_at = _wait_round(run_dir, 0, 5)["round"]
-        server = _server(run_dir, port, 4, "--resume")
-        metrics = _wait_round(run_dir, 4, 300)
-        assert server.wait(120) == 0, (tmp_path / "server.log").read_text()[-2000:]
-    finally:
-        for p in clients + [server]:
-            _kill(p)
-    assert crashed_at >= 2
-    assert [h["round"] for h in metrics["history"]] == [1, 2, 3, 4]
-    assert f"resuming after round {crashed_at}" in (tmp_path / "server.log").read_text()
+    assert crashed_at >= 2 and f"resuming after round {crashed_at}" in (tmp_path / "server.log").read_text()
+    # after the resume the restarted client took part too, as a node the run had not seen
+    assert history[-1]["replies"] == 3 and len(set(history[-1]["nodes"]) - before) == 1
 
 
 @needs_flwr

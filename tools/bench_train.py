@@ -137,13 +137,7 @@ def run_phases(hidden: int, eps: float, repeats: int, checkout: Path | None, thr
     from tools._common import REPO, checkout_env
 
     spec = {"hidden": hidden, "epsilon": eps, "batch": BATCH, "repeats": repeats, "threads": threads}
-    env = checkout_env(checkout or REPO)
-    if checkout is None:
-        env.pop("NUMBA_CACHE_DIR")  # this checkout keeps the caller's kernel cache
-        import os
-
-        if "NUMBA_CACHE_DIR" in os.environ:
-            env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
+    env = checkout_env(checkout or REPO)  # this checkout keeps the caller's kernel cache
     out = subprocess.run([sys.executable, str(REPO / "tools" / "kernel_phases.py"), json.dumps(spec)],
                          capture_output=True, text=True, env=env, cwd=checkout or REPO)
     if out.returncode:
