@@ -355,6 +355,9 @@ def test_a_failed_run_says_why_and_keeps_the_server_log(tmp_path):
                    f"ValueError: no replies); see {tmp_path / 'serverapp.log'}")
     assert (tmp_path / "serverapp.log").read_text() == log.replace("\x1b[92m", "").replace(
         "\x1b[91m", "").replace("\x1b[0m", "")
+    # Flower's details often carry the exception already: then it is not said twice
+    assert _failed_run(Server(log), "finished:failed", "ServerApp failed with exception: no replies").startswith(
+        "the fleet run ended with status finished:failed (ServerApp failed with exception: no replies); see")
     assert _failed_run(Server(""), "finished:stopped") == (
         f"the fleet run ended with status finished:stopped; see {tmp_path / 'superlink.log'}")
 

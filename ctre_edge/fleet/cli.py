@@ -244,10 +244,10 @@ def _failed_run(srv, status: str, details: str = "") -> str:
     where = srv.run_dir / "superlink.log"
     if log.strip():
         where = atomic_write(srv.run_dir / "serverapp.log", lambda f: f.write(log.encode()), force=True)
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "Error" in ln or "ERROR" in ln or "Exception" in ln]
+    # The last line of the last traceback ("ValueError: ..."), which Flower's details may not carry.
+    errors = [ln.strip() for ln in log.splitlines() if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit)\b\S*: ", ln)]
     reasons = [details.strip()] if details.strip() else []
-    reasons += [errors[-1][-300:]] if errors else []
+    reasons += [errors[-1][-300:]] if errors and errors[-1].split(": ", 1)[1] not in details else []
     reason = f" ({'; '.join(reasons)})" if reasons else ""
     return f"the fleet run ended with status {status}{reason}; see {where}"
 
