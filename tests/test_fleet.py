@@ -335,12 +335,12 @@ def test_client_that_cannot_hold_the_run_refuses_before_joining(tmp_path):
 
 
 def test_a_failed_run_says_why_and_keeps_the_server_log(tmp_path):
-    """Flower keeps the ServerApp's log in the SuperLink: a failed run copies it to serverapp.log and
+    """Flower keeps the ServerApp's log in the SuperLink: a failed run copies it to serverapp-RUNID.log and
     names Flower's reason and the last error in its one line."""
     from ctre_edge.fleet.cli import _failed_run
 
     class Server:
-        run_dir = tmp_path
+        run_dir, run_id = tmp_path, 42
 
         def __init__(self, log):
             self.log = log
@@ -352,12 +352,16 @@ def test_a_failed_run_says_why_and_keeps_the_server_log(tmp_path):
            "Traceback (most recent call last):\n  File \"apps.py\", line 9\nValueError: no replies\n")
     msg = _failed_run(Server(log), "finished:failed", "Task failed because the run expired")
     assert msg == ("the fleet run ended with status finished:failed (Task failed because the run expired; "
-                   f"ValueError: no replies); see {tmp_path / 'serverapp.log'}")
-    assert (tmp_path / "serverapp.log").read_text() == log.replace("\x1b[92m", "").replace(
+                   f"ValueError: no replies); see {tmp_path / 'serverapp-42.log'}")
+    assert (tmp_path / "serverapp-42.log").read_text() == log.replace("\x1b[92m", "").replace(
         "\x1b[91m", "").replace("\x1b[0m", "")
-    # Flower's details often carry the exception already: then it is not said twice
-    assert _failed_run(Server(log), "finished:failed", "ServerApp failed with exception: no replies").startswith(
-        "the fleet run ended with status finished:failed (ServerApp failed with exception: no replies); see")
+    # Flower's details often carry the exception already: then it is not said twice. The log file
+    # exists now: it is kept, and the line points at superlink.log instead.
+    (tmp_path / "serverapp-42.log").write_text("earlier")
+    assert _failed_run(Server(log), "finished:failed", "ServerApp failed with exception: no replies") == (
+        "the fleet run ended with status finished:failed (ServerApp failed with exception: no replies); "
+        f"see {tmp_path / 'superlink.log'}")
+    assert (tmp_path / "serverapp-42.log").read_text() == "earlier"
     assert _failed_run(Server(""), "finished:stopped") == (
         f"the fleet run ended with status finished:stopped; see {tmp_path / 'superlink.log'}")
 

@@ -24,7 +24,7 @@ from .. import run
 from ..cli_common import parse_hidden, run_command
 from ..config import TrainConfig
 from ..console import err, print_json
-from ..errors import ConfigError, OutputExistsError
+from ..errors import ConfigError, CtreError, OutputExistsError
 
 _D = TrainConfig()  # the training defaults, shared with `ctre-edge train`
 
@@ -237,13 +237,18 @@ def _follow(srv, settings: dict, on_round, poll: float = 0.5, on_first=None):
 def _failed_run(srv, status: str, details: str = "") -> str:
     """Why the run failed, in one line: Flower's status details (e.g. the run expired because the
     ServerApp stopped sending heartbeats) and the last error line of the ServerApp's log, which is
-    kept in serverapp.log."""
+    kept in serverapp-RUNID.log."""
     from ..fileio import atomic_write  # as _follow's import: only for commands that start a run
 
     log = re.sub(r"\x1b\[[0-9;]*m", "", srv.server_log())  # Flower colours its log levels
     where = srv.run_dir / "superlink.log"
+    # One file per Flower run id: a resumed run is a new Flower run, and the earlier log stays.
+    path = srv.run_dir / f"serverapp-{srv.run_id}.log"
     if log.strip():
-        where = atomic_write(srv.run_dir / "serverapp.log", lambda f: f.write(log.encode()), force=True)
+        try:
+            where = atomic_write(path, lambda f: f.write(log.encode()))
+        except CtreError:  # it exists, or the disk refuses: the failure is still reported, with superlink.log
+            pass
     # The last line of the last traceback ("ValueError: ..."), which Flower's details may not carry.
     errors = [ln.strip() for ln in log.splitlines() if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit)\b\S*: ", ln)]
     reasons = [details.strip()] if details.strip() else []
