@@ -478,7 +478,8 @@ def test_killed_client_and_killed_server_do_not_stop_the_run(tmp_path, client_fi
     assert len(before) == 3
     assert history[1]["replies"] == 2 and set(history[1]["nodes"]) < before  # the round it died in still counted
     assert crashed_at >= 2 and f"resuming after round {crashed_at}" in (tmp_path / "server.log").read_text()
-    # after the resume the restarted client took part too, as a node the run had not seen
+    # after the resume the restarted client took part too, as a node the run had not seen (in round 4:
+    # the resumed server does not wait for it, and round 3 may start before it has joined)
     assert history[-1]["replies"] == 3 and len(set(history[-1]["nodes"]) - before) == 1
 
 
