@@ -196,9 +196,13 @@ class Server:
         (self.run_dir / "superlink.pid").write_text(str(self.proc.pid))
         wait_port(connect, self.port, timeout, self.proc, "flower-superlink")
 
+    def _flwr(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        """Flower's ``flwr`` command against this SuperLink (its FLWR_HOME names the connection)."""
+        return subprocess.run([flower_command("flwr"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
     def submit(self) -> int:
-        out = subprocess.run([flower_command("flwr"), "run", str(self.run_dir / "app"), "ctre", "--format", "json"],
-                             env=self.env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        out = self._flwr("run", str(self.run_dir / "app"), "ctre", "--format", "json", timeout=120)
         try:
             doc = json.loads(out.stdout[out.stdout.index("{"):])
             self.run_id = int(doc["run-id"])
@@ -208,8 +212,7 @@ class Server:
 
     def status(self) -> dict:
         """Flower's record of the run (status and its own traffic count), from ``flwr ls``."""
-        out = subprocess.run([flower_command("flwr"), "ls", "ctre", "--run-id", str(self.run_id), "--format", "json"],
-                             env=self.env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        out = self._flwr("ls", "ctre", "--run-id", str(self.run_id), "--format", "json", timeout=60)
         try:
             doc = json.loads(out.stdout[out.stdout.index("{"):])
             return doc["runs"][0]
@@ -219,8 +222,7 @@ class Server:
     def server_log(self) -> str:
         """The ServerApp's own log (Flower keeps it in the SuperLink, not in superlink.log), from ``flwr log``."""
         try:
-            out = subprocess.run([flower_command("flwr"), "log", str(self.run_id), "ctre", "--show"], env=self.env,
-                                 capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+            out = self._flwr("log", str(self.run_id), "ctre", "--show", timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             return ""
         return out.stdout
