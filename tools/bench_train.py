@@ -59,6 +59,7 @@ from pathlib import Path
 from tools._common import (
     BATCH,
     LR,
+    REPO,
     SEED,
     MiB,
     TimeBox,
@@ -241,7 +242,8 @@ def main(argv=None):
     print(f"numpy float32 GEMM 1000x1000 @ 1000x100: {gemm_all:.0f} GFLOP/s with the BLAS default threads, "
           f"{gemm_one:.0f} GFLOP/s with 1 thread (median of 30)")
     if base is not None:
-        print(f"base: the checkout in {base.name}/ (its own kernels, numba cache and bench child)")
+        cache = "" if base.resolve() == REPO.resolve() else ", numba cache"
+        print(f"base: the checkout in {base.name}/ (its own kernels{cache} and bench child)")
     print()
     print_phases(shapes, args.phase_repeats, base if "base" in engines else None, gemm_all)
     if args.phases_only:
