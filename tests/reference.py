@@ -61,8 +61,8 @@ def lane_dot_ref(products):
     changes no sum), then the 16 lanes are added in a fixed tree: l + 8, then + 4, + 2, + 1."""
     m, nb = products.shape
     chunks = -(-nb // LANES)
-    padded = np.zeros((m, max(chunks, 1) * LANES), np.float32)
-    padded[:, :nb] = products
+    padded = np.zeros((m, (chunks + 1) * LANES), np.float32)
+    padded[:, LANES:LANES + nb] = products  # a first chunk of +0: each lane starts from +0 (-0 + +0 is +0)
     lanes = np.cumsum(padded.reshape(m, -1, LANES), axis=1, dtype=np.float32)[:, -1]
     while lanes.shape[1] > 1:
         half = lanes.shape[1] // 2

@@ -451,7 +451,7 @@ def test_forward_all_from_the_csc_copy_gives_the_same_bits(rng):
 def test_wide_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
     """The wide loops' order (lanes b mod 16, a short last chunk, then the tree; dx as in the narrow
     loops) at batch sizes around the lane width, on rows of 1 to 13 connections (the 4-at-a-time
-    loop and its tail)."""
+    loop and its tail), bit for bit with -0 among the products."""
     lengths = np.array([1, 2, 3, 4, 5, 7, 8, 9] + [13] * 22)
     indices = np.concatenate([np.sort(rng.choice(50, n, replace=False)) for n in lengths]).astype(np.int32)
     layer = erdos_renyi_layer(30, 50, 1, rng)
@@ -461,14 +461,15 @@ def test_wide_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
     assert kernels.wide_rows(layer.indptr)
     x = np.maximum(rng.normal(size=(30, batch)), 0).astype(np.float32)
     dy = (rng.normal(size=(50, batch)) * 1e3 ** rng.integers(-2, 3, size=(50, 1))).astype(np.float32)
+    dy[::7] = -0.0
     want_dx, want_g = backward_in_order_ref(layer, x, dy)
     g = np.full(layer.nnz, 7.0, np.float32)
     kernels._weight_gradient_by_row(layer.indptr, layer.indices, x, dy, g, 0, 30)
-    np.testing.assert_array_equal(g, want_g)
+    np.testing.assert_array_equal(g.view(np.uint32), want_g.view(np.uint32))  # bits: +0 and -0 differ
     g, dx = np.full(layer.nnz, 7.0, np.float32), np.full_like(x, 7.0)  # and with dx, in the same pass
     kernels._backward_by_row(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 0, 30)
-    np.testing.assert_array_equal(g, want_g)
-    np.testing.assert_array_equal(dx, np.where(x > 0, want_dx, 0))
+    np.testing.assert_array_equal(g.view(np.uint32), want_g.view(np.uint32))
+    np.testing.assert_array_equal(dx.view(np.uint32), np.where(x > 0, want_dx, np.float32(0)).view(np.uint32))
     # A short last chunk is loaded under a mask and stored lane by lane: nothing past a row's end is written (the
     # next row may belong to another thread).
     dx = np.full_like(x, 7.0)
