@@ -57,13 +57,14 @@ PAIR_LANES = 8
 
 def lane_dot_ref(products):
     """``kernels.lane_dots4``'s exact float32 sums of each row of ``products`` (m, B): lane l adds
-    columns l, l + 16, ... in order from 0 (the batch padded with +0 to a multiple of 16, which
-    changes no sum), then the 16 lanes are added in a fixed tree: l + 8, then + 4, + 2, + 1."""
+    columns l, l + 16, ... in order from +0 (the batch padded with +0 to a multiple of 16, which
+    changes no sum; ``+ 0`` after the cumsum, which starts from the first term, turns a -0 lane into
+    the kernels' +0), then the 16 lanes are added in a fixed tree: l + 8, then + 4, + 2, + 1."""
     m, nb = products.shape
     chunks = -(-nb // LANES)
-    padded = np.zeros((m, (chunks + 1) * LANES), np.float32)
-    padded[:, LANES:LANES + nb] = products  # a first chunk of +0: each lane starts from +0 (-0 + +0 is +0)
-    lanes = np.cumsum(padded.reshape(m, -1, LANES), axis=1, dtype=np.float32)[:, -1]
+    padded = np.zeros((m, max(chunks, 1) * LANES), np.float32)
+    padded[:, :nb] = products
+    lanes = np.cumsum(padded.reshape(m, -1, LANES), axis=1, dtype=np.float32)[:, -1] + np.float32(0)
     while lanes.shape[1] > 1:
         half = lanes.shape[1] // 2
         lanes = (lanes[:, :half] + lanes[:, half:]).astype(np.float32)
@@ -78,17 +79,20 @@ def backward_in_order_ref(layer, x_fm, dy_fm, wide=None):
     if wide is None:
         wide = kernels.wide_rows(layer.indptr)
     rows, nb = layer.rows(), x_fm.shape[1]
+    # ``np.cumsum`` starts from the first term, the kernels from +0: the same sums, except that a
+    # -0 result is +0 from +0, hence the ``+ 0`` after each.
     products = (x_fm[rows] * dy_fm[layer.indices]).astype(np.float32)
     if wide:
         grad = lane_dot_ref(products)
     else:
-        grad = np.cumsum(products, axis=1, dtype=np.float32)[:, -1] if nb else np.zeros(layer.nnz, np.float32)
+        grad = (np.cumsum(products, axis=1, dtype=np.float32)[:, -1] + np.float32(0) if nb
+                else np.zeros(layer.nnz, np.float32))
     dx = np.zeros((layer.n_in, nb), np.float32)
     for i in range(layer.n_in):
         p0, p1 = layer.indptr[i], layer.indptr[i + 1]
         if p1 > p0:
             terms = (layer.values[p0:p1, None] * dy_fm[layer.indices[p0:p1]]).astype(np.float32)
-            dx[i] = np.cumsum(terms, axis=0, dtype=np.float32)[-1]
+            dx[i] = np.cumsum(terms, axis=0, dtype=np.float32)[-1] + np.float32(0)
     return dx, grad
 
 
