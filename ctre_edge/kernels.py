@@ -97,11 +97,10 @@ def sparse_backward(indptr, indices, values, x, dy, dx, grad, compute_dx):
     before this step's update). x: (n_in, B), dy: (n_out, B), dx: (n_in, B), grad: (nnz,).
 
     Summation order, the same in every backward kernel here: each dx[i, b] adds its connections in
-    CSR order starting from 0. Each grad[p] adds its products in batch order b = 0, 1, ... starting
-    from 0 in a layer of short rows; in a wide layer (``wide_rows``) in 16 lanes, then a fixed tree
-    (``lane_dots4``), which is SIMD. The two sums run in separate loops because they need different
-    loops to be fast: the weight gradient is a reduction per connection, the input gradient is
-    elementwise over the batch.
+    CSR order starting from 0. Each grad[p] adds its products in 16 lanes (lane l: samples l, l + 16,
+    ..., from +0), then in a fixed tree (``lane_dots4``), which is SIMD. The two sums run in separate
+    loops because they need different loops to be fast: the weight gradient is a reduction per
+    connection, the input gradient is elementwise over the batch.
     The training loop runs the same sums in ``backward_rows``, which also skips dead neurons and
     applies the ReLU mask to dx; this one-layer form leaves dx unmasked.
     """
@@ -115,14 +114,13 @@ def sparse_backward(indptr, indices, values, x, dy, dx, grad, compute_dx):
 
 @njit(cache=True)
 def wide_rows(indptr):
-    """Whether a layer's rows hold 8 or more connections on average: picks the weight-gradient loop,
-    and with it the summation order (lanes or sample order). The topology update keeps a layer's
-    number of connections, so a layer keeps its order for the whole run."""
+    """Whether a layer's rows hold 8 or more connections on average: picks the weight-gradient loop
+    (by rows, or over a list of the live connections); both sum in the same order."""
     n_in = indptr.shape[0] - 1
     return indptr[n_in] - indptr[0] >= 8 * n_in
 
 
-# The weight gradient of wide layers, in 16 lanes. numba offers no SIMD and its compiler keeps a
+# The weight gradient, in 16 lanes. numba offers no SIMD and its compiler keeps a
 # float sum in its written order (no reassociation without fastmath, which would make the bits
 # depend on the CPU), so a dot product over the batch is a scalar chain. These intrinsics write the
 # vector code in LLVM IR instead: lane l (0..15) adds the products of samples b = l, l + 16, ... in
@@ -270,18 +268,22 @@ lane_dots1, lane_dots4 = _lane_dots(1), _lane_dots(4)
 lane_dots_dx1, lane_dots_dx4 = _lane_dots_dx(1), _lane_dots_dx(4)
 
 
-# The cosine scores' float64 dot products (``canonical_score``), in 8 lanes the same way: lane l
-# adds float64(x[s]) * float64(y[s]) for s = l, l + 8, ... in that order, from +0, then the lanes
-# are added l + 4, + 2, + 1. A float32 x float32 product is exact in float64, so whether the compiler
-# fuses it with the add changes nothing; the adds are IEEE adds on <8 x double>, the same bits on
-# every CPU. k pairs at a time, each with its own x and y rows, so that k independent vector chains
-# keep the adder busy while the pairs are scattered over the rows (candidates of the cosine scan).
+# The weight gradient of short rows (``backward_rows``' lists of live connections) and the cosine
+# scores' float64 dot products (``canonical_score``) take k pairs at a time, each with its own x and
+# y rows, so that k independent vector chains keep the adder busy while the pairs are scattered over
+# the rows. The weight gradient's pairs are summed exactly as ``lane_dots`` sums them (16 float32
+# lanes, the same short last chunk, the same tree), so every weight gradient has one order, wide
+# layer or not. The cosine scores' pairs are float64 in 8 lanes: lane l adds float64(x[s]) *
+# float64(y[s]) for s = l, l + 8, ... in that order, from +0, then the lanes are added l + 4, + 2,
+# + 1. A float32 x float32 product is exact in float64, so whether the compiler fuses it with the
+# add changes nothing; the adds are IEEE adds on <8 x double>, the same bits on every CPU.
 PAIR_LANES = 8
 
 
-def _pair_codegen(k):
+def _pair_codegen(k, lanes, widen):
     def codegen(context, builder, sig, args):
-        f32v, f64v = ir.VectorType(ir.FloatType(), PAIR_LANES), ir.VectorType(ir.DoubleType(), PAIR_LANES)
+        f32v = ir.VectorType(ir.FloatType(), lanes)
+        accv = ir.VectorType(ir.DoubleType(), lanes) if widen else f32v
         i64 = ir.IntType(64)
 
         def pointers(array, offsets, ty):
@@ -294,46 +296,50 @@ def _pair_codegen(k):
 
         pxs, pys = pointers(args[0], args[1], sig.args[0]), pointers(args[2], args[3], sig.args[2])
         n = context.cast(builder, args[4], sig.args[4], types.int64)
-        accs = [var(f64v) for _ in range(k)]
+        accs = [var(accv) for _ in range(k)]
 
         def step(vxs, vys):
             for acc, vx, vy in zip(accs, vxs, vys):
-                product = builder.fmul(builder.fpext(vx, f64v), builder.fpext(vy, f64v))
+                product = (builder.fmul(builder.fpext(vx, accv), builder.fpext(vy, accv)) if widen
+                           else builder.fmul(vx, vy))
                 builder.store(builder.fadd(builder.load(acc), product), acc)
 
-        chunks = builder.udiv(n, ir.Constant(i64, PAIR_LANES))
+        chunks = builder.udiv(n, ir.Constant(i64, lanes))
         with cgutils.for_range(builder, chunks) as loop:
-            off = builder.mul(loop.index, ir.Constant(i64, PAIR_LANES))
+            off = builder.mul(loop.index, ir.Constant(i64, lanes))
             step(*[[builder.load(builder.bitcast(builder.gep(p, [off]), f32v.as_pointer()), align=4) for p in ps]
                    for ps in (pxs, pys)])
-        # The last n % 8 samples go to lanes 0.. of one more chunk whose other lanes are +0 (see
+        # The last n % lanes samples go to lanes 0.. of one more chunk whose other lanes are +0 (see
         # ``_lane_codegen``: that adds +0 to lanes that are never -0, which is exact).
-        done = builder.mul(chunks, ir.Constant(i64, PAIR_LANES))
-        mask = _tail_mask(builder, builder.sub(n, done), PAIR_LANES)
+        done = builder.mul(chunks, ir.Constant(i64, lanes))
+        mask = _tail_mask(builder, builder.sub(n, done), lanes)
         tails = [_masked_load(builder, builder.gep(p, [done]), f32v, mask) for p in pxs + pys]
         step(tails[:k], tails[k:])
         return context.make_tuple(builder, sig.return_type,
-                                  [_lane_tree(builder, builder.load(acc), PAIR_LANES) for acc in accs])
+                                  [_lane_tree(builder, builder.load(acc), lanes) for acc in accs])
 
     return codegen
 
 
-def _pair_dots(k):
-    """An intrinsic (x, x_offs, y, y_offs, n) -> k float64: the lane dot products above of
-    x.flat[x_offs[t]:x_offs[t] + n] and y.flat[y_offs[t]:y_offs[t] + n], t < k. x and y:
-    C-contiguous float32 arrays; offsets: k-tuples of ints."""
+def _pair_dots(k, lanes=PAIR_LANES, widen=True):
+    """An intrinsic (x, x_offs, y, y_offs, n) -> k sums: the lane dot products above of
+    x.flat[x_offs[t]:x_offs[t] + n] and y.flat[y_offs[t]:y_offs[t] + n], t < k; float64 in 8 lanes
+    (``widen``), or float32 in 16 lanes, as ``lane_dots``. x and y: C-contiguous float32 arrays;
+    offsets: k-tuples of ints."""
+    out = types.float64 if widen else types.float32
 
     @intrinsic
     def pair_dots(typingctx, x, x_offs, y, y_offs, n):
         if (_f32_c_array(x) and _f32_c_array(y) and isinstance(x_offs, types.UniTuple) and x_offs.count == k
                 and x_offs == y_offs and isinstance(x_offs.dtype, types.Integer)):
-            return types.UniTuple(types.float64, k)(x, x_offs, y, y_offs, n), _pair_codegen(k)
+            return types.UniTuple(out, k)(x, x_offs, y, y_offs, n), _pair_codegen(k, lanes, widen)
         return None
 
     return pair_dots
 
 
 pair_dots1, pair_dots8 = _pair_dots(1), _pair_dots(8)
+lane_pairs1, lane_pairs8 = _pair_dots(1, LANES, False), _pair_dots(8, LANES, False)
 
 
 @njit(cache=True)
@@ -433,14 +439,15 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
     its gradient is +0 and its terms in dx vanish; a dead row's dx is all masked to 0 anyway. (Only a
     non-finite weight or activation, in a run that has diverged, could tell the difference.)
 
-    ``wide`` (``wide_rows``, where hardly any neuron is dead): the weight gradient runs by rows in
-    16 lanes, a different order from the short rows' chains, so other bits; with ``compute_dx``,
-    dx in the same pass over each row's dy rows (``_backward_by_row``), else the weight gradient
-    alone (``_weight_gradient_by_row``); neither skips dead neurons (there, listing the connections
-    cost more than it saved). Else the live connections are listed chunk by chunk in CSR order
-    (``live``: int64 scratch, its halves their positions and rows); 8 chains run over them, whatever
-    rows they are in (rows of about 2 connections at epsilon 1), and dx adds each row's listed
-    connections four per pass over dx[i, :], left to right.
+    The weight gradient is summed in 16 lanes and a fixed tree (``lane_dots``) either way; ``wide``
+    (``wide_rows``, where hardly any neuron is dead) picks only the loop. Wide: by rows, each load of
+    x[i, :] shared by four connections; with ``compute_dx``, dx in the same pass over each row's dy
+    rows (``_backward_by_row``), else the weight gradient alone (``_weight_gradient_by_row``);
+    neither skips dead neurons (there, listing the connections cost more than it saved). Else the
+    live connections are listed chunk by chunk in CSR order (``live``: int64 scratch, its halves
+    their positions and rows) and summed eight at a time (``lane_pairs8``), whatever rows they are
+    in (rows of about 2 connections at epsilon 1), and dx adds each row's listed connections four
+    per pass over dx[i, :], left to right.
     """
     nb = x.shape[1]
     z = np.float32(0.0)
@@ -477,33 +484,17 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
                 i += 1
         q = 0
         while q + 8 <= m:
-            r0, r1, r2, r3 = row[q], row[q + 1], row[q + 2], row[q + 3]
-            r4, r5, r6, r7 = row[q + 4], row[q + 5], row[q + 6], row[q + 7]
-            p0, p1, p2, p3 = pos[q], pos[q + 1], pos[q + 2], pos[q + 3]
-            p4, p5, p6, p7 = pos[q + 4], pos[q + 5], pos[q + 6], pos[q + 7]
-            j0, j1, j2, j3 = indices[p0], indices[p1], indices[p2], indices[p3]
-            j4, j5, j6, j7 = indices[p4], indices[p5], indices[p6], indices[p7]
-            a0, a1, a2, a3, a4, a5, a6, a7 = z, z, z, z, z, z, z, z
-            for b in range(nb):
-                a0 += x[r0, b] * dy[j0, b]
-                a1 += x[r1, b] * dy[j1, b]
-                a2 += x[r2, b] * dy[j2, b]
-                a3 += x[r3, b] * dy[j3, b]
-                a4 += x[r4, b] * dy[j4, b]
-                a5 += x[r5, b] * dy[j5, b]
-                a6 += x[r6, b] * dy[j6, b]
-                a7 += x[r7, b] * dy[j7, b]
-            grad[p0], grad[p1], grad[p2], grad[p3] = a0, a1, a2, a3
-            grad[p4], grad[p5], grad[p6], grad[p7] = a4, a5, a6, a7
+            p0, p1, p2, p3, p4, p5, p6, p7 = pos[q], pos[q + 1], pos[q + 2], pos[q + 3], pos[q + 4], pos[q + 5], \
+                pos[q + 6], pos[q + 7]
+            grad[p0], grad[p1], grad[p2], grad[p3], grad[p4], grad[p5], grad[p6], grad[p7] = lane_pairs8(
+                x, (row[q] * nb, row[q + 1] * nb, row[q + 2] * nb, row[q + 3] * nb, row[q + 4] * nb,
+                    row[q + 5] * nb, row[q + 6] * nb, row[q + 7] * nb),
+                dy, (indices[p0] * nb, indices[p1] * nb, indices[p2] * nb, indices[p3] * nb, indices[p4] * nb,
+                     indices[p5] * nb, indices[p6] * nb, indices[p7] * nb), nb)
             q += 8
         while q < m:
-            r0 = row[q]
             p0 = pos[q]
-            j0 = indices[p0]
-            a0 = z
-            for b in range(nb):
-                a0 += x[r0, b] * dy[j0, b]
-            grad[p0] = a0
+            (grad[p0],) = lane_pairs1(x, (row[q] * nb,), dy, (indices[p0] * nb,), nb)
             q += 1
         if compute_dx:
             q = 0

@@ -71,22 +71,15 @@ def lane_dot_ref(products):
     return lanes[:, 0]
 
 
-def backward_in_order_ref(layer, x_fm, dy_fm, wide=None):
+def backward_in_order_ref(layer, x_fm, dy_fm):
     """The backward kernels' exact float32 sums: dx[i, b] over the row's connections in CSR order,
-    from 0; grad[p] over the batch in order b = 0, 1, ... from 0, or, in a wide layer (8 or more
-    connections per row on average, ``kernels.wide_rows``; ``wide`` overrides), in 16 lanes
-    (``lane_dot_ref``). Returns (dx (n_in, B), grad)."""
-    if wide is None:
-        wide = kernels.wide_rows(layer.indptr)
+    from 0; grad[p] over the batch in 16 lanes and a fixed tree (``lane_dot_ref``), in every layer,
+    wide (``kernels.wide_rows``) or not. Returns (dx (n_in, B), grad)."""
     rows, nb = layer.rows(), x_fm.shape[1]
     # ``np.cumsum`` starts from the first term, the kernels from +0: the same sums, except that a
     # -0 result is +0 from +0, hence the ``+ 0`` after each.
     products = (x_fm[rows] * dy_fm[layer.indices]).astype(np.float32)
-    if wide:
-        grad = lane_dot_ref(products)
-    else:
-        grad = (np.cumsum(products, axis=1, dtype=np.float32)[:, -1] + np.float32(0) if nb
-                else np.zeros(layer.nnz, np.float32))
+    grad = lane_dot_ref(products)
     dx = np.zeros((layer.n_in, nb), np.float32)
     for i in range(layer.n_in):
         p0, p1 = layer.indptr[i], layer.indptr[i + 1]

@@ -237,12 +237,12 @@ def test_backward_adds_in_the_documented_order(shape):
     dy = rng.normal(size=(n_out, batch)).astype(np.float32)
     ones = np.ones(n_in, np.uint8), np.ones(n_out, np.uint8)
     for wide in (False, True):  # both weight-gradient loops, whatever the row lengths
-        want_dx, want_g = backward_in_order_ref(layer, x, dy, wide)
+        want_dx, want_g = backward_in_order_ref(layer, x, dy)
         g, dx = np.empty(layer.nnz, np.float32), np.full_like(x, 7.0)
         backward_rows(layer, x, dy, dx, g, *ones, True, wide)
         np.testing.assert_array_equal(g, want_g)
         np.testing.assert_array_equal(dx, np.where(x > 0, want_dx, 0))
-    want_dx, want_g = backward_in_order_ref(layer, x, dy)  # the loop the layer's rows pick
+    want_dx, want_g = backward_in_order_ref(layer, x, dy)  # through the loop the layer's rows pick
     dx = np.full_like(x, 7.0)
     kernels.sparse_backward(layer.indptr, layer.indices, layer.values, x, dy, dx, g, True)
     np.testing.assert_array_equal(dx, want_dx)
@@ -274,7 +274,7 @@ def test_backward_on_live_connections_gives_the_same_bits(shape, dead_in, dead_o
         for wide in (False, True):
             g = np.full(layer.nnz, 7.0, np.float32)
             backward_rows(layer, x, dy, dx, g, alive_in, alive_out, False, wide)
-            np.testing.assert_array_equal(g, backward_in_order_ref(layer, x, dy, wide)[1])
+            np.testing.assert_array_equal(g, backward_in_order_ref(layer, x, dy)[1])
 
 
 @settings(max_examples=60, deadline=None)
@@ -319,7 +319,7 @@ def test_backward_on_live_connections_across_chunks_and_over_long_rows(rng):
     dy[rng.random(n_out) < 0.3] = 0.0
     flags = (x > 0).any(1).astype(np.uint8), (dy != 0).any(1).astype(np.uint8)
     for wide in (False, True):
-        want_dx, want_g = backward_in_order_ref(layer, x, dy, wide)
+        want_dx, want_g = backward_in_order_ref(layer, x, dy)
         g, dx = np.empty(layer.nnz, np.float32), np.empty_like(x)
         backward_rows(layer, x, dy, dx, g, *flags, True, wide)
         np.testing.assert_array_equal(g, want_g)
@@ -448,10 +448,11 @@ def test_forward_all_from_the_csc_copy_gives_the_same_bits(rng):
 
 
 @pytest.mark.parametrize("batch", [0, 1, 15, 16, 17, 33, 100])
-def test_wide_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
-    """The wide loops' order (lanes b mod 16, a short last chunk, then the tree; dx as in the narrow
-    loops) at batch sizes around the lane width, on rows of 1 to 13 connections (the 4-at-a-time
-    loop and its tail), bit for bit with -0 among the products."""
+def test_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
+    """The weight gradient's order (lanes b mod 16, a short last chunk, then the tree) at batch
+    sizes around the lane width, in the wide loops on rows of 1 to 13 connections (the 4-at-a-time
+    loop and its tail; dx as in the narrow loops) and in the list of live connections (8 at a time
+    and the rest), bit for bit with -0 among the products."""
     lengths = np.array([1, 2, 3, 4, 5, 7, 8, 9] + [13] * 22)
     indices = np.concatenate([np.sort(rng.choice(50, n, replace=False)) for n in lengths]).astype(np.int32)
     layer = erdos_renyi_layer(30, 50, 1, rng)
@@ -476,6 +477,10 @@ def test_wide_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
     kernels._backward_by_row(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 3, 10)
     np.testing.assert_array_equal(dx[3:10], np.where(x > 0, want_dx, 0)[3:10])
     assert (dx[:3] == 7).all() and (dx[10:] == 7).all()
+    for alive_in, alive_out in (((x > 0).any(1), (dy != 0).any(1)), (np.ones(30), np.ones(50))):
+        g = np.full(layer.nnz, 7.0, np.float32)
+        backward_rows(layer, x, dy, dx, g, alive_in.astype(np.uint8), alive_out.astype(np.uint8), True, False)
+        np.testing.assert_array_equal(g.view(np.uint32), want_g.view(np.uint32))
     products = (x[layer.rows()] * dy[layer.indices]).astype(np.float32)
     in_order = np.cumsum(products, axis=1, dtype=np.float32)[:, -1] if batch else g
     if batch > 16:  # the lanes are a different order from the samples', and the test can tell
