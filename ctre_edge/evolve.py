@@ -183,7 +183,7 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
     levels = level_views(act, net.sizes, s)
     sizes, ptr_off, nz_off, unit_off, indptr, indices, values, bias = net.forward
     colptr, rowidx, perm = csc
-    kernels.gather_scaled(X, rows, shift, scale, levels[0])
+    kernels.gather_scaled(X, rows, shift, scale, levels[0], np.empty((kernels.GATHER_TILE, X.shape[1]), np.float32))
     alive = np.ones(int(sizes.max()), np.uint8)  # skip no input: the same bits as skipping dead ones
     for l in range(net.n_layers):
         a, out, n_out, hidden = levels[l], levels[l + 1], int(sizes[l + 1]), l < net.n_layers - 1

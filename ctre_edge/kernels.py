@@ -49,15 +49,34 @@ def _opaque_one(n):
     return m / m
 
 
+# Samples per tile of ``gather_scaled``: a sample's features, contiguous in X, become a column of
+# ``out``, a store per cache line of ``out`` for each one; eight samples at a time, first scaled into a
+# small row-major tile (SIMD over the features), fill eight floats of each line of ``out`` per visit.
+GATHER_TILE = 8
+
+
 @njit(cache=True)
-def gather_scaled(X, rows, shift, scale, out):
+def gather_scaled(X, rows, shift, scale, out, tile):
     """out[f, b] = (float32(X[rows[b], f]) - shift[f]) * scale[f]; out has shape (n_features, len(rows)).
 
-    X may be any numeric dtype (uint8 stays uint8 in memory and is scaled per batch).
+    X may be any numeric dtype (uint8 stays uint8 in memory and is scaled per batch). ``tile``:
+    float32 scratch of shape (GATHER_TILE, n_features), so that a caller that gathers every batch
+    allocates it once. Each element is computed alone, so the tiling changes no bit. At batch 100
+    on MNIST the tiles took 100 instead of 155 us per batch (a one-off script, 2-vCPU AMD EPYC).
     """
     nb = rows.shape[0]
     nf = out.shape[0]
-    for b in range(nb):
+    b0 = 0
+    while b0 + GATHER_TILE <= nb:
+        for t in range(GATHER_TILE):
+            r = rows[b0 + t]
+            for f in range(nf):
+                tile[t, f] = (np.float32(X[r, f]) - shift[f]) * scale[f]
+        for f in range(nf):
+            for t in range(GATHER_TILE):
+                out[f, b0 + t] = tile[t, f]
+        b0 += GATHER_TILE
+    for b in range(b0, nb):
         r = rows[b]
         for f in range(nf):
             out[f, b] = (np.float32(X[r, f]) - shift[f]) * scale[f]
@@ -867,7 +886,7 @@ def forward_all(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
     alive = np.ones(width, dtype=np.uint8)  # dead neurons of the level feeding the next layer
     have_csc = colptr.shape[0] > 0
     a = _level(act, 0, sizes[0], nb)
-    gather_scaled(X, rows, shift, scale, a)
+    gather_scaled(X, rows, shift, scale, a, np.empty((GATHER_TILE, sizes[0]), np.float32))
     for l in range(n_layers):
         nxt = off + sizes[l]
         out = _level(act, nxt, sizes[l + 1], nb)
@@ -924,12 +943,13 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
     alive = np.ones(level_off[n_layers + 1], dtype=np.uint8)
     live = np.empty(2 * LIVE_CHUNK * max(threads, 1), dtype=np.int64)  # backward_rows' lists, per thread
     have_csc = colptr.shape[0] > 0
+    tile = np.empty((GATHER_TILE, sizes[0]), np.float32)  # gather_scaled's scratch
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         rows = order[start:stop]
         nb = stop - start
         a = _level(act, 0, sizes[0], nb)
-        gather_scaled(X, rows, shift, scale, a)
+        gather_scaled(X, rows, shift, scale, a, tile)
         for l in range(n_layers):
             p0 = nz_off[l]
             p1 = nz_off[l + 1]

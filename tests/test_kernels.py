@@ -122,14 +122,18 @@ def test_softmax_and_cross_entropy(rng):
     close(p, expected / 12)
 
 
-def test_gather_scaled_keeps_uint8_and_scales(rng):
-    X = rng.integers(0, 256, size=(30, 9)).astype(np.uint8)
-    rows = np.array([5, 0, 29, 5])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_gather_scaled_keeps_uint8_and_scales(dtype, rng):
+    X = rng.integers(0, 256, size=(30, 9)).astype(dtype)
     shift = rng.normal(size=9).astype(np.float32)
     scale = rng.random(9).astype(np.float32)
-    out = np.empty((9, 4), np.float32)
-    kernels.gather_scaled(X, rows, shift, scale, out)
-    np.testing.assert_array_equal(out.T, (X[rows].astype(np.float32) - shift) * scale)
+    tile = np.empty((kernels.GATHER_TILE, 9), np.float32)
+    for n in (0, 1, 4, kernels.GATHER_TILE, 2 * kernels.GATHER_TILE + 3):  # whole tiles and the rest
+        rows = rng.integers(0, 30, size=n)
+        out = np.full((9, n), 7.0, np.float32)
+        kernels.gather_scaled(X, rows, shift, scale, out, tile)
+        want = (X[rows].astype(np.float32) - shift) * scale
+        np.testing.assert_array_equal(out.T.view(np.uint32), want.view(np.uint32))
 
 
 @settings(max_examples=25, deadline=None)
