@@ -465,26 +465,29 @@ def test_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
         values=rng.normal(size=indices.size).astype(np.float32))
     assert kernels.wide_rows(layer.indptr)
     x = np.maximum(rng.normal(size=(30, batch)), 0).astype(np.float32)
+    x[::6] = -0.0  # dead input rows
     dy = (rng.normal(size=(50, batch)) * 1e3 ** rng.integers(-2, 3, size=(50, 1))).astype(np.float32)
     dy[::7] = -0.0
     want_dx, want_g = backward_in_order_ref(layer, x, dy)
     g = np.full(layer.nnz, 7.0, np.float32)
-    kernels._weight_gradient_by_row(layer.indptr, layer.indices, x, dy, g, 0, 30)
+    kernels._weight_gradient_by_row(layer.indptr, layer.indices, x, dy, g, 0, 30, np.ones(30, np.uint8))
     np.testing.assert_array_equal(g.view(np.uint32), want_g.view(np.uint32))  # bits: +0 and -0 differ
     g, dx = np.full(layer.nnz, 7.0, np.float32), np.full_like(x, 7.0)  # and with dx, in the same pass
-    kernels._backward_by_row(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 0, 30)
+    kernels._backward_by_row(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 0, 30, np.ones(30, np.uint8))
     np.testing.assert_array_equal(g.view(np.uint32), want_g.view(np.uint32))
     np.testing.assert_array_equal(dx.view(np.uint32), np.where(x > 0, want_dx, np.float32(0)).view(np.uint32))
     # A short last chunk is loaded under a mask and stored lane by lane: nothing past a row's end is written (the
     # next row may belong to another thread).
     dx = np.full_like(x, 7.0)
-    kernels._backward_by_row(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 3, 10)
+    kernels._backward_by_row(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 3, 10, np.ones(30, np.uint8))
     np.testing.assert_array_equal(dx[3:10], np.where(x > 0, want_dx, 0)[3:10])
     assert (dx[:3] == 7).all() and (dx[10:] == 7).all()
     for alive_in, alive_out in (((x > 0).any(1), (dy != 0).any(1)), (np.ones(30), np.ones(50))):
-        g = np.full(layer.nnz, 7.0, np.float32)
-        backward_rows(layer, x, dy, dx, g, alive_in.astype(np.uint8), alive_out.astype(np.uint8), True, False)
-        np.testing.assert_array_equal(g.view(np.uint32), want_g.view(np.uint32))
+        for wide in (False, True):  # the list of live connections; the rows, skipping dead ones
+            g, dx = np.full(layer.nnz, 7.0, np.float32), np.full_like(x, 7.0)
+            backward_rows(layer, x, dy, dx, g, alive_in.astype(np.uint8), alive_out.astype(np.uint8), True, wide)
+            np.testing.assert_array_equal(g.view(np.uint32), want_g.view(np.uint32))
+            np.testing.assert_array_equal(dx.view(np.uint32), np.where(x > 0, want_dx, np.float32(0)).view(np.uint32))
     products = (x[layer.rows()] * dy[layer.indices]).astype(np.float32)
     in_order = np.cumsum(products, axis=1, dtype=np.float32)[:, -1] if batch else g
     if batch > 16:  # the lanes are a different order from the samples', and the test can tell
