@@ -358,7 +358,7 @@ def _pair_dots(k, lanes=PAIR_LANES, widen=True):
 
 
 pair_dots1, pair_dots8 = _pair_dots(1), _pair_dots(8)
-lane_pairs1, lane_pairs8 = _pair_dots(1, LANES, False), _pair_dots(8, LANES, False)
+lane_pairs1, lane_pairs4 = _pair_dots(1, LANES, False), _pair_dots(4, LANES, False)
 
 
 @njit(cache=True)
@@ -475,7 +475,7 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
     both skip dead input rows, neither lists the connections to skip dead outputs (there, listing
     cost more than it saved). Else the
     live connections are listed chunk by chunk in CSR order (``live``: int64 scratch, its halves
-    their positions and rows) and summed eight at a time (``lane_pairs8``), whatever rows they are
+    their positions and rows) and summed four at a time (``lane_pairs4``), whatever rows they are
     in (rows of about 2 connections at epsilon 1), and dx adds each row's listed connections four
     per pass over dx[i, :], left to right.
     """
@@ -513,15 +513,12 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
             if p == row_end:
                 i += 1
         q = 0
-        while q + 8 <= m:
-            p0, p1, p2, p3, p4, p5, p6, p7 = pos[q], pos[q + 1], pos[q + 2], pos[q + 3], pos[q + 4], pos[q + 5], \
-                pos[q + 6], pos[q + 7]
-            grad[p0], grad[p1], grad[p2], grad[p3], grad[p4], grad[p5], grad[p6], grad[p7] = lane_pairs8(
-                x, (row[q] * nb, row[q + 1] * nb, row[q + 2] * nb, row[q + 3] * nb, row[q + 4] * nb,
-                    row[q + 5] * nb, row[q + 6] * nb, row[q + 7] * nb),
-                dy, (indices[p0] * nb, indices[p1] * nb, indices[p2] * nb, indices[p3] * nb, indices[p4] * nb,
-                     indices[p5] * nb, indices[p6] * nb, indices[p7] * nb), nb)
-            q += 8
+        while q + 4 <= m:
+            p0, p1, p2, p3 = pos[q], pos[q + 1], pos[q + 2], pos[q + 3]
+            grad[p0], grad[p1], grad[p2], grad[p3] = lane_pairs4(
+                x, (row[q] * nb, row[q + 1] * nb, row[q + 2] * nb, row[q + 3] * nb),
+                dy, (indices[p0] * nb, indices[p1] * nb, indices[p2] * nb, indices[p3] * nb), nb)
+            q += 4
         while q < m:
             p0 = pos[q]
             (grad[p0],) = lane_pairs1(x, (row[q] * nb,), dy, (indices[p0] * nb,), nb)
