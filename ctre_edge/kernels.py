@@ -358,7 +358,7 @@ def _pair_dots(k, lanes=PAIR_LANES, widen=True):
 
 
 pair_dots1, pair_dots8 = _pair_dots(1), _pair_dots(8)
-lane_pairs1, lane_pairs4 = _pair_dots(1, LANES, False), _pair_dots(4, LANES, False)
+lane_pairs4 = _pair_dots(4, LANES, False)
 
 
 @njit(cache=True)
@@ -521,7 +521,7 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
             q += 4
         while q < m:
             p0 = pos[q]
-            (grad[p0],) = lane_pairs1(x, (row[q] * nb,), dy, (indices[p0] * nb,), nb)
+            (grad[p0],) = lane_dots1(x, row[q] * nb, dy, (indices[p0] * nb,), nb)  # one pair: the same sum
             q += 1
         if compute_dx:
             q = 0

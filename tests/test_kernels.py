@@ -455,7 +455,7 @@ def test_forward_all_from_the_csc_copy_gives_the_same_bits(rng):
 def test_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
     """The weight gradient's order (lanes b mod 16, a short last chunk, then the tree) at batch
     sizes around the lane width, in the wide loops on rows of 1 to 13 connections (the 4-at-a-time
-    loop and its tail; dx as in the narrow loops) and in the list of live connections (8 at a time
+    loop and its tail; dx as in the narrow loops) and in the list of live connections (4 at a time
     and the rest), bit for bit with -0 among the products."""
     lengths = np.array([1, 2, 3, 4, 5, 7, 8, 9] + [13] * 22)
     indices = np.concatenate([np.sort(rng.choice(50, n, replace=False)) for n in lengths]).astype(np.int32)
