@@ -296,6 +296,23 @@ def test_forward_skipping_dead_inputs_gives_the_same_bits(shape, dead):
     np.testing.assert_array_equal(out, want)
 
 
+def test_forward_at_a_batch_of_two_keeps_the_order_of_every_batch(rng):
+    """Batches of two have their own loop (x's two values held in registers): the same bits as
+    the twin and as the first two samples of a wider batch, -0 and dead inputs included."""
+    layer, _ = random_layer(300, 200, 20.0, 5)
+    x = rng.normal(size=(300, 3)).astype(np.float32)
+    x[::5] = 0.0
+    x[1::7, 1] = -0.0
+    x[2::9, 0] = np.nan
+    alive = (x != 0).any(1).astype(np.uint8)
+    two = np.ascontiguousarray(x[:, :2])
+    out, wider = np.full((200, 2), 7.0, np.float32), np.full((200, 3), 7.0, np.float32)
+    kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, two, out, alive)
+    kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, x, wider, alive)
+    np.testing.assert_array_equal(out.view(np.uint32), forward_in_order_ref(layer, two).view(np.uint32))
+    np.testing.assert_array_equal(out.view(np.uint32), wider[:, :2].view(np.uint32))
+
+
 def test_relu_alive_flags_neurons_with_any_nonzero_value_and_keeps_nan():
     h = np.array([[-1, -2, 0], [-0.0, 0, -3], [np.nan, -1, -1], [0, 2, -1], [np.inf, 0, 0]], np.float32)
     alive = np.full(5, 7, np.uint8)
@@ -451,12 +468,13 @@ def test_forward_all_from_the_csc_copy_gives_the_same_bits(rng):
     np.testing.assert_allclose(got[30 * 37:80 * 37].reshape(50, 37), h.T, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("batch", [0, 1, 15, 16, 17, 33, 100])
+@pytest.mark.parametrize("batch", [0, 1, 2, 15, 16, 17, 33, 100])
 def test_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
     """The weight gradient's order (lanes b mod 16, a short last chunk, then the tree) at batch
     sizes around the lane width, in the wide loops on rows of 1 to 13 connections (the 4-at-a-time
     loop and its tail; dx as in the narrow loops) and in the list of live connections (4 at a time
-    and the rest), bit for bit with -0 among the products."""
+    and the rest), bit for bit with -0 among the products. At a batch of two the wide loops are
+    scalar code (``_backward_rows_of_two``), reached through ``backward_rows``."""
     lengths = np.array([1, 2, 3, 4, 5, 7, 8, 9] + [13] * 22)
     indices = np.concatenate([np.sort(rng.choice(50, n, replace=False)) for n in lengths]).astype(np.int32)
     layer = erdos_renyi_layer(30, 50, 1, rng)
@@ -488,6 +506,10 @@ def test_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
             backward_rows(layer, x, dy, dx, g, alive_in.astype(np.uint8), alive_out.astype(np.uint8), True, wide)
             np.testing.assert_array_equal(g.view(np.uint32), want_g.view(np.uint32))
             np.testing.assert_array_equal(dx.view(np.uint32), np.where(x > 0, want_dx, np.float32(0)).view(np.uint32))
+            g, dx = np.full(layer.nnz, 7.0, np.float32), np.full_like(x, 7.0)  # the weight gradient alone
+            backward_rows(layer, x, dy, dx, g, alive_in.astype(np.uint8), alive_out.astype(np.uint8), False, wide)
+            np.testing.assert_array_equal(g.view(np.uint32), want_g.view(np.uint32))
+            assert (dx == 7).all()
     products = (x[layer.rows()] * dy[layer.indices]).astype(np.float32)
     in_order = np.cumsum(products, axis=1, dtype=np.float32)[:, -1] if batch else g
     if batch > 16:  # the lanes are a different order from the samples', and the test can tell
