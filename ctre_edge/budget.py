@@ -38,11 +38,12 @@ def scipy_installed() -> bool:
 # Extra peak while numba compiles the kernels on a cold cache (244 MiB vs 164 MiB, same tool).
 COMPILE_EXTRA_BYTES = 80 * MiB
 # Temporaries of one topology update per connection of the largest layer (positions, sort keys,
-# the kept weights): 50.8 bytes of numpy arrays measured with tracemalloc around
+# the kept weights): 46.6 bytes of numpy arrays measured with tracemalloc around
 # ``evolve.update_layer`` (SET, zeta 0.3) on ER epsilon-20 layers of 200,000 x 200,000 and
-# 600,000 x 600,000, plus 4.8 in ``kernels.merge_topology`` (16 bytes per grown connection, which
+# 600,000 x 600,000 (a one-off script, 2026-12-04; 50.8 when first measured, at df76e4f),
+# plus 4.8 in ``kernels.merge_topology`` (16 bytes per grown connection, which
 # tracemalloc does not see); rounded up.
-UPDATE_BYTES_PER_CONNECTION = 60
+UPDATE_BYTES_PER_CONNECTION = 52
 # A training plan fits when it stays under this share of the budget. The same run's measured peak
 # varied by up to 13% on a busy machine (allocator and transparent huge pages), and a run that dies
 # of out-of-memory after hours is the failure that matters; exported models (sizes known exactly)
