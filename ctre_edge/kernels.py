@@ -532,11 +532,12 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
     x[i, :] shared by four connections; with ``compute_dx``, dx in the same pass over each row's dy
     rows (``_backward_by_row``), else the weight gradient alone (``_weight_gradient_by_row``);
     both skip dead input rows, neither lists the connections to skip dead outputs (there, listing
-    cost more than it saved). Else the
-    live connections are listed chunk by chunk in CSR order (``live``: int64 scratch, its halves
-    their positions and rows) and summed four at a time (``lane_pairs4``), whatever rows they are
-    in (rows of about 2 connections at epsilon 1), and dx adds each row's listed connections four
-    per pass over dx[i, :], left to right.
+    cost more than it saved); at a batch of two, one scalar loop does both
+    (``_backward_rows_of_two``). Else the live connections are listed chunk by chunk in CSR order
+    (``live``: int64 scratch, its halves their positions and rows) and summed four at a time
+    (``lane_pairs4``; at a batch of two, in scalar code), whatever rows they are in (rows of about 2
+    connections at epsilon 1), and dx adds each row's listed connections four per pass over
+    dx[i, :], left to right.
     """
     nb = x.shape[1]
     z = np.float32(0.0)
@@ -574,6 +575,13 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
             if p == row_end:
                 i += 1
         q = 0
+        if nb == 2:  # two samples: the lanes' sum in scalar code (``_backward_rows_of_two``)
+            while q < m:
+                p0 = pos[q]
+                r = row[q]
+                j0 = indices[p0]
+                grad[p0] = (z + x[r, 0] * dy[j0, 0]) + (z + x[r, 1] * dy[j0, 1])
+                q += 1
         while q + 4 <= m:
             p0, p1, p2, p3 = pos[q], pos[q + 1], pos[q + 2], pos[q + 3]
             grad[p0], grad[p1], grad[p2], grad[p3] = lane_pairs4(

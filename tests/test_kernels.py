@@ -473,8 +473,8 @@ def test_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
     """The weight gradient's order (lanes b mod 16, a short last chunk, then the tree) at batch
     sizes around the lane width, in the wide loops on rows of 1 to 13 connections (the 4-at-a-time
     loop and its tail; dx as in the narrow loops) and in the list of live connections (4 at a time
-    and the rest), bit for bit with -0 among the products. At a batch of two the wide loops are
-    scalar code (``_backward_rows_of_two``), reached through ``backward_rows``."""
+    and the rest), bit for bit with -0 among the products. At a batch of two both loops are
+    scalar code (``_backward_rows_of_two``, and the list's), reached through ``backward_rows``."""
     lengths = np.array([1, 2, 3, 4, 5, 7, 8, 9] + [13] * 22)
     indices = np.concatenate([np.sort(rng.choice(50, n, replace=False)) for n in lengths]).astype(np.int32)
     layer = erdos_renyi_layer(30, 50, 1, rng)
