@@ -90,6 +90,10 @@ def sparse_forward(indptr, indices, values, bias, x, out, alive_in):
     in this batch, as ``relu_alive`` flags them; all ones is always right) are skipped: their terms
     are +-0, and these sums start at the bias (never -0: biases start at +0 and an add only gives
     -0 from two -0s) and never become -0, so skipping them changes no bit.
+
+    Each out[j, b] adds its terms in ascending input row, whatever the batch; the loop depends on
+    it: a batch of 1 element by element, of 2 in scalar code with x's two values in registers
+    (``_forward_rows_of_two``), of 3 or more in 16-sample windows (``row_scatter``).
     """
     n_out, nb = out.shape
     for j in range(n_out):
@@ -100,6 +104,9 @@ def sparse_forward(indptr, indices, values, bias, x, out, alive_in):
     if nb == 2:
         _forward_rows_of_two(indptr, indices, values, x, out, alive_in)
         return
+    if nb > 2:
+        _forward_rows_in_windows(indptr, indices, values, x, out, alive_in)
+        return
     for i in range(n_in):
         if alive_in[i] == 0:
             continue
@@ -108,6 +115,31 @@ def sparse_forward(indptr, indices, values, bias, x, out, alive_in):
             w = values[p]
             for b in range(nb):
                 out[j, b] += w * x[i, b]
+
+
+@njit(cache=True)
+def _forward_rows_in_windows(indptr, indices, values, x, out, alive_in):
+    # ``sparse_forward``'s adds, 16 samples of a row at a time: x's window is loaded once per row
+    # and each connection adds it to out's in one vector add (``row_scatter``). The batch's last
+    # samples, if it is not a multiple of 16, go in a window ending at the row's end whose x lanes
+    # for samples already done are +0. The element loop it replaces reloaded x after every store
+    # (the compiler cannot prove x and out apart) and ran a short batch in scalar code: a
+    # 600,000-wide layer at epsilon 20, batch 14, took 279 against 929 ms; 1,000-wide, batch 100,
+    # 0.49 against 0.55 ms (a one-off script, 2-vCPU AMD EPYC Zen 3).
+    nb = x.shape[1]
+    full = nb // LANES * LANES
+    for i in range(indptr.shape[0] - 1):
+        if alive_in[i] == 0:
+            continue
+        p0 = indptr[i]
+        p1 = indptr[i + 1]
+        for b0 in range(0, full, LANES):
+            row_scatter(x, i * nb, out, nb, b0, 0, LANES, indices, values, p0, p1)
+        if full < nb:
+            if nb > LANES:
+                row_scatter(x, i * nb, out, nb, nb - LANES, full - (nb - LANES), LANES, indices, values, p0, p1)
+            else:
+                row_scatter(x, i * nb, out, nb, 0, 0, nb, indices, values, p0, p1)
 
 
 @njit(cache=True)
@@ -754,6 +786,65 @@ def _col_forward(g):
 
 col_forward1, col_forward2, col_forward3, col_forward4 = (_col_forward(g) for g in (1, 2, 3, 4))
 col_forward5, col_forward6, col_forward7, col_forward8 = (_col_forward(g) for g in (5, 6, 7, 8))
+
+
+def _row_scatter_codegen(context, builder, sig, args):
+    vec = ir.VectorType(ir.FloatType(), LANES)
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    i64v = ir.VectorType(i64, LANES)
+
+    def int64(k):
+        return context.cast(builder, args[k], sig.args[k], types.int64)
+
+    def data(k):
+        return make_array(sig.args[k])(context, builder, args[k]).data
+
+    def splat(value, ty):
+        v = builder.insert_element(ir.Constant(ty, None), value, ir.Constant(i32, 0))
+        return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+
+    out = make_array(sig.args[2])(context, builder, args[2])
+    size = builder.mul(builder.extract_value(out.shape, 0), builder.extract_value(out.shape, 1))
+    nb, b0, lo, hi = int64(3), int64(4), int64(5), int64(6)
+    lanes = ir.Constant(i64v, list(range(LANES)))
+    mask = builder.and_(builder.icmp_signed(">=", lanes, splat(lo, i64v)),
+                        builder.icmp_signed("<", lanes, splat(hi, i64v)))
+    vx = _masked_load(builder, builder.gep(data(0), [builder.add(int64(1), b0)]), vec, mask)
+    pidx, pval = data(7), data(8)
+    last = builder.sub(size, ir.Constant(i64, LANES))  # the last start of a window inside out
+    with cgutils.for_range_slice(builder, int64(9), int64(10), ir.Constant(i64, 1)) as (q, _):
+        j = builder.sext(builder.load(builder.gep(pidx, [q])), i64)
+        w = splat(builder.load(builder.gep(pval, [q])), vec)
+        start = builder.add(builder.mul(j, nb), b0)
+        po = builder.gep(out.data, [start])
+        with builder.if_else(builder.icmp_signed("<=", start, last), likely=True) as (inside, at_end):
+            with inside:
+                pv = builder.bitcast(po, vec.as_pointer())
+                builder.store(builder.fadd(builder.load(pv, align=4), builder.fmul(w, vx)), pv, align=4)
+            with at_end:  # a window that would run past out's end: lanes [lo, hi) one by one
+                v = builder.fadd(_masked_load(builder, po, vec, mask), builder.fmul(w, vx))
+                for lane in range(LANES):
+                    with builder.if_then(builder.extract_element(mask, ir.Constant(i32, lane))):
+                        builder.store(builder.extract_element(v, ir.Constant(i32, lane)),
+                                      builder.gep(po, [ir.Constant(i64, lane)]))
+    return context.get_dummy_value()
+
+
+@intrinsic
+def row_scatter(typingctx, x, x_off, out, nb, b0, lo, hi, indices, values, p0, p1):
+    """An intrinsic: for q in p0:p1, out.flat[s:s + 16] += values[q] * xw with s = indices[q] * nb + b0
+    and xw = x.flat[x_off + b0:... + 16] in lanes [lo, hi) and +0 in the others (those are not read).
+
+    One IEEE multiply and add per lane, as ``sparse_forward``'s element loop does them, so the lanes
+    [lo, hi) get its bits; the others add w * +0 = +-0, which leaves every value but -0 as it is
+    (``sparse_forward``'s sums are never -0), so a window may cover samples done already and, for a
+    batch under 16, the next rows of out. Where it would run past the end of out, only the lanes
+    [lo, hi) are written, one by one. So no other thread may write out meanwhile (none does:
+    ``sparse_forward`` is serial). x and out: C-contiguous float32, out 2-D.
+    """
+    if _f32_c_array(x) and _f32_c_array(out) and out.ndim == 2:
+        return types.none(x, x_off, out, nb, b0, lo, hi, indices, values, p0, p1), _row_scatter_codegen
+    return None
 
 
 @njit(cache=True, nogil=True)

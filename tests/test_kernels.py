@@ -313,6 +313,27 @@ def test_forward_at_a_batch_of_two_keeps_the_order_of_every_batch(rng):
     np.testing.assert_array_equal(out.view(np.uint32), wider[:, :2].view(np.uint32))
 
 
+@pytest.mark.parametrize("batch", [1, 3, 5, 15, 16, 17, 31, 32, 33, 100])
+def test_forward_in_16_sample_windows_at_every_batch_size(batch, rng):
+    """From a batch of 3 on, the rows add 16 samples at a time (``row_scatter``): the last window
+    ends at the row's end, a batch under 16 runs into the next rows and leaves them as they were.
+    The twin's bits at every batch size, -0 and NaN included, and nothing written past out (two
+    guard rows of -0 after it in the same buffer, which a window's +0 lanes would turn into +0); the
+    last output neuron has connections."""
+    layer, _ = random_layer(40, 30, 6.0, batch)
+    assert np.any(layer.indices == 29)
+    x = rng.normal(size=(40, batch)).astype(np.float32)
+    x[3, ::5] = np.nan
+    x[7] = 0.0
+    x[::4, 0] = -0.0
+    alive = (x != 0).any(1).astype(np.uint8)
+    buf = np.full(32 * batch, -0.0, np.float32)
+    out = buf[:30 * batch].reshape(30, batch)
+    kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, x, out, alive)
+    np.testing.assert_array_equal(out.view(np.uint32), forward_in_order_ref(layer, x).view(np.uint32))
+    assert np.signbit(buf[30 * batch:]).all()
+
+
 def test_relu_alive_flags_neurons_with_any_nonzero_value_and_keeps_nan():
     h = np.array([[-1, -2, 0], [-0.0, 0, -3], [np.nan, -1, -1], [0, 2, -1], [np.inf, 0, 0]], np.float32)
     alive = np.full(5, 7, np.uint8)
