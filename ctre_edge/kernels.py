@@ -92,8 +92,8 @@ def sparse_forward(indptr, indices, values, bias, x, out, alive_in):
     -0 from two -0s) and never become -0, so skipping them changes no bit.
 
     Each out[j, b] adds its terms in ascending input row, whatever the batch; the loop depends on
-    it: a batch of 1 element by element, of 2 in scalar code with x's two values in registers
-    (``_forward_rows_of_two``), of 3 or more in 16-sample windows (``row_scatter``).
+    it: a batch of 2 in scalar code with x's two values in registers (``_forward_rows_of_two``),
+    of 3 to 32 in 16-sample windows (``_forward_rows_in_windows``), others element by element.
     """
     n_out, nb = out.shape
     for j in range(n_out):
@@ -104,7 +104,7 @@ def sparse_forward(indptr, indices, values, bias, x, out, alive_in):
     if nb == 2:
         _forward_rows_of_two(indptr, indices, values, x, out, alive_in)
         return
-    if nb > 2:
+    if 2 < nb <= 2 * LANES:
         _forward_rows_in_windows(indptr, indices, values, x, out, alive_in)
         return
     for i in range(n_in):
@@ -122,10 +122,12 @@ def _forward_rows_in_windows(indptr, indices, values, x, out, alive_in):
     # ``sparse_forward``'s adds, 16 samples of a row at a time: x's window is loaded once per row
     # and each connection adds it to out's in one vector add (``row_scatter``). The batch's last
     # samples, if it is not a multiple of 16, go in a window ending at the row's end whose x lanes
-    # for samples already done are +0. The element loop it replaces reloaded x after every store
-    # (the compiler cannot prove x and out apart) and ran a short batch in scalar code: a
-    # 600,000-wide layer at epsilon 20, batch 14, took 279 against 929 ms; 1,000-wide, batch 100,
-    # 0.49 against 0.55 ms (a one-off script, 2-vCPU AMD EPYC Zen 3).
+    # for samples already done are +0. The element loop reloads x after every store (the compiler
+    # cannot prove x and out apart) and runs a short batch in scalar code: a 600,000-wide layer at
+    # epsilon 20, batch 14, took 279 ms here against its 929; 1,000-wide, batch 32, 0.115 against
+    # 0.281 ms. From about 64 samples on, the element loop's long contiguous runs over each row of
+    # out do as well or better (1,000-wide, batch 256: 2.4 against 1.7 ms), so it keeps those
+    # (one-off scripts, 2-vCPU AMD EPYC Zen 3).
     nb = x.shape[1]
     full = nb // LANES * LANES
     for i in range(indptr.shape[0] - 1):

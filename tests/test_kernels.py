@@ -315,7 +315,7 @@ def test_forward_at_a_batch_of_two_keeps_the_order_of_every_batch(rng):
 
 @pytest.mark.parametrize("batch", [1, 3, 5, 15, 16, 17, 31, 32, 33, 100])
 def test_forward_in_16_sample_windows_at_every_batch_size(batch, rng):
-    """From a batch of 3 on, the rows add 16 samples at a time (``row_scatter``): the last window
+    """At a batch of 3 to 32 the rows add 16 samples at a time (``row_scatter``): the last window
     ends at the row's end, a batch under 16 runs into the next rows and leaves them as they were.
     The twin's bits at every batch size, -0 and NaN included, and nothing written past out (two
     guard rows of -0 after it in the same buffer, which a window's +0 lanes would turn into +0); the
