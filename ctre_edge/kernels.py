@@ -207,12 +207,29 @@ def wide_rows(indptr):
 LANES = 16
 
 
+def _splat(builder, value, ty):
+    """The vector of type ``ty`` with ``value`` in every lane."""
+    v = builder.insert_element(ir.Constant(ty, None), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), ty.count), [0] * ty.count))
+
+
+def _arg_readers(context, builder, sig, args):
+    """(int64, data) for an intrinsic's codegen: ``int64(k)`` is argument k cast to int64,
+    ``data(k)`` the data pointer of array argument k."""
+
+    def int64(k):
+        return context.cast(builder, args[k], sig.args[k], types.int64)
+
+    def data(k):
+        return make_array(sig.args[k])(context, builder, args[k]).data
+
+    return int64, data
+
+
 def _tail_mask(builder, n, width):
     """<width x i1>: lane l < n, for the masked loads of a short last chunk."""
     i64v = ir.VectorType(ir.IntType(64), width)
-    nv = builder.insert_element(ir.Constant(i64v, None), n, ir.Constant(ir.IntType(32), 0))
-    nv = builder.shuffle_vector(nv, nv, ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
-    return builder.icmp_signed("<", ir.Constant(i64v, list(range(width))), nv)
+    return builder.icmp_signed("<", ir.Constant(i64v, list(range(width))), _splat(builder, n, i64v))
 
 
 def _masked_load(builder, ptr, vec, mask):
@@ -265,8 +282,7 @@ def _lane_codegen(k, with_dx):
             pdx = builder.gep(make_array(sig.args[5])(context, builder, args[5]).data, [x_off])
             ws = []
             for w in cgutils.unpack_tuple(builder, args[6], k):
-                w = builder.insert_element(ir.Constant(vec, None), w, ir.Constant(i32, 0))
-                ws.append(builder.shuffle_vector(w, w, ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)))
+                ws.append(_splat(builder, w, vec))
 
         def step(vx, vys, acc_vals, d):
             # One chunk: each lane sum + x * y; dx (elementwise) + w0 * y0, then + w1 * y1, ...
@@ -725,26 +741,17 @@ def _col_forward_codegen(g):
     def codegen(context, builder, sig, args):
         vec = ir.VectorType(ir.FloatType(), LANES)
         i32, i64 = ir.IntType(32), ir.IntType(64)
-
-        def int64(k):
-            return context.cast(builder, args[k], sig.args[k], types.int64)
-
-        def data(k):
-            return make_array(sig.args[k])(context, builder, args[k]).data
-
-        def splat(value, ty=vec):
-            v = builder.insert_element(ir.Constant(ty, None), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
-
+        int64, data = _arg_readers(context, builder, sig, args)
         px = builder.gep(data(0), [int64(1)])
         stride, prow, pperm, pval = int64(2), data(3), data(4), data(5)
         pout = builder.gep(data(9), [int64(10)])
         left = builder.sub(int64(11), ir.Constant(i64, LANES * (g - 1)))  # samples in the last chunk
         mask = _tail_mask(builder, left, LANES)
-        accs = [cgutils.alloca_once_value(builder, splat(args[8])) for _ in range(g)]
+        accs = [cgutils.alloca_once_value(builder, _splat(builder, args[8], vec)) for _ in range(g)]
         with cgutils.for_range_slice(builder, int64(6), int64(7), ir.Constant(i64, 1)) as (q, _):
             i = builder.sext(builder.load(builder.gep(prow, [q])), i64)
-            w = splat(builder.load(builder.gep(pval, [builder.sext(builder.load(builder.gep(pperm, [q])), i64)])))
+            at = builder.sext(builder.load(builder.gep(pperm, [q])), i64)
+            w = _splat(builder, builder.load(builder.gep(pval, [at])), vec)
             row = builder.gep(px, [builder.mul(i, stride)])
             for c, acc in enumerate(accs):
                 ptr = builder.gep(row, [ir.Constant(i64, c * LANES)])
@@ -752,7 +759,8 @@ def _col_forward_codegen(g):
                      else _masked_load(builder, ptr, vec, mask))
                 builder.store(builder.fadd(builder.load(acc), builder.fmul(w, v)), acc)
         zero = ir.Constant(vec, None)
-        relu = splat(builder.icmp_signed("!=", int64(12), ir.Constant(i64, 0)), ir.VectorType(ir.IntType(1), LANES))
+        relu = _splat(builder, builder.icmp_signed("!=", int64(12), ir.Constant(i64, 0)),
+                      ir.VectorType(ir.IntType(1), LANES))
         for c, acc in enumerate(accs):
             v = builder.load(acc)
             # ``0 if v < 0 else v``: NaN and -0 stay as they are, as in ``relu_alive``.
@@ -794,29 +802,19 @@ def _row_scatter_codegen(context, builder, sig, args):
     vec = ir.VectorType(ir.FloatType(), LANES)
     i32, i64 = ir.IntType(32), ir.IntType(64)
     i64v = ir.VectorType(i64, LANES)
-
-    def int64(k):
-        return context.cast(builder, args[k], sig.args[k], types.int64)
-
-    def data(k):
-        return make_array(sig.args[k])(context, builder, args[k]).data
-
-    def splat(value, ty):
-        v = builder.insert_element(ir.Constant(ty, None), value, ir.Constant(i32, 0))
-        return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
-
+    int64, data = _arg_readers(context, builder, sig, args)
     out = make_array(sig.args[2])(context, builder, args[2])
     size = builder.mul(builder.extract_value(out.shape, 0), builder.extract_value(out.shape, 1))
     nb, b0, lo, hi = int64(3), int64(4), int64(5), int64(6)
     lanes = ir.Constant(i64v, list(range(LANES)))
-    mask = builder.and_(builder.icmp_signed(">=", lanes, splat(lo, i64v)),
-                        builder.icmp_signed("<", lanes, splat(hi, i64v)))
+    mask = builder.and_(builder.icmp_signed(">=", lanes, _splat(builder, lo, i64v)),
+                        builder.icmp_signed("<", lanes, _splat(builder, hi, i64v)))
     vx = _masked_load(builder, builder.gep(data(0), [builder.add(int64(1), b0)]), vec, mask)
     pidx, pval = data(7), data(8)
     last = builder.sub(size, ir.Constant(i64, LANES))  # the last start of a window inside out
     with cgutils.for_range_slice(builder, int64(9), int64(10), ir.Constant(i64, 1)) as (q, _):
         j = builder.sext(builder.load(builder.gep(pidx, [q])), i64)
-        w = splat(builder.load(builder.gep(pval, [q])), vec)
+        w = _splat(builder, builder.load(builder.gep(pval, [q])), vec)
         start = builder.add(builder.mul(j, nb), b0)
         po = builder.gep(out.data, [start])
         with builder.if_else(builder.icmp_signed("<=", start, last), likely=True) as (inside, at_end):
