@@ -19,7 +19,15 @@ import numpy as np
 from . import kernels
 from .layers import sample_positions
 from .packed import level_views, no_csc
-from .similarity import CosineSketch, in_threads, live_rows, neuron_stats, topk_cosine
+from .similarity import (
+    CosineSketch,
+    in_threads,
+    live_rows,
+    merge_dropped,
+    neuron_stats,
+    topk_cosine,
+    topk_cosine_layers,
+)
 
 # How each method grows this epoch, given the policy's state and the validation accuracy: not at
 # all, at random, or by cosine (replacing re-added picks at random, or re-adding them). A policy
@@ -126,8 +134,8 @@ class TopologyPolicy:
         if sketches is None:
             raise RuntimeError("sketch mode: no batch of this epoch was observed")
         threads = numba.get_num_threads()  # as in exact mode: the profile's cap, one BLAS thread each
-        return [lambda ip, ix, k, s=s: s.candidates(ip, ix, k, n_candidates=k, workspace_bytes=self.workspace,
-                                                    threads=threads)[:2]
+        return [lambda ip, ix, k, dropped, s=s: s.candidates(ip, ix, k, n_candidates=k,
+                                                             workspace_bytes=self.workspace, threads=threads)[:2]
                 for s in sketches]
 
     def _exact_pickers(self, net, rng, csc) -> list:
@@ -144,6 +152,9 @@ class TopologyPolicy:
         for t, part in enumerate(in_threads(lambda t: [neuron_stats(levels[l]) for l in by_size[t::threads]], threads)):
             for l, st in zip(by_size[t::threads], part):
                 stats[l] = st
+        if threads > 1 and all(4 * net.sizes[l] * net.sizes[l + 1] <= self.workspace // threads
+                               for l in range(net.n_layers)):
+            return self._whole_layer_pickers(net, levels, stats, threads)
         copies = {}
 
         def live_copy(l):
@@ -155,10 +166,27 @@ class TopologyPolicy:
                 copies[l] = live_rows(a, kinds) if n_live < a.shape[0] and fits else None
             return copies[l]
 
-        return [lambda ip, ix, k, l=l: topk_cosine(levels[l], levels[l + 1], ip, ix, k, workspace_bytes=self.workspace,
-                                                   stats=(*stats[l], *stats[l + 1]),
-                                                   live_copies=(live_copy(l), live_copy(l + 1)),
-                                                   check_input=False, threads=threads)[:2]
+        return [lambda ip, ix, k, dropped, l=l: topk_cosine(
+                    levels[l], levels[l + 1], ip, ix, k, workspace_bytes=self.workspace,
+                    stats=(*stats[l], *stats[l + 1]), live_copies=(live_copy(l), live_copy(l + 1)), check_input=False,
+                    threads=threads)[:2]
+                for l in range(net.n_layers)]
+
+    def _whole_layer_pickers(self, net, levels, stats, threads) -> list:
+        # Where every layer's scores fit a thread's share of the workspace, each layer is scored whole
+        # on one thread, all layers at once, before any drop: against the topology as it is, whose free
+        # positions are those not kept after the drop less the dropped ones, so each layer's picks are
+        # its best k free positions merged with the dropped ones, scored when the drop has run
+        # (``merge_dropped``): the same picks as scoring after the drop, with one hand-off to the
+        # threads instead of two per layer. No random draw moves, so the model keeps its bits.
+        problems = []
+        for l in range(net.n_layers):
+            layer = net.layer(l)
+            k = min(drop_count(layer.nnz, self.zeta), layer.n_in * layer.n_out - layer.nnz)
+            problems.append((levels[l], levels[l + 1], layer.indptr, layer.indices, k, (*stats[l], *stats[l + 1])))
+        found = topk_cosine_layers(problems, workspace_bytes=self.workspace, threads=threads)
+        return [lambda ip, ix, k, dropped, l=l: merge_dropped(levels[l], levels[l + 1], stats[l][0], stats[l + 1][0],
+                                                              *found[l], dropped, k)
                 for l in range(net.n_layers)]
 
 
@@ -227,11 +255,17 @@ def drop_weakest(values: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     return keep
 
 
+def drop_count(nnz: int, zeta: float) -> int:
+    """How many connections an update drops (and grows): ``floor(zeta * nnz)``."""
+    return int(np.floor(zeta * nnz))
+
+
 def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) -> np.ndarray:
     """Drop ``floor(zeta*nnz)`` weakest connections of layer ``l`` and grow as many, in place.
 
-    ``pick`` None grows at random (SET). Otherwise ``pick(kept_indptr, kept_indices, k)`` returns
-    the (rows, cols) of the k best-|cosine| positions not kept, and those are grown; picks that were
+    ``pick`` None grows at random (SET). Otherwise ``pick(kept_indptr, kept_indices, k, dropped)``
+    (``dropped``: the linear positions just removed, ascending) returns the (rows, cols) of the k
+    best-|cosine| positions not kept, and those are grown; picks that were
     just removed are replaced by random positions (CTRE_sim) or, with ``readd``, get their old
     weight and momentum back (CTRE_seq). Returns [changed, grown by cosine, grown at random].
     One function for the three growth modes: they share the drop, the exclusions and the rebuild,
@@ -246,7 +280,7 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
     layer = net.layer(l)
     velocity = net.layer_velocity(l)
     nnz = layer.nnz
-    k = int(np.floor(zeta * nnz))
+    k = drop_count(nnz, zeta)
     total = layer.n_in * layer.n_out
     k = min(k, total - nnz + k)  # a (nearly) dense layer can only regrow where it dropped
     if k <= 0:
@@ -268,7 +302,9 @@ def update_layer(net, l: int, zeta: float, rng, pick=None, readd: bool = False) 
         new_pos, new_order = sample_positions(total, k, kept_pos, rng, with_order=True)
         new_vals[:] = rng.uniform(-bound, bound, size=k)
     else:
-        rows, cols = pick(kept_indptr, kept_indices, k)
+        dropped = np.empty(k, np.int64)
+        kernels.dropped_positions(layer.indptr, layer.indices, keep, layer.n_out, dropped)
+        rows, cols = pick(kept_indptr, kept_indices, k, dropped)
         picks = rows * layer.n_out + cols.astype(np.int64)
         # Which picks the drop just removed, and the sorted union of all positions before the drop
         # and the fresh picks (what CTRE_sim's random draw excludes), in one pass.

@@ -1721,6 +1721,19 @@ def split_kept(indptr, indices, values, velocity, keep, n_out, kept_pos, kept_in
 
 
 @njit(cache=True)
+def dropped_positions(indptr, indices, keep, n_out, out):
+    """The linear positions ``i * n_out + j`` of the connections the drop removes (``keep[p]`` False),
+    ascending, into ``out`` (sized by the caller to their number): the positions whose canonical
+    scores join a layer's top-k scored before the drop (``similarity.merge_dropped``)."""
+    a = 0
+    for i in range(indptr.shape[0] - 1):
+        for p in range(indptr[i], indptr[i + 1]):
+            if not keep[p]:
+                out[a] = i * n_out + np.int64(indices[p])
+                a += 1
+
+
+@njit(cache=True)
 def locate_picks(picks, order, indptr, indices, keep, n_out, where, excluded):
     """Where each cosine pick lies: ``where[t]`` is its index among the removed connections (in
     position order) if the drop just removed it, else -1 (a fresh position). ``excluded`` gets the

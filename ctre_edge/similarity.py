@@ -335,6 +335,63 @@ def _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out,
     return rows, cols, best_scores, n_scored
 
 
+def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2):
+    """``topk_cosine`` of several layers at once, each layer whole on one of ``threads`` threads.
+
+    ``problems``: one ``(a_in, a_out, indptr, indices, k, stats)`` per layer, as ``topk_cosine``
+    takes them (``stats`` as there, not None). Returns ``topk_cosine``'s (rows, cols, scores) for
+    each, the same arrays as ``topk_cosine`` gives them for any ``threads``.
+
+    For networks of small layers (MNIST's at epsilon 1: a few hundred live neurons a level), where
+    scoring layer after layer with each split over the threads spent a millisecond or more per
+    layer on waking and waiting for the other thread: here the threads start once. Layers go to the
+    least loaded thread, largest first, by their live neurons' positions (the GEMM's size); each
+    thread scores its layers on one BLAS thread with ``workspace_bytes / threads`` of the workspace.
+    """
+    threads = max(1, min(int(threads), len(problems)))
+    load, shares = [0] * threads, [[] for _ in range(threads)]
+    for l in sorted(range(len(problems)), key=lambda l: -live_positions(problems[l][5])):
+        t = load.index(min(load))
+        load[t] += live_positions(problems[l][5])
+        shares[t].append(l)
+
+    def score(t):
+        return [(l, _topk_cosine(a_in, a_out, indptr, indices, k, block_rows=None,
+                                 workspace_bytes=workspace_bytes // threads, stats=stats, check_input=False)[:3])
+                for l in shares[t] for a_in, a_out, indptr, indices, k, stats in [problems[l]]]
+
+    found = [None] * len(problems)
+    with _blas_threads(1):
+        for part in in_threads(score, threads):
+            for l, result in part:
+                found[l] = result
+    return found
+
+
+def live_positions(stats):
+    """Positions between the live neurons of a layer's two levels, from ``(*neuron_stats(a_in),
+    *neuron_stats(a_out))``: the size of its scoring GEMM where dead neurons are left out."""
+    return int(np.count_nonzero(stats[1] != ks.KIND_ZERO)) * int(np.count_nonzero(stats[3] != ks.KIND_ZERO))
+
+
+def merge_dropped(a_in, a_out, inv_in, inv_out, rows, cols, scores, dropped, k):
+    """The top-k positions not kept after a drop, from the top-k of those free before it.
+
+    ``rows``, ``cols``, ``scores``: ``topk_cosine`` of the layer as it was before the drop (so
+    its k, or every free position if there were fewer); ``dropped``: the linear positions the drop
+    removed, ascending. The positions not kept are the free ones and the dropped ones, so the best k
+    of them are among the free ones' best k and the dropped ones: these are scored canonically and
+    merged in rank order. Returns (rows int64, cols int32), as ``topk_cosine``'s first two.
+    """
+    n_out = a_out.shape[0]
+    d_scores = np.empty(dropped.shape[0], np.float32)
+    ks.canonical_scores(a_in, a_out, inv_in, inv_out, dropped // n_out, dropped % n_out, d_scores)
+    order = np.lexsort((dropped, -d_scores))  # rank order: score descending, then position ascending
+    out_scores, out_positions = np.empty(k, np.float32), np.empty(k, np.int64)
+    ks.merge_ranked(scores, rows * n_out + cols, d_scores[order], dropped[order], out_scores, out_positions)
+    return out_positions // n_out, (out_positions % n_out).astype(np.int32)
+
+
 _CONTROLLER = []  # threadpoolctl's view of the loaded BLAS, made on first use (it scans the libraries)
 _POOLS = {}  # worker threads per count, kept: starting threads per call costs more
 

@@ -1,9 +1,10 @@
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import locate_picks_ref, merged_csr_ref, split_kept_ref
 
-from ctre_edge import kernels
+from ctre_edge import kernels, similarity
 from ctre_edge.config import TrainConfig
 from ctre_edge.evolve import TopologyPolicy, drop_weakest, sample_activations, update_layer
 from ctre_edge.layers import check_layer, csr_from_positions, erdos_renyi_layer, linear_positions, sample_positions
@@ -96,6 +97,9 @@ def test_split_and_locate_kernels_equal_their_numpy_twins(n_in, n_out, eps, drop
     np.testing.assert_array_equal(where, want_where)
     assert n_fresh == int((want_where < 0).sum())
     np.testing.assert_array_equal(excluded[:layer.nnz + n_fresh], want_excluded)
+    dropped = np.empty(layer.nnz - n_kept, np.int64)
+    kernels.dropped_positions(layer.indptr, layer.indices, keep, n_out, dropped)
+    np.testing.assert_array_equal(dropped, linear_positions(layer)[~keep])
 
 
 @settings(max_examples=40, deadline=None)
@@ -143,7 +147,7 @@ def test_update_of_a_dense_layer_regrows_only_where_it_dropped():
 def picker(a_in, a_out):
     from ctre_edge.similarity import topk_cosine
 
-    return lambda indptr, indices, k: topk_cosine(a_in, a_out, indptr, indices, k)[:2]
+    return lambda indptr, indices, k, dropped: topk_cosine(a_in, a_out, indptr, indices, k)[:2]
 
 
 def _activations(net, rng, s=40):
@@ -246,3 +250,61 @@ def test_sample_activations_on_threads_give_the_same_bits():
         got = sample_activations(net, X, np.arange(90), shift, scale, 61, np.random.default_rng(9), csc, threads)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g, w)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 30), st.floats(0.3, 20), st.floats(0.05, 1), st.integers(0, 2**32 - 1))
+def test_picks_scored_before_the_drop_equal_picks_scored_after_it(n_in, n_out, eps, zeta, seed):
+    from ctre_edge.similarity import merge_dropped, neuron_stats, topk_cosine
+
+    net, rng = net_of([n_in, n_out], eps, seed)
+    layer = net.layer(0)
+    acts = _activations(net, rng, s=12)
+    # Repeated neurons tie their scores: the rank order's position rule must hold across the merge.
+    acts[0][rng.random(n_in) < 0.3] = acts[0][0]
+    acts[1][rng.random(n_out) < 0.3] = acts[1][0]
+    k = int(np.floor(zeta * layer.nnz))
+    keep = drop_weakest(layer.values.copy(), k, rng)
+    kept = linear_positions(layer)[keep]
+    ip, ix, _ = csr_from_positions(n_in, n_out, kept)
+    want = topk_cosine(acts[0], acts[1], ip, ix, k)[:2]
+    free = min(k, n_in * n_out - layer.nnz)
+    before = topk_cosine(acts[0], acts[1], layer.indptr, layer.indices, free)
+    dropped = linear_positions(layer)[~keep]
+    got = merge_dropped(acts[0], acts[1], neuron_stats(acts[0])[0], neuron_stats(acts[1])[0], *before, dropped, k)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("method", ["ctre-sim", "ctre-seq"])
+def test_exact_update_gives_the_same_network_on_any_thread_count(method, monkeypatch):
+    # On 2 or more threads the layers are scored whole, all at once, before the drops
+    # (similarity.topk_cosine_layers); on one, layer after layer after each drop. Dead neurons make
+    # the scoring run on the live ones.
+    import numba
+
+    from ctre_edge import evolve
+
+    whole = []
+    monkeypatch.setattr(evolve, "topk_cosine_layers",
+                        lambda *a, **kw: whole.append(1) or similarity.topk_cosine_layers(*a, **kw))
+    rng = np.random.default_rng(11)
+    sizes = [40, 60, 50, 45, 4]
+    X = np.maximum(rng.normal(size=(120, 40)), 0).astype(np.float32)
+    X[:, :10] = 0  # dead inputs
+    config = TrainConfig(method=method, similarity_samples=80, patience=5)
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, 2):  # numba's pool has as many threads as cores, 2 in CI
+            numba.set_num_threads(threads)
+            net, _ = net_of(sizes, 4, 5)
+            policy = TopologyPolicy(config, X, np.arange(120), np.zeros(40, np.float32), np.ones(40, np.float32))
+            for epoch in range(3):
+                policy.update(net, epoch, 0.5, np.random.default_rng(epoch))
+            results.append(net)
+    finally:
+        numba.set_num_threads(before)
+    assert len(whole) == 3  # each update on 2 threads
+    for a, b in zip(results[1][:8], results[0][:8]):
+        np.testing.assert_array_equal(a, b)

@@ -329,6 +329,17 @@ def test_topk_is_the_same_for_every_thread_count(case, threads):
         assert x.dtype == y.dtype
 
 
+@given(cases=st.lists(layer_cases(), min_size=1, max_size=5), threads=st.integers(1, 5))
+@settings(max_examples=60, deadline=None)
+def test_layers_scored_at_once_equal_each_scored_alone(cases, threads):
+    # Each layer whole on one thread, layers shared among the threads by size.
+    problems = [(a_in, a_out, indptr, indices, k, (*similarity.neuron_stats(a_in), *similarity.neuron_stats(a_out)))
+                for a_in, a_out, indptr, indices, k, _ in cases]
+    got = similarity.topk_cosine_layers(problems, workspace_bytes=1 << 12, threads=threads)
+    for result, (a_in, a_out, indptr, indices, k, _) in zip(got, cases):
+        assert_same_topk(result, topk_cosine(a_in, a_out, indptr, indices, k))
+
+
 def test_scoring_threads_run_blas_on_one_thread_each(monkeypatch):
     # A profile's thread cap holds for the scoring's GEMMs too, and BLAS's own workers, which spin
     # after a GEMM, are never woken.
