@@ -157,6 +157,8 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         k = max(int(0.2 * z) for z in nnz)
         block = min(shape.similarity_workspace_mib * MiB, 4 * max(a * c for a, c in zip(sizes[:-1], sizes[1:])))
         # Exact: the activations of S samples at every level. Sketch: (n_in + n_out) x dim per layer.
+        # (Exact ones sit in the validation buffer where that holds S rows, evolve.sample_activations;
+        # counted here all the same, so the plan never grows when --fit shrinks the evaluation batch.)
         held = 8 * units * shape.sketch_dim if shape.sketch_dim else 4 * s * units
         # + copies of a layer's live neurons (similarity._live_problem), at most the workspace; on
         # several threads, as many layers as threads may be scored at once, each with its copies

@@ -113,15 +113,18 @@ class TopologyPolicy:
         self.best_val, self.stale, self.random_from_now = state["best_val"], state["stale"], state["random_from_now"]
         self.switched_at = state.get("switched_at")
 
-    def update(self, net, epoch: int, val_acc: float, rng: np.random.Generator, csc=None) -> tuple[int, int, int]:
+    def update(self, net, epoch: int, val_acc: float, rng: np.random.Generator, csc=None,
+               scratch=None) -> tuple[int, int, int]:
         """``csc``: the trainer's CSC copy of the current pattern (``PackedNet.csc_buffers`` filled by
-        ``kernels.csc_all``), if it has one; the activation sample's forward pass reads it."""
+        ``kernels.csc_all``), if it has one; the activation sample's forward pass reads it.
+        ``scratch``: a float32 buffer free until the update returns (the trainer's validation
+        buffer), which holds the activation sample if it is large enough (``sample_activations``)."""
         growth = self.grow(self, epoch, val_acc)
         if growth == NONE:
             return 0, 0, 0
         pickers = [None] * net.n_layers
         if growth != RANDOM:
-            pickers = self._sketch_pickers(epoch) if self.sketched else self._exact_pickers(net, rng, csc)
+            pickers = self._sketch_pickers(epoch) if self.sketched else self._exact_pickers(net, rng, csc, scratch)
         totals = np.zeros(3, dtype=np.int64)
         for l in range(net.n_layers):
             totals += update_layer(net, l, self.zeta, rng, pickers[l], readd=growth == COSINE_READD)
@@ -138,10 +141,10 @@ class TopologyPolicy:
                                                              workspace_bytes=self.workspace, threads=threads)[:2]
                 for s in sketches]
 
-    def _exact_pickers(self, net, rng, csc) -> list:
+    def _exact_pickers(self, net, rng, csc, scratch=None) -> list:
         threads = numba.get_num_threads()  # the trainer's, from the device profile
         levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc,
-                                    threads)
+                                    threads, scratch)
         # A hidden level is scored against two layers: its norms and kinds are computed once, and
         # so is the copy of its live neurons, kept until the next layer has used it. A copy is kept
         # only if it takes at most half the scoring workspace, so the two levels' copies held at a
@@ -191,17 +194,21 @@ class TopologyPolicy:
 
 
 def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator,
-                       csc=None, threads: int = 1) -> list:
+                       csc=None, threads: int = 1, scratch=None) -> list:
     """Activations of every level over S = min(N, samples) training rows chosen by ``rng``.
 
     Returns feature-major float32 arrays (n_l, S): scaled inputs, ReLU hidden layers, softmax
     output, i.e. exactly the pairs the cosine scoring needs (docs/algorithm.md, "The topology update", step 2).
     ``csc``: a CSC copy of the current pattern (``TopologyPolicy.update``), or None; with it, a
     layer's output neurons are split among ``threads`` threads. The same bits either way.
+    ``scratch``: a flat float32 buffer to hold them if it is large enough, else they get their own.
+    The trainer lends its validation buffer, S rows of every level by default: 15 MB of new pages for
+    the MNIST network took 2-4 ms to fault in, more than a tenth of its update (a one-off script).
     """
     s = min(train_rows.shape[0], samples)
     rows = np.sort(rng.choice(train_rows, size=s, replace=False))
-    act = net.activation_buffer(s)
+    n = int(net.sizes.sum()) * s
+    act = scratch[:n] if scratch is not None and scratch.shape[0] >= n else net.activation_buffer(s)
     if csc is None or threads == 1:
         kernels.forward_all(X, rows, shift, scale, *net.forward, *(no_csc() if csc is None else csc), act)
         return level_views(act, net.sizes, s)

@@ -168,7 +168,7 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
             t1 = time.perf_counter()
             fault_point("update")
             stats.changed, stats.grown_cosine, stats.grown_random = policy.update(
-                state.net, epoch, stats.val_accuracy, state.rng_evolve, trainer.csc)
+                state.net, epoch, stats.val_accuracy, state.rng_evolve, trainer.csc, evaluator.act)
             stats.update_seconds = time.perf_counter() - t1
         stats.seconds = time.perf_counter() - t0
         state.history.append(stats)
