@@ -21,10 +21,12 @@ from .layers import sample_positions
 from .packed import level_views, no_csc
 from .similarity import (
     CosineSketch,
+    check_stats,
     in_threads,
     live_rows,
     merge_dropped,
     neuron_stats,
+    neuron_stats_of_rows,
     topk_cosine,
     topk_cosine_layers,
 )
@@ -143,18 +145,14 @@ class TopologyPolicy:
 
     def _exact_pickers(self, net, rng, csc, scratch=None) -> list:
         threads = numba.get_num_threads()  # the trainer's, from the device profile
+        # A hidden level is scored against two layers: its norms and kinds are computed once, with
+        # the activations, and so is the copy of its live neurons, kept until the next layer has used
+        # it. A copy is kept only if it takes at most half the scoring workspace, so the two levels'
+        # copies held at a time stay within it, as when each layer made its own (larger ones it still
+        # makes itself).
+        stats = []
         levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc,
-                                    threads, scratch)
-        # A hidden level is scored against two layers: its norms and kinds are computed once, and
-        # so is the copy of its live neurons, kept until the next layer has used it. A copy is kept
-        # only if it takes at most half the scoring workspace, so the two levels' copies held at a
-        # time stay within it, as when each layer made its own (larger ones it still makes itself).
-        # The levels' norms are split among the threads, largest first.
-        by_size = np.argsort([-a.shape[0] for a in levels], kind="stable")
-        stats = [None] * len(levels)
-        for t, part in enumerate(in_threads(lambda t: [neuron_stats(levels[l]) for l in by_size[t::threads]], threads)):
-            for l, st in zip(by_size[t::threads], part):
-                stats[l] = st
+                                    threads, scratch, stats)
         if threads > 1 and all(4 * net.sizes[l] * net.sizes[l + 1] <= self.workspace // threads
                                for l in range(net.n_layers)):
             return self._whole_layer_pickers(net, levels, stats, threads)
@@ -194,7 +192,7 @@ class TopologyPolicy:
 
 
 def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator,
-                       csc=None, threads: int = 1, scratch=None) -> list:
+                       csc=None, threads: int = 1, scratch=None, stats=None) -> list:
     """Activations of every level over S = min(N, samples) training rows chosen by ``rng``.
 
     Returns feature-major float32 arrays (n_l, S): scaled inputs, ReLU hidden layers, softmax
@@ -204,6 +202,8 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
     ``scratch``: a flat float32 buffer to hold them if it is large enough, else they get their own.
     The trainer lends its validation buffer, S rows of every level by default: 15 MB of new pages for
     the MNIST network took 2-4 ms to fault in, more than a tenth of its update (a one-off script).
+    ``stats``: a list to receive ``similarity.neuron_stats`` of every level, or None. On threads,
+    each thread takes the rows of a level it has just written, while they are in its cache.
     """
     s = min(train_rows.shape[0], samples)
     rows = np.sort(rng.choice(train_rows, size=s, replace=False))
@@ -211,7 +211,10 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
     act = scratch[:n] if scratch is not None and scratch.shape[0] >= n else net.activation_buffer(s)
     if csc is None or threads == 1:
         kernels.forward_all(X, rows, shift, scale, *net.forward, *(no_csc() if csc is None else csc), act)
-        return level_views(act, net.sizes, s)
+        levels = level_views(act, net.sizes, s)
+        if stats is not None:
+            stats[:] = [neuron_stats(a) for a in levels]
+        return levels
     # On Python threads, not numba's: a numba worker keeps spinning for milliseconds after a
     # parallel loop, and took a core from the scoring threads that follow (measured: the update at
     # epsilon 1 was 17-18 ms instead of 12-13 with the pass as a numba parallel kernel).
@@ -220,21 +223,41 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
     colptr, rowidx, perm = csc
     kernels.gather_scaled(X, rows, shift, scale, levels[0], np.empty((kernels.GATHER_TILE, X.shape[1]), np.float32))
     alive = np.ones(int(sizes.max()), np.uint8)  # skip no input: the same bits as skipping dead ones
+    held = [(np.empty(n, np.float64), np.empty(n, np.int8)) for n in sizes] if stats is not None else None
+
+    def stats_of(l, r0, r1):
+        if held is not None:
+            neuron_stats_of_rows(levels[l], *held[l], r0, r1)
+
+    def part(l, t, cols, p0, p1, u0, u1, a, out, n_out, hidden):
+        if l == 0:
+            stats_of(0, t * a.shape[0] // threads, (t + 1) * a.shape[0] // threads)
+        j0, j1 = t * n_out // threads, (t + 1) * n_out // threads
+        kernels.forward_cols(cols, rowidx[p0:p1], perm[p0:p1], values[p0:p1], bias[u0:u1], a, out, j0, j1, hidden)
+        if hidden:
+            stats_of(l + 1, j0, j1)
+
     for l in range(net.n_layers):
         a, out, n_out, hidden = levels[l], levels[l + 1], int(sizes[l + 1]), l < net.n_layers - 1
         p0, p1, u0, u1 = nz_off[l], nz_off[l + 1], unit_off[l], unit_off[l + 1]
         cols = colptr[u0 + l:u1 + l + 1]
         if cols[-1] > 0:  # the layer has a CSC copy
-            in_threads(lambda t: kernels.forward_cols(cols, rowidx[p0:p1], perm[p0:p1], values[p0:p1], bias[u0:u1],
-                                                      a, out, t * n_out // threads, (t + 1) * n_out // threads,
-                                                      hidden), threads)
+            in_threads(lambda t: part(l, t, cols, p0, p1, u0, u1, a, out, n_out, hidden), threads)
         else:
+            if l == 0:
+                stats_of(0, 0, a.shape[0])
             kernels.sparse_forward(indptr[ptr_off[l]:ptr_off[l + 1]], indices[p0:p1], values[p0:p1],
                                    bias[u0:u1], a, out, alive)
             if hidden:
                 kernels.relu_alive(out, np.empty(n_out, np.uint8))
+                stats_of(l + 1, 0, n_out)
         if not hidden:
             kernels.softmax_inplace(out)
+            stats_of(l + 1, 0, n_out)
+    if held is not None:
+        for inv, _ in held:
+            check_stats(inv)
+        stats[:] = held
     return levels
 
 

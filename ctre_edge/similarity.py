@@ -59,13 +59,23 @@ def neuron_stats(a, name="activations"):
     its sides, and takes them as ``stats`` where a caller scores one level against two layers.
     Raises ValueError, naming ``name``, if an activation is Inf or NaN.
     """
-    inv = np.empty(a.shape[0], dtype=np.float64)
-    ks.inverse_norms(a, np.arange(a.shape[0], dtype=np.int64), inv)
+    inv, kinds = np.empty(a.shape[0], dtype=np.float64), np.empty(a.shape[0], dtype=np.int8)
+    neuron_stats_of_rows(a, inv, kinds, 0, a.shape[0])
+    check_stats(inv, name)
+    return inv, kinds
+
+
+def neuron_stats_of_rows(a, inv, kinds, r0, r1):
+    """``neuron_stats`` of rows r0:r1 of ``a``, written to ``inv[r0:r1]`` and ``kinds[r0:r1]`` (so
+    threads can each take rows), without the check for Inf and NaN: ``check_stats`` once all are in."""
+    ks.inverse_norms(a[r0:r1], np.arange(r1 - r0, dtype=np.int64), inv[r0:r1])
+    ks.neuron_kinds(a[r0:r1], inv[r0:r1], kinds[r0:r1])
+
+
+def check_stats(inv, name="activations"):
+    """Raises ValueError, naming ``name``, if an inverse norm is NaN: some activation is Inf or NaN."""
     if np.isnan(inv).any():
         raise ValueError(f"{name} contains Inf or NaN activations.")
-    kinds = np.empty(a.shape[0], dtype=np.int8)
-    ks.neuron_kinds(a, inv, kinds)
-    return inv, kinds
 
 
 def _prefilter_bounds(n_samples):

@@ -247,9 +247,20 @@ def test_sample_activations_on_threads_give_the_same_bits():
     assert csc[0][51 + 40] == 0 and csc[0][-1] > 0  # no copy of the second layer, one of the third
     want = sample_activations(net, X, np.arange(90), shift, scale, 61, np.random.default_rng(9))
     for threads in (1, 2, 3):
-        got = sample_activations(net, X, np.arange(90), shift, scale, 61, np.random.default_rng(9), csc, threads)
+        stats = []
+        got = sample_activations(net, X, np.arange(90), shift, scale, 61, np.random.default_rng(9), csc, threads,
+                                 stats=stats)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g, w)
+        # the norms and kinds, taken by each thread from the rows it wrote
+        for (inv, kinds), w in zip(stats, want):
+            want_inv, want_kinds = similarity.neuron_stats(w)
+            np.testing.assert_array_equal(inv, want_inv)
+            np.testing.assert_array_equal(kinds, want_kinds)
+    bad = X.copy()
+    bad[7] = np.inf
+    with pytest.raises(ValueError, match="Inf or NaN"):
+        sample_activations(net, bad, np.arange(90), shift, scale, 90, np.random.default_rng(9), csc, 2, stats=[])
     # A lent buffer holds them where it is large enough (the trainer lends its validation buffer).
     n = int(net.sizes.sum()) * 61
     for scratch, inside in ((np.full(n + 5, np.nan, np.float32), True), (np.full(n - 1, np.nan, np.float32), False)):
