@@ -12,6 +12,7 @@ that could reach the top-k is rescored canonically. So the result is the same fo
 size, thread count and BLAS build, and the dense reference in ``tests/reference.py`` can check it position for position.
 """
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -354,21 +355,23 @@ def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2):
 
     For networks of small layers (MNIST's at epsilon 1: a few hundred live neurons a level), where
     scoring layer after layer with each split over the threads spent a millisecond or more per
-    layer on waking and waiting for the other thread: here the threads start once. Layers go to the
-    least loaded thread, largest first, by their live neurons' positions (the GEMM's size); each
-    thread scores its layers on one BLAS thread with ``workspace_bytes / threads`` of the workspace.
+    layer on waking and waiting for the other thread: here the threads start once. Each thread takes
+    the next layer not yet taken, largest first by their live neurons' positions (the GEMM's size),
+    until none is left; each scores on one BLAS thread with ``workspace_bytes / threads`` of the
+    workspace. Which thread scores a layer changes nothing in its result.
     """
     threads = max(1, min(int(threads), len(problems)))
-    load, shares = [0] * threads, [[] for _ in range(threads)]
-    for l in sorted(range(len(problems)), key=lambda l: -live_positions(problems[l][5])):
-        t = load.index(min(load))
-        load[t] += live_positions(problems[l][5])
-        shares[t].append(l)
+    order = sorted(range(len(problems)), key=lambda l: -live_positions(problems[l][5]))
+    taken = itertools.count()  # next() on it is atomic under the GIL
 
     def score(t):
-        return [(l, _topk_cosine(a_in, a_out, indptr, indices, k, block_rows=None,
-                                 workspace_bytes=workspace_bytes // threads, stats=stats, check_input=False)[:3])
-                for l in shares[t] for a_in, a_out, indptr, indices, k, stats in [problems[l]]]
+        done = []
+        while (i := next(taken)) < len(order):
+            a_in, a_out, indptr, indices, k, stats = problems[order[i]]
+            done.append((order[i], _topk_cosine(a_in, a_out, indptr, indices, k, block_rows=None,
+                                                workspace_bytes=workspace_bytes // threads, stats=stats,
+                                                check_input=False)[:3]))
+        return done
 
     found = [None] * len(problems)
     with _blas_threads(1):

@@ -49,14 +49,22 @@ def load_checkout(path: Path) -> dict:
     return modules
 
 
+SCRATCH = {}  # per checkout: the validation buffer a trainer would lend its updates
+
+
 def timed_update(modules, layers, config, X, rows, shift, scale):
     net = modules["packed"].PackedNet.from_layers(layers)
     policy = modules["evolve"].TopologyPolicy(config, X, rows, shift, scale)
     extra = ()
-    if "csc" in inspect.signature(policy.update).parameters:
+    params = inspect.signature(policy.update).parameters
+    if "csc" in params:
         # The CSC copy the trainer keeps on 2 or more threads, which this update's forward pass reads.
         extra = (net.csc_buffers(),)
         modules["kernels"].csc_all(*net[:6], *extra[0], modules["packed"].CSC_MAX_CONNECTIONS)
+    if "scratch" in params:
+        # The trainer's validation buffer, which such an update borrows (written once, as validation has).
+        size = int(net.sizes.sum()) * config.eval_batch_size
+        extra = (*extra, SCRATCH.setdefault(id(modules["evolve"]), np.ones(size, np.float32)))
     # In training the validation pass runs on this thread just before an update: 0.2 s of work
     # here stands in for it (idle cores wake slowly in a VM), and it outlasts the other checkout's
     # BLAS workers, which spin for about 0.1 s after a GEMM and would take a core from this update.
