@@ -381,6 +381,17 @@ def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2):
     return found
 
 
+def layers_balance(costs, threads):
+    """How much longer than an even split ``topk_cosine_layers`` takes: the longest thread's share of
+    ``costs`` (each layer's ``live_positions``, taken largest first by the least loaded thread)
+    over ``sum(costs) / threads``; 1 is even. Its caller scores layer by layer, each split over the
+    threads, where this is well above 1 (one layer holds most of the work)."""
+    load = [0] * max(1, int(threads))
+    for c in sorted(costs, reverse=True):
+        load[load.index(min(load))] += c
+    return max(load) * len(load) / max(1, sum(costs))
+
+
 def live_positions(stats):
     """Positions between the live neurons of a layer's two levels, from ``(*neuron_stats(a_in),
     *neuron_stats(a_out))``: the size of its scoring GEMM where dead neurons are left out."""

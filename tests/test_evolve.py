@@ -295,10 +295,12 @@ def test_picks_scored_before_the_drop_equal_picks_scored_after_it(n_in, n_out, e
 
 
 @pytest.mark.parametrize("method", ["ctre-sim", "ctre-seq"])
-def test_exact_update_gives_the_same_network_on_any_thread_count(method, monkeypatch):
+@pytest.mark.parametrize("whole_layers", [True, False])
+def test_exact_update_gives_the_same_network_on_any_thread_count(method, whole_layers, monkeypatch):
     # On 2 or more threads the layers are scored whole, all at once, before the drops
-    # (similarity.topk_cosine_layers); on one, layer after layer after each drop. Dead neurons make
-    # the scoring run on the live ones.
+    # (similarity.topk_cosine_layers) where that splits the work evenly enough, else layer after
+    # layer after each drop, each split over the threads; on one thread, layer after layer. Dead
+    # neurons make the scoring run on the live ones.
     import numba
 
     from ctre_edge import evolve
@@ -306,6 +308,7 @@ def test_exact_update_gives_the_same_network_on_any_thread_count(method, monkeyp
     whole = []
     monkeypatch.setattr(evolve, "topk_cosine_layers",
                         lambda *a, **kw: whole.append(1) or similarity.topk_cosine_layers(*a, **kw))
+    monkeypatch.setattr(evolve, "WHOLE_LAYERS_BALANCE", np.inf if whole_layers else 0.0)
     rng = np.random.default_rng(11)
     sizes = [40, 60, 50, 45, 4]
     X = np.maximum(rng.normal(size=(120, 40)), 0).astype(np.float32)
@@ -323,6 +326,14 @@ def test_exact_update_gives_the_same_network_on_any_thread_count(method, monkeyp
             results.append(net)
     finally:
         numba.set_num_threads(before)
-    assert len(whole) == 3  # each update on 2 threads
+    assert len(whole) == (3 if whole_layers else 0)  # each update on 2 threads, or none
     for a, b in zip(results[1][:8], results[0][:8]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_layers_balance_is_the_longest_share_over_an_even_one():
+    from ctre_edge.similarity import layers_balance
+
+    assert layers_balance([292, 174, 105, 3], 2) == pytest.approx(292 * 2 / 574)
+    assert layers_balance([998, 971, 605, 10], 2) == pytest.approx((971 + 605) * 2 / 2584)
+    assert layers_balance([5, 5], 1) == 1.0 and layers_balance([0, 0], 2) == 0.0
