@@ -199,7 +199,8 @@ class TopologyPolicy:
 # about evenly: on the trained MNIST network at epsilon 1 (live positions 292k, 174k, 105k and 3k:
 # 1.02) the update took 17 against 23 ms in training (tools/bench_update.py); at epsilon 20 (998k,
 # 971k, 605k, 10k: 1.22) one thread had a third more to do than the other, and the k = 8000 dropped
-# positions per layer that each layer's picks must be merged with took 9 ms more: 63 against 57 ms.
+# positions per layer that each layer's picks must be merged with took 9 ms more: 63 against 57 ms
+# for the per-layer split (the fastest of 15 updates each, tools/bench_update.py --base).
 WHOLE_LAYERS_BALANCE = 1.1
 
 
