@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from .errors import BudgetError
 from .layers import er_nnz
-from .packed import uses_csc
+from .packed import scores_layers_whole, uses_csc
 
 MiB = 1 << 20
 # Resident set of `ctre-edge train` with every kernel loaded from a warm numba cache, before the
@@ -165,8 +165,7 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         # threads may be scored at once, each with its copies, and they keep their picks (16 bytes
         # each) until their drops have run (evolve.TopologyPolicy._whole_layer_pickers).
         workspace = shape.similarity_workspace_mib * MiB
-        whole = (not shape.sketch_dim and shape.threads > 1
-                 and all(4 * a * c <= workspace // shape.threads for a, c in zip(sizes[:-1], sizes[1:])))
+        whole = not shape.sketch_dim and scores_layers_whole(sizes, workspace, shape.threads)
         pairs = sorted(a + c for a, c in zip(sizes[:-1], sizes[1:]))
         live = min(workspace, 4 * (shape.sketch_dim or s) * sum(pairs[-(shape.threads if whole else 1):]))
         topk = 64 * k + (16 * sum(int(0.2 * z) for z in nnz) if whole else 0)

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import kernels
 from .layers import sample_positions
-from .packed import level_views, no_csc
+from .packed import level_views, no_csc, scores_layers_whole
 from .similarity import (
     CosineSketch,
     check_stats,
@@ -155,8 +155,7 @@ class TopologyPolicy:
         stats = []
         levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc,
                                     threads, scratch, stats)
-        if threads > 1 and all(4 * net.sizes[l] * net.sizes[l + 1] <= self.workspace // threads
-                               for l in range(net.n_layers)):
+        if scores_layers_whole(net.sizes, self.workspace, threads):
             costs = [live_positions((*stats[l], *stats[l + 1])) for l in range(net.n_layers)]
             if layers_balance(costs, threads) <= WHOLE_LAYERS_BALANCE:
                 return self._whole_layer_pickers(net, levels, stats, threads)
@@ -242,20 +241,22 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
         if held is not None:
             neuron_stats_of_rows(levels[l], *held[l], r0, r1)
 
-    def part(l, t, cols, p0, p1, u0, u1, a, out, n_out, hidden):
-        if l == 0:
-            stats_of(0, t * a.shape[0] // threads, (t + 1) * a.shape[0] // threads)
-        j0, j1 = t * n_out // threads, (t + 1) * n_out // threads
-        kernels.forward_cols(cols, rowidx[p0:p1], perm[p0:p1], values[p0:p1], bias[u0:u1], a, out, j0, j1, hidden)
-        if hidden:
-            stats_of(l + 1, j0, j1)
-
     for l in range(net.n_layers):
         a, out, n_out, hidden = levels[l], levels[l + 1], int(sizes[l + 1]), l < net.n_layers - 1
         p0, p1, u0, u1 = nz_off[l], nz_off[l + 1], unit_off[l], unit_off[l + 1]
         cols = colptr[u0 + l:u1 + l + 1]
         if cols[-1] > 0:  # the layer has a CSC copy
-            in_threads(lambda t: part(l, t, cols, p0, p1, u0, u1, a, out, n_out, hidden), threads)
+
+            def part(t):  # run at once by in_threads, so the loop's names are this layer's
+                if l == 0:
+                    stats_of(0, t * a.shape[0] // threads, (t + 1) * a.shape[0] // threads)
+                j0, j1 = t * n_out // threads, (t + 1) * n_out // threads
+                kernels.forward_cols(cols, rowidx[p0:p1], perm[p0:p1], values[p0:p1], bias[u0:u1], a, out, j0, j1,
+                                     hidden)
+                if hidden:
+                    stats_of(l + 1, j0, j1)
+
+            in_threads(part, threads)
         else:
             if l == 0:
                 stats_of(0, 0, a.shape[0])
