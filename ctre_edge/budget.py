@@ -133,9 +133,9 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         "runtime": RUNTIME_BYTES,
         **({"scipy": SCIPY_BYTES} if scipy_installed() else {}),
         "data": shape.data_bytes + 16 * n_samples,  # + index arrays (split rows, shuffled order)
-        # + the gradient buffers, and the CSC copy of the pattern that the parallel forward pass reads
-        # (int32 row and position per connection, int64 column pointers), allocated on any multi-core
-        # device when a layer is small enough to use it (packed.uses_csc).
+        # + the gradient buffers, and the CSC copy of the pattern that the forward pass reads by output
+        # rows (int32 row and position per connection, int64 column pointers), allocated on any device
+        # when a layer is small enough to use it (packed.uses_csc).
         "model": per_layer + snapshot + biases + 4 * max(nnz) + 4 * max(sizes[1:])
         + (8 * sum(nnz) + 8 * (sum(sizes[1:]) + n_layers) if uses_csc(nnz) else 0),
         "batch": 4 * b * units + 8 * b * widest,

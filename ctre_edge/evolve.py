@@ -252,7 +252,7 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
                     stats_of(0, t * a.shape[0] // threads, (t + 1) * a.shape[0] // threads)
                 j0, j1 = t * n_out // threads, (t + 1) * n_out // threads
                 kernels.forward_cols(cols, rowidx[p0:p1], perm[p0:p1], values[p0:p1], bias[u0:u1], a, out, j0, j1,
-                                     hidden)
+                                     hidden, np.empty(0, np.uint8))
                 if hidden:
                     stats_of(l + 1, j0, j1)
 

@@ -761,10 +761,15 @@ def _col_forward_codegen(g):
         zero = ir.Constant(vec, None)
         relu = _splat(builder, builder.icmp_signed("!=", int64(12), ir.Constant(i64, 0)),
                       ir.VectorType(ir.IntType(1), LANES))
+        nonzero = None
         for c, acc in enumerate(accs):
             v = builder.load(acc)
             # ``0 if v < 0 else v``: NaN and -0 stay as they are, as in ``relu_alive``.
             v = builder.select(builder.and_(builder.fcmp_ordered("<", v, zero), relu), zero, v)
+            nz = builder.fcmp_unordered("!=", v, zero)  # ``v != 0``, true for NaN, as in ``relu_alive``
+            if c == g - 1:  # the last chunk's lanes past n hold the bias, not values of the row
+                nz = builder.and_(nz, mask)
+            nonzero = nz if nonzero is None else builder.or_(nonzero, nz)
             ptr = builder.gep(pout, [ir.Constant(i64, c * LANES)])
             if c < g - 1:
                 builder.store(v, builder.bitcast(ptr, vec.as_pointer()), align=4)
@@ -773,7 +778,8 @@ def _col_forward_codegen(g):
                 with builder.if_then(builder.icmp_signed(">", left, ir.Constant(i64, lane))):
                     builder.store(builder.extract_element(v, ir.Constant(i32, lane)),
                                   builder.gep(ptr, [ir.Constant(i64, lane)]))
-        return context.get_dummy_value()
+        bits = builder.bitcast(nonzero, ir.IntType(LANES))
+        return builder.zext(builder.icmp_unsigned("!=", bits, ir.Constant(ir.IntType(LANES), 0)), ir.IntType(8))
 
     return codegen
 
@@ -782,12 +788,14 @@ def _col_forward(g):
     """An intrinsic (x, x_off, stride, rowidx, perm, values, q0, q1, bias_j, out, out_off, n, relu):
     out.flat[out_off:out_off + n] = bias_j + sum over q in q0:q1 of
     values[perm[q]] * x.flat[x_off + rowidx[q] * stride:... + n], added in q order, for
-    16 * (g - 1) < n <= 16 * g; then the ReLU if relu. x and out: C-contiguous float32."""
+    16 * (g - 1) < n <= 16 * g; then the ReLU if relu. Returns 1 (uint8) if one of the n values
+    written is not zero (NaN counts), else 0: ``relu_alive``'s flag, from the registers. x and out:
+    C-contiguous float32."""
 
     @intrinsic
     def col_forward(typingctx, x, x_off, stride, rowidx, perm, values, q0, q1, bias_j, out, out_off, n, relu):
         if _f32_c_array(x) and _f32_c_array(out) and isinstance(values, types.Array) and values.dtype == types.float32:
-            sig = types.none(x, x_off, stride, rowidx, perm, values, q0, q1, bias_j, out, out_off, n, relu)
+            sig = types.uint8(x, x_off, stride, rowidx, perm, values, q0, q1, bias_j, out, out_off, n, relu)
             return sig, _col_forward_codegen(g)
         return None
 
@@ -848,45 +856,51 @@ def row_scatter(typingctx, x, x_off, out, nb, b0, lo, hi, indices, values, p0, p
 
 
 @njit(cache=True, nogil=True)
-def forward_cols(colptr, rowidx, perm, values, bias, x, out, j0, j1, relu):
+def forward_cols(colptr, rowidx, perm, values, bias, x, out, j0, j1, relu, alive):
     """Output rows j0:j1 of ``sparse_forward`` from the CSC copy, optionally with ReLU applied.
 
     out[j, b] = b[j] + sum over the column's connections in ascending input row, which is the
     order ``sparse_forward`` adds them in, so the bits are the same; a thread that owns rows j0:j1
     writes nothing else. Each row in groups of ``FORWARD_GROUP`` samples (``col_forward{g}``).
+    ``alive`` (uint8, or empty): alive[j] = 1 where row j has a value other than 0 as written,
+    else 0, as ``relu_alive`` would flag it after the ReLU; a pass over out saved.
     """
     nb = x.shape[1]
+    flags = alive.shape[0] > 0
     for j in range(j0, j1):
         q0, q1, bj = colptr[j], colptr[j + 1], bias[j]
+        a = np.uint8(0)
         for b0 in range(0, nb, FORWARD_GROUP):
             n = min(FORWARD_GROUP, nb - b0)
             o = j * nb + b0
             g = (n + LANES - 1) // LANES
             if g == 7:  # batch 100
-                col_forward7(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward7(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             elif g == 8:
-                col_forward8(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward8(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             elif g == 4:
-                col_forward4(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward4(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             elif g == 1:
-                col_forward1(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward1(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             elif g == 2:
-                col_forward2(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward2(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             elif g == 3:
-                col_forward3(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward3(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             elif g == 5:
-                col_forward5(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward5(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             else:
-                col_forward6(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward6(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+        if flags:
+            alive[j] = a
 
 
 @njit(cache=True, parallel=True)
-def sparse_forward_threads(colptr, rowidx, perm, values, bias, x, out, relu, threads):
+def sparse_forward_threads(colptr, rowidx, perm, values, bias, x, out, relu, alive, threads):
     """``forward_cols`` over all output rows on ``threads`` threads; same bits as ``sparse_forward``."""
     n_out = out.shape[0]
     for t in prange(threads):
         forward_cols(colptr, rowidx, perm, values, bias, x, out, t * n_out // threads,
-                     (t + 1) * n_out // threads, relu)
+                     (t + 1) * n_out // threads, relu, alive)
 
 
 @njit(cache=True)
@@ -1021,6 +1035,15 @@ def softmax_xent_backward(p, y, scale_by):
 PARALLEL_MIN_WORK = 1 << 20
 
 
+# Smallest batch whose serial forward pass runs by output rows from the CSC copy (``forward_cols``,
+# which holds an output row in registers and applies the ReLU and flags dead neurons there) rather than
+# by input rows (``sparse_forward``, then ``relu_alive``). MNIST network, a full epoch of batches,
+# 1 thread, against by input rows (Intel Xeon, one-off script, fastest of 3-5, the same bits):
+# batch 100 1.11x (epsilon 1) and 1.21x (epsilon 20); batch 32 1.03x and 1.10-1.15x; batch 16
+# 0.98x and 0.97-1.02x; batch 2 0.79x, where the rows' scalar loop of two samples wins.
+BY_COLUMNS_MIN_BATCH = 2 * LANES
+
+
 # --- a whole network, packed ------------------------------------------------------------------------
 
 @njit(cache=True)
@@ -1039,11 +1062,11 @@ def forward_all(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
     ``level_view``.
 
     ``colptr``, ``rowidx``, ``perm``: a CSC copy of the current pattern in ``train_batches``'
-    layout, or empty arrays. A layer that has one and 8 or more connections per output neuron runs
-    ``forward_cols`` (serial; the same bits as ``sparse_forward``): on the topology update's sample
-    of 1000, the columns (then stored once per four connections) made the pass at epsilon 20 about
-    1.4x faster than the rows (8.0 against 11.6 ms, MNIST network, a one-off script); at epsilon 1
-    (2 per neuron) the rows, which skip dead inputs, were faster (0.86 against 1.01 ms).
+    layout, or empty arrays. A layer that has one runs ``forward_cols`` (serial; the same bits as
+    ``sparse_forward``) for batches of 32 or more (``BY_COLUMNS_MIN_BATCH``), which also flags the
+    dead neurons: a ReLU pass saved. MNIST network, trained 200 batches, Intel Xeon (a one-off
+    script, fastest of 15): epsilon 1, 1000 samples, 1.97 against 2.77 ms by rows; epsilon 20, 14.2
+    against 20.6.
     """
     nb = rows.shape[0]
     n_layers = sizes.shape[0] - 1
@@ -1060,15 +1083,16 @@ def forward_all(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
         out = _level(act, nxt, sizes[l + 1], nb)
         p0, p1, c0 = nz_off[l], nz_off[l + 1], unit_off[l] + l
         hidden = l < n_layers - 1
-        if have_csc and colptr[c0 + sizes[l + 1]] > 0 and p1 - p0 >= 8 * sizes[l + 1]:
+        if have_csc and colptr[c0 + sizes[l + 1]] > 0 and nb >= BY_COLUMNS_MIN_BATCH:
             forward_cols(colptr[c0:c0 + sizes[l + 1] + 1], rowidx[p0:p1], perm[p0:p1], values[p0:p1],
-                         bias[unit_off[l]:unit_off[l + 1]], a, out, 0, sizes[l + 1], hidden)
+                         bias[unit_off[l]:unit_off[l + 1]], a, out, 0, sizes[l + 1], hidden,
+                         alive[:sizes[l + 1]] if hidden else alive[:0])
         else:
             sparse_forward(indptr[ptr_off[l]:ptr_off[l + 1]], indices[p0:p1], values[p0:p1],
                            bias[unit_off[l]:unit_off[l + 1]], a, out, alive)
-        if hidden:  # after forward_cols' fused ReLU this only marks the dead neurons
-            relu_alive(out, alive)
-        else:
+            if hidden:
+                relu_alive(out, alive)
+        if not hidden:
             softmax_inplace(out)
         a = out
         off = nxt
@@ -1088,12 +1112,14 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
     grad >= max layer nnz, bias_grad >= max(sizes[1:]). The last batch may be partial.
     Returns (sum of sample losses, number of correct training predictions).
 
-    With ``threads`` > 1, large layers run in parallel with results identical to serial: the
-    backward pass split by input rows (``sparse_backward_threads``), the forward pass by output
-    rows from the CSC copy of the pattern (``sparse_forward_threads``): ``colptr`` (int64, per
-    layer ``n_out + 1`` entries from ``unit_off[l] + l``), ``rowidx`` and ``perm`` (int32, at
-    ``nz_off[l]``), as ``csc_from_csr`` writes them for the current topology. With empty CSC
-    arrays the forward pass stays serial.
+    The forward pass of a layer that has a CSC copy of its pattern runs by output rows from it
+    (``forward_cols``, ReLU and dead-neuron flags fused; from ``BY_COLUMNS_MIN_BATCH`` samples):
+    ``colptr`` (int64, per layer ``n_out + 1`` entries from ``unit_off[l] + l``), ``rowidx`` and
+    ``perm`` (int32, at ``nz_off[l]``), as ``csc_from_csr`` writes them for the current topology;
+    with empty CSC arrays, by input rows (``sparse_forward``). With ``threads`` > 1, large layers
+    run in parallel with results identical to serial: the backward pass split by input rows
+    (``sparse_backward_threads``), the forward pass by output rows (``sparse_forward_threads``,
+    which needs the CSC copy).
 
     Long on purpose: forward, loss, backward and the update of every layer run inside one compiled
     loop over the batches, so no Python (and no allocation) happens per batch; each phase is a
@@ -1124,16 +1150,20 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
             out = _level(act, level_off[l + 1], sizes[l + 1], nb)
             hidden = l < n_layers - 1
             c0 = unit_off[l] + l
-            if (have_csc and threads > 1 and sizes[l + 1] > 1 and (p1 - p0) * nb >= PARALLEL_MIN_WORK
-                    and colptr[c0 + sizes[l + 1]] > 0):
+            alive_out = alive[level_off[l + 1]:level_off[l + 2]] if hidden else alive[:0]
+            by_cols = have_csc and colptr[c0 + sizes[l + 1]] > 0
+            if by_cols and threads > 1 and sizes[l + 1] > 1 and (p1 - p0) * nb >= PARALLEL_MIN_WORK:
                 sparse_forward_threads(colptr[c0:c0 + sizes[l + 1] + 1], rowidx[p0:p1], perm[p0:p1],
-                                       values[p0:p1], bias[unit_off[l]:unit_off[l + 1]], a, out, hidden,
+                                       values[p0:p1], bias[unit_off[l]:unit_off[l + 1]], a, out, hidden, alive_out,
                                        min(threads, sizes[l + 1]))
+            elif by_cols and nb >= BY_COLUMNS_MIN_BATCH:
+                forward_cols(colptr[c0:c0 + sizes[l + 1] + 1], rowidx[p0:p1], perm[p0:p1], values[p0:p1],
+                             bias[unit_off[l]:unit_off[l + 1]], a, out, 0, sizes[l + 1], hidden, alive_out)
             else:
                 sparse_forward(indptr[ptr_off[l]:ptr_off[l + 1]], indices[p0:p1], values[p0:p1],
                                bias[unit_off[l]:unit_off[l + 1]], a, out, alive[level_off[l]:level_off[l + 1]])
-            if hidden:  # after the threaded pass's fused ReLU this only marks the dead neurons
-                relu_alive(out, alive[level_off[l + 1]:level_off[l + 2]])
+                if hidden:
+                    relu_alive(out, alive_out)
             if not hidden:
                 softmax_inplace(out)
             a = out
@@ -1201,20 +1231,20 @@ def csc_all(sizes, ptr_off, nz_off, unit_off, indptr, indices, colptr, rowidx, p
 
 @njit(cache=True)
 def predict_batches(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
-                    indptr, indices, values, bias, batch_size, act, proba):
-    """Class probabilities of the samples X[rows], written to proba (len(rows), n_classes), in batches."""
+                    indptr, indices, values, bias, colptr, rowidx, perm, batch_size, act, proba):
+    """Class probabilities of the samples X[rows], written to proba (len(rows), n_classes), in batches.
+    ``colptr``, ``rowidx``, ``perm``: a CSC copy of the pattern or empty arrays (``forward_all``)."""
     n = rows.shape[0]
     n_layers = sizes.shape[0] - 1
     c = sizes[n_layers]
     last = 0
     for l in range(n_layers):
         last += sizes[l]
-    no_csc, no_csc32 = np.empty(0, np.int64), np.empty(0, np.int32)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         nb = stop - start
         forward_all(X, rows[start:stop], shift, scale, sizes, ptr_off, nz_off, unit_off,
-                    indptr, indices, values, bias, no_csc, no_csc32, no_csc32, act)
+                    indptr, indices, values, bias, colptr, rowidx, perm, act)
         p = _level(act, last, c, nb)
         for b in range(nb):
             for k in range(c):

@@ -18,7 +18,7 @@ from . import __version__
 from .errors import ModelFileError
 from .fileio import read_archive, write_archive
 from .layers import SparseLayer, check_layer
-from .packed import PackedNet
+from .packed import PackedNet, no_csc
 
 FORMAT = "ctre-edge-model"
 FORMAT_VERSION = 1
@@ -92,7 +92,8 @@ class SparseMLP:
         act = net.activation_buffer(bs)
         proba = np.empty((X.shape[0], int(net.sizes[-1])), dtype=np.float32)
         if X.shape[0]:
-            kernels.predict_batches(X, np.arange(X.shape[0]), self.shift, self.scale, *net.forward, bs, act, proba)
+            kernels.predict_batches(X, np.arange(X.shape[0]), self.shift, self.scale, *net.forward, *no_csc(), bs,
+                                    act, proba)
         return proba
 
     def predict(self, X: np.ndarray, nan_policy: str = "error") -> np.ndarray:

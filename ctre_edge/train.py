@@ -146,7 +146,8 @@ def train(data: Dataset, config: TrainConfig, progress: Callable[[EpochStats], N
         state = TrainState(net, net.snapshot(), rng_shuffle, rng_evolve)
 
     trainer = _EpochTrainer(data, config, state.net, shift, scale, train_rows, policy, budget)
-    evaluator = Evaluator(state.net, shift, scale, max(1, min(config.eval_batch_size, val_rows.shape[0])), budget)
+    evaluator = Evaluator(state.net, shift, scale, max(1, min(config.eval_batch_size, val_rows.shape[0])), budget,
+                          trainer.csc)
     n_classes = len(classes)
     majority = float(np.bincount(data.y[val_rows], minlength=n_classes).max() / max(1, val_rows.shape[0]))
     warnings = [m for m in (not_learning(state.history[:e], n_classes, majority, config)
@@ -274,9 +275,10 @@ class _EpochTrainer:
         self.act = net.activation_buffer(bs)
         delta_a = np.empty(int(net.sizes.max()) * bs, np.float32)
         self.threads = numba.get_num_threads()  # set from the device profile; any count gives the same model
-        # The CSC copy of the topology that the parallel forward pass reads (8 bytes per connection);
-        # rebuilt each epoch, as the topology update changes the pattern between epochs.
-        self.csc = net.csc_buffers() if self.threads > 1 else no_csc()
+        # The CSC copy of the topology that the forward pass reads by output rows (8 bytes per
+        # connection), on any thread count; rebuilt each epoch, as the topology update changes the
+        # pattern between epochs. The validation pass and the topology update's sample read it too.
+        self.csc = net.csc_buffers()
         self.buffers = (self.act, delta_a, np.empty_like(delta_a), np.empty(int(np.diff(net.nz_off).max()), np.float32),
                         np.empty(int(net.sizes[1:].max()), np.float32), *self.csc)
 
@@ -325,10 +327,15 @@ class _EpochTrainer:
 
 
 class Evaluator:
-    """Validation accuracy of the packed network with one preallocated activation buffer."""
+    """Validation accuracy of the packed network with one preallocated activation buffer.
 
-    def __init__(self, net: PackedNet, shift, scale, batch_size: int, budget: RowBudget | None = None):
+    ``csc``: the trainer's CSC copy of the pattern (filled at the start of each epoch, so it holds
+    the topology that validation sees, before the update), which the forward pass reads by output
+    rows; or ``packed.no_csc()``."""
+
+    def __init__(self, net: PackedNet, shift, scale, batch_size: int, budget: RowBudget | None = None, csc=None):
         self.net, self.shift, self.scale, self.bs, self.budget = net, shift, scale, batch_size, budget
+        self.csc = no_csc() if csc is None else csc
         self.act = net.activation_buffer(batch_size)
 
     def accuracy(self, X, rows, y) -> float:
@@ -350,5 +357,6 @@ class Evaluator:
 
     def _correct(self, X, rows, y) -> int:
         proba = np.empty((rows.shape[0], int(self.net.sizes[-1])), np.float32)
-        kernels.predict_batches(X, rows, self.shift, self.scale, *self.net.forward, self.bs, self.act, proba)
+        kernels.predict_batches(X, rows, self.shift, self.scale, *self.net.forward, *self.csc, self.bs, self.act,
+                                proba)
         return int(np.sum(np.argmax(proba, axis=1) == y[rows]))

@@ -382,28 +382,47 @@ def test_forward_by_columns_equals_serial_forward(shape, threads, relu):
     kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, x, serial, np.ones(n_in, np.uint8))
     np.testing.assert_array_equal(serial, forward_in_order_ref(layer, x))
     out = np.full_like(serial, 7.0)
-    kernels.sparse_forward_threads(colptr, rowidx, perm, layer.values, layer.bias, x, out, relu, threads)
-    np.testing.assert_array_equal(out, np.maximum(serial, 0) if relu else serial)
+    flags = np.full(n_out, 7, np.uint8)
+    kernels.sparse_forward_threads(colptr, rowidx, perm, layer.values, layer.bias, x, out, relu, flags, threads)
+    want = np.maximum(serial, 0) if relu else serial
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(flags, (want != 0).any(axis=1))  # relu_alive's flags
+    kernels.sparse_forward_threads(colptr, rowidx, perm, layer.values, layer.bias, x, out, relu,
+                                   np.empty(0, np.uint8), threads)  # no flags asked for
+    np.testing.assert_array_equal(out, want)
 
 
 @pytest.mark.parametrize("batch", [1, 15, 16, 17, 63, 64, 65, 100, 112, 127, 128, 129, 300])
 def test_forward_rows_in_registers_at_every_batch_size(batch):
     """``forward_cols`` holds an output row in 16-sample chunks, up to ``FORWARD_GROUP`` samples a
     call, the last chunk masked: every split of the batch gives ``sparse_forward``'s bits, NaN
-    and -0 pass the ReLU as they are, and nothing past the row is written."""
+    and -0 pass the ReLU as they are, and nothing past the row is written. Its dead-neuron flags
+    are those of the values written (``relu_alive``'s after the ReLU): NaN counts as alive, -0 as
+    zero, and the masked lanes past the batch (which hold the bias) do not count."""
     layer, rng = random_layer(30, 25, 6.0, batch)
+    layer.bias[:] = rng.normal(size=25).astype(np.float32)
     x = rng.normal(size=(30, batch)).astype(np.float32)
-    x[3, ::7] = np.nan
-    x[5] = -0.0
     colptr, rowidx, perm = np.empty(26, np.int64), np.empty(layer.nnz, np.int32), np.empty(layer.nnz, np.int32)
     kernels.csc_from_csr(layer.indptr, layer.indices, colptr, rowidx, perm)
+    # Neuron 0: every weight and the bias +0, so all zero. Neuron 1: bias +1 but every sum negative,
+    # so all zero after the ReLU, while its masked lanes would hold +1.
+    layer.bias[0], layer.bias[1] = 0.0, 1.0
+    layer.values[perm[colptr[0]:colptr[1]]] = 0.0
+    layer.values[perm[colptr[1]:colptr[2]]] = -1.0
+    x[rowidx[colptr[1]:colptr[2]]] = 1000.0
+    others = np.setdiff1d(np.arange(30), rowidx[:colptr[2]])  # inputs of neither
+    x[others[0], ::7] = np.nan
+    x[others[1]] = -0.0
     want = forward_in_order_ref(layer, x)
     for relu in (False, True):
         out = np.full((27, batch), 7.0, np.float32)  # one guard row each side
-        kernels.forward_cols(colptr, rowidx, perm, layer.values, layer.bias, x, out[1:26], 0, 25, relu)
+        flags = np.full(25, 7, np.uint8)
+        kernels.forward_cols(colptr, rowidx, perm, layer.values, layer.bias, x, out[1:26], 0, 25, relu, flags)
         expect = np.where(want < 0, np.float32(0), want) if relu else want
         np.testing.assert_array_equal(out[1:26].view(np.int32), expect.view(np.int32))
         assert np.all(out[[0, 26]] == 7.0)
+        np.testing.assert_array_equal(flags, (expect != 0).any(axis=1))
+        assert flags[0] == 0 and flags[1] == (0 if relu else 1)
 
 
 def test_train_batches_is_bit_identical_across_thread_counts(rng):

@@ -5,6 +5,7 @@ Run as a script (``python tools/kernel_phases.py SPEC``), not as a module, so th
 Prints one JSON document.
 """
 
+import inspect
 import json
 import statistics
 import sys
@@ -28,6 +29,8 @@ def phase_child(spec: dict) -> dict:
     sizes = [784] + [spec["hidden"]] * 3 + [10]
     skips = hasattr(kernels, "backward_rows")  # kernels that skip dead neurons' connections
     split = skips or hasattr(kernels, "weight_gradient_rows")  # kernels after the weight/input gradient split
+    # kernels whose forward by columns also flags the dead neurons
+    flags_arg = split and "alive" in inspect.signature(kernels.forward_cols.py_func).parameters
 
     def median_seconds(f):
         f()
@@ -49,8 +52,9 @@ def phase_child(spec: dict) -> dict:
         if split:
             csc = (np.empty(sizes[l + 1] + 1, np.int64), np.empty(layer.nnz, np.int32), np.empty(layer.nnz, np.int32))
             kernels.csc_from_csr(layer.indptr, layer.indices, *csc)
+            flags_out = (np.empty(sizes[l + 1], np.uint8),) if flags_arg else ()  # relu_alive's, fused
             row["forward"] = median_seconds(lambda: kernels.sparse_forward_threads(
-                *csc, layer.values, layer.bias, x, out, True, threads))
+                *csc, layer.values, layer.bias, x, out, True, *flags_out, threads))
             if skips:  # flags of dead neurons (random activations have none) and list scratch
                 flags = (np.ones(sizes[l], np.uint8), np.ones(sizes[l + 1], np.uint8))
                 live = np.empty(2 * kernels.LIVE_CHUNK * threads, np.int64)
