@@ -57,7 +57,7 @@ def main(argv=None):
     import numpy as np
 
     from ctre_edge.data import load_data
-    from ctre_edge.packed import CSC_MAX_CONNECTIONS, PackedNet, no_csc
+    from ctre_edge.packed import CSC_MAX_CONNECTIONS, PackedNet
     from ctre_edge.train import init_layers
 
     print(machine_header())
@@ -81,7 +81,9 @@ def main(argv=None):
                 net = PackedNet.from_layers(layers)
                 csc = ()
                 if hasattr(K, "csc_all"):  # kernels after the rewrite take the CSC copy of the pattern
-                    csc = net.csc_buffers() if threads > 1 else no_csc()
+                    # which the trainer keeps on any thread count since the forward pass by output rows
+                    # runs serially too (older kernels read it only on 2 or more threads)
+                    csc = net.csc_buffers()
                     if csc[0].shape[0]:  # empty when no layer is small enough to have one
                         K.csc_all(*net[:6], *csc, CSC_MAX_CONNECTIONS)
                 bufs = (net.activation_buffer(bs), np.empty(max(sizes) * bs, np.float32),
