@@ -1229,11 +1229,12 @@ def csc_all(sizes, ptr_off, nz_off, unit_off, indptr, indices, colptr, rowidx, p
                      colptr[c0:c0 + sizes[l + 1] + 1], rowidx[nz_off[l]:nz_off[l + 1]], perm[nz_off[l]:nz_off[l + 1]])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def predict_batches(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
                     indptr, indices, values, bias, colptr, rowidx, perm, batch_size, act, proba):
     """Class probabilities of the samples X[rows], written to proba (len(rows), n_classes), in batches.
-    ``colptr``, ``rowidx``, ``perm``: a CSC copy of the pattern or empty arrays (``forward_all``)."""
+    ``colptr``, ``rowidx``, ``perm``: a CSC copy of the pattern or empty arrays (``forward_all``).
+    Without the GIL, so Python threads can each run it on their own rows (``train.Evaluator``)."""
     n = rows.shape[0]
     n_layers = sizes.shape[0] - 1
     c = sizes[n_layers]
@@ -1249,27 +1250,6 @@ def predict_batches(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
         for b in range(nb):
             for k in range(c):
                 proba[start + b, k] = p[k, b]
-
-
-@njit(cache=True, parallel=True)
-def predict_batches_threads(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
-                            indptr, indices, values, bias, colptr, rowidx, perm, batch_size, act, proba, threads):
-    """``predict_batches`` with the rows split into up to ``threads`` contiguous parts, one per thread,
-    each in batches of ``batch_size // parts`` in its own share of ``act`` (so ``act`` holds what one
-    batch of ``batch_size`` needs). One part where a batch has under ``PARALLEL_MIN_WORK``
-    multiply-adds. A sample's probabilities do not depend on the batch it is in (each of its sums adds
-    the same terms in the same order), so the result is ``predict_batches``' bit for bit."""
-    n = rows.shape[0]
-    parts = max(1, min(threads, n, batch_size))  # each part needs a batch of at least one row
-    if nz_off[nz_off.shape[0] - 1] * min(batch_size, n) < PARALLEL_MIN_WORK:
-        parts = 1
-    share = act.shape[0] // parts
-    bs = max(1, batch_size // parts)
-    for t in prange(parts):
-        r0 = t * n // parts
-        r1 = (t + 1) * n // parts
-        predict_batches(X, rows[r0:r1], shift, scale, sizes, ptr_off, nz_off, unit_off, indptr, indices, values,
-                        bias, colptr, rowidx, perm, bs, act[t * share:(t + 1) * share], proba[r0:r1])
 
 
 # --- cosine similarity scoring (similarity.py) ------------------------------------------------------

@@ -184,11 +184,13 @@ def test_predict_batches_equals_reference(rng):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_predict_batches_threads_gives_the_serial_bits(threads, rng):
-    """The validation pass split over threads (each its rows, in smaller batches, its share of the
-    buffer) gives ``predict_batches``' probabilities bit for bit, with and without the CSC copy, on a
-    network large enough to split (``PARALLEL_MIN_WORK``) and on one too small to."""
-    import numba
+def test_validation_split_over_threads_gives_the_serial_bits(threads, rng):
+    """The validation pass split over threads (``train.Evaluator.proba``: each its rows, in smaller
+    batches, in its share of the buffer) gives ``predict_batches``' probabilities bit for bit, with
+    and without the CSC copy, on a network large enough to split (``PARALLEL_MIN_WORK``) and on one
+    too small to."""
+    from ctre_edge.packed import no_csc
+    from ctre_edge.train import Evaluator
 
     for width, eps in ((400, 20.0), (12, 2.0)):
         sizes = [30, width, width, 5]
@@ -198,16 +200,15 @@ def test_predict_batches_threads_gives_the_serial_bits(threads, rng):
         shift, scale = np.zeros(30, np.float32), np.ones(30, np.float32)
         csc = net.csc_buffers()
         kernels.csc_all(*net[:6], *csc, CSC_MAX_CONNECTIONS)
+        split = width == 400
+        assert (int(net.nz_off[-1]) * 64 >= kernels.PARALLEL_MIN_WORK) == split
         for bs in (1, 64, 131):
             want = np.empty((131, 5), np.float32)
-            kernels.predict_batches(X, rows, shift, scale, *net.forward, *csc[:1], *csc[1:], bs,
-                                    net.activation_buffer(bs), want)
-            for c in (csc, tuple(a[:0] for a in csc)):
-                got = np.full((131, 5), 7.0, np.float32)
-                with_threads = min(threads, numba.config.NUMBA_NUM_THREADS)
-                kernels.predict_batches_threads(X, rows, shift, scale, *net.forward, *c, bs,
-                                                net.activation_buffer(bs), got, with_threads)
-                np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+            kernels.predict_batches(X, rows, shift, scale, *net.forward, *csc, bs, net.activation_buffer(bs), want)
+            for c in (csc, no_csc()):
+                evaluator = Evaluator(net, shift, scale, bs, None, c)
+                evaluator.threads = threads
+                np.testing.assert_array_equal(evaluator.proba(X, rows).view(np.int32), want.view(np.int32))
 
 
 def test_thread_count_does_not_change_the_model(tmp_path):
