@@ -11,8 +11,9 @@ With ``--base DIR`` (another checkout), it instead times the exact ctre-sim upda
 checkouts in ONE process, alternating, on the same network (trained here for --epochs epochs, so it
 has the dead neurons of a trained network) and the same random draws, and says whether the two
 updated networks are bit-identical; the fastest of --passes updates each. A checkout whose update
-reads the trainer's CSC copy of the pattern (as on 2 or more threads) gets one. The machine's speed
-drifts too much between runs for two separate runs to compare (see ``tools/bench_ab.py``).
+reads the trainer's CSC copy of the pattern (kept on any thread count since 2026-12-07) gets one.
+The machine's speed drifts too much between runs for two separate runs to compare (see
+``tools/bench_ab.py``).
 
     python -m tools.bench_update --data mnist.npz --base ../base [--epsilon 20] [--passes 15]
 """
@@ -58,7 +59,7 @@ def timed_update(modules, layers, config, X, rows, shift, scale):
     extra = ()
     params = inspect.signature(policy.update).parameters
     if "csc" in params:
-        # The CSC copy the trainer keeps on 2 or more threads, which this update's forward pass reads.
+        # The CSC copy the trainer keeps (on any thread count), which this update's forward pass reads.
         extra = (net.csc_buffers(),)
         modules["kernels"].csc_all(*net[:6], *extra[0], modules["packed"].CSC_MAX_CONNECTIONS)
     if "scratch" in params:
