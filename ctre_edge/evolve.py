@@ -237,24 +237,26 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
     alive = np.ones(int(sizes.max()), np.uint8)  # skip no input: the same bits as skipping dead ones
     held = [(np.empty(n, np.float64), np.empty(n, np.int8)) for n in sizes] if stats is not None else None
 
-    def stats_of(l, r0, r1):
+    def stats_of(l, r0, r1, alive=None):
         if held is not None:
-            neuron_stats_of_rows(levels[l], *held[l], r0, r1)
+            neuron_stats_of_rows(levels[l], *held[l], r0, r1, alive)
 
     for l in range(net.n_layers):
         a, out, n_out, hidden = levels[l], levels[l + 1], int(sizes[l + 1]), l < net.n_layers - 1
         p0, p1, u0, u1 = nz_off[l], nz_off[l + 1], unit_off[l], unit_off[l + 1]
         cols = colptr[u0 + l:u1 + l + 1]
         if cols[-1] > 0:  # the layer has a CSC copy
+            # Which rows are not all zero after the ReLU, so that their norms skip the rest.
+            flags = np.empty(n_out if hidden else 0, np.uint8)
 
             def part(t):  # run at once by in_threads, so the loop's names are this layer's
                 if l == 0:
                     stats_of(0, t * a.shape[0] // threads, (t + 1) * a.shape[0] // threads)
                 j0, j1 = t * n_out // threads, (t + 1) * n_out // threads
                 kernels.forward_cols(cols, rowidx[p0:p1], perm[p0:p1], values[p0:p1], bias[u0:u1], a, out, j0, j1,
-                                     hidden, np.empty(0, np.uint8))
+                                     hidden, flags)
                 if hidden:
-                    stats_of(l + 1, j0, j1)
+                    stats_of(l + 1, j0, j1, flags)
 
             in_threads(part, threads)
         else:
