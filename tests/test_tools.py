@@ -225,6 +225,15 @@ def test_bench_update_against_itself_gives_the_same_bits():
     assert len(rows) == 1 and rows[0].rstrip().endswith("| yes |"), r.stdout
 
 
+def test_bench_update_phases_add_up():
+    """Where one update's time goes: every part is measured, and the wall-time parts fit in the whole."""
+    r = run_tool("bench_update.py", "--phases", "--data", "builtin:digits", "--hidden", "60,60", "--epochs", "2",
+                 "--passes", "3", "--epsilon", "5")
+    ms = {row[0]: float(row[1]) for row in table_rows(r.stdout)}
+    assert len(ms) == 7 and all(v >= 0 for v in ms.values()), ms  # "the rest" < 0 would count a part twice
+    assert all(v > 0 for k, v in ms.items() if not k.startswith("the rest")), ms
+
+
 def test_bench_huge_smoke():
     r = run_tool("bench_huge.py", "--width", "300", "--epochs", "1", timeout=300)
     rows = table_rows(r.stdout)

@@ -16,6 +16,14 @@ The machine's speed drifts too much between runs for two separate runs to compar
 ``tools/bench_ab.py``).
 
     python -m tools.bench_update --data mnist.npz --base ../base [--epsilon 20] [--passes 15]
+
+With ``--phases``, it times this checkout's exact update on such a trained network, --passes times,
+and prints where one update's time goes (medians over the passes): the activation sample; the
+scoring, its wall time and, summed over the calls, the live neurons' copies and the GEMMs with their
+scans (where the layers are scored whole, each call runs on one thread, so that is thread time; else
+each call splits its layer over the threads); and the drops and grows without the scoring inside them.
+
+    python -m tools.bench_update --data mnist.npz --phases [--epsilon 1] [--passes 15]
 """
 
 import argparse
@@ -110,6 +118,76 @@ def compare(args, data, hidden):
     print(f"| {args.epsilon:g} | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.2f}x | {'yes' if same else 'no'} |")
 
 
+def phases(args, data, hidden):
+    import threading
+
+    import numba
+
+    from ctre_edge import evolve, kernels, packed, similarity
+
+    config = TrainConfig(hidden=hidden, method="ctre-sim", epsilon=args.epsilon, epochs=args.epochs, lr=0.01,
+                         similarity_samples=args.samples)
+    model = train(data, config).model
+    this = {"packed": packed, "evolve": evolve, "kernels": kernels}
+    rows = np.arange(data.X.shape[0])
+    spans = []  # (part, start, seconds) of the current update, from every thread
+    lock = threading.Lock()
+    parts = [(evolve, "sample_activations", "sample"), (similarity, "_live_problem", "copies"),
+             (similarity, "_scan_topk", "gemm"), (evolve, "update_layer", "drops")]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in parts]
+
+    def timed(f, part):
+        def run(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return f(*a, **kw)
+            finally:
+                with lock:
+                    spans.append((part, t, time.perf_counter() - t))
+        return run
+
+    per_pass = []
+    try:
+        for module, name, part in parts:
+            setattr(module, name, timed(getattr(module, name), part))
+        timed_update(this, model.layers, config, data.X, rows, model.shift, model.scale)  # compile or load
+        for _ in range(args.passes):
+            spans.clear()
+            total, _ = timed_update(this, model.layers, config, data.X, rows, model.shift, model.scale)
+            sums = {part: sum(d for q, _, d in spans if q == part) for _, _, part in parts}
+            # Scoring before the first drop (layers scored whole, all at once), and scoring inside a
+            # drop and grow (layer by layer, each split over the threads): the latter's wall time is
+            # the scoring's, not the drop's.
+            sample_end = max((t + d for q, t, d in spans if q == "sample"), default=0.0)
+            drops = [(t, t + d) for q, t, d in spans if q == "drops"]
+            inside = []
+            for t0, t1 in drops:
+                scoring = [(t, t + d) for q, t, d in spans if q in ("copies", "gemm") and t0 <= t <= t1]
+                inside.append(max(e for _, e in scoring) - min(b for b, _ in scoring) if scoring else 0.0)
+            sums["scoring wall"] = min((t0 for t0, _ in drops), default=sample_end) - sample_end + sum(inside)
+            sums["drops"] -= sum(inside)
+            sums["other"] = total - sums["sample"] - sums["scoring wall"] - sums["drops"]
+            sums["total"] = total
+            per_pass.append(sums)
+    finally:
+        for module, name, f in saved:
+            setattr(module, name, f)
+    med = {key: statistics.median(p[key] for p in per_pass) * 1e3 for key in per_pass[0]}
+    whole = packed.scores_layers_whole(packed.PackedNet.from_layers(model.layers).sizes,
+                                       config.similarity_workspace_mib << 20, numba.get_num_threads())
+    print(f"ctre-sim update, exact scoring, after {args.epochs} epochs, on {numba.get_num_threads()} thread(s); "
+          f"medians of {args.passes} updates, ms per update; calls summed "
+          f"({'thread time where the layers are scored whole' if whole else 'each call splits a layer'})\n")
+    print("| part | ms |\n|---|---|")
+    for key, label in (("sample", "activation sample: forward pass and norms (wall)"),
+                       ("copies", "scoring: live neurons' copies and renumbering (calls summed)"),
+                       ("gemm", "scoring: GEMMs and scans (calls summed)"),
+                       ("scoring wall", "scoring (wall)"),
+                       ("drops", "drops and grows, without the scoring (wall)"),
+                       ("other", "the rest: Python between the parts (wall)"), ("total", "whole update (wall)")):
+        print(f"| {label} | {med[key]:.1f} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="builtin:digits")
@@ -119,7 +197,8 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=1000, help="S, samples for the cosine scores")
     ap.add_argument("--sketch-dim", type=int, default=256)
     ap.add_argument("--base", help="another checkout: time both checkouts' exact update in one process")
-    ap.add_argument("--passes", type=int, default=15, help="with --base: updates per checkout")
+    ap.add_argument("--passes", type=int, default=15, help="with --base or --phases: updates per checkout")
+    ap.add_argument("--phases", action="store_true", help="where this checkout's exact update spends its time")
     args = ap.parse_args(argv)
     data = load_data(args.data)
     hidden = tuple(int(h) for h in args.hidden.split(","))
@@ -127,6 +206,8 @@ def main(argv=None):
           f"{len(data.classes)}, epsilon {args.epsilon:g}, S = {args.samples}, sketch dim {args.sketch_dim}\n")
     if args.base:
         return compare(args, data, hidden)
+    if args.phases:
+        return phases(args, data, hidden)
     print("| scoring | epoch without update (s) | update (s) | update / epoch |")
     print("|---|---|---|---|")
     for similarity in ("exact", "sketch"):
