@@ -245,9 +245,9 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
         a, out, n_out, hidden = levels[l], levels[l + 1], int(sizes[l + 1]), l < net.n_layers - 1
         p0, p1, u0, u1 = nz_off[l], nz_off[l + 1], unit_off[l], unit_off[l + 1]
         cols = colptr[u0 + l:u1 + l + 1]
+        # Which rows are not all zero after the ReLU, so that their norms skip the rest.
+        flags = np.empty(n_out if hidden else 0, np.uint8)
         if cols[-1] > 0:  # the layer has a CSC copy
-            # Which rows are not all zero after the ReLU, so that their norms skip the rest.
-            flags = np.empty(n_out if hidden else 0, np.uint8)
 
             def part(t):  # run at once by in_threads, so the loop's names are this layer's
                 if l == 0:
@@ -265,8 +265,8 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
             kernels.sparse_forward(indptr[ptr_off[l]:ptr_off[l + 1]], indices[p0:p1], values[p0:p1],
                                    bias[u0:u1], a, out, alive)
             if hidden:
-                kernels.relu_alive(out, np.empty(n_out, np.uint8))
-                stats_of(l + 1, 0, n_out)
+                kernels.relu_alive(out, flags)
+                stats_of(l + 1, 0, n_out, flags)
         if not hidden:
             kernels.softmax_inplace(out)
             stats_of(l + 1, 0, n_out)

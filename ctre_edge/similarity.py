@@ -77,7 +77,7 @@ def neuron_stats_of_rows(a, inv, kinds, r0, r1, alive=None):
     if alive is None:
         ks.inverse_norms(a[r0:r1], np.arange(r1 - r0, dtype=np.int64), inv[r0:r1])
     else:
-        rows = np.flatnonzero(alive[r0:r1]).astype(np.int64)
+        rows = np.flatnonzero(alive[r0:r1]).astype(np.int64, copy=False)
         live_inv = np.empty(rows.shape[0], np.float64)
         ks.inverse_norms(a[r0:r1], rows, live_inv)
         inv[r0:r1] = 0.0
