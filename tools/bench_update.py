@@ -173,8 +173,7 @@ def phases(args, data, hidden):
         for module, name, f in saved:
             setattr(module, name, f)
     med = {key: statistics.median(p[key] for p in per_pass) * 1e3 for key in per_pass[0]}
-    whole = packed.scores_layers_whole(packed.PackedNet.from_layers(model.layers).sizes,
-                                       config.similarity_workspace_mib << 20, numba.get_num_threads())
+    whole = packed.scores_layers_whole(model.sizes, config.similarity_workspace_mib << 20, numba.get_num_threads())
     print(f"ctre-sim update, exact scoring, after {args.epochs} epochs, on {numba.get_num_threads()} thread(s); "
           f"medians of {args.passes} updates, ms per update; calls summed "
           f"({'thread time where the layers are scored whole' if whole else 'each call splits a layer'})\n")
