@@ -72,7 +72,7 @@ def evict_library_pages() -> None:
     ``libllvmlite.so`` (178 MB) it is fully cached and importing numba shows about 160 MiB resident,
     against about 97 MiB once those pages have been read back from disk, as after a reboot. The
     anonymous memory is the same in both states (about 38 MiB). The planner's runtime allowance is
-    measured in the second state, so the memory tests start from it; README ("Memory planner") says
+    measured in the second state, so the memory tests start from it; README ("Devices, memory and threads") says
     what a freshly installed library adds. The clean file pages are dropped with posix_fadvise, which
     needs no privileges and changes nothing on disk.
     """
