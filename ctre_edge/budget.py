@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from .errors import BudgetError
 from .layers import er_nnz
-from .packed import scores_layers_whole, uses_csc
+from .packed import row_stride, scores_layers_whole, uses_csc
 
 MiB = 1 << 20
 # Resident set of `ctre-edge train` with every kernel loaded from a warm numba cache, before the
@@ -138,7 +138,7 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         # when a layer is small enough to use it (packed.uses_csc).
         "model": per_layer + snapshot + biases + 4 * max(nnz) + 4 * max(sizes[1:])
         + (8 * sum(nnz) + 8 * (sum(sizes[1:]) + n_layers) if uses_csc(nnz) else 0),
-        "batch": 4 * b * units + 8 * b * widest,
+        "batch": 4 * row_stride(b) * units + 8 * row_stride(b) * widest,  # rows padded to whole lines
         "update": UPDATE_BYTES_PER_CONNECTION * max(nnz),
     }
     # Evaluation buffers hold at most as many rows as the larger of the parts they evaluate, but

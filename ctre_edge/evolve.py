@@ -254,7 +254,7 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
                     stats_of(0, t * a.shape[0] // threads, (t + 1) * a.shape[0] // threads)
                 j0, j1 = t * n_out // threads, (t + 1) * n_out // threads
                 kernels.forward_cols(cols, rowidx[p0:p1], perm[p0:p1], values[p0:p1], bias[u0:u1], a, out, j0, j1,
-                                     hidden, flags)
+                                     hidden, flags, s)  # s: as the training loop passes the samples
                 if hidden:
                     stats_of(l + 1, j0, j1, flags)
 
@@ -263,12 +263,12 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
             if l == 0:
                 stats_of(0, 0, a.shape[0])
             kernels.sparse_forward(indptr[ptr_off[l]:ptr_off[l + 1]], indices[p0:p1], values[p0:p1],
-                                   bias[u0:u1], a, out, alive)
+                                   bias[u0:u1], a, out, alive, s)
             if hidden:
-                kernels.relu_alive(out, flags)
+                kernels.relu_alive(out, flags, s)
                 stats_of(l + 1, 0, n_out, flags)
         if not hidden:
-            kernels.softmax_inplace(out)
+            kernels.softmax_inplace(out, s)
             stats_of(l + 1, 0, n_out)
     if held is not None:
         for inv, _ in held:

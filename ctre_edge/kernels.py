@@ -2,7 +2,10 @@
 
 Layout: activations are feature-major, ``(features, batch)`` float32 and C-contiguous, so the
 innermost loop of every kernel runs over the batch with unit stride (measured in
-``tools/bench_layout.py``: several times faster than batch-major for CSR at batch 100). A sparse
+``tools/bench_layout.py``: several times faster than batch-major for CSR at batch 100). In the
+training loop a batch's rows lie ``row_stride(nb)`` floats apart, whole 64-byte lines from 64 samples
+on; the kernels it runs take the sample count ``nb`` and read the rows' stride from the arrays'
+second axis, and never touch the padding (default ``nb=-1``: all columns). A sparse
 layer is CSR over input rows (see ``layers.py``). Kernels trust their inputs: shapes and dtypes are
 validated where data enters (``layers.check_layer``, ``data.py``, the API). ``np.dot`` is not used
 inside kernels because numba needs scipy for it; the loops are explicit.
@@ -83,7 +86,7 @@ def gather_scaled(X, rows, shift, scale, out, tile):
 
 
 @njit(cache=True)
-def sparse_forward(indptr, indices, values, bias, x, out, alive_in):
+def sparse_forward(indptr, indices, values, bias, x, out, alive_in, nb=-1):
     """out = (x.T @ W + b).T for CSR ``W``: out[j, :] = b[j] + sum_{(i,j)} w_ij x[i, :].
 
     x: (n_in, B) float32, out: (n_out, B) float32. Input rows with ``alive_in[i] == 0`` (all zero
@@ -94,8 +97,11 @@ def sparse_forward(indptr, indices, values, bias, x, out, alive_in):
     Each out[j, b] adds its terms in ascending input row, whatever the batch; the loop depends on
     it: a batch of 2 in scalar code with x's two values in registers (``_forward_rows_of_two``),
     of 3 to 32 in 16-sample windows (``_forward_rows_in_windows``), others element by element.
+
+    ``nb``: the samples, the first nb columns of x and out (``packed.row_stride``); -1 for all.
     """
-    n_out, nb = out.shape
+    n_out = out.shape[0]
+    nb = out.shape[1] if nb < 0 else nb
     for j in range(n_out):
         bj = bias[j]
         for b in range(nb):
@@ -105,7 +111,7 @@ def sparse_forward(indptr, indices, values, bias, x, out, alive_in):
         _forward_rows_of_two(indptr, indices, values, x, out, alive_in)
         return
     if 2 < nb <= 2 * LANES:
-        _forward_rows_in_windows(indptr, indices, values, x, out, alive_in)
+        _forward_rows_in_windows(indptr, indices, values, x, out, alive_in, nb)
         return
     for i in range(n_in):
         if alive_in[i] == 0:
@@ -118,7 +124,7 @@ def sparse_forward(indptr, indices, values, bias, x, out, alive_in):
 
 
 @njit(cache=True)
-def _forward_rows_in_windows(indptr, indices, values, x, out, alive_in):
+def _forward_rows_in_windows(indptr, indices, values, x, out, alive_in, nb):
     # ``sparse_forward``'s adds, 16 samples of a row at a time: x's window is loaded once per row
     # and each connection adds it to out's in one vector add (``row_scatter``). The batch's last
     # samples, if it is not a multiple of 16, go in a window ending at the row's end whose x lanes
@@ -127,8 +133,8 @@ def _forward_rows_in_windows(indptr, indices, values, x, out, alive_in):
     # epsilon 20, batch 14, took 279 ms here against its 929; 1,000-wide, batch 32, 0.115 against
     # 0.281 ms. From about 64 samples on, the element loop's long contiguous runs over each row of
     # out do as well or better (1,000-wide, batch 256: 2.4 against 1.7 ms), so it keeps those
-    # (one-off scripts, 2-vCPU AMD EPYC Zen 3).
-    nb = x.shape[1]
+    # (one-off scripts, 2-vCPU AMD EPYC Zen 3). x and out share their row stride.
+    stride = x.shape[1]
     full = nb // LANES * LANES
     for i in range(indptr.shape[0] - 1):
         if alive_in[i] == 0:
@@ -136,12 +142,13 @@ def _forward_rows_in_windows(indptr, indices, values, x, out, alive_in):
         p0 = indptr[i]
         p1 = indptr[i + 1]
         for b0 in range(0, full, LANES):
-            row_scatter(x, i * nb, out, nb, b0, 0, LANES, indices, values, p0, p1)
+            row_scatter(x, i * stride, out, stride, b0, 0, LANES, indices, values, p0, p1)
         if full < nb:
             if nb > LANES:
-                row_scatter(x, i * nb, out, nb, nb - LANES, full - (nb - LANES), LANES, indices, values, p0, p1)
+                row_scatter(x, i * stride, out, stride, nb - LANES, full - (nb - LANES), LANES, indices, values, p0,
+                            p1)
             else:
-                row_scatter(x, i * nb, out, nb, 0, 0, nb, indices, values, p0, p1)
+                row_scatter(x, i * stride, out, stride, 0, 0, nb, indices, values, p0, p1)
 
 
 @njit(cache=True)
@@ -434,11 +441,12 @@ lane_pairs4 = _pair_dots(4, LANES, False)
 
 
 @njit(cache=True)
-def _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1, alive_in):
+def _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1, alive_in, nb=-1):
     # Four connections at a time share each vector load of x[i, :]: about 20% faster than one at a
     # time on a 1000 x 1000 layer at epsilon 20 (0.29 against 0.35 ms, a one-off script); dy's rows
     # come from L2 and bound it. A dead row's gradients are +0 (``backward_rows``) without reading it.
-    nb = x.shape[1]
+    sx, sy = x.shape[1], dy.shape[1]  # row strides; nb samples of each row are read
+    nb = sx if nb < 0 else nb
     for i in range(i0, i1):
         p = indptr[i]
         p1 = indptr[i + 1]
@@ -446,25 +454,27 @@ def _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1, alive_in):
             for q in range(p, p1):
                 grad[q] = 0.0
             continue
-        xi = i * nb
+        xi = i * sx
         while p + 4 <= p1:
             grad[p], grad[p + 1], grad[p + 2], grad[p + 3] = lane_dots4(
-                x, xi, dy, (indices[p] * nb, indices[p + 1] * nb, indices[p + 2] * nb, indices[p + 3] * nb), nb)
+                x, xi, dy, (indices[p] * sy, indices[p + 1] * sy, indices[p + 2] * sy, indices[p + 3] * sy), nb)
             p += 4
         while p < p1:
-            (grad[p],) = lane_dots1(x, xi, dy, (indices[p] * nb,), nb)
+            (grad[p],) = lane_dots1(x, xi, dy, (indices[p] * sy,), nb)
             p += 1
 
 
 @njit(cache=True)
-def _backward_by_row(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in):
+def _backward_by_row(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, nb=-1):
     # ``_weight_gradient_by_row`` and ``input_gradient_rows(..., relu=True)`` in one pass over each
     # row's dy rows, same bits as the two: dy's rows come from L2, and reading them once for both
     # gradients instead of twice raised the phase table's "weight + input gradient" column
     # (tools/bench_train.py) from 19-26 to 37-39 GFLOP/s on 1 thread, in two runs of one session.
     # A dead row's gradients are +0 and its masked dx all +0 (``backward_rows``), written unread:
-    # with a batch of 2, a quarter to a third of a hidden level is dead in a batch.
-    nb = x.shape[1]
+    # with a batch of 2, a quarter to a third of a hidden level is dead in a batch. dx shares x's
+    # row stride (the intrinsic adds to dx at x's offset).
+    sx, sy = x.shape[1], dy.shape[1]
+    nb = sx if nb < 0 else nb
     one = _opaque_one(nb)
     for i in range(i0, i1):
         for b in range(nb):
@@ -475,14 +485,14 @@ def _backward_by_row(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in)
             for q in range(p, p1):
                 grad[q] = 0.0
             continue
-        xi = i * nb
+        xi = i * sx
         while p + 4 <= p1:
             grad[p], grad[p + 1], grad[p + 2], grad[p + 3] = lane_dots_dx4(
-                x, xi, dy, (indices[p] * nb, indices[p + 1] * nb, indices[p + 2] * nb, indices[p + 3] * nb), nb,
+                x, xi, dy, (indices[p] * sy, indices[p + 1] * sy, indices[p + 2] * sy, indices[p + 3] * sy), nb,
                 dx, (values[p], values[p + 1], values[p + 2], values[p + 3]))
             p += 4
         while p < p1:
-            (grad[p],) = lane_dots_dx1(x, xi, dy, (indices[p] * nb,), nb, dx, (values[p],))
+            (grad[p],) = lane_dots_dx1(x, xi, dy, (indices[p] * sy,), nb, dx, (values[p],))
             p += 1
         for b in range(nb):
             dx[i, b] = np.float32(0.0) if x[i, b] <= 0.0 else dx[i, b] * one
@@ -563,7 +573,8 @@ LIVE_CHUNK = 1024
 
 
 @njit(cache=True)
-def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, alive_out, compute_dx, wide, live):
+def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, alive_out, compute_dx, wide, live,
+                  nb=-1):
     """The training loop's backward pass of a sparse layer's input rows i0:i1, on existing connections only.
 
     grad[p] = sum_b x[i, b] * dy[j, b] for connection p = (i, j); if ``compute_dx``, dx[i, :] =
@@ -588,17 +599,21 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
     (``lane_pairs4``; at a batch of two, in scalar code), whatever rows they are in (rows of about 2
     connections at epsilon 1), and dx adds each row's listed connections four per pass over
     dx[i, :], left to right.
+
+    ``nb``: the samples, the first nb columns of x, dy and dx, whose rows may be longer
+    (``packed.row_stride``; dx's stride is x's); -1 for all.
     """
-    nb = x.shape[1]
+    sx, sy = x.shape[1], dy.shape[1]
+    nb = sx if nb < 0 else nb
     z = np.float32(0.0)
     one = _opaque_one(nb)
     if wide:
         if nb == 2:
             _backward_rows_of_two(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, compute_dx)
         elif compute_dx:
-            _backward_by_row(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in)
+            _backward_by_row(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, nb)
         else:
-            _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1, alive_in)
+            _weight_gradient_by_row(indptr, indices, x, dy, grad, i0, i1, alive_in, nb)
         return
     chunk = live.shape[0] // 2
     pos = live[:chunk]
@@ -635,12 +650,12 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
         while q + 4 <= m:
             p0, p1, p2, p3 = pos[q], pos[q + 1], pos[q + 2], pos[q + 3]
             grad[p0], grad[p1], grad[p2], grad[p3] = lane_pairs4(
-                x, (row[q] * nb, row[q + 1] * nb, row[q + 2] * nb, row[q + 3] * nb),
-                dy, (indices[p0] * nb, indices[p1] * nb, indices[p2] * nb, indices[p3] * nb), nb)
+                x, (row[q] * sx, row[q + 1] * sx, row[q + 2] * sx, row[q + 3] * sx),
+                dy, (indices[p0] * sy, indices[p1] * sy, indices[p2] * sy, indices[p3] * sy), nb)
             q += 4
         while q < m:
             p0 = pos[q]
-            (grad[p0],) = lane_dots1(x, row[q] * nb, dy, (indices[p0] * nb,), nb)  # one pair: the same sum
+            (grad[p0],) = lane_dots1(x, row[q] * sx, dy, (indices[p0] * sy,), nb)  # one pair: the same sum
             q += 1
         if compute_dx:
             q = 0
@@ -671,7 +686,8 @@ def backward_rows(indptr, indices, values, x, dy, dx, grad, i0, i1, alive_in, al
 
 
 @njit(cache=True, parallel=True)
-def sparse_backward_threads(indptr, indices, values, x, dy, dx, grad, alive_in, alive_out, compute_dx, threads, live):
+def sparse_backward_threads(indptr, indices, values, x, dy, dx, grad, alive_in, alive_out, compute_dx, threads, live,
+                            nb=-1):
     """``backward_rows`` on ``threads`` threads, each on its own input rows: a row owns its
     connections and its dx row, so no two threads write the same number; same bits as serial.
     ``live``: int64 scratch of 2 * LIVE_CHUNK entries per thread."""
@@ -679,7 +695,7 @@ def sparse_backward_threads(indptr, indices, values, x, dy, dx, grad, alive_in, 
     wide = wide_rows(indptr)
     for t in prange(threads):
         backward_rows(indptr, indices, values, x, dy, dx, grad, t * n_in // threads, (t + 1) * n_in // threads,
-                      alive_in, alive_out, compute_dx, wide, live[2 * LIVE_CHUNK * t:2 * LIVE_CHUNK * (t + 1)])
+                      alive_in, alive_out, compute_dx, wide, live[2 * LIVE_CHUNK * t:2 * LIVE_CHUNK * (t + 1)], nb)
 
 
 # --- the forward pass by output rows, from a CSC copy of the pattern -----------------------------------
@@ -856,64 +872,67 @@ def row_scatter(typingctx, x, x_off, out, nb, b0, lo, hi, indices, values, p0, p
 
 
 @njit(cache=True, nogil=True)
-def forward_cols(colptr, rowidx, perm, values, bias, x, out, j0, j1, relu, alive):
+def forward_cols(colptr, rowidx, perm, values, bias, x, out, j0, j1, relu, alive, nb=-1):
     """Output rows j0:j1 of ``sparse_forward`` from the CSC copy, optionally with ReLU applied.
 
     out[j, b] = b[j] + sum over the column's connections in ascending input row, which is the
     order ``sparse_forward`` adds them in, so the bits are the same; a thread that owns rows j0:j1
     writes nothing else. Each row in groups of ``FORWARD_GROUP`` samples (``col_forward{g}``).
     ``alive`` (uint8, or empty): alive[j] = 1 where row j has a value other than 0 as written,
-    else 0, as ``relu_alive`` would flag it after the ReLU; a pass over out saved.
+    else 0, as ``relu_alive`` would flag it after the ReLU; a pass over out saved. ``nb``: the
+    samples, the first nb columns of x and out (``packed.row_stride``); -1 for all.
     """
-    nb = x.shape[1]
+    sx, so = x.shape[1], out.shape[1]
+    nb = sx if nb < 0 else nb
     flags = alive.shape[0] > 0
     for j in range(j0, j1):
         q0, q1, bj = colptr[j], colptr[j + 1], bias[j]
         a = np.uint8(0)
         for b0 in range(0, nb, FORWARD_GROUP):
             n = min(FORWARD_GROUP, nb - b0)
-            o = j * nb + b0
+            o = j * so + b0
             g = (n + LANES - 1) // LANES
             if g == 7:  # batch 100
-                a |= col_forward7(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward7(x, b0, sx, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             elif g == 8:
-                a |= col_forward8(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward8(x, b0, sx, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             elif g == 4:
-                a |= col_forward4(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward4(x, b0, sx, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             elif g == 1:
-                a |= col_forward1(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward1(x, b0, sx, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             elif g == 2:
-                a |= col_forward2(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward2(x, b0, sx, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             elif g == 3:
-                a |= col_forward3(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward3(x, b0, sx, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             elif g == 5:
-                a |= col_forward5(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward5(x, b0, sx, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
             else:
-                a |= col_forward6(x, b0, nb, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
+                a |= col_forward6(x, b0, sx, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
         if flags:
             alive[j] = a
 
 
 @njit(cache=True, parallel=True)
-def sparse_forward_threads(colptr, rowidx, perm, values, bias, x, out, relu, alive, threads):
+def sparse_forward_threads(colptr, rowidx, perm, values, bias, x, out, relu, alive, threads, nb=-1):
     """``forward_cols`` over all output rows on ``threads`` threads; same bits as ``sparse_forward``."""
     n_out = out.shape[0]
     for t in prange(threads):
         forward_cols(colptr, rowidx, perm, values, bias, x, out, t * n_out // threads,
-                     (t + 1) * n_out // threads, relu, alive)
+                     (t + 1) * n_out // threads, relu, alive, nb)
 
 
 @njit(cache=True)
-def bias_gradient(dy, out, alive, live):
+def bias_gradient(dy, out, alive, live, nb=-1):
     """out[j] = sum_b dy[j, b], added in batch order from 0; eight neurons' chains at a time, since
     each chain waits on its add's latency.
 
     Neurons with ``alive[j] == 0`` get +0 without being read: a dead neuron's dy is all +-0 (the
     ReLU mask zeroes it), and a sum of +-0 from +0 is +0, so the bits are the same. At epsilon 1
     most hidden neurons of a trained network are dead in a batch. ``live``: int64 scratch for the
-    list of live neurons, any length.
+    list of live neurons, any length. ``nb``: the samples, dy's first nb columns; -1 for all.
     """
-    n, nb = dy.shape
+    n = dy.shape[0]
+    nb = dy.shape[1] if nb < 0 else nb
     z = np.float32(0.0)
     chunk = live.shape[0]
     j = 0
@@ -966,12 +985,14 @@ def nesterov_step(values, velocity, grad, lr, momentum, l2):
 
 
 @njit(cache=True)
-def relu_alive(h, alive):
+def relu_alive(h, alive, nb=-1):
     """ReLU in place (negatives become +0; -0 and NaN stay as they are), and alive[j] = 1 where some
     h[j, b] is not zero after it, else 0: a neuron dead for this batch, whose connections the next
     layer's forward and this layer's backward skip. NaN counts as alive, so it still reaches the
-    loss and a diverging run is still caught. A select and an integer OR, no branch: SIMD."""
-    n, nb = h.shape
+    loss and a diverging run is still caught. A select and an integer OR, no branch: SIMD. ``nb``: the
+    samples, h's first nb columns; -1 for all."""
+    n = h.shape[0]
+    nb = h.shape[1] if nb < 0 else nb
     one = _opaque_one(nb)
     for j in range(n):
         a = 0
@@ -984,9 +1005,11 @@ def relu_alive(h, alive):
 
 
 @njit(cache=True)
-def softmax_inplace(z):
-    """Column-wise softmax of logits z (n_classes, B), in place, with the max subtracted first."""
-    c, nb = z.shape
+def softmax_inplace(z, nb=-1):
+    """Column-wise softmax of logits z (n_classes, B), in place, with the max subtracted first; of
+    the first nb columns (-1: all)."""
+    c = z.shape[0]
+    nb = z.shape[1] if nb < 0 else nb
     for b in range(nb):
         m = z[0, b]
         for k in range(1, c):
@@ -1002,13 +1025,14 @@ def softmax_inplace(z):
 
 
 @njit(cache=True)
-def softmax_xent_backward(p, y, scale_by):
+def softmax_xent_backward(p, y, scale_by, nb=-1):
     """Turn probabilities p (n_classes, B) into dL/dlogits = (p - onehot(y)) * scale_by, in place.
 
     Returns (sum over the batch of -log p[y], number of argmax hits). ``scale_by`` is 1/B for
-    the mean loss over the batch.
+    the mean loss over the batch. Of the first nb columns (-1: all).
     """
-    c, nb = p.shape
+    c = p.shape[0]
+    nb = p.shape[1] if nb < 0 else nb
     loss = 0.0
     correct = 0
     for b in range(nb):
@@ -1042,6 +1066,15 @@ PARALLEL_MIN_WORK = 1 << 20
 # batch 100 1.11x (epsilon 1) and 1.21x (epsilon 20); batch 32 1.03x and 1.10-1.15x; batch 16
 # 0.98x and 0.97-1.02x; batch 2 0.79x, where the rows' scalar loop of two samples wins.
 BY_COLUMNS_MIN_BATCH = 2 * LANES
+
+
+@njit(cache=True)
+def row_stride(nb):
+    """``packed.row_stride``, compiled: the row stride of a training batch of nb samples, whole 64-byte
+    lines from 64 samples on (that comment says why). Written twice because kernels.py imports nothing
+    of the package (tools load it alone) and packed.py nothing of numba (the planner and exporter);
+    a test holds the two to the same values."""
+    return nb if nb < 64 else (nb + LANES - 1) // LANES * LANES
 
 
 # --- a whole network, packed ------------------------------------------------------------------------
@@ -1086,14 +1119,16 @@ def forward_all(X, rows, shift, scale, sizes, ptr_off, nz_off, unit_off,
         if have_csc and colptr[c0 + sizes[l + 1]] > 0 and nb >= BY_COLUMNS_MIN_BATCH:
             forward_cols(colptr[c0:c0 + sizes[l + 1] + 1], rowidx[p0:p1], perm[p0:p1], values[p0:p1],
                          bias[unit_off[l]:unit_off[l + 1]], a, out, np.int64(0), sizes[l + 1], hidden,
-                         alive[:sizes[l + 1]] if hidden else alive[:0])
+                         alive[:sizes[l + 1]] if hidden else alive[:0], nb)
         else:
+            # nb passed, though the rows are packed here: the calls of train_batches pass it, and
+            # one compiled copy of each kernel serves both (each copy costs compile memory)
             sparse_forward(indptr[ptr_off[l]:ptr_off[l + 1]], indices[p0:p1], values[p0:p1],
-                           bias[unit_off[l]:unit_off[l + 1]], a, out, alive)
+                           bias[unit_off[l]:unit_off[l + 1]], a, out, alive, nb)
             if hidden:
-                relu_alive(out, alive)
+                relu_alive(out, alive, nb)
         if not hidden:
-            softmax_inplace(out)
+            softmax_inplace(out, nb)
         a = out
         off = nxt
 
@@ -1108,8 +1143,10 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
     connections only (``backward_rows``, which skips the connections of this batch's dead
     neurons), Nesterov step per layer right after its gradients (the input gradient of a layer
     is computed before its weights change). Buffers are preallocated by the caller:
-    act >= sum(sizes)*batch_size, delta_a/delta_b >= max(sizes)*batch_size,
-    grad >= max layer nnz, bias_grad >= max(sizes[1:]). The last batch may be partial.
+    act >= sum(sizes)*S, delta_a/delta_b >= max(sizes)*S with S = row_stride(batch_size), best
+    aligned to 64 bytes (``packed.aligned_empty``), grad >= max layer nnz, bias_grad >=
+    max(sizes[1:]). The last batch may be partial. A batch's rows lie ``row_stride(nb)`` floats
+    apart; the kernels read and write the first nb of each.
     Returns (sum of sample losses, number of correct training predictions).
 
     The forward pass of a layer that has a CSC copy of its pattern runs by output rows from it
@@ -1142,12 +1179,13 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
         stop = min(start + batch_size, n)
         rows = order[start:stop]
         nb = stop - start
-        a = _level(act, 0, sizes[0], nb)
+        s = row_stride(nb)
+        a = _level(act, 0, sizes[0], s)
         gather_scaled(X, rows, shift, scale, a, tile)
         for l in range(n_layers):
             p0 = nz_off[l]
             p1 = nz_off[l + 1]
-            out = _level(act, level_off[l + 1], sizes[l + 1], nb)
+            out = _level(act, level_off[l + 1], sizes[l + 1], s)
             hidden = l < n_layers - 1
             c0 = unit_off[l] + l
             alive_out = alive[level_off[l + 1]:level_off[l + 2]] if hidden else alive[:0]
@@ -1155,42 +1193,42 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
             if by_cols and threads > 1 and sizes[l + 1] > 1 and (p1 - p0) * nb >= PARALLEL_MIN_WORK:
                 sparse_forward_threads(colptr[c0:c0 + sizes[l + 1] + 1], rowidx[p0:p1], perm[p0:p1],
                                        values[p0:p1], bias[unit_off[l]:unit_off[l + 1]], a, out, hidden, alive_out,
-                                       min(threads, sizes[l + 1]))
+                                       min(threads, sizes[l + 1]), nb)
             elif by_cols and nb >= BY_COLUMNS_MIN_BATCH:
                 # the first row as an int64 value, not the literal 0 (see backward_rows below): a copy of
                 # forward_cols specialised to the constant took 8-10 MiB more compile peak (measured)
                 forward_cols(colptr[c0:c0 + sizes[l + 1] + 1], rowidx[p0:p1], perm[p0:p1], values[p0:p1],
                              bias[unit_off[l]:unit_off[l + 1]], a, out, np.int64(0), sizes[l + 1], hidden,
-                             alive_out)
+                             alive_out, nb)
             else:
                 sparse_forward(indptr[ptr_off[l]:ptr_off[l + 1]], indices[p0:p1], values[p0:p1],
-                               bias[unit_off[l]:unit_off[l + 1]], a, out, alive[level_off[l]:level_off[l + 1]])
+                               bias[unit_off[l]:unit_off[l + 1]], a, out, alive[level_off[l]:level_off[l + 1]], nb)
                 if hidden:
-                    relu_alive(out, alive_out)
+                    relu_alive(out, alive_out, nb)
             if not hidden:
-                softmax_inplace(out)
+                softmax_inplace(out, nb)
             a = out
         c = sizes[n_layers]
-        dy = _level(delta_a, 0, c, nb)
-        probs = _level(act, level_off[n_layers], c, nb)
+        dy = _level(delta_a, 0, c, s)
+        probs = _level(act, level_off[n_layers], c, s)
         # An element loop, not ``dy[:, :] = probs``: numba's slice assignment compiles a formatted
         # shape-mismatch message, about 28 MiB of compile peak (measured), too much for the Zero 2 W.
         for k in range(c):
             for b in range(nb):
                 dy[k, b] = probs[k, b]
-        loss, correct = softmax_xent_backward(dy, y[rows], np.float32(1.0 / nb))
+        loss, correct = softmax_xent_backward(dy, y[rows], np.float32(1.0 / nb), nb)
         total_loss += loss
         total_correct += correct
         use_a = True
         for l in range(n_layers - 1, -1, -1):
             n_in = sizes[l]
-            x = _level(act, level_off[l], n_in, nb)
+            x = _level(act, level_off[l], n_in, s)
             if use_a:
-                dy = _level(delta_a, 0, sizes[l + 1], nb)
-                dx = _level(delta_b, 0, n_in, nb)
+                dy = _level(delta_a, 0, sizes[l + 1], s)
+                dx = _level(delta_b, 0, n_in, s)
             else:
-                dy = _level(delta_b, 0, sizes[l + 1], nb)
-                dx = _level(delta_a, 0, n_in, nb)
+                dy = _level(delta_b, 0, sizes[l + 1], s)
+                dx = _level(delta_a, 0, n_in, s)
             p0 = nz_off[l]
             p1 = nz_off[l + 1]
             lp = indptr[ptr_off[l]:ptr_off[l + 1]]
@@ -1200,18 +1238,18 @@ def train_batches(X, y, order, batch_size, shift, scale, sizes, ptr_off, nz_off,
             alive_out = alive[level_off[l + 1]:level_off[l + 2]]
             if threads > 1 and n_in > 1 and (p1 - p0) * nb >= PARALLEL_MIN_WORK:
                 sparse_backward_threads(lp, indices[p0:p1], values[p0:p1], x, dy, dx, g, alive_in, alive_out,
-                                        l > 0, min(threads, n_in), live)
+                                        l > 0, min(threads, n_in), live, nb)
             else:
                 # first row as an int64 value, not the literal 0: numba would compile a second copy
                 # of the kernels (and their callees) specialised to the constant, about 8 MiB of compile peak
                 first = np.int64(0)
                 backward_rows(lp, indices[p0:p1], values[p0:p1], x, dy, dx, g, first, n_in, alive_in, alive_out,
-                              l > 0, wide_rows(lp), live[:2 * LIVE_CHUNK])
+                              l > 0, wide_rows(lp), live[:2 * LIVE_CHUNK], nb)
             nesterov_step(values[p0:p1], velocity[p0:p1], g, lr, momentum, l2)
             u0 = unit_off[l]
             u1 = unit_off[l + 1]
             bg = bias_grad[:u1 - u0]
-            bias_gradient(dy, bg, alive_out, live)
+            bias_gradient(dy, bg, alive_out, live, nb)
             nesterov_step(bias[u0:u1], bias_velocity[u0:u1], bg, lr, momentum, np.float32(0.0))
             use_a = not use_a
     return total_loss, total_correct

@@ -6,7 +6,8 @@ offsets ``ptr_off`` (into ``indptr``), ``nz_off`` (into ``indices``/``values``) 
 every weight and bias. A layer's connection count never changes during a run, so the offsets are
 fixed and a layer is a set of views into the packed arrays (``layer``): a topology update writes
 straight into them. Activations of a batch of ``nb`` samples live in one flat buffer, level after
-level, each a feature-major ``(n_l, nb)`` block (``level_views``).
+level, each a feature-major ``(n_l, nb)`` block (``level_views``); in training, rows of
+``row_stride(nb)`` floats, of which the first nb hold the samples.
 
 numpy only: the model, the planner and the exporter use the packed form without loading numba.
 """
@@ -122,10 +123,37 @@ class PackedNet(NamedTuple):
 
     def activation_buffer(self, nb: int) -> np.ndarray:
         """A flat float32 buffer for the activations of every level of ``nb`` samples."""
-        return np.empty(int(self.sizes.sum()) * nb, np.float32)
+        return aligned_empty(int(self.sizes.sum()) * nb)
 
 
-def level_views(act: np.ndarray, sizes: np.ndarray, nb: int) -> list:
-    """Per-level (n_l, nb) views of a flat activation buffer laid out as in ``kernels.forward_all``."""
-    bounds = np.concatenate([[0], np.cumsum(sizes)]) * nb
-    return [act[bounds[l]:bounds[l + 1]].reshape(int(sizes[l]), nb) for l in range(sizes.shape[0])]
+# The training loop stores a batch's rows (a level's activations or gradients, one row per neuron)
+# at a stride of whole 64-byte lines from batches of this size on: 112 floats for a batch of 100. The
+# weight gradient reads one row of dy per connection, and a 400-byte row splits most of its vector
+# loads across cache lines: on a 784 x 1000 layer at 45 connections per row, with dy in L2, it took
+# 9.7 ns per connection at a stride of 100 against 5.1 at 112 and 5.4 at 128 (a one-off script,
+# 2-vCPU Intel Xeon; the same bits). The padding is never read nor written. Smaller batches keep
+# their rows packed: the padding would be a larger share of them.
+PADDED_MIN_BATCH = 64
+LINE_FLOATS = 16  # float32 values per 64-byte cache line
+
+
+def row_stride(nb):
+    """The row stride, in floats, of a training batch of ``nb`` samples (``PADDED_MIN_BATCH``)."""
+    return nb if nb < PADDED_MIN_BATCH else (nb + LINE_FLOATS - 1) // LINE_FLOATS * LINE_FLOATS
+
+
+def aligned_empty(n: int) -> np.ndarray:
+    """``np.empty(n, np.float32)`` starting on a 64-byte boundary, so that rows at a stride of whole
+    lines (``row_stride``) start on one too (numpy aligns to 16 bytes only)."""
+    buf = np.empty(n + LINE_FLOATS, np.float32)
+    skip = (-buf.ctypes.data % 64) // 4
+    return buf[skip:skip + n]
+
+
+def level_views(act: np.ndarray, sizes: np.ndarray, nb: int, stride: int | None = None) -> list:
+    """Per-level (n_l, nb) views of a flat activation buffer laid out as in ``kernels.forward_all``,
+    or, with ``stride``, as in ``kernels.train_batches``: rows ``stride`` floats apart, of which the
+    views show the first nb (then not contiguous)."""
+    stride = nb if stride is None else stride
+    bounds = np.concatenate([[0], np.cumsum(sizes)]) * stride
+    return [act[bounds[l]:bounds[l + 1]].reshape(int(sizes[l]), stride)[:, :nb] for l in range(sizes.shape[0])]

@@ -29,7 +29,7 @@ from .evolve import TopologyPolicy
 from .fileio import fault_point
 from .layers import LINEAR_GAIN, RELU_GAIN, SparseLayer, erdos_renyi_layer
 from .model import SparseMLP
-from .packed import CSC_MAX_CONNECTIONS, PackedNet, level_views, no_csc
+from .packed import CSC_MAX_CONNECTIONS, PackedNet, aligned_empty, level_views, no_csc, row_stride
 from .similarity import in_threads
 
 
@@ -273,14 +273,16 @@ class _EpochTrainer:
         self.data, self.config, self.net, self.policy, self.budget = data, config, net, policy, budget
         self.shift, self.scale = shift, scale
         self.bs = bs = min(config.batch_size, train_rows.shape[0])
-        self.act = net.activation_buffer(bs)
-        delta_a = np.empty(int(net.sizes.max()) * bs, np.float32)
+        # Rows at train_batches' stride (packed.row_stride), from 64-byte boundaries.
+        self.act = net.activation_buffer(row_stride(bs))
+        delta_a = aligned_empty(int(net.sizes.max()) * row_stride(bs))
         self.threads = numba.get_num_threads()  # set from the device profile; any count gives the same model
         # The CSC copy of the topology that the forward pass reads by output rows (8 bytes per
         # connection), on any thread count; rebuilt each epoch, as the topology update changes the
         # pattern between epochs. The validation pass and the topology update's sample read it too.
         self.csc = net.csc_buffers()
-        self.buffers = (self.act, delta_a, np.empty_like(delta_a), np.empty(int(np.diff(net.nz_off).max()), np.float32),
+        self.buffers = (self.act, delta_a, aligned_empty(delta_a.shape[0]),
+                        np.empty(int(np.diff(net.nz_off).max()), np.float32),
                         np.empty(int(net.sizes[1:].max()), np.float32), *self.csc)
 
     def _sgd(self, order, start: int, stop: int, chunk: int, sgd, threads: int, epoch: int | None):
@@ -299,7 +301,7 @@ class _EpochTrainer:
             loss += part_loss
             correct += part_correct
             if epoch is not None:
-                self.policy.observe(level_views(self.act, self.net.sizes, n), rows, epoch)
+                self.policy.observe(level_views(self.act, self.net.sizes, n, row_stride(n)), rows, epoch)
             s += n
         return loss, correct, False
 

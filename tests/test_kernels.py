@@ -19,7 +19,7 @@ from reference import (
 
 from ctre_edge import kernels
 from ctre_edge.layers import erdos_renyi_layer
-from ctre_edge.packed import CSC_MAX_CONNECTIONS, PackedNet
+from ctre_edge.packed import CSC_MAX_CONNECTIONS, PackedNet, aligned_empty, row_stride
 
 layer_shapes = st.tuples(st.integers(1, 40), st.integers(1, 40), st.floats(0.05, 20), st.integers(1, 17),
                          st.integers(0, 2**32 - 1))
@@ -469,7 +469,8 @@ def test_train_batches_is_bit_identical_across_thread_counts(rng):
         net = PackedNet.from_layers(layers)
         csc = net.csc_buffers()
         kernels.csc_all(*net[:6], *csc, max_nnz)
-        bufs = (net.activation_buffer(100), np.empty(400 * 100, np.float32), np.empty(400 * 100, np.float32),
+        stride = row_stride(100)  # the rows of a batch of 100 lie 112 floats apart
+        bufs = (net.activation_buffer(stride), np.empty(400 * stride, np.float32), np.empty(400 * stride, np.float32),
                 np.empty(int(np.diff(net.nz_off).max()), np.float32), np.empty(400, np.float32))
         loss, correct = kernels.train_batches(X, y, order, 100, np.zeros(200, np.float32), np.ones(200, np.float32),
                                               *net,
@@ -582,3 +583,91 @@ def test_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
     in_order = np.cumsum(products, axis=1, dtype=np.float32)[:, -1] if batch else g
     if batch > 16:  # the lanes are a different order from the samples', and the test can tell
         assert not np.array_equal(g, in_order)
+
+
+def padded(a, stride):
+    """``a`` (n, nb) copied into rows ``stride`` floats apart whose padding is NaN, and that view."""
+    buf = aligned_empty(a.shape[0] * stride).reshape(a.shape[0], stride)
+    buf[:] = np.nan
+    buf[:, :a.shape[1]] = a
+    return buf
+
+
+@pytest.mark.parametrize("nb", [2, 20, 64, 100, 130])
+def test_kernels_on_padded_rows_give_the_packed_bits(nb, rng):
+    """Every kernel that ``train_batches`` runs on rows at ``row_stride`` takes the samples as ``nb``:
+    on rows padded with NaN it gives the bits it gives on packed rows, and never writes the padding."""
+    stride = (nb + 15) // 16 * 16 + 16  # past the line, so a kernel reading the padding would see NaN
+    wide, short = erdos_renyi_layer(40, 30, 20, rng), erdos_renyi_layer(40, 30, 1, rng)
+    x = np.maximum(rng.normal(size=(40, nb)), 0).astype(np.float32)
+    x[3] = 0.0  # a dead input
+    dy = rng.normal(size=(30, nb)).astype(np.float32)
+
+    def same(a, b):
+        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+        np.testing.assert_array_equal(a.view(np.uint32) if a.dtype == np.float32 else a,
+                                      b.view(np.uint32) if b.dtype == np.float32 else b)
+
+    for layer in (wide, short):
+        colptr, rowidx, perm = (np.empty(31, np.int64), np.empty(layer.nnz, np.int32), np.empty(layer.nnz, np.int32))
+        kernels.csc_from_csr(layer.indptr, layer.indices, colptr, rowidx, perm)
+        xp = padded(x, stride)
+        alive_in = (x != 0).any(axis=1).astype(np.uint8)
+        # forward: by output rows (one and two threads), by input rows, then ReLU, softmax
+        for relu in (False, True):
+            out, flags = np.empty((30, nb), np.float32), np.empty(30, np.uint8)
+            kernels.forward_cols(colptr, rowidx, perm, layer.values, layer.bias, x, out, 0, 30, relu, flags)
+            for threads in (1, 2):
+                outp, flagsp = padded(np.zeros((30, nb), np.float32), stride), np.empty(30, np.uint8)
+                kernels.sparse_forward_threads(colptr, rowidx, perm, layer.values, layer.bias, xp, outp, relu, flagsp,
+                                               threads, nb)
+                same(outp[:, :nb], out)
+                same(flagsp, flags)
+                assert np.isnan(outp[:, nb:]).all()
+        out = np.empty((30, nb), np.float32)
+        kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, x, out, alive_in)
+        outp = padded(np.zeros((30, nb), np.float32), stride)
+        kernels.sparse_forward(layer.indptr, layer.indices, layer.values, layer.bias, xp, outp, alive_in, nb)
+        same(outp[:, :nb], out)
+        assert np.isnan(outp[:, nb:]).all()
+        flags, flagsp = np.empty(30, np.uint8), np.empty(30, np.uint8)
+        kernels.relu_alive(out, flags)
+        kernels.relu_alive(outp, flagsp, nb)
+        same(outp[:, :nb], out)
+        same(flagsp, flags)
+        z, zp = out[:10].copy(), padded(out[:10], stride)
+        kernels.softmax_inplace(z)
+        kernels.softmax_inplace(zp, nb)
+        same(zp[:, :nb], z)
+        labels = rng.integers(0, 10, nb)
+        got = kernels.softmax_xent_backward(z, labels, np.float32(1 / nb))
+        gotp = kernels.softmax_xent_backward(zp, labels, np.float32(1 / nb), nb)
+        assert got == gotp
+        same(zp[:, :nb], z)
+        assert np.isnan(zp[:, nb:]).all()
+        # backward: weight and input gradients, wide and short rows, one and two threads
+        dyp = padded(dy, stride)
+        alive_out = (dy != 0).any(axis=1).astype(np.uint8)
+        live = np.empty(2 * kernels.LIVE_CHUNK * 2, np.int64)
+        for compute_dx in (False, True):
+            grad, dx = np.empty(layer.nnz, np.float32), np.empty((40, nb), np.float32)
+            kernels.sparse_backward_threads(layer.indptr, layer.indices, layer.values, x, dy, dx, grad, alive_in,
+                                            alive_out, compute_dx, 1, live)
+            for threads in (1, 2):
+                gradp, dxp = np.empty(layer.nnz, np.float32), padded(np.zeros((40, nb), np.float32), stride)
+                kernels.sparse_backward_threads(layer.indptr, layer.indices, layer.values, xp, dyp, dxp, gradp,
+                                                alive_in, alive_out, compute_dx, threads, live, nb)
+                same(gradp, grad)
+                if compute_dx:
+                    same(dxp[:, :nb], dx)
+                assert np.isnan(dxp[:, nb:]).all()
+        bg, bgp = np.empty(30, np.float32), np.empty(30, np.float32)
+        kernels.bias_gradient(dy, bg, alive_out, live)
+        kernels.bias_gradient(dyp, bgp, alive_out, live, nb)
+        same(bgp, bg)
+
+
+def test_row_stride_pads_large_batches_to_whole_lines():
+    assert [row_stride(n) for n in (1, 2, 63, 64, 65, 100, 112, 113)] == [1, 2, 63, 64, 80, 112, 112, 128]
+    assert all(kernels.row_stride(n) == row_stride(n) for n in range(1, 600))  # the compiled twin
+    assert aligned_empty(1000).ctypes.data % 64 == 0

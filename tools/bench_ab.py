@@ -57,7 +57,7 @@ def main(argv=None):
     import numpy as np
 
     from ctre_edge.data import load_data
-    from ctre_edge.packed import CSC_MAX_CONNECTIONS, PackedNet
+    from ctre_edge.packed import CSC_MAX_CONNECTIONS, PackedNet, aligned_empty
     from ctre_edge.train import init_layers
 
     print(machine_header())
@@ -86,8 +86,10 @@ def main(argv=None):
                     csc = net.csc_buffers()
                     if csc[0].shape[0]:  # empty when no layer is small enough to have one
                         K.csc_all(*net[:6], *csc, CSC_MAX_CONNECTIONS)
-                bufs = (net.activation_buffer(bs), np.empty(max(sizes) * bs, np.float32),
-                        np.empty(max(sizes) * bs, np.float32), np.empty(int(np.diff(net.nz_off).max()), np.float32),
+                # Kernels since 2026-12-07 store a batch's rows at a stride of whole cache lines.
+                stride = K.row_stride(bs) if hasattr(K, "row_stride") else bs
+                bufs = (net.activation_buffer(stride), aligned_empty(max(sizes) * stride),
+                        aligned_empty(max(sizes) * stride), np.empty(int(np.diff(net.nz_off).max()), np.float32),
                         np.empty(max(sizes[1:]), np.float32))
                 t = time.perf_counter()
                 K.train_batches(d.X, d.y, order, bs, shift, scale, *net, *bufs, *csc, np.float32(0.01),

@@ -36,7 +36,8 @@ for eps in json.loads(sys.argv[2]):
     rng = np.random.default_rng(0)
     net = PackedNet.from_layers(init_layers([784, 1000, 1000, 1000, 10], eps, rng))
     bs = 100
-    bufs = (net.activation_buffer(bs), np.empty(1000 * bs, np.float32), np.empty(1000 * bs, np.float32),
+    st = K.row_stride(bs) if hasattr(K, "row_stride") else bs  # rows at a stride of whole lines since 2026-12-07
+    bufs = (net.activation_buffer(st), np.empty(1000 * st, np.float32), np.empty(1000 * st, np.float32),
             np.empty(int(np.diff(net.nz_off).max()), np.float32), np.empty(1000, np.float32))
     shift, scale = np.zeros(784, np.float32), np.full(784, 1 / 255, np.float32)
     # Kernels after the rewrite take a (here empty: serial) CSC copy of the pattern.

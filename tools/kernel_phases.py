@@ -41,12 +41,26 @@ def phase_child(spec: dict) -> dict:
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
+    # Kernels since 2026-12-07 take the samples as an argument and run, as in training, on rows at a
+    # stride of whole 64-byte lines (``row_stride``, 112 floats for a batch of 100), from aligned buffers.
+    strided = hasattr(kernels, "row_stride")
+    stride = kernels.row_stride(nb) if strided else nb
+    count = (nb,) if strided else ()
+
+    def rows_of(n, values=None):
+        buf = np.empty(n * stride + 16, np.float32)
+        skip = (-buf.ctypes.data % 64) // 4
+        a = buf[skip:skip + n * stride].reshape(n, stride)
+        if values is not None:
+            a[:, :nb] = values
+        return a
+
     rows = []
     for l in range(len(sizes) - 1):
         layer = erdos_renyi_layer(sizes[l], sizes[l + 1], spec["epsilon"], rng)
-        x = np.maximum(rng.normal(size=(sizes[l], nb)), 0).astype(np.float32)
-        dy = rng.normal(size=(sizes[l + 1], nb)).astype(np.float32)
-        out, dx, grad = np.empty_like(dy), np.empty_like(x), np.empty(layer.nnz, np.float32)
+        x = rows_of(sizes[l], np.maximum(rng.normal(size=(sizes[l], nb)), 0))
+        dy = rows_of(sizes[l + 1], rng.normal(size=(sizes[l + 1], nb)))
+        out, dx, grad = rows_of(sizes[l + 1]), rows_of(sizes[l]), np.empty(layer.nnz, np.float32)
         a = (layer.indptr, layer.indices, layer.values)
         row = {"layer": f"{sizes[l]}x{sizes[l + 1]}", "nnz": layer.nnz}
         if split:
@@ -54,14 +68,14 @@ def phase_child(spec: dict) -> dict:
             kernels.csc_from_csr(layer.indptr, layer.indices, *csc)
             flags_out = (np.empty(sizes[l + 1], np.uint8),) if flags_arg else ()  # relu_alive's, fused
             row["forward"] = median_seconds(lambda: kernels.sparse_forward_threads(
-                *csc, layer.values, layer.bias, x, out, True, *flags_out, threads))
+                *csc, layer.values, layer.bias, x, out, True, *flags_out, threads, *count))
             if skips:  # flags of dead neurons (random activations have none) and list scratch
                 flags = (np.ones(sizes[l], np.uint8), np.ones(sizes[l + 1], np.uint8))
                 live = np.empty(2 * kernels.LIVE_CHUNK * threads, np.int64)
                 row["weight gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
-                    *a, x, dy, dx, grad, *flags, False, threads, live))
+                    *a, x, dy, dx, grad, *flags, False, threads, live, *count))
                 row["weight + input gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
-                    *a, x, dy, dx, grad, *flags, True, threads, live))
+                    *a, x, dy, dx, grad, *flags, True, threads, live, *count))
             else:
                 row["weight gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
                     *a, x, dy, dx, grad, False, False, threads))
