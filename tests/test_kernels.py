@@ -141,6 +141,17 @@ def test_gather_scaled_keeps_uint8_and_scales(dtype, rng):
        st.integers(1, 16), st.integers(0, 2**32 - 1), st.integers(1, 3))
 def test_train_batches_equals_reference_sgd(sizes, eps, n, batch, seed, threads):
     """The fused minibatch loop equals a float64 dense-masked forward/backward/Nesterov step per batch."""
+    check_train_batches_against_reference(sizes, eps, n, batch, seed, threads)
+
+
+@pytest.mark.parametrize("batch", [63, 64, 65, 100])
+def test_train_batches_with_padded_rows_equals_reference_sgd(batch):
+    """Batches of 64 and more keep their rows at ``row_stride`` (65 -> 80, 100 -> 112), smaller ones
+    packed; 150 rows end with a smaller batch (100 + 50, 65 + 65 + 20), so one run has both."""
+    check_train_batches_against_reference([30, 25, 20, 4], 3.0, 150, batch, 7, 2)
+
+
+def check_train_batches_against_reference(sizes, eps, n, batch, seed, threads):
     rng = np.random.default_rng(seed)
     sizes[-1] = max(sizes[-1], 2)
     layers = [erdos_renyi_layer(sizes[l], sizes[l + 1], eps, rng) for l in range(len(sizes) - 1)]
@@ -153,9 +164,10 @@ def test_train_batches_equals_reference_sgd(sizes, eps, n, batch, seed, threads)
     shift = np.zeros(sizes[0], np.float32)
     scale = np.ones(sizes[0], np.float32)
     order = rng.permutation(n)
-    act = np.empty(sum(sizes) * batch, np.float32)
-    da = np.empty(max(sizes) * batch, np.float32)
-    db = np.empty_like(da)
+    stride = row_stride(batch)
+    act = aligned_empty(sum(sizes) * stride)
+    da = aligned_empty(max(sizes) * stride)
+    db = aligned_empty(max(sizes) * stride)
     grad = np.empty(int(np.diff(net.nz_off).max()), np.float32)
     bg = np.empty(max(sizes[1:]), np.float32)
     csc = net.csc_buffers()
