@@ -138,7 +138,7 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         # when a layer is small enough to use it (packed.uses_csc).
         "model": per_layer + snapshot + biases + 4 * max(nnz) + 4 * max(sizes[1:])
         + (8 * sum(nnz) + 8 * (sum(sizes[1:]) + n_layers) if uses_csc(nnz) else 0),
-        "batch": 4 * row_stride(b) * units + 8 * row_stride(b) * widest,  # rows padded to whole lines
+        "batch": (4 * units + 8 * widest) * row_stride(b),  # rows padded to whole lines
         "update": UPDATE_BYTES_PER_CONNECTION * max(nnz),
     }
     # Evaluation buffers hold at most as many rows as the larger of the parts they evaluate, but

@@ -47,7 +47,7 @@ def phase_child(spec: dict) -> dict:
     stride = kernels.row_stride(nb) if strided else nb
     count = (nb,) if strided else ()
 
-    def rows_of(n, values=None):
+    def rows_of(n, values=None):  # packed.aligned_empty's steps: older checkouts have no such function
         buf = np.empty(n * stride + 16, np.float32)
         skip = (-buf.ctypes.data % 64) // 4
         a = buf[skip:skip + n * stride].reshape(n, stride)
