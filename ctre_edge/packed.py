@@ -130,8 +130,8 @@ class PackedNet(NamedTuple):
 # at a stride of whole 64-byte lines from batches of this size on: 112 floats for a batch of 100. The
 # weight gradient reads one row of dy per connection, and a 400-byte row splits most of its vector
 # loads across cache lines: on a 784 x 1000 layer at 45 connections per row, with dy in L2, it took
-# 9.7 ns per connection at a stride of 100 against 5.1 at 112 and 5.4 at 128 (a one-off script,
-# 2-vCPU Intel Xeon; the same bits). The padding is never read nor written. Smaller batches keep
+# 8.0-11.4 ns per connection at a stride of 100 against 5.4-9.4 at 112 in four runs of
+# tools/bench_stride.py (2-vCPU Intel Xeon; the same bits). The padding is never read nor written. Smaller batches keep
 # their rows packed: the padding would be a larger share of them.
 PADDED_MIN_BATCH = 64
 LINE_FLOATS = 16  # float32 values per 64-byte cache line

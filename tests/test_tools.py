@@ -240,3 +240,10 @@ def test_bench_huge_smoke():
     assert len(rows) == 1 and "SYNTHETIC" in r.stdout and "3312-300-300-300-5" in r.stdout
     measured, predicted = float(rows[0][4].replace(",", "")), float(rows[0][5].replace(",", ""))
     assert measured > 0 and predicted > 0 and rows[0][7] == "yes", rows
+
+
+def test_bench_stride_times_every_stride_with_the_same_bits():
+    r = run_tool("bench_stride.py", "--outputs", "64,300", "--per-row", "9", "--repeats", "2")
+    rows = table_rows(r.stdout)
+    assert [row[0] for row in rows] == ["64", "300"]
+    assert all(float(c) > 0 for row in rows for c in row[2:5]) and all(row[5] == "yes" for row in rows), rows
