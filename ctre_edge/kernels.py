@@ -52,32 +52,86 @@ def _opaque_one(n):
     return m / m
 
 
-# Samples per tile of ``gather_scaled``: a sample's features, contiguous in X, become a column of
-# ``out``, a store per cache line of ``out`` for each one; eight samples at a time, first scaled into a
-# small row-major tile (SIMD over the features), fill eight floats of each line of ``out`` per visit.
-GATHER_TILE = 8
+# ``gather_scaled`` turns samples (rows of X) into columns of ``out``. It scales the first
+# GATHER_CHUNK features of GATHER_TILE samples into a small row-major tile (SIMD over the features,
+# the tile in L1), then moves the tile into ``out`` in 16 x 16 blocks transposed in registers (``transpose_block``),
+# and so on along the features. Element by element, the transposition took about two thirds of
+# the gather: 33-37 us for a batch of 100 MNIST samples already in cache against 24 with the blocks,
+# 60-85 against 45-49 us from memory (a one-off script, 2-vCPU Intel Xeon).
+GATHER_TILE = 16
+GATHER_CHUNK = 256
+
+
+def _transpose_codegen(context, builder, sig, args):
+    vec = ir.VectorType(ir.FloatType(), LANES)
+    i32v = ir.VectorType(ir.IntType(32), LANES)
+    int64, data = _arg_readers(context, builder, sig, args)
+
+    def row(base, off, ld, t):
+        return builder.bitcast(builder.gep(base, [builder.add(off, builder.mul(ld, ir.Constant(ir.IntType(64), t)))]),
+                               vec.as_pointer())
+
+    v = [builder.load(row(data(0), int64(1), int64(2), t), align=4) for t in range(LANES)]
+    # Swap the off-diagonal h x h blocks of every 2h x 2h block, h = 8, 4, 2, 1: rows t and t + h
+    # trade row t's lanes c with bit h set for row t + h's lanes c - h.
+    h = LANES // 2
+    while h >= 1:
+        low = ir.Constant(i32v, [c if c & h == 0 else LANES + c - h for c in range(LANES)])
+        high = ir.Constant(i32v, [c + h if c & h == 0 else LANES + c for c in range(LANES)])
+        w = list(v)
+        for t in range(LANES):
+            if t & h == 0:
+                w[t] = builder.shuffle_vector(v[t], v[t + h], low)
+                w[t + h] = builder.shuffle_vector(v[t], v[t + h], high)
+        v = w
+        h //= 2
+    for u in range(LANES):
+        builder.store(v[u], row(data(3), int64(4), int64(5), u), align=4)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def transpose_block(typingctx, src, s_off, s_ld, dst, d_off, d_ld):
+    """An intrinsic: dst.flat[d_off + u * d_ld + t] = src.flat[s_off + t * s_ld + u] for t, u < 16,
+    a 16 x 16 block moved transposed through registers (shuffles only, so every bit is kept).
+    src and dst: C-contiguous float32 arrays that do not overlap."""
+    if _f32_c_array(src) and _f32_c_array(dst):
+        return types.none(src, s_off, s_ld, dst, d_off, d_ld), _transpose_codegen
+    return None
 
 
 @njit(cache=True)
 def gather_scaled(X, rows, shift, scale, out, tile):
-    """out[f, b] = (float32(X[rows[b], f]) - shift[f]) * scale[f]; out has shape (n_features, len(rows)).
+    """out[f, b] = (float32(X[rows[b], f]) - shift[f]) * scale[f] for b < len(rows); out:
+    C-contiguous (n_features, >= len(rows)), its other columns untouched.
 
     X may be any numeric dtype (uint8 stays uint8 in memory and is scaled per batch). ``tile``:
     float32 scratch of shape (GATHER_TILE, n_features), so that a caller that gathers every batch
-    allocates it once. Each element is computed alone, so the tiling changes no bit. At batch 100
-    on MNIST the tiles took 100 instead of 155 us per batch (a one-off script, 2-vCPU AMD EPYC).
+    allocates it once. Each element is computed alone and moved unchanged, so the tiling changes no bit.
     """
     nb = rows.shape[0]
     nf = out.shape[0]
+    so = out.shape[1]
+    lt = tile.shape[1]
     b0 = 0
     while b0 + GATHER_TILE <= nb:
-        for t in range(GATHER_TILE):
-            r = rows[b0 + t]
-            for f in range(nf):
-                tile[t, f] = (np.float32(X[r, f]) - shift[f]) * scale[f]
-        for f in range(nf):
+        for f0 in range(0, nf, GATHER_CHUNK):
+            f1 = min(f0 + GATHER_CHUNK, nf)
+            # Over slices, not X[r, f0 + g]: LLVM vectorised the loop only in this form (5x faster).
+            sh = shift[f0:f1]
+            sc = scale[f0:f1]
             for t in range(GATHER_TILE):
-                out[f, b0 + t] = tile[t, f]
+                xr = X[rows[b0 + t], f0:f1]
+                tr = tile[t]
+                for g in range(f1 - f0):
+                    tr[g] = (np.float32(xr[g]) - sh[g]) * sc[g]
+            f = f0
+            while f + LANES <= f1:
+                transpose_block(tile, f - f0, lt, out, f * so + b0, so)
+                f += LANES
+            for g in range(f, f1):
+                for t in range(GATHER_TILE):
+                    out[g, b0 + t] = tile[t, g - f0]
         b0 += GATHER_TILE
     for b in range(b0, nb):
         r = rows[b]

@@ -1,5 +1,6 @@
 """Each numba kernel against its dense-masked numpy twin (tests/reference.py)."""
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -122,18 +123,34 @@ def test_softmax_and_cross_entropy(rng):
     close(p, expected / 12)
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
-def test_gather_scaled_keeps_uint8_and_scales(dtype, rng):
-    X = rng.integers(0, 256, size=(30, 9)).astype(dtype)
-    shift = rng.normal(size=9).astype(np.float32)
-    scale = rng.random(9).astype(np.float32)
-    tile = np.empty((kernels.GATHER_TILE, 9), np.float32)
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+@pytest.mark.parametrize("nf", [9, 16, 37, kernels.GATHER_CHUNK + 21])  # no, one, some 16-blocks; two chunks
+def test_gather_scaled_keeps_uint8_and_scales(dtype, nf, rng):
+    X = rng.integers(0, 256, size=(30, nf)).astype(dtype)
+    shift = rng.normal(size=nf).astype(np.float32)
+    scale = rng.random(nf).astype(np.float32)
+    tile = np.empty((kernels.GATHER_TILE, nf), np.float32)
     for n in (0, 1, 4, kernels.GATHER_TILE, 2 * kernels.GATHER_TILE + 3):  # whole tiles and the rest
         rows = rng.integers(0, 30, size=n)
-        out = np.full((9, n), 7.0, np.float32)
-        kernels.gather_scaled(X, rows, shift, scale, out, tile)
-        want = (X[rows].astype(np.float32) - shift) * scale
-        np.testing.assert_array_equal(out.T.view(np.uint32), want.view(np.uint32))
+        for width in (n, n + 5):  # rows of out longer than the batch keep their other columns
+            out = np.full((nf, width), 7.0, np.float32)
+            kernels.gather_scaled(X, rows, shift, scale, out, tile)
+            want = (X[rows].astype(np.float32) - shift) * scale
+            np.testing.assert_array_equal(out[:, :n].T.view(np.uint32), want.view(np.uint32))
+            assert (out[:, n:] == 7.0).all()
+
+
+def test_transpose_block_moves_a_block_transposed(rng):
+    @numba.njit
+    def move(src, s_off, s_ld, dst, d_off, d_ld):
+        kernels.transpose_block(src, s_off, s_ld, dst, d_off, d_ld)
+
+    src = rng.normal(size=(20, 40)).astype(np.float32)
+    dst = np.full((30, 50), np.nan, np.float32)
+    move(src, 3 * 40 + 5, 40, dst, 7 * 50 + 2, 50)
+    want = np.full_like(dst, np.nan)
+    want[7:23, 2:18] = src[3:19, 5:21].T
+    np.testing.assert_array_equal(dst, want)
 
 
 @settings(max_examples=25, deadline=None)
