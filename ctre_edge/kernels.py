@@ -1463,6 +1463,11 @@ def neuron_kinds(a, inv, out):
     # Branch-free min/max reductions: an early exit on the first odd value was 10x slower. Over the
     # bits as int32: for finite floats |v| orders as its bits with the sign cleared, and integer
     # reductions vectorise where float ones (NaN rules) do not. Inputs are finite: inv is not NaN.
+    # Every step cast back to int32 (numba widens int32 arithmetic to int64) and the sign as a
+    # minimum rather than a boolean OR: vectorised on 32-bit lanes, 0.18 against 0.44 ms for 1000 x
+    # 1000 activations (a one-off script, Intel Xeon), a third of the activation sample's norms.
+    big = np.int32(0x7FFFFFFF)
+    sign = np.int32(-0x80000000)  # the bits of -0.0
     bits = a.view(np.int32)
     lo_bits = np.int32(97 << 23)  # float32 2**-30 (RANGE_LO): exponent 127 - 30, mantissa 0
     hi_bits = np.int32(157 << 23)  # float32 2**30 (RANGE_HI)
@@ -1473,16 +1478,16 @@ def neuron_kinds(a, inv, out):
         if inv[i] < 1.0 / RANGE_HI:
             out[i] = KIND_IRREGULAR
             continue
-        low, high, negative = np.int32(0x7FFFFFFF), np.int32(0), False
+        low, high, least = big, np.int32(0), np.int32(0)
         for s in range(a.shape[1]):
             v = bits[i, s]
-            m = v & np.int32(0x7FFFFFFF)
-            high = max(high, m)
-            low = min(low, m if m != 0 else np.int32(0x7FFFFFFF))
-            negative |= (v < 0) & (m != 0)  # -0.0 is not negative
+            m = np.int32(v & big)
+            high = np.int32(max(high, m))
+            low = np.int32(min(low, m if m != 0 else big))
+            least = np.int32(min(least, v if v != sign else np.int32(0)))  # negative, -0.0 aside
         if low < lo_bits or high > hi_bits:
             out[i] = KIND_IRREGULAR
-        elif negative:
+        elif least < 0:
             out[i] = KIND_SIGNED
         else:
             out[i] = KIND_NONNEG
