@@ -261,13 +261,9 @@ def test_thread_count_does_not_change_the_model(tmp_path):
     assert files[0] == files[1] == files[2]
 
 
-def live_scratch(threads=1):
-    return np.empty(2 * kernels.LIVE_CHUNK * threads, np.int64)
-
-
 def backward_rows(layer, x, dy, dx, g, alive_in, alive_out, compute_dx, wide):
     kernels.backward_rows(layer.indptr, layer.indices, layer.values, x, dy, dx, g, 0, layer.n_in, alive_in, alive_out,
-                          compute_dx, wide, live_scratch())
+                          compute_dx, wide)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
@@ -282,7 +278,7 @@ def test_sparse_backward_threads_equals_serial_bit_for_bit(threads, rng):
         kernels.sparse_backward(*a, want_dx, want_g, True)
         want_dx[x <= 0] = 0
         alive = (np.ones(57, np.uint8), np.ones(40, np.uint8))
-        kernels.sparse_backward_threads(*a, got_dx, got_g, *alive, True, threads, live_scratch(threads))
+        kernels.sparse_backward_threads(*a, got_dx, got_g, *alive, True, threads)
         np.testing.assert_array_equal(got_dx, want_dx)
         np.testing.assert_array_equal(got_g, want_g)
 
@@ -329,7 +325,7 @@ def test_backward_on_live_connections_gives_the_same_bits(shape, dead_in, dead_o
         for threads in (1, 3):
             g, dx = np.full(layer.nnz, 7.0, np.float32), np.full_like(x, 7.0)
             kernels.sparse_backward_threads(layer.indptr, layer.indices, layer.values, x, dy, dx, g, alive_in,
-                                            alive_out, True, threads, live_scratch(threads))
+                                            alive_out, True, threads)
             np.testing.assert_array_equal(g, want_g)
             np.testing.assert_array_equal(dx, want_dx)
         for wide in (False, True):
@@ -401,9 +397,9 @@ def test_relu_alive_flags_neurons_with_any_nonzero_value_and_keeps_nan():
     assert np.signbit(h[1, 0])  # -0 stays -0, as the comparison-based ReLU left it
 
 
-def test_backward_on_live_connections_across_chunks_and_over_long_rows(rng):
-    """The live connections fill several chunks of the list, and one row is longer than a chunk."""
-    n_in, n_out, batch = 3000, kernels.LIVE_CHUNK * 2 + 300, 9
+def test_backward_on_live_connections_over_long_rows(rng):
+    """A layer of short rows (the loop that skips dead outputs) with one row over every output."""
+    n_in, n_out, batch = 3000, 2348, 9
     layer = erdos_renyi_layer(n_in, n_out, 1, rng)
     dense_row = np.arange(n_out, dtype=np.int32)  # input row 5 connects to every output
     indices = np.concatenate([layer.indices[:layer.indptr[5]], dense_row, layer.indices[layer.indptr[6]:]])
@@ -570,9 +566,9 @@ def test_forward_all_from_the_csc_copy_gives_the_same_bits(rng):
 def test_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
     """The weight gradient's order (lanes b mod 16, a short last chunk, then the tree) at batch
     sizes around the lane width, in the wide loops on rows of 1 to 13 connections (the 4-at-a-time
-    loop and its tail; dx as in the narrow loops) and in the list of live connections (4 at a time
-    and the rest), bit for bit with -0 among the products. At a batch of two both loops are
-    scalar code (``_backward_rows_of_two``, and the list's), reached through ``backward_rows``."""
+    loop and its tail; dx as in the narrow loops) and in the loop that skips dead outputs (one
+    connection at a time), bit for bit with -0 among the products. At a batch of two both are
+    scalar code (``_backward_rows_of_two``), reached through ``backward_rows``."""
     lengths = np.array([1, 2, 3, 4, 5, 7, 8, 9] + [13] * 22)
     indices = np.concatenate([np.sort(rng.choice(50, n, replace=False)) for n in lengths]).astype(np.int32)
     layer = erdos_renyi_layer(30, 50, 1, rng)
@@ -599,7 +595,7 @@ def test_weight_gradient_adds_in_16_lanes_then_a_fixed_tree(batch, rng):
     np.testing.assert_array_equal(dx[3:10], np.where(x > 0, want_dx, 0)[3:10])
     assert (dx[:3] == 7).all() and (dx[10:] == 7).all()
     for alive_in, alive_out in (((x > 0).any(1), (dy != 0).any(1)), (np.ones(30), np.ones(50))):
-        for wide in (False, True):  # the list of live connections; the rows, skipping dead ones
+        for wide in (False, True):  # one connection at a time, skipping dead outputs; four at a time
             g, dx = np.full(layer.nnz, 7.0, np.float32), np.full_like(x, 7.0)
             backward_rows(layer, x, dy, dx, g, alive_in.astype(np.uint8), alive_out.astype(np.uint8), True, wide)
             np.testing.assert_array_equal(g.view(np.uint32), want_g.view(np.uint32))
@@ -677,15 +673,15 @@ def test_kernels_on_padded_rows_give_the_packed_bits(nb, rng):
         # backward: weight and input gradients, wide and short rows, one and two threads
         dyp = padded(dy, stride)
         alive_out = (dy != 0).any(axis=1).astype(np.uint8)
-        live = np.empty(2 * kernels.LIVE_CHUNK * 2, np.int64)
+        live = np.empty(kernels.LIVE_CHUNK, np.int64)
         for compute_dx in (False, True):
             grad, dx = np.empty(layer.nnz, np.float32), np.empty((40, nb), np.float32)
             kernels.sparse_backward_threads(layer.indptr, layer.indices, layer.values, x, dy, dx, grad, alive_in,
-                                            alive_out, compute_dx, 1, live)
+                                            alive_out, compute_dx, 1)
             for threads in (1, 2):
                 gradp, dxp = np.empty(layer.nnz, np.float32), padded(np.zeros((40, nb), np.float32), stride)
                 kernels.sparse_backward_threads(layer.indptr, layer.indices, layer.values, xp, dyp, dxp, gradp,
-                                                alive_in, alive_out, compute_dx, threads, live, nb)
+                                                alive_in, alive_out, compute_dx, threads, nb)
                 same(gradp, grad)
                 if compute_dx:
                     same(dxp[:, :nb], dx)

@@ -56,7 +56,6 @@ def main(argv=None):
         x0 = np.maximum(rng.normal(size=(n_in, BATCH)), 0).astype(np.float32)
         dy0 = rng.normal(size=(n_out, BATCH)).astype(np.float32)
         flags_in, flags_out = np.ones(n_in, np.uint8), np.ones(n_out, np.uint8)
-        live = np.empty(2 * kernels.LIVE_CHUNK, np.int64)
         cells, grads = [], []
         for stride in strides:
             x, dy, dx = rows_at(x0, stride), rows_at(dy0, stride), rows_at(np.zeros_like(x0), stride)
@@ -64,7 +63,7 @@ def main(argv=None):
 
             def call():
                 kernels.sparse_backward_threads(indptr, indices, values, x, dy, dx, grad, flags_in, flags_out,
-                                                False, 1, live, BATCH)
+                                                False, 1, BATCH)
 
             call()
             best = float("inf")

@@ -71,11 +71,13 @@ def phase_child(spec: dict) -> dict:
                 *csc, layer.values, layer.bias, x, out, True, *flags_out, threads, *count))
             if skips:  # flags of dead neurons (random activations have none) and list scratch
                 flags = (np.ones(sizes[l], np.uint8), np.ones(sizes[l + 1], np.uint8))
-                live = np.empty(2 * kernels.LIVE_CHUNK * threads, np.int64)
+                # Kernels from 2026-12-01 to 2026-12-07 took scratch for their lists of live connections.
+                listed = "live" in inspect.signature(kernels.sparse_backward_threads.py_func).parameters
+                live = (np.empty(2 * kernels.LIVE_CHUNK * threads, np.int64),) if listed else ()
                 row["weight gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
-                    *a, x, dy, dx, grad, *flags, False, threads, live, *count))
+                    *a, x, dy, dx, grad, *flags, False, threads, *live, *count))
                 row["weight + input gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
-                    *a, x, dy, dx, grad, *flags, True, threads, live, *count))
+                    *a, x, dy, dx, grad, *flags, True, threads, *live, *count))
             else:
                 row["weight gradient"] = median_seconds(lambda: kernels.sparse_backward_threads(
                     *a, x, dy, dx, grad, False, False, threads))
