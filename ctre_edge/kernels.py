@@ -1022,43 +1022,45 @@ def bias_gradient(dy, out, alive, live, nb=-1):
                 out[j] = z
             j += 1
         q = 0
-        while q < m and nb < 2 * LANES:  # short rows: eight scalar chains at a time, the same sums
-            r0 = live[q]
-            if q + 8 <= m:
-                r1, r2, r3, r4, r5, r6, r7 = (live[q + 1], live[q + 2], live[q + 3], live[q + 4], live[q + 5],
-                                              live[q + 6], live[q + 7])
-                s0, s1, s2, s3, s4, s5, s6, s7 = z, z, z, z, z, z, z, z
-                for b in range(nb):
-                    s0 += dy[r0, b]
-                    s1 += dy[r1, b]
-                    s2 += dy[r2, b]
-                    s3 += dy[r3, b]
-                    s4 += dy[r4, b]
-                    s5 += dy[r5, b]
-                    s6 += dy[r6, b]
-                    s7 += dy[r7, b]
-                out[r0], out[r1], out[r2], out[r3] = s0, s1, s2, s3
-                out[r4], out[r5], out[r6], out[r7] = s4, s5, s6, s7
-                q += 8
-            else:
-                s0 = z
-                for b in range(nb):
-                    s0 += dy[r0, b]
-                out[r0] = s0
-                q += 1
-        while q < m:
-            # A short last group repeats its last neuron; each sum is written once.
-            r = (live[q], live[min(q + 1, m - 1)], live[min(q + 2, m - 1)], live[min(q + 3, m - 1)],
-                 live[min(q + 4, m - 1)], live[min(q + 5, m - 1)], live[min(q + 6, m - 1)], live[min(q + 7, m - 1)],
-                 live[min(q + 8, m - 1)], live[min(q + 9, m - 1)], live[min(q + 10, m - 1)],
-                 live[min(q + 11, m - 1)], live[min(q + 12, m - 1)], live[min(q + 13, m - 1)],
-                 live[min(q + 14, m - 1)], live[min(q + 15, m - 1)])
-            sums = row_sums16(dy, (r[0] * sy, r[1] * sy, r[2] * sy, r[3] * sy, r[4] * sy, r[5] * sy, r[6] * sy,
-                                   r[7] * sy, r[8] * sy, r[9] * sy, r[10] * sy, r[11] * sy, r[12] * sy, r[13] * sy,
-                                   r[14] * sy, r[15] * sy), nb)
-            for u in range(min(LANES, m - q)):
-                out[r[u]] = sums[u]
-            q += LANES
+        if nb < 2 * LANES:  # short rows: eight scalar chains at a time, the same sums
+            while q < m:
+                r0 = live[q]
+                if q + 8 <= m:
+                    r1, r2, r3, r4, r5, r6, r7 = (live[q + 1], live[q + 2], live[q + 3], live[q + 4], live[q + 5],
+                                                  live[q + 6], live[q + 7])
+                    s0, s1, s2, s3, s4, s5, s6, s7 = z, z, z, z, z, z, z, z
+                    for b in range(nb):
+                        s0 += dy[r0, b]
+                        s1 += dy[r1, b]
+                        s2 += dy[r2, b]
+                        s3 += dy[r3, b]
+                        s4 += dy[r4, b]
+                        s5 += dy[r5, b]
+                        s6 += dy[r6, b]
+                        s7 += dy[r7, b]
+                    out[r0], out[r1], out[r2], out[r3] = s0, s1, s2, s3
+                    out[r4], out[r5], out[r6], out[r7] = s4, s5, s6, s7
+                    q += 8
+                else:
+                    s0 = z
+                    for b in range(nb):
+                        s0 += dy[r0, b]
+                    out[r0] = s0
+                    q += 1
+        else:
+            while q < m:
+                # A short last group repeats its last neuron; each sum is written once.
+                r = (live[q], live[min(q + 1, m - 1)], live[min(q + 2, m - 1)], live[min(q + 3, m - 1)],
+                     live[min(q + 4, m - 1)], live[min(q + 5, m - 1)], live[min(q + 6, m - 1)], live[min(q + 7, m - 1)],
+                     live[min(q + 8, m - 1)], live[min(q + 9, m - 1)], live[min(q + 10, m - 1)],
+                     live[min(q + 11, m - 1)], live[min(q + 12, m - 1)], live[min(q + 13, m - 1)],
+                     live[min(q + 14, m - 1)], live[min(q + 15, m - 1)])
+                sums = row_sums16(dy, (r[0] * sy, r[1] * sy, r[2] * sy, r[3] * sy, r[4] * sy, r[5] * sy, r[6] * sy,
+                                       r[7] * sy, r[8] * sy, r[9] * sy, r[10] * sy, r[11] * sy, r[12] * sy, r[13] * sy,
+                                       r[14] * sy, r[15] * sy), nb)
+                for u in range(min(LANES, m - q)):
+                    out[r[u]] = sums[u]
+                q += LANES
 
 
 @njit(cache=True)
