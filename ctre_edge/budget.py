@@ -160,14 +160,15 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         # (Exact ones sit in the validation buffer where that holds S rows, evolve.sample_activations;
         # counted here all the same, so the plan never grows when --fit shrinks the evaluation batch.)
         held = 8 * units * shape.sketch_dim if shape.sketch_dim else 4 * s * units
-        # + copies of a layer's live neurons (similarity._live_problem), at most the workspace. In exact
-        # scoring, where every layer's scores fit a thread's share of the workspace, as many layers as
-        # threads may be scored at once, each with its copies, and they keep their picks (16 bytes
-        # each) until their drops have run (evolve.TopologyPolicy._whole_layer_pickers).
+        # Sketch: + copies of a layer's live neurons' sketches (similarity._live_levels), at most the
+        # workspace. Exact: none, each level's live rows are packed in place (evolve.sample_activations);
+        # where every layer's scores fit a thread's share of the workspace, as many layers as threads
+        # may be scored at once, and they keep their picks (16 bytes each) until their drops have run
+        # (evolve.TopologyPolicy._whole_layer_pickers).
         workspace = shape.similarity_workspace_mib * MiB
         whole = not shape.sketch_dim and scores_layers_whole(sizes, workspace, shape.threads)
         pairs = sorted(a + c for a, c in zip(sizes[:-1], sizes[1:]))
-        live = min(workspace, 4 * (shape.sketch_dim or s) * sum(pairs[-(shape.threads if whole else 1):]))
+        live = min(workspace, 4 * shape.sketch_dim * pairs[-1])
         topk = 64 * k + (16 * sum(int(0.2 * z) for z in nnz) if whole else 0)
         if shape.threads > 1:
             # Each scoring thread after the first keeps its own top-k (12 bytes per entry) and lower

@@ -21,16 +21,16 @@ from .layers import sample_positions
 from .packed import level_views, no_csc, scores_layers_whole
 from .similarity import (
     CosineSketch,
+    LiveLevel,
     check_stats,
     in_threads,
     layers_balance,
     live_positions,
-    live_rows,
     merge_dropped,
     neuron_stats,
     neuron_stats_of_rows,
-    topk_cosine,
     topk_cosine_layers,
+    topk_cosine_live,
 )
 
 # How each method grows this epoch, given the policy's state and the validation accuracy: not at
@@ -147,36 +147,19 @@ class TopologyPolicy:
 
     def _exact_pickers(self, net, rng, csc, scratch=None) -> list:
         threads = numba.get_num_threads()  # the trainer's, from the device profile
-        # A hidden level is scored against two layers: its norms and kinds are computed once, with
-        # the activations, and so is the copy of its live neurons, kept until the next layer has used
-        # it. A copy is kept only if it takes at most half the scoring workspace, so the two levels'
-        # copies held at a time stay within it, as when each layer made its own (larger ones it still
-        # makes itself).
-        stats = []
+        # Each level holds only its live neurons' rows, packed (``sample_activations``), which the
+        # scoring reads as they are: a hidden level is scored against two layers, without a copy.
         levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc,
-                                    threads, scratch, stats)
+                                    threads, scratch)
         if scores_layers_whole(net.sizes, self.workspace, threads):
-            costs = [live_positions((*stats[l], *stats[l + 1])) for l in range(net.n_layers)]
+            costs = [live_positions(levels[l], levels[l + 1]) for l in range(net.n_layers)]
             if layers_balance(costs, threads) <= WHOLE_LAYERS_BALANCE:
-                return self._whole_layer_pickers(net, levels, stats, threads)
-        copies = {}
-
-        def live_copy(l):
-            if l not in copies:
-                a, kinds = levels[l], stats[l][1]
-                n_live = int(np.count_nonzero(kinds != kernels.KIND_ZERO))
-                copies.pop(l - 2, None)
-                fits = 2 * 4 * a.shape[1] * n_live <= self.workspace
-                copies[l] = live_rows(a, kinds) if n_live < a.shape[0] and fits else None
-            return copies[l]
-
-        return [lambda ip, ix, k, dropped, l=l: topk_cosine(
-                    levels[l], levels[l + 1], ip, ix, k, workspace_bytes=self.workspace,
-                    stats=(*stats[l], *stats[l + 1]), live_copies=(live_copy(l), live_copy(l + 1)), check_input=False,
-                    threads=threads)[:2]
+                return self._whole_layer_pickers(net, levels, threads)
+        return [lambda ip, ix, k, dropped, l=l: topk_cosine_live(
+                    levels[l], levels[l + 1], ip, ix, k, workspace_bytes=self.workspace, threads=threads)[:2]
                 for l in range(net.n_layers)]
 
-    def _whole_layer_pickers(self, net, levels, stats, threads) -> list:
+    def _whole_layer_pickers(self, net, levels, threads) -> list:
         # Where every layer's scores fit a thread's share of the workspace, each layer is scored whole
         # on one thread, all layers at once, before any drop: against the topology as it is, whose free
         # positions are those not kept after the drop less the dropped ones, so each layer's picks are
@@ -187,10 +170,9 @@ class TopologyPolicy:
         for l in range(net.n_layers):
             layer = net.layer(l)
             k = min(drop_count(layer.nnz, self.zeta), layer.n_in * layer.n_out - layer.nnz)
-            problems.append((levels[l], levels[l + 1], layer.indptr, layer.indices, k, (*stats[l], *stats[l + 1])))
+            problems.append((levels[l], levels[l + 1], layer.indptr, layer.indices, k))
         found = topk_cosine_layers(problems, workspace_bytes=self.workspace, threads=threads)
-        return [lambda ip, ix, k, dropped, l=l: merge_dropped(levels[l], levels[l + 1], stats[l][0], stats[l + 1][0],
-                                                              *found[l], dropped, k)
+        return [lambda ip, ix, k, dropped, l=l: merge_dropped(levels[l], levels[l + 1], *found[l], dropped, k)
                 for l in range(net.n_layers)]
 
 
@@ -204,77 +186,102 @@ WHOLE_LAYERS_BALANCE = 1.1
 
 
 def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator,
-                       csc=None, threads: int = 1, scratch=None, stats=None) -> list:
-    """Activations of every level over S = min(N, samples) training rows chosen by ``rng``.
+                       csc=None, threads: int = 1, scratch=None) -> list:
+    """Activations of every level over S = min(N, samples) training rows chosen by ``rng``, as a
+    ``LiveLevel`` per level: the rows of its live neurons (not zero over every sample),
+    packed, with every neuron's norm and kind.
 
-    Returns feature-major float32 arrays (n_l, S): scaled inputs, ReLU hidden layers, softmax
-    output, i.e. exactly the pairs the cosine scoring needs (docs/algorithm.md, "The topology update", step 2).
-    ``csc``: a CSC copy of the current pattern (``TopologyPolicy.update``), or None; with it, a
-    layer's output neurons are split among ``threads`` threads. The same bits either way.
-    ``scratch``: a flat float32 buffer to hold them if it is large enough, else they get their own.
-    The trainer lends its validation buffer, S rows of every level by default: 15 MB of new pages for
-    the MNIST network took 2-4 ms to fault in, more than a tenth of its update (a one-off script).
-    ``stats``: a list to receive ``similarity.neuron_stats`` of every level, or None. On threads,
-    each thread takes the rows of a level it has just written, while they are in its cache.
+    Scaled inputs, ReLU hidden layers, softmax output, i.e. exactly the pairs the cosine scoring
+    needs (docs/algorithm.md, "The topology update", step 2). ``csc``: a CSC copy of the current
+    pattern (``TopologyPolicy.update``), or None; where every layer has one, a layer's output
+    neurons are split among ``threads`` threads, each packing the live rows of its share as it
+    writes them (``kernels.forward_cols``), and the next layer reads the packed rows. Else the
+    levels are computed whole (``kernels.forward_all``) and then packed in place. The same bits
+    either way. ``scratch``: a flat float32 buffer to hold them if it is large enough, else they
+    get their own. The trainer lends its validation buffer, S rows of every level by default: 15 MB
+    of new pages for the MNIST network took 2-4 ms to fault in, more than a tenth of its update (a
+    one-off script). Raises ValueError if an activation is Inf or NaN.
+
+    At epsilon 1 most hidden neurons of a trained MNIST network are zero over the whole sample: a
+    level packed as it is written is never written whole, and the scoring needs no copies of it.
     """
     s = min(train_rows.shape[0], samples)
     rows = np.sort(rng.choice(train_rows, size=s, replace=False))
     n = int(net.sizes.sum()) * s
     act = scratch[:n] if scratch is not None and scratch.shape[0] >= n else net.activation_buffer(s)
-    if csc is None or threads == 1:
+    levels = level_views(act, net.sizes, s)
+    sizes, ptr_off, nz_off, unit_off, indptr, indices, values, bias = net.forward
+    if csc is None or threads == 1 or not all(csc[0].shape[0] and csc[0][unit_off[l + 1] + l] > 0
+                                              for l in range(net.n_layers)):
         kernels.forward_all(X, rows, shift, scale, *net.forward, *(no_csc() if csc is None else csc), act)
-        levels = level_views(act, net.sizes, s)
-        if stats is not None:
-            stats[:] = [neuron_stats(a) for a in levels]
-        return levels
+        return [_packed(a) for a in levels]
     # On Python threads, not numba's: a numba worker keeps spinning for milliseconds after a
     # parallel loop, and took a core from the scoring threads that follow (measured: the update at
     # epsilon 1 was 17-18 ms instead of 12-13 with the pass as a numba parallel kernel).
-    levels = level_views(act, net.sizes, s)
-    sizes, ptr_off, nz_off, unit_off, indptr, indices, values, bias = net.forward
     colptr, rowidx, perm = csc
+    no_flags = np.empty(0, np.uint8)
     kernels.gather_scaled(X, rows, shift, scale, levels[0], np.empty((kernels.GATHER_TILE, X.shape[1]), np.float32))
-    alive = np.ones(int(sizes.max()), np.uint8)  # skip no input: the same bits as skipping dead ones
-    held = [(np.empty(n, np.float64), np.empty(n, np.int8)) for n in sizes] if stats is not None else None
-
-    def stats_of(l, r0, r1, alive=None):
-        if held is not None:
-            neuron_stats_of_rows(levels[l], *held[l], r0, r1, alive)
-
+    inv, kinds = np.zeros(int(sizes[0]), np.float64), np.zeros(int(sizes[0]), np.int8)
+    packed = []
+    x, x_rows = levels[0], rowidx  # what the layer reads, and the CSC's input rows in it
     for l in range(net.n_layers):
-        a, out, n_out, hidden = levels[l], levels[l + 1], int(sizes[l + 1]), l < net.n_layers - 1
+        out, n_out, hidden = levels[l + 1], int(sizes[l + 1]), l < net.n_layers - 1
         p0, p1, u0, u1 = nz_off[l], nz_off[l + 1], unit_off[l], unit_off[l + 1]
         cols = colptr[u0 + l:u1 + l + 1]
-        # Which rows are not all zero after the ReLU, so that their norms skip the rest.
-        flags = np.empty(n_out if hidden else 0, np.uint8)
-        if cols[-1] > 0:  # the layer has a CSC copy
+        kept = np.empty(n_out if hidden else 0, np.int64)  # which neuron each packed row is
+        held = (np.zeros(n_out, np.float64), np.zeros(n_out, np.int8))  # stats, by packed row
+        shares = [(t * n_out // threads, (t + 1) * n_out // threads) for t in range(threads)]
 
-            def part(t):  # run at once by in_threads, so the loop's names are this layer's
-                if l == 0:
-                    stats_of(0, t * a.shape[0] // threads, (t + 1) * a.shape[0] // threads)
-                j0, j1 = t * n_out // threads, (t + 1) * n_out // threads
-                kernels.forward_cols(cols, rowidx[p0:p1], perm[p0:p1], values[p0:p1], bias[u0:u1], a, out, j0, j1,
-                                     hidden, flags, s)  # s: as the training loop passes the samples
-                if hidden:
-                    stats_of(l + 1, j0, j1, flags)
+        def part(t):  # run at once by in_threads, so the loop's names are this layer's
+            if l == 0:  # the input level's norms, each thread a share of its rows
+                neuron_stats_of_rows(x, inv, kinds, t * x.shape[0] // threads, (t + 1) * x.shape[0] // threads)
+            j0, j1 = shares[t]
+            end = kernels.forward_cols(cols, x_rows[p0:p1] if l == 0 else x_rows, perm[p0:p1], values[p0:p1],
+                                       bias[u0:u1], x, out, j0, j1, hidden, no_flags, s,
+                                       kept if hidden else None)
+            if hidden:  # the rows it just wrote, while they are in this thread's cache
+                neuron_stats_of_rows(out, *held, j0, end)
+            return end
 
-            in_threads(part, threads)
-        else:
-            if l == 0:
-                stats_of(0, 0, a.shape[0])
-            kernels.sparse_forward(indptr[ptr_off[l]:ptr_off[l + 1]], indices[p0:p1], values[p0:p1],
-                                   bias[u0:u1], a, out, alive, s)
-            if hidden:
-                kernels.relu_alive(out, flags, s)
-                stats_of(l + 1, 0, n_out, flags)
+        ends = in_threads(part, threads)
+        if l == 0:
+            check_stats(inv)
+            packed.append(_pack_in_place(x, inv, kinds))
         if not hidden:
             kernels.softmax_inplace(out, s)
-            stats_of(l + 1, 0, n_out)
-    if held is not None:
-        for inv, _ in held:
-            check_stats(inv)
-        stats[:] = held
-    return levels
+            packed.append(_packed(out))
+            break
+        # Join the threads' packed rows: each share's rows move down behind the previous share's.
+        m = 0
+        for (j0, _), end in zip(shares, ends):
+            kernels.move_rows(out, np.arange(j0, end, dtype=np.int64), m)
+            kept[m:m + end - j0], held[0][m:m + end - j0], held[1][m:m + end - j0] = \
+                kept[j0:end], held[0][j0:end], held[1][j0:end]
+            m += end - j0
+        live = kept[:m].copy()
+        level_inv, level_kinds = np.zeros(n_out, np.float64), np.zeros(n_out, np.int8)
+        level_inv[live], level_kinds[live] = held[0][:m], held[1][:m]
+        check_stats(level_inv)
+        packed.append(LiveLevel(out[:m], live, level_inv, level_kinds))
+        # The next layer reads the packed rows: a neuron not held reads row m, zeros.
+        slot = np.full(n_out, m, np.int32)
+        slot[live] = np.arange(m, dtype=np.int32)
+        if m < n_out:
+            out[m] = 0.0
+        x, x_rows = out[:m + 1], slot[rowidx[nz_off[l + 1]:nz_off[l + 2]]]
+    return packed
+
+
+def _packed(a) -> "LiveLevel":
+    """A level computed whole, as a ``LiveLevel``: its stats, then its live rows packed in place."""
+    inv, kinds = neuron_stats(a)
+    return _pack_in_place(a, inv, kinds)
+
+
+def _pack_in_place(a, inv, kinds) -> "LiveLevel":
+    live = np.flatnonzero(kinds != kernels.KIND_ZERO)
+    kernels.move_rows(a, live, 0)
+    return LiveLevel(a[:live.shape[0]], live, inv, kinds)
 
 
 def drop_weakest(values: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

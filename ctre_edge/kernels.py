@@ -929,7 +929,7 @@ def row_scatter(typingctx, x, x_off, out, nb, b0, lo, hi, indices, values, p0, p
 
 
 @njit(cache=True, nogil=True)
-def forward_cols(colptr, rowidx, perm, values, bias, x, out, j0, j1, relu, alive, nb=-1):
+def forward_cols(colptr, rowidx, perm, values, bias, x, out, j0, j1, relu, alive, nb=-1, rows_out=None):
     """Output rows j0:j1 of ``sparse_forward`` from the CSC copy, optionally with ReLU applied.
 
     out[j, b] = b[j] + sum over the column's connections in ascending input row, which is the
@@ -938,16 +938,23 @@ def forward_cols(colptr, rowidx, perm, values, bias, x, out, j0, j1, relu, alive
     ``alive`` (uint8, or empty): alive[j] = 1 where row j has a value other than 0 as written,
     else 0, as ``relu_alive`` would flag it after the ReLU; a pass over out saved. ``nb``: the
     samples, the first nb columns of x and out (``packed.row_stride``); -1 for all.
+
+    ``rows_out`` (int64, or None): keep only the rows with a value other than 0, packed: the w-th
+    such row of j0:j1 goes to out row j0 + w, and rows_out[j0 + w] = j. A row of zeros is written
+    where the next row goes, so it never leaves the cache. Returns the end of the rows written: j1,
+    or j0 plus the rows kept.
     """
     sx, so = x.shape[1], out.shape[1]
     nb = sx if nb < 0 else nb
     flags = alive.shape[0] > 0
+    w = j0
     for j in range(j0, j1):
         q0, q1, bj = colptr[j], colptr[j + 1], bias[j]
         a = np.uint8(0)
+        r = j if rows_out is None else w
         for b0 in range(0, nb, FORWARD_GROUP):
             n = min(FORWARD_GROUP, nb - b0)
-            o = j * so + b0
+            o = r * so + b0
             g = (n + LANES - 1) // LANES
             if g == 7:  # batch 100
                 a |= col_forward7(x, b0, sx, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
@@ -967,6 +974,10 @@ def forward_cols(colptr, rowidx, perm, values, bias, x, out, j0, j1, relu, alive
                 a |= col_forward6(x, b0, sx, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
         if flags:
             alive[j] = a
+        if rows_out is not None and a:
+            rows_out[w] = j
+            w += 1
+    return j1 if rows_out is None else w
 
 
 @njit(cache=True, parallel=True)
@@ -1702,13 +1713,15 @@ def _score_and_offer(a_in, a_out, inv_in, inv_out, positions, n, got, best_score
 
 
 @njit(cache=True)
-def _row_bounds(dots_row, i, indptr, indices, v_in, kind_in, v_out, kind_out, rel, abs_err, sign, out):
+def _row_bounds(dots_row, i, indptr, indices, row_of, col_slot, v_in, kind_in, v_out, kind_out, rel, abs_err, sign,
+                out):
     """``out[j] = approx + sign * margin`` for row ``i`` of the prefilter (see ``scan_block``).
 
     ``sign`` -1 gives the lower bounds of pass 1 and +1 the upper bounds of pass 2. Pairs with a
     KIND_IRREGULAR neuron get -inf (pass 1: no lower bound) or +inf (pass 2: always rescored); kept
     positions get -inf (never a candidate). The loop over the row is written with selects only, so
-    it vectorises.
+    it vectorises. Row i is row ``row_of[i]`` of the CSR, whose column c is column ``col_slot[c]``
+    here, or none if that is past the row (see ``scan_block``).
     """
     odd = -np.inf if sign < 0.0 else np.inf
     if kind_in[i] == KIND_IRREGULAR:
@@ -1728,8 +1741,11 @@ def _row_bounds(dots_row, i, indptr, indices, v_in, kind_in, v_out, kind_out, re
                 margin = 0.0
             value = np.float64(approx) + sign * margin
             out[j] = odd if kj == KIND_IRREGULAR else value
-    for p in range(indptr[i], indptr[i + 1]):
-        out[indices[p]] = -np.inf
+    n = out.shape[0]
+    for p in range(indptr[row_of[i]], indptr[row_of[i] + 1]):
+        c = col_slot[indices[p]]
+        if c < n:
+            out[c] = -np.inf
 
 
 @njit(cache=True, nogil=True)
@@ -1738,6 +1754,8 @@ def scan_block(
     row0,
     indptr,
     indices,
+    row_of,
+    col_slot,
     v_in,
     v_out,
     kind_in,
@@ -1773,7 +1791,11 @@ def scan_block(
     BLAS summation order; ties go to the smaller linear position ``i * n_out + j``.
 
     Parameters: ``indptr`` int64 (n_in+1,) and ``indices`` int32 (nnz,) the kept positions (CSR,
-    ascending in each row); ``v_*`` float32; ``kind_*`` int8; ``inv_*`` float64; ``best_scores``
+    ascending in each row); ``row_of`` int64 and ``col_slot`` int64: where a problem holds only some
+    neurons of the layer (its live ones, ``similarity.LiveLevel``), its row i is row ``row_of[i]``
+    of the CSR and the CSR's column c is its column ``col_slot[c]``, or none if that is n_out or
+    more (``np.arange`` for a whole layer; both ascending, so position order is kept); ``v_*``
+    float32; ``kind_*`` int8; ``inv_*`` float64; ``best_scores``
     float32 (k,), ``best_positions`` int64 (k,); ``state`` int64 (3,): the fill of ``lower``, the heap's size and
     the running count of canonical scores computed, updated in place.
 
@@ -1781,14 +1803,15 @@ def scan_block(
     where the scoring threads each hold their share of a layer in one block, ``similarity`` runs
     pass 1 on all shares, takes R over all of them, and only then pass 2.
     """
-    bound = scan_block_lower(dots, row0, indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err, lower,
-                             best_scores.shape[0], state)
-    scan_block_rescore(dots, row0, indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err, a_in, a_out,
-                       inv_in, inv_out, bound, best_scores, best_positions, state)
+    bound = scan_block_lower(dots, row0, indptr, indices, row_of, col_slot, v_in, v_out, kind_in, kind_out, rel,
+                             abs_err, lower, best_scores.shape[0], state)
+    scan_block_rescore(dots, row0, indptr, indices, row_of, col_slot, v_in, v_out, kind_in, kind_out, rel, abs_err,
+                       a_in, a_out, inv_in, inv_out, bound, best_scores, best_positions, state)
 
 
 @njit(cache=True, nogil=True)
-def scan_block_lower(dots, row0, indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err, lower, k, state):
+def scan_block_lower(dots, row0, indptr, indices, row_of, col_slot, v_in, v_out, kind_in, kind_out, rel, abs_err,
+                     lower, k, state):
     """Pass 1 of ``scan_block``: fold the block's lower bounds into ``lower`` and ``state[0]``;
     returns R, the k-th largest lower bound so far (-inf while fewer than k)."""
     n_rows, n_out = dots.shape
@@ -1800,7 +1823,8 @@ def scan_block_lower(dots, row0, indptr, indices, v_in, v_out, kind_in, kind_out
     bound = lower[k - 1] if n_lower == k else -np.inf  # cut back to its k largest after the last block
     for r in range(n_rows):
         i = row0 + r
-        _row_bounds(dots[r], i, indptr, indices, v_in, kind_in, v_out, kind_out, rel, abs_err, -1.0, lim)
+        _row_bounds(dots[r], i, indptr, indices, row_of, col_slot, v_in, kind_in, v_out, kind_out, rel, abs_err,
+                    -1.0, lim)
         # Counted first (a vectorised loop), then appended without a branch: while the bound is
         # still rising, admissions are too frequent and too random for a branch per entry, which
         # cost about 2 ns an entry (1000 x 1000 at k = 8000, a one-off script). The append writes
@@ -1825,8 +1849,8 @@ def scan_block_lower(dots, row0, indptr, indices, v_in, v_out, kind_in, kind_out
 
 
 @njit(cache=True, nogil=True)
-def scan_block_rescore(dots, row0, indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err, a_in, a_out,
-                       inv_in, inv_out, bound, best_scores, best_positions, state):
+def scan_block_rescore(dots, row0, indptr, indices, row_of, col_slot, v_in, v_out, kind_in, kind_out, rel, abs_err,
+                       a_in, a_out, inv_in, inv_out, bound, best_scores, best_positions, state):
     """Pass 2 of ``scan_block``: rescore canonically the block's positions whose upper bound reaches
     ``bound`` (a lower bound of the final k-th canonical score) and the heap's worst score, and offer
     them to the heap (``state[1]``, ``state[2]``)."""
@@ -1844,7 +1868,8 @@ def scan_block_rescore(dots, row0, indptr, indices, v_in, v_out, kind_in, kind_o
     n_cand = 0
     for r in range(n_rows):
         i = row0 + r
-        _row_bounds(dots[r], i, indptr, indices, v_in, kind_in, v_out, kind_out, rel, abs_err, 1.0, lim)
+        _row_bounds(dots[r], i, indptr, indices, row_of, col_slot, v_in, kind_in, v_out, kind_out, rel, abs_err,
+                    1.0, lim)
         for j in range(n_out):
             high = lim[j]
             if high < bound or high <= worst:
@@ -1864,6 +1889,55 @@ def scan_block_rescore(dots, row0, indptr, indices, v_in, v_out, kind_in, kind_o
         n_scored += n_cand
     state[1] = n_best
     state[2] = n_scored
+
+
+@njit(cache=True, nogil=True)
+def move_rows(a, src, dst0):
+    """``a[dst0 + u] = a[src[u]]`` for each u in ascending order: rows moved down within ``a``, which
+    the order makes safe where ``src`` ascends and ``src[u] >= dst0 + u`` (packing the live rows of
+    an activation level in place, ``evolve.sample_activations``). ``a`` 2-D, ``src`` int64."""
+    for u in range(src.shape[0]):
+        if src[u] != dst0 + u:
+            a[dst0 + u, :] = a[src[u], :]
+
+
+@njit(cache=True)
+def kept_between(indptr, indices, row_of, col_slot, n_cols):
+    """How many kept connections (the CSR) join a row in ``row_of`` to a column c with
+    ``col_slot[c] < n_cols``: the kept positions among a layer's live neurons (``scan_block``'s maps)."""
+    n = 0
+    for i in row_of:
+        for p in range(indptr[i], indptr[i + 1]):
+            n += col_slot[indices[p]] < n_cols
+    return n
+
+
+@njit(cache=True)
+def first_free_positions(indptr, indices, n_out, taken, count, out):
+    """The first ``count`` linear positions ``i * n_out + j`` that are neither kept (the CSR, columns
+    ascending in each row) nor in ``taken`` (int64, ascending), in ascending order, into ``out``
+    (int64); returns how many there were (fewer only where fewer are free). These are the picks of
+    score 0 that the top-k adds where fewer than k positions score above 0: the tie rule puts them
+    in position order. O(count + the kept and taken positions passed)."""
+    n_in = indptr.shape[0] - 1
+    got = 0
+    t = 0
+    for i in range(n_in):
+        p = indptr[i]
+        for j in range(n_out):
+            if got == count:
+                return got
+            if p < indptr[i + 1] and indices[p] == j:
+                p += 1
+                continue
+            pos = i * n_out + j
+            while t < taken.shape[0] and taken[t] < pos:
+                t += 1
+            if t < taken.shape[0] and taken[t] == pos:
+                continue
+            out[got] = pos
+            got += 1
+    return got
 
 
 @njit(cache=True)

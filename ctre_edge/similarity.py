@@ -14,6 +14,7 @@ size, thread count and BLAS build, and the dense reference in ``tests/reference.
 
 import itertools
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -170,7 +171,8 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
     when the scores fit one block). Neurons whose activations are all zero score 0 with everyone:
     where they make up enough of the layer (a tenth of its positions or more) and copies of the
     live neurons' activations fit in ``workspace_bytes``, the GEMM and the scans run on the live
-    neurons only, and fall back to the full layer only if fewer than k positions score above 0.
+    neurons only; where fewer than k free positions score above 0, the rest are the first free
+    positions of score 0 in position order (the tie rule), found without a product.
     Neurons with nonzero values outside [2**-30, 2**30] skip the prefilter and are rescored
     exactly, pair by pair: correct, but slow if there are many.
 
@@ -217,17 +219,34 @@ def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes
         inv_in, kind_in, inv_out, kind_out = stats
         if {inv_in.shape, kind_in.shape} != {(n_in,)} or {inv_out.shape, kind_out.shape} != {(n_out,)}:
             raise ValueError(f"stats must hold ({n_in},) and ({n_out},) arrays, as neuron_stats returns them.")
-    live = _live_problem(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out, k, workspace_bytes,
-                         live_copies or (None, None))
-    if live is not None:
-        rows, cols, scores, n_scored = _scan_topk(*live[0], k, block_rows, workspace_bytes, threads)
-        if scores[-1] > 0:
-            live_in, live_out = live[1]
-            return live_in[rows], live_out[cols].astype(np.int32), scores, n_scored
-        # Fewer than k positive scores among live neurons: the rest are the first free positions
-        # of score 0 in position order, dead neurons' included, which only the full scan has.
-    return _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out, k, block_rows,
-                      workspace_bytes, threads)
+    levels = _live_levels(a_in, a_out, inv_in, kind_in, inv_out, kind_out, workspace_bytes, live_copies or (None, None))
+    return _topk_live(*levels, indptr, indices, k, block_rows, workspace_bytes, threads)
+
+
+class LiveLevel(NamedTuple):
+    """A level's activations over the sample, held for some of its neurons only: ``a`` float32
+    (len(live), S), C-contiguous, row u the activations of neuron ``live[u]`` (int64, ascending);
+    every neuron not in ``live`` is zero over the whole sample. ``inv`` and ``kinds``: every
+    neuron's ``neuron_stats``. ``evolve.sample_activations`` packs each level's live rows so (at
+    epsilon 1 most hidden neurons of a trained MNIST network are zero over the whole sample), and
+    ``topk_cosine_live`` scores a layer from two of them."""
+
+    a: np.ndarray
+    live: np.ndarray
+    inv: np.ndarray
+    kinds: np.ndarray
+
+    @classmethod
+    def whole(cls, a, name="activations"):
+        """Every row of ``a`` held, with its stats computed."""
+        a = _as_activations(a, name)
+        return cls(a, np.arange(a.shape[0], dtype=np.int64), *neuron_stats(a, name))
+
+    def slots(self):
+        """int64 (n,): each neuron's row in ``a``, len(live) for the others."""
+        slot = np.full(self.inv.shape[0], self.live.shape[0], np.int64)
+        slot[self.live] = np.arange(self.live.shape[0], dtype=np.int64)
+        return slot
 
 
 # A neuron whose activations are all zero scores exactly 0 with everyone (KIND_ZERO). At epsilon 1
@@ -236,50 +255,72 @@ def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes
 _LIVE_MIN_SAVING = 0.1
 
 
-def _live_problem(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out, k, workspace_bytes, copies):
-    """The scoring problem restricted to live neurons, or None where it would not pay or not fit.
-
-    Returns ``((a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out), (live_in,
-    live_out))``: the live rows and columns copied, the kept CSR renumbered to them, and the
-    original indices of each (ascending, so position order, and with it the tie rule, is kept).
-    The copies are capped at ``workspace_bytes``, so huge layers, where they would cost more memory
-    than the scoring workspace itself, are scored in full.
-    """
+def _live_levels(a_in, a_out, inv_in, kind_in, inv_out, kind_out, workspace_bytes, copies):
+    """The two levels of a ``topk_cosine`` problem as ``LiveLevel``: copies of the live neurons
+    where that saves at least ``_LIVE_MIN_SAVING`` of the product (or ``copies`` are given) and
+    fits ``workspace_bytes`` (so huge layers, where the copies would cost more memory than the
+    scoring workspace itself, are scored in full), else every row."""
     (n_in, n_samples), n_out = a_in.shape, a_out.shape[0]
     live_in = np.flatnonzero(kind_in != ks.KIND_ZERO)
     live_out = np.flatnonzero(kind_out != ks.KIND_ZERO)
-    n_live_in, n_live_out = live_in.shape[0], live_out.shape[0]
-    if n_live_in * n_live_out > (1.0 - _LIVE_MIN_SAVING) * n_in * n_out:
-        return None
-    if 4 * n_samples * (n_live_in + n_live_out) > workspace_bytes:
-        return None
-    # Renumbering temporaries take 13 bytes per kept connection, fewer than _as_csr's checks just freed.
-    row_map = np.full(n_in, -1, np.int32)
-    row_map[live_in] = np.arange(n_live_in, dtype=np.int32)
-    col_map = np.full(n_out, -1, np.int32)
-    col_map[live_out] = np.arange(n_live_out, dtype=np.int32)
-    row_of = np.repeat(row_map, np.diff(indptr))
-    col_of = col_map[indices]
-    kept = (row_of >= 0) & (col_of >= 0)
-    live_indptr = np.zeros(n_live_in + 1, np.int64)
-    np.cumsum(np.bincount(row_of[kept], minlength=n_live_in), out=live_indptr[1:])
-    live_indices = np.ascontiguousarray(col_of[kept])
-    if k > n_live_in * n_live_out - live_indices.shape[0]:
-        return None  # too few live positions: some picks must have score 0
-    live_a = []
+    given = copies[0] is not None or copies[1] is not None
+    saves = live_in.shape[0] * live_out.shape[0] <= (1.0 - _LIVE_MIN_SAVING) * n_in * n_out
+    if not given and (not saves or 4 * n_samples * (live_in.shape[0] + live_out.shape[0]) > workspace_bytes):
+        return (LiveLevel(a_in, np.arange(n_in, dtype=np.int64), inv_in, kind_in),
+                LiveLevel(a_out, np.arange(n_out, dtype=np.int64), inv_out, kind_out))
+    held = []
     for a, idx, copy, name in ((a_in, live_in, copies[0], "a_in"), (a_out, live_out, copies[1], "a_out")):
         if copy is not None and copy.shape != (idx.shape[0], n_samples):
             raise ValueError(f"live_copies: the copy of {name} must have shape {(idx.shape[0], n_samples)}, "
                              f"as live_rows returns it; got {copy.shape}.")
-        live_a.append(_as_activations(copy, name) if copy is not None else a[idx])
-    problem = (live_a[0], live_a[1], live_indptr, live_indices,
-               inv_in[live_in], kind_in[live_in], inv_out[live_out], kind_out[live_out])
-    return problem, (live_in, live_out)
+        held.append(_as_activations(copy, name) if copy is not None else a[idx])
+    return (LiveLevel(held[0], live_in, inv_in, kind_in), LiveLevel(held[1], live_out, inv_out, kind_out))
 
 
-def _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out, k, block_rows, workspace_bytes,
-               threads=None):
-    """Exact top-k by the blocked BLAS prefilter and ``kernels.scan_block`` (module docstring).
+def topk_cosine_live(level_in, level_out, indptr, indices, k, *, workspace_bytes=32 << 20, threads=None,
+                     block_rows=None):
+    """``topk_cosine`` of a layer between two ``LiveLevel``, the same (rows, cols, scores).
+
+    For the topology update, which packs the levels itself: no checks of the CSR (``check_input``
+    False) or of k, which must be at most the positions not kept.
+    """
+    return _topk_live(level_in, level_out, *_as_csr(indptr, indices, level_in.inv.shape[0], level_out.inv.shape[0],
+                                                     False), int(k), block_rows, workspace_bytes, threads)[:3]
+
+
+def _topk_live(level_in, level_out, indptr, indices, k, block_rows, workspace_bytes, threads):
+    """The top-k over the live neurons' positions (their GEMM only), and, where fewer than k of the
+    free positions score above 0, the first free positions of score 0 in position order (the rank
+    order's tie rule), which are all the others: ``kernels.first_free_positions``. The result is the
+    top-k of the whole layer, position for position, whichever neurons the levels hold."""
+    n_out = level_out.inv.shape[0]
+    m_in, m_out = level_in.live.shape[0], level_out.live.shape[0]
+    row_of, col_slot = level_in.live, level_out.slots()
+    k_live = min(k, m_in * m_out - ks.kept_between(indptr, indices, row_of, col_slot, m_out))
+    rows, cols = np.empty(0, np.int64), np.empty(0, np.int64)
+    scores, n_scored = np.empty(0, np.float32), 0
+    if k_live > 0:
+        live_in, live_out = level_in.live, level_out.live
+        rows, cols, scores, n_scored = _scan_topk(
+            level_in.a, level_out.a, indptr, indices, row_of, col_slot, level_in.inv[live_in], level_in.kinds[live_in],
+            level_out.inv[live_out], level_out.kinds[live_out], k_live, block_rows, workspace_bytes, threads)
+        rows, cols = live_in[rows], live_out[cols]
+    if k_live == k and (k == 0 or scores[-1] > 0):
+        return rows, cols.astype(np.int32), scores, n_scored
+    n_pos = int(np.count_nonzero(scores > 0))  # the first n_pos, in rank order
+    taken = np.sort(rows[:n_pos] * n_out + cols[:n_pos])
+    fill = np.empty(k - n_pos, np.int64)
+    ks.first_free_positions(indptr, indices, n_out, taken, k - n_pos, fill)
+    rows, cols = np.concatenate([rows[:n_pos], fill // n_out]), np.concatenate([cols[:n_pos], fill % n_out])
+    return rows, cols.astype(np.int32), np.concatenate([scores[:n_pos], np.zeros(k - n_pos, np.float32)]), n_scored
+
+
+def _scan_topk(a_in, a_out, indptr, indices, row_of, col_slot, inv_in, kind_in, inv_out, kind_out, k, block_rows,
+               workspace_bytes, threads=None):
+    """Exact top-k by the blocked BLAS prefilter and ``kernels.scan_block`` (module docstring), of
+    the positions between the rows of ``a_in`` and ``a_out`` (``row_of`` and ``col_slot``: where
+    these are in the CSR, as ``scan_block`` takes them; ``inv_*`` and ``kind_*`` of those rows);
+    rows and cols are of ``a_in`` and ``a_out``.
 
     ``threads`` None: one scan over all rows, BLAS with its own threads. An int: that many scans
     at once, each over a contiguous share of the rows with its own share of the workspace and its
@@ -299,7 +340,7 @@ def _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out,
     state = [np.zeros(3, np.int64) for _ in range(parts)]
     lower = [np.empty(2 * k + n_out, np.float64) for _ in range(parts)]  # scan_block's lower bounds
     best = [(np.empty(k, np.float32), np.empty(k, np.int64)) for _ in range(parts)]
-    kernel_args = (indptr, indices, v_in, v_out, kind_in, kind_out, rel, abs_err)
+    kernel_args = (indptr, indices, row_of, col_slot, v_in, v_out, kind_in, kind_out, rel, abs_err)
 
     def ranked(t):
         n = int(state[t][1])  # below k only where this share has fewer free positions
@@ -359,11 +400,11 @@ def _scan_topk(a_in, a_out, indptr, indices, inv_in, kind_in, inv_out, kind_out,
 
 
 def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2):
-    """``topk_cosine`` of several layers at once, each layer whole on one of ``threads`` threads.
+    """``topk_cosine_live`` of several layers at once, each layer whole on one of ``threads`` threads.
 
-    ``problems``: one ``(a_in, a_out, indptr, indices, k, stats)`` per layer, as ``topk_cosine``
-    takes them (``stats`` as there, not None). Returns ``topk_cosine``'s (rows, cols, scores) for
-    each, the same arrays as ``topk_cosine`` gives them for any ``threads``.
+    ``problems``: one ``(level_in, level_out, indptr, indices, k)`` per layer, as
+    ``topk_cosine_live`` takes them. Returns its (rows, cols, scores) for each, the same arrays for
+    any ``threads``.
 
     For networks of small layers (MNIST's at epsilon 1: a few hundred live neurons a level), where
     scoring layer after layer with each split over the threads spent a millisecond or more per
@@ -373,16 +414,15 @@ def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2):
     workspace. Which thread scores a layer changes nothing in its result.
     """
     threads = max(1, min(int(threads), len(problems)))
-    order = sorted(range(len(problems)), key=lambda l: -live_positions(problems[l][5]))
+    order = sorted(range(len(problems)), key=lambda l: -live_positions(*problems[l][:2]))
     taken = itertools.count()  # next() on it is atomic under the GIL
 
     def score(t):
         done = []
         while (i := next(taken)) < len(order):
-            a_in, a_out, indptr, indices, k, stats = problems[order[i]]
-            done.append((order[i], _topk_cosine(a_in, a_out, indptr, indices, k, block_rows=None,
-                                                workspace_bytes=workspace_bytes // threads, stats=stats,
-                                                check_input=False)[:3]))
+            level_in, level_out, indptr, indices, k = problems[order[i]]
+            done.append((order[i], topk_cosine_live(level_in, level_out, indptr, indices, k,
+                                                    workspace_bytes=workspace_bytes // threads)))
         return done
 
     found = [None] * len(problems)
@@ -404,24 +444,29 @@ def layers_balance(costs, threads):
     return max(load) * len(load) / max(1, sum(costs))
 
 
-def live_positions(stats):
-    """Positions between the live neurons of a layer's two levels, from ``(*neuron_stats(a_in),
-    *neuron_stats(a_out))``: the size of its scoring GEMM where dead neurons are left out."""
-    return int(np.count_nonzero(stats[1] != ks.KIND_ZERO)) * int(np.count_nonzero(stats[3] != ks.KIND_ZERO))
+def live_positions(level_in, level_out):
+    """Positions between the neurons two ``LiveLevel`` hold: the size of a layer's scoring GEMM."""
+    return int(level_in.live.shape[0]) * int(level_out.live.shape[0])
 
 
-def merge_dropped(a_in, a_out, inv_in, inv_out, rows, cols, scores, dropped, k):
+def merge_dropped(level_in, level_out, rows, cols, scores, dropped, k):
     """The top-k positions not kept after a drop, from the top-k of those free before it.
 
-    ``rows``, ``cols``, ``scores``: ``topk_cosine`` of the layer as it was before the drop (so
-    its k, or every free position if there were fewer); ``dropped``: the linear positions the drop
-    removed, ascending. The positions not kept are the free ones and the dropped ones, so the best k
-    of them are among the free ones' best k and the dropped ones: these are scored canonically and
-    merged in rank order. Returns (rows int64, cols int32), as ``topk_cosine``'s first two.
+    ``rows``, ``cols``, ``scores``: ``topk_cosine_live`` of the layer between ``LiveLevel``
+    ``level_in`` and ``level_out`` as it was before the drop (so its k, or every free position if
+    there were fewer); ``dropped``: the linear positions the drop removed, ascending. The positions
+    not kept are the free ones and the dropped ones, so the best k of them are among the free ones'
+    best k and the dropped ones: these are scored canonically and merged in rank order. Returns
+    (rows int64, cols int32), as ``topk_cosine``'s first two.
     """
-    n_out = a_out.shape[0]
+    n_out = level_out.inv.shape[0]
+    # Rows of the levels' arrays; a neuron they do not hold gets an inverse norm of 0 (one past
+    # the held ones), so its score is 0 and its row is never read.
+    inv_in = np.append(level_in.inv[level_in.live], 0.0)
+    inv_out = np.append(level_out.inv[level_out.live], 0.0)
     d_scores = np.empty(dropped.shape[0], np.float32)
-    ks.canonical_scores(a_in, a_out, inv_in, inv_out, dropped // n_out, dropped % n_out, d_scores)
+    ks.canonical_scores(level_in.a, level_out.a, inv_in, inv_out, level_in.slots()[dropped // n_out],
+                        level_out.slots()[dropped % n_out], d_scores)
     order = np.lexsort((dropped, -d_scores))  # rank order: score descending, then position ascending
     out_scores, out_positions = np.empty(k, np.float32), np.empty(k, np.int64)
     ks.merge_ranked(scores, rows * n_out + cols, d_scores[order], dropped[order], out_scores, out_positions)

@@ -38,13 +38,16 @@ def test_plan_parts_grow_with_what_they_depend_on():
     assert plan_training(shape(epsilon=20)).parts["model"] > 10 * base.parts["model"]
     assert plan_training(shape(similarity_samples=4000)).parts["similarity"] > base.parts["similarity"]
     # Each scoring thread after the first holds its own top-k of the largest layer's k positions,
-    # and the threads' lower bounds are joined; layers scored at once keep all their picks, and
-    # the copies of live neurons of as many layers as threads.
+    # and the threads' lower bounds are joined; layers scored at once keep all their picks. Exact
+    # scoring copies no activations (the sample packs each level's live rows in place); sketch
+    # scoring copies the live neurons' sketches of the layer it scores.
     k = max(int(0.2 * z) for z in shape().nnz)
     picks = 16 * sum(int(0.2 * z) for z in shape().nnz)
-    copies = 4 * 1000 * (2000 + 2000 + 1784 - 2000)
     assert (plan_training(shape(threads=3)).parts["similarity"] - base.parts["similarity"]
-            == (2 * 40 + 3 * 8) * k + picks + copies)
+            == (2 * 40 + 3 * 8) * k + picks)
+    sketch = plan_training(shape(sketch_dim=64)).parts["similarity"]
+    assert sketch - plan_training(shape(sketch_dim=32)).parts["similarity"] == 8 * 32 * sum(shape().sizes) + \
+        4 * 32 * 2000
     assert "similarity" not in plan_training(shape(method="set")).parts
     assert plan_training(shape(), cold_cache=True).total > base.total
     # the two per-epoch parts never coexist: only the larger counts

@@ -8,7 +8,7 @@ from ctre_edge import kernels, similarity
 from ctre_edge.config import TrainConfig
 from ctre_edge.evolve import TopologyPolicy, drop_weakest, sample_activations, update_layer
 from ctre_edge.layers import check_layer, csr_from_positions, erdos_renyi_layer, linear_positions, sample_positions
-from ctre_edge.packed import PackedNet
+from ctre_edge.packed import PackedNet, level_views, no_csc
 
 
 def net_of(sizes, eps, seed):
@@ -232,49 +232,59 @@ def test_the_policy_table_is_the_method_list():
     assert tuple(POLICIES) == tuple(SCORES) == METHODS
 
 
-def test_sample_activations_on_threads_give_the_same_bits():
-    # The first and last layers have a CSC copy (split among the threads), the second is over the
-    # copy's limit and runs serially by rows.
+def packed_level(a):
+    """``a`` with only its live rows, packed, as ``sample_activations`` gives a level."""
+    inv, kinds = similarity.neuron_stats(a)
+    live = np.flatnonzero(kinds != kernels.KIND_ZERO)
+    return similarity.LiveLevel(np.ascontiguousarray(a[live]), live, inv, kinds)
+
+
+@pytest.mark.parametrize("csc_for", ["every layer", "some layers"])
+def test_sample_activations_on_threads_give_the_same_bits(csc_for):
+    # Every layer has a CSC copy: each thread packs the live rows of its share of the outputs as it
+    # writes them, and the next layer reads the packed rows. Some layers only (the second is over
+    # the copy's limit): the levels are computed whole, then packed.
     rng = np.random.default_rng(4)
     layers = [erdos_renyi_layer(30, 50, 12, rng), erdos_renyi_layer(50, 40, 15, rng), erdos_renyi_layer(40, 5, 3, rng)]
     for layer in layers:
         layer.bias[:] = rng.normal(size=layer.n_out) * 0.1
-    layers[0].bias[:7] = -100.0  # neurons zero over every sample, whose norms the threads do not read
+    layers[0].bias[:7] = -100.0  # neurons zero over every sample, which no level holds
+    layers[1].bias[30:] = -100.0
     net = PackedNet.from_layers(layers)
     X = rng.normal(size=(90, 30)).astype(np.float32)
+    X[:, 3] = 0.0  # an input zero over every sample
     shift, scale = np.zeros(30, np.float32), np.ones(30, np.float32)
     csc = net.csc_buffers()
-    kernels.csc_all(*net[:6], *csc, max(layers[0].nnz, layers[2].nnz))
-    assert csc[0][51 + 40] == 0 and csc[0][-1] > 0  # no copy of the second layer, one of the third
-    want = sample_activations(net, X, np.arange(90), shift, scale, 61, np.random.default_rng(9))
+    kernels.csc_all(*net[:6], *csc, max(l.nnz for l in layers) if csc_for == "every layer"
+                    else max(layers[0].nnz, layers[2].nnz))
+    assert (csc[0][51 + 40] == 0) == (csc_for == "some layers") and csc[0][-1] > 0
+    rows = np.sort(np.random.default_rng(9).choice(np.arange(90), size=61, replace=False))
+    act = net.activation_buffer(61)
+    kernels.forward_all(X, rows, shift, scale, *net.forward, *no_csc(), act)
+    want = [packed_level(a) for a in level_views(act, net.sizes, 61)]
+    assert [w.live.shape[0] for w in want] == [29, 43, 30, 5]
     for threads in (1, 2, 3):
-        stats = []
-        got = sample_activations(net, X, np.arange(90), shift, scale, 61, np.random.default_rng(9), csc, threads,
-                                 stats=stats)
+        got = sample_activations(net, X, np.arange(90), shift, scale, 61, np.random.default_rng(9), csc, threads)
         for g, w in zip(got, want):
-            np.testing.assert_array_equal(g, w)
-        # the norms and kinds, taken by each thread from the rows it wrote
-        for (inv, kinds), w in zip(stats, want):
-            want_inv, want_kinds = similarity.neuron_stats(w)
-            np.testing.assert_array_equal(inv, want_inv)
-            np.testing.assert_array_equal(kinds, want_kinds)
+            for name, x, y in zip(w._fields, g, w):
+                np.testing.assert_array_equal(x, y, err_msg=name)
     bad = X.copy()
     bad[7] = np.inf
     with pytest.raises(ValueError, match="Inf or NaN"):
-        sample_activations(net, bad, np.arange(90), shift, scale, 90, np.random.default_rng(9), csc, 2, stats=[])
+        sample_activations(net, bad, np.arange(90), shift, scale, 90, np.random.default_rng(9), csc, 2)
     # A lent buffer holds them where it is large enough (the trainer lends its validation buffer).
     n = int(net.sizes.sum()) * 61
     for scratch, inside in ((np.full(n + 5, np.nan, np.float32), True), (np.full(n - 1, np.nan, np.float32), False)):
         got = sample_activations(net, X, np.arange(90), shift, scale, 61, np.random.default_rng(9), csc, 2, scratch)
-        assert all(np.shares_memory(g, scratch) == inside for g in got)
+        assert all(np.shares_memory(g.a, scratch) == inside for g in got)
         for g, w in zip(got, want):
-            np.testing.assert_array_equal(g, w)
+            np.testing.assert_array_equal(g.a, w.a)
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 30), st.integers(1, 30), st.floats(0.3, 20), st.floats(0.05, 1), st.integers(0, 2**32 - 1))
 def test_picks_scored_before_the_drop_equal_picks_scored_after_it(n_in, n_out, eps, zeta, seed):
-    from ctre_edge.similarity import merge_dropped, neuron_stats, topk_cosine
+    from ctre_edge.similarity import merge_dropped, topk_cosine
 
     net, rng = net_of([n_in, n_out], eps, seed)
     layer = net.layer(0)
@@ -290,9 +300,11 @@ def test_picks_scored_before_the_drop_equal_picks_scored_after_it(n_in, n_out, e
     free = min(k, n_in * n_out - layer.nnz)
     before = topk_cosine(acts[0], acts[1], layer.indptr, layer.indices, free)
     dropped = linear_positions(layer)[~keep]
-    got = merge_dropped(acts[0], acts[1], neuron_stats(acts[0])[0], neuron_stats(acts[1])[0], *before, dropped, k)
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, w)
+    for levels in ((packed_level(acts[0]), packed_level(acts[1])),
+                   (similarity.LiveLevel.whole(acts[0]), similarity.LiveLevel.whole(acts[1]))):
+        got = merge_dropped(*levels, *before, dropped, k)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
 
 
 @pytest.mark.parametrize("method", ["ctre-sim", "ctre-seq"])

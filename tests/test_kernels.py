@@ -476,6 +476,50 @@ def test_forward_rows_in_registers_at_every_batch_size(batch):
         assert np.all(out[[0, 26]] == 7.0)
         np.testing.assert_array_equal(flags, (expect != 0).any(axis=1))
         assert flags[0] == 0 and flags[1] == (0 if relu else 1)
+        # Packed: only the rows with a value other than 0, in order, from row j0 of the share on;
+        # the share's other rows and the rows past it are left as they were.
+        for j0, j1 in ((0, 25), (0, 11), (11, 25)):
+            out = np.full((27, batch), 7.0, np.float32)
+            kept = np.full(25, -1, np.int64)
+            end = kernels.forward_cols(colptr, rowidx, perm, layer.values, layer.bias, x, out[1:26], j0, j1, relu,
+                                       np.empty(0, np.uint8), -1, kept)
+            live = j0 + np.flatnonzero((expect[j0:j1] != 0).any(axis=1))
+            assert end == j0 + live.shape[0]
+            np.testing.assert_array_equal(kept[j0:end], live)
+            np.testing.assert_array_equal(out[1 + j0:1 + end].view(np.int32), expect[live].view(np.int32))
+            assert np.all(out[:1 + j0] == 7.0) and np.all(out[1 + j1:] == 7.0)
+
+
+def test_move_rows_matches_numpy(rng):
+    a = rng.normal(size=(12, 5)).astype(np.float32)
+    for src, dst0 in ((np.array([0, 2, 3, 7, 11]), 0), (np.array([6, 7, 9]), 4), (np.arange(12), 0)):
+        got, want = a.copy(), a.copy()
+        kernels.move_rows(got, src, dst0)
+        want[dst0:dst0 + src.shape[0]] = a[src]
+        np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 12), st.floats(0, 1), st.floats(0, 1), st.integers(0, 2**32 - 1))
+def test_first_free_positions_and_kept_between_match_numpy(n_in, n_out, density, taken_share, seed):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((n_in, n_out)) < density
+    indptr = np.concatenate([[0], np.cumsum(mask.sum(axis=1))]).astype(np.int64)
+    indices = np.nonzero(mask)[1].astype(np.int32)
+    free = np.flatnonzero(~mask.ravel())
+    taken = np.sort(free[rng.random(free.shape[0]) < taken_share]).astype(np.int64)
+    rest = np.setdiff1d(free, taken)
+    for count in (0, rest.shape[0] // 2, rest.shape[0], rest.shape[0] + 3):
+        out = np.full(count, -1, np.int64)
+        got = kernels.first_free_positions(indptr, indices, n_out, taken, count, out)
+        assert got == min(count, rest.shape[0])
+        np.testing.assert_array_equal(out[:got], rest[:got])
+    row_of = np.flatnonzero(rng.random(n_in) < 0.6).astype(np.int64)
+    held = np.flatnonzero(rng.random(n_out) < 0.6)
+    col_slot = np.full(n_out, held.shape[0], np.int64)
+    col_slot[held] = np.arange(held.shape[0])
+    want = int(mask[np.ix_(row_of, held)].sum())
+    assert kernels.kept_between(indptr, indices, row_of, col_slot, held.shape[0]) == want
 
 
 def test_train_batches_is_bit_identical_across_thread_counts(rng):

@@ -36,6 +36,13 @@ def random_csr(n_in, n_out, nnz, rng):
     return np.cumsum(indptr), (positions % n_out).astype(np.int32)
 
 
+def packed_level(a):
+    """``a`` as ``evolve.sample_activations`` gives a level: its live rows only, packed."""
+    inv, kinds = similarity.neuron_stats(a)
+    live = np.flatnonzero(kinds != ks.KIND_ZERO)
+    return similarity.LiveLevel(np.ascontiguousarray(a[live]), live, inv, kinds)
+
+
 def assert_same_topk(got, expected):
     for name, g, e in zip(("rows", "cols", "scores"), got, expected):
         assert g.dtype == e.dtype, name
@@ -259,13 +266,35 @@ def test_scan_block_on_one_block_matches_reference():
     lower, state = np.empty(2 * k + 11), np.zeros(3, np.int64)  # scan_block buffers 2k + n_out lower bounds
     scores, positions = np.empty(k, np.float32), np.empty(k, np.int64)
     ks.scan_block(
-        a_in @ a_out.T, 0, indptr, indices, inv_in.astype(np.float32), inv_out.astype(np.float32),
-        kind_in, kind_out, rel, abs_err, a_in, a_out, inv_in, inv_out, lower, scores, positions, state,
+        a_in @ a_out.T, 0, indptr, indices, np.arange(9), np.arange(11), inv_in.astype(np.float32),
+        inv_out.astype(np.float32), kind_in, kind_out, rel, abs_err, a_in, a_out, inv_in, inv_out, lower, scores,
+        positions, state,
     )  # fmt: skip
     assert state[0] == state[1] == k and k <= state[2] <= 9 * 11 - 30
     order = np.lexsort((positions, -scores))
     rows, cols, ref_scores = topk_cosine_reference(a_in, a_out, indptr, indices, k)
     np.testing.assert_array_equal(positions[order], rows * 11 + cols)
+    np.testing.assert_array_equal(scores[order], ref_scores)
+    # Some rows and columns only (row_of, col_slot): the CSR's other positions are not excluded.
+    row_of, held_cols = np.array([1, 4, 5, 8]), np.array([0, 2, 3, 7, 10])
+    col_slot = np.full(11, 5)
+    col_slot[held_cols] = np.arange(5)
+    k = 8
+    lower, state = np.empty(2 * k + 5), np.zeros(3, np.int64)
+    scores, positions = np.empty(k, np.float32), np.empty(k, np.int64)
+    sub_in, sub_out = a_in[row_of], a_out[held_cols]
+    ks.scan_block(
+        sub_in @ sub_out.T, 0, indptr, indices, row_of, col_slot, inv_in[row_of].astype(np.float32),
+        inv_out[held_cols].astype(np.float32), kind_in[row_of], kind_out[held_cols], rel, abs_err, sub_in, sub_out,
+        inv_in[row_of], inv_out[held_cols], lower, scores, positions, state,
+    )  # fmt: skip
+    mask = np.zeros((9, 11), bool)
+    mask[np.repeat(np.arange(9), np.diff(indptr)), indices] = True
+    kept = mask[np.ix_(row_of, held_cols)]
+    sub_indptr = np.concatenate([[0], np.cumsum(kept.sum(axis=1))])
+    rows, cols, ref_scores = topk_cosine_reference(sub_in, sub_out, sub_indptr, np.nonzero(kept)[1], k)
+    order = np.lexsort((positions, -scores))
+    np.testing.assert_array_equal(positions[order], rows * 5 + cols)
     np.testing.assert_array_equal(scores[order], ref_scores)
 
 
@@ -334,7 +363,7 @@ def test_topk_is_the_same_for_every_thread_count(case, threads):
 @settings(max_examples=60, deadline=None)
 def test_layers_scored_at_once_equal_each_scored_alone(cases, threads):
     # Each layer whole on one thread, layers shared among the threads by size.
-    problems = [(a_in, a_out, indptr, indices, k, (*similarity.neuron_stats(a_in), *similarity.neuron_stats(a_out)))
+    problems = [(packed_level(a_in), packed_level(a_out), indptr, indices, k)
                 for a_in, a_out, indptr, indices, k, _ in cases]
     got = similarity.topk_cosine_layers(problems, workspace_bytes=1 << 12, threads=threads)
     for result, (a_in, a_out, indptr, indices, k, _) in zip(got, cases):
@@ -630,8 +659,8 @@ def test_shipped_sketch_ranking_recall_on_real_activations():
 @pytest.mark.parametrize("k", [5, 60, 400])
 def test_dead_neurons_leave_the_product_and_the_result_unchanged(kind, k, monkeypatch):
     # Half the neurons of each side are all-zero: the scan runs on the live 20 x 15 block only,
-    # unless k needs positions of score 0 (k = 400 > the live block's free positions; k = 60 can
-    # need them where many live pairs score 0), where it falls back to the full product.
+    # also where k needs positions of score 0 (k = 400 > the live block's free positions; k = 60 can
+    # need them where many live pairs score 0): those are the first free ones in position order.
     rng = np.random.default_rng(k)
     a_in, a_out = activations(kind, 40, 16, rng), activations(kind, 30, 16, rng)
     a_in[rng.permutation(40)[:20]] = 0
@@ -642,8 +671,11 @@ def test_dead_neurons_leave_the_product_and_the_result_unchanged(kind, k, monkey
     monkeypatch.setattr(similarity, "_scan_topk", lambda *a: shapes.append(a[0].shape) or scan(*a))
     got = topk_cosine(a_in, a_out, indptr, indices, k)
     assert_same_topk(got, topk_cosine_reference(a_in, a_out, indptr, indices, k))
-    assert shapes[0] == ((20, 16) if k < 400 else (40, 16))
-    assert len(shapes) == 1 + (got[2][-1] == 0) * (k < 400)
+    assert shapes == [(20, 16)]
+    # The same from the levels packed as the topology update has them, and with every row held.
+    for level_in, level_out in ((packed_level(a_in), packed_level(a_out)),
+                                (similarity.LiveLevel.whole(a_in), similarity.LiveLevel.whole(a_out))):
+        assert_same_topk(similarity.topk_cosine_live(level_in, level_out, indptr, indices, k), got)
 
 
 def test_live_copies_stay_within_the_workspace(monkeypatch):

@@ -19,9 +19,9 @@ The machine's speed drifts too much between runs for two separate runs to compar
 
 With ``--phases``, it times this checkout's exact update on such a trained network, --passes times,
 and prints where one update's time goes (medians over the passes): the activation sample; the
-scoring, its wall time and, summed over the calls, the live neurons' copies and the GEMMs with their
-scans (where the layers are scored whole, each call runs on one thread, so that is thread time; else
-each call splits its layer over the threads); and the drops and grows without the scoring inside them.
+scoring, its wall time and, summed over the calls, the GEMMs with their scans (where the layers are
+scored whole, each call runs on one thread, so that is thread time; else each call splits its layer
+over the threads); and the drops and grows without the scoring inside them.
 
     python -m tools.bench_update --data mnist.npz --phases [--epsilon 1] [--passes 15]
 """
@@ -100,7 +100,7 @@ def compare(args, data, hidden):
     # The sample the update scores over (its rng draws it first), and how many neurons it leaves alive.
     levels = evolve.sample_activations(packed.PackedNet.from_layers(model.layers), data.X, rows, model.shift,
                                        model.scale, args.samples, np.random.default_rng(3))
-    live = ", ".join(f"{int((a != 0).any(axis=1).sum())}/{a.shape[0]}" for a in levels)
+    live = ", ".join(f"{level.live.shape[0]}/{level.inv.shape[0]}" for level in levels)
     print(f"base: {base}\n\nneurons not all zero over the sample, per level: {live}\n\nctre-sim update, exact "
           f"scoring, after {args.epochs} epochs; fastest of {args.passes} updates per checkout, alternating\n")
     print("| epsilon | this checkout ms | base ms | speed-up | same bits |")
@@ -132,8 +132,8 @@ def phases(args, data, hidden):
     rows = np.arange(data.X.shape[0])
     spans = []  # (part, start, seconds) of the current update, from every thread
     lock = threading.Lock()
-    parts = [(evolve, "sample_activations", "sample"), (similarity, "_live_problem", "copies"),
-             (similarity, "_scan_topk", "gemm"), (evolve, "update_layer", "drops")]
+    parts = [(evolve, "sample_activations", "sample"), (similarity, "_scan_topk", "gemm"),
+             (evolve, "update_layer", "drops")]
     saved = [(module, name, getattr(module, name)) for module, name, _ in parts]
 
     def timed(f, part):
@@ -162,7 +162,7 @@ def phases(args, data, hidden):
             drops = [(t, t + d) for q, t, d in spans if q == "drops"]
             inside = []
             for t0, t1 in drops:
-                scoring = [(t, t + d) for q, t, d in spans if q in ("copies", "gemm") and t0 <= t <= t1]
+                scoring = [(t, t + d) for q, t, d in spans if q == "gemm" and t0 <= t <= t1]
                 inside.append(max(e for _, e in scoring) - min(b for b, _ in scoring) if scoring else 0.0)
             sums["scoring wall"] = min((t0 for t0, _ in drops), default=sample_end) - sample_end + sum(inside)
             sums["drops"] -= sum(inside)
@@ -179,7 +179,6 @@ def phases(args, data, hidden):
           f"({'thread time where the layers are scored whole' if whole else 'each call splits a layer'})\n")
     print("| part | ms |\n|---|---|")
     for key, label in (("sample", "activation sample: forward pass and norms (wall)"),
-                       ("copies", "scoring: live neurons' copies and renumbering (calls summed)"),
                        ("gemm", "scoring: GEMMs and scans (calls summed)"),
                        ("scoring wall", "scoring (wall)"),
                        ("drops", "drops and grows, without the scoring (wall)"),

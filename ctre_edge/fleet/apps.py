@@ -305,7 +305,7 @@ def _votes(model, data, config, s) -> list:
     """This node's growth proposal per layer: the top floor(zeta*nnz) missing connections by |cosine|."""
     from ..evolve import sample_activations
     from ..packed import PackedNet
-    from ..similarity import topk_cosine
+    from ..similarity import topk_cosine_live
 
     net = PackedNet.from_layers(model.layers)
     rng = np.random.default_rng(config.seed + 1)
@@ -314,8 +314,8 @@ def _votes(model, data, config, s) -> list:
     out = []
     for l, layer in enumerate(model.layers):
         k = min(int(np.floor(config.zeta * layer.nnz)), layer.n_in * layer.n_out - layer.nnz)
-        rows, cols = topk_cosine(levels[l], levels[l + 1], layer.indptr, layer.indices, k,
-                                 workspace_bytes=config.similarity_workspace_mib << 20)[:2]
+        rows, cols = topk_cosine_live(levels[l], levels[l + 1], layer.indptr, layer.indices, k,
+                                      workspace_bytes=config.similarity_workspace_mib << 20)[:2]
         out.append(rows.astype(np.int64) * layer.n_out + cols.astype(np.int64))
     return out
 
