@@ -251,24 +251,16 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
             kernels.softmax_inplace(out, s)
             packed.append(_packed(out))
             break
-        # Join the threads' packed rows: each share's rows move down behind the previous share's.
-        m = 0
-        for (j0, _), end in zip(shares, ends):
-            kernels.move_rows(out, np.arange(j0, end, dtype=np.int64), m)
-            kept[m:m + end - j0], held[0][m:m + end - j0], held[1][m:m + end - j0] = \
-                kept[j0:end], held[0][j0:end], held[1][j0:end]
-            m += end - j0
-        live = kept[:m].copy()
-        level_inv, level_kinds = np.zeros(n_out, np.float64), np.zeros(n_out, np.int8)
-        level_inv[live], level_kinds[live] = held[0][:m], held[1][:m]
+        # Join the threads' packed rows, each share's behind the previous share's; the next layer
+        # reads them through its CSC's input rows renumbered (a neuron not held reads row m, zeros).
+        level_inv, level_kinds, slot = np.empty(n_out, np.float64), np.empty(n_out, np.int8), np.empty(n_out, np.int32)
+        next_rowidx = rowidx[nz_off[l + 1]:nz_off[l + 2]]
+        x_rows = np.empty(next_rowidx.shape[0], np.int32)
+        m = kernels.join_shares(out, kept, *held, np.array([j0 for j0, _ in shares]), np.array(ends), level_inv,
+                                level_kinds, slot, next_rowidx, x_rows)
         check_stats(level_inv)
-        packed.append(LiveLevel(out[:m], live, level_inv, level_kinds))
-        # The next layer reads the packed rows: a neuron not held reads row m, zeros.
-        slot = np.full(n_out, m, np.int32)
-        slot[live] = np.arange(m, dtype=np.int32)
-        if m < n_out:
-            out[m] = 0.0
-        x, x_rows = out[:m + 1], slot[rowidx[nz_off[l + 1]:nz_off[l + 2]]]
+        packed.append(LiveLevel(out[:m], kept[:m], level_inv, level_kinds))
+        x = out[:m + 1]
     return packed
 
 

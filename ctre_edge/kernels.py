@@ -1902,6 +1902,39 @@ def move_rows(a, src, dst0):
 
 
 @njit(cache=True)
+def join_shares(out, kept, held_inv, held_kinds, starts, ends, inv, kinds, slot, next_rowidx, next_rows):
+    """Join the packed shares of a level that threads wrote with ``forward_cols(..., rows_out=kept)``:
+    share t holds rows starting:ends[t] of ``out``, of neurons kept[starts[t]:ends[t]], with
+    ``neuron_stats_of_rows`` in held_inv / held_kinds at the same places. Moves them down behind
+    each other (rows, neuron numbers, stats), returns m, the rows in all, and writes: ``inv`` and
+    ``kinds`` (n,) of every neuron (0 and KIND_ZERO for one not held), ``slot`` (int32, n) each
+    neuron's row (m for one not held), a row of zeros at row m if m < n (what such a neuron reads),
+    and ``next_rows[p] = slot[next_rowidx[p]]``: the next layer's CSC input rows in the packed level.
+    """
+    n = slot.shape[0]
+    for j in range(n):
+        slot[j] = -1
+        inv[j] = 0.0
+        kinds[j] = KIND_ZERO
+    m = 0
+    for t in range(starts.shape[0]):
+        for u in range(starts[t], ends[t]):
+            j = kept[u]
+            if u != m:
+                out[m, :] = out[u, :]
+            kept[m], inv[j], kinds[j], slot[j] = j, held_inv[u], held_kinds[u], m
+            m += 1
+    for j in range(n):
+        if slot[j] < 0:
+            slot[j] = m
+    if m < n:
+        out[m, :] = 0.0
+    for p in range(next_rowidx.shape[0]):
+        next_rows[p] = slot[next_rowidx[p]]
+    return m
+
+
+@njit(cache=True)
 def kept_between(indptr, indices, row_of, col_slot, n_cols):
     """How many kept connections (the CSR) join a row in ``row_of`` to a column c with
     ``col_slot[c] < n_cols``: the kept positions among a layer's live neurons (``scan_block``'s maps)."""

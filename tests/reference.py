@@ -279,3 +279,21 @@ def locate_picks_ref(layer, keep, picks):
     fresh = np.sort(picks[~readded])
     excluded = np.insert(positions, np.searchsorted(positions, fresh), fresh)
     return np.where(readded, where, -1), excluded
+
+
+def join_shares_ref(out, kept, held_inv, held_kinds, starts, ends, next_rowidx):
+    """``kernels.join_shares`` in numpy: returns (out, kept, inv, kinds, slot, next_rows, m)."""
+    out, n = out.copy(), held_inv.shape[0]
+    rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]).astype(np.int64)
+    m = rows.shape[0]
+    live = kept[rows]
+    out[:m] = out[rows]
+    if m < n:
+        out[m] = 0.0
+    inv, kinds = np.zeros(n), np.zeros(n, np.int8)
+    inv[live], kinds[live] = held_inv[rows], held_kinds[rows]
+    slot = np.full(n, m, np.int32)
+    slot[live] = np.arange(m)
+    kept = kept.copy()
+    kept[:m] = live
+    return out, kept, inv, kinds, slot, slot[next_rowidx], m

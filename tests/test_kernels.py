@@ -12,6 +12,7 @@ from reference import (
     dense_weights,
     forward_in_order_ref,
     forward_ref,
+    join_shares_ref,
     nesterov_ref,
     predict_proba_ref,
     softmax_ref,
@@ -488,6 +489,23 @@ def test_forward_rows_in_registers_at_every_batch_size(batch):
             np.testing.assert_array_equal(kept[j0:end], live)
             np.testing.assert_array_equal(out[1 + j0:1 + end].view(np.int32), expect[live].view(np.int32))
             assert np.all(out[:1 + j0] == 7.0) and np.all(out[1 + j1:] == 7.0)
+
+
+def test_join_shares_matches_numpy(rng):
+    # Three threads' shares of 20 rows: 4 of rows 0:7 kept, none of 7:12, 5 of 12:20.
+    out = rng.normal(size=(20, 6)).astype(np.float32)
+    kept = rng.integers(0, 20, size=20).astype(np.int64)
+    kept[:4], kept[12:17] = [0, 2, 3, 6], [12, 14, 15, 18, 19]
+    held_inv, held_kinds = rng.random(20), rng.integers(1, 3, size=20).astype(np.int8)
+    starts, ends = np.array([0, 7, 12]), np.array([4, 7, 17])
+    next_rowidx = rng.integers(0, 20, size=30).astype(np.int32)
+    want = join_shares_ref(out, kept, held_inv, held_kinds, starts, ends, next_rowidx)
+    inv, kinds, slot = np.empty(20), np.empty(20, np.int8), np.empty(20, np.int32)
+    next_rows = np.empty(30, np.int32)
+    m = kernels.join_shares(out, kept, held_inv, held_kinds, starts, ends, inv, kinds, slot, next_rowidx, next_rows)
+    assert m == want[6] == 9
+    for got, w in zip((out[:m + 1], kept[:m], inv, kinds, slot, next_rows), (want[0][:m + 1], want[1][:m], *want[2:6])):
+        np.testing.assert_array_equal(got, w)
 
 
 def test_move_rows_matches_numpy(rng):
