@@ -280,23 +280,12 @@ def drop_weakest(values: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     """Boolean mask of the connections to keep: all but the k smallest |w|, ties broken by ``rng``.
 
     The k dropped are the first k in the order (|w|, a random key per connection, index). Found
-    in O(nnz) with a partition instead of a sort of every connection: all below the k-th
-    smallest |w| go, and of those equal to it, the ones first by (key, index).
+    in O(nnz) by ``kernels.weakest`` (a quickselect) instead of a sort of every connection: all
+    below the k-th smallest |w| go, and of those equal to it, the ones first by (key, index).
     """
-    n = values.shape[0]
-    keep = np.ones(n, dtype=bool)
+    keep = np.ones(values.shape[0], dtype=bool)
     if k:
-        key = rng.random(n)
-        mag = np.abs(values)
-        if k >= n:
-            keep[:] = False
-            return keep
-        t = np.partition(mag, k - 1)[k - 1]
-        below = mag < t
-        tied = np.flatnonzero(mag == t)
-        keep[below] = False
-        need = k - int(np.count_nonzero(below))
-        keep[tied[np.lexsort((tied, key[tied]))[:need]]] = False
+        kernels.weakest(values, rng.random(values.shape[0]), k, keep)
     return keep
 
 

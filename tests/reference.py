@@ -297,3 +297,17 @@ def join_shares_ref(out, kept, held_inv, held_kinds, starts, ends, next_rowidx):
     kept = kept.copy()
     kept[:m] = live
     return out, kept, inv, kinds, slot, slot[next_rowidx], m
+
+
+def weakest_ref(values, key, k):
+    """``kernels.weakest`` in numpy: the keep mask, all but the k first by (|w|, key, index)."""
+    keep = np.ones(values.shape[0], dtype=bool)
+    if k >= values.shape[0]:
+        return ~keep
+    mag = np.abs(values)
+    t = np.partition(mag, k - 1)[k - 1]
+    below = mag < t
+    tied = np.flatnonzero(mag == t)
+    keep[below] = False
+    keep[tied[np.lexsort((tied, key[tied]))[:k - int(np.count_nonzero(below))]]] = False
+    return keep
