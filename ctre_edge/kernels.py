@@ -1998,6 +1998,48 @@ def join_shares(out, kept, held_inv, held_kinds, starts, ends, inv, kinds, slot,
 
 
 @njit(cache=True)
+def first_fresh_draws(draw, by_value, excluded, chosen, order):
+    """The first round of ``layers.sample_positions``: the first len(chosen) distinct values of
+    ``draw`` not in ``excluded`` (int64, ascending), in draw order, into ``chosen``; returns how many
+    there were (at most len(chosen)). ``by_value``: the draw indices sorted by (value, index). If
+    ``order`` is not empty (as long as chosen) and all were found, ``order`` = np.argsort(chosen).
+    """
+    m, k, n_excl = draw.shape[0], chosen.shape[0], excluded.shape[0]
+    fresh = np.zeros(m, np.bool_)
+    e = 0
+    for q in range(m):
+        i = by_value[q]
+        v = draw[i]
+        if q > 0 and draw[by_value[q - 1]] == v:
+            continue  # a repeat: its first draw comes first in this order
+        while e < n_excl and excluded[e] < v:
+            e += 1
+        fresh[i] = e == n_excl or excluded[e] != v
+    got = 0
+    last = -1
+    for i in range(m):
+        if fresh[i]:
+            if got == k:
+                break
+            chosen[got] = draw[i]
+            got += 1
+            last = i
+    if got == k and order.shape[0] == k:
+        rank = np.empty(m, np.int64)  # each chosen draw's place in draw order
+        r = 0
+        for i in range(last + 1):
+            rank[i] = r
+            r += fresh[i]
+        t = 0
+        for q in range(m):
+            i = by_value[q]
+            if fresh[i] and i <= last:
+                order[t] = rank[i]
+                t += 1
+    return got
+
+
+@njit(cache=True)
 def kept_between(indptr, indices, row_of, col_slot, n_cols):
     """How many kept connections (the CSR) join a row in ``row_of`` to a column c with
     ``col_slot[c] < n_cols``: the kept positions among a layer's live neurons (``scan_block``'s maps)."""

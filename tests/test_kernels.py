@@ -10,6 +10,7 @@ from reference import (
     backward_ref,
     csc_ref,
     dense_weights,
+    first_fresh_draws_ref,
     forward_in_order_ref,
     forward_ref,
     join_shares_ref,
@@ -520,6 +521,22 @@ def test_canonical_scores_in_groups_of_eight_match_one_at_a_time(rng):
         kernels.canonical_scores(a_in, a_out, inv_in, inv_out, rows, cols, got)
         want = [kernels.canonical_score(a_in, a_out, inv_in, inv_out, i, j) for i, j in zip(rows, cols)]
         np.testing.assert_array_equal(got, np.array(want, np.float32))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 60), st.integers(0, 30), st.integers(1, 50), st.integers(0, 2**32 - 1))
+def test_first_fresh_draws_matches_numpy(total, m, n_excl, k, seed):
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, total, size=m).astype(np.int64)  # repeats, and values excluded
+    excluded = np.unique(rng.integers(0, total, size=n_excl)).astype(np.int64)
+    for with_order in (False, True):
+        want, want_order = first_fresh_draws_ref(draw, excluded, k, with_order)
+        chosen, order = np.empty(k, np.int64), np.empty(k if with_order else 0, np.int64)
+        got = kernels.first_fresh_draws(draw, np.argsort(draw, kind="stable"), excluded, chosen, order)
+        assert got == want.shape[0]
+        np.testing.assert_array_equal(chosen[:got], want)
+        if want_order is not None:
+            np.testing.assert_array_equal(order, want_order)
 
 
 def test_join_shares_matches_numpy(rng):
