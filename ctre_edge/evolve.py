@@ -238,7 +238,7 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
             j0, j1 = shares[t]
             end = kernels.forward_cols(cols, x_rows[p0:p1] if l == 0 else x_rows, perm[p0:p1], values[p0:p1],
                                        bias[u0:u1], x, out, j0, j1, hidden, no_flags, s,
-                                       kept if hidden else None)
+                                       kept)  # empty for the output level: softmax needs every row
             if hidden:  # the rows it just wrote, while they are in this thread's cache
                 neuron_stats_of_rows(out, *held, j0, end)
             return end
@@ -280,12 +280,23 @@ def drop_weakest(values: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     """Boolean mask of the connections to keep: all but the k smallest |w|, ties broken by ``rng``.
 
     The k dropped are the first k in the order (|w|, a random key per connection, index). Found
-    in O(nnz) by ``kernels.weakest`` (a quickselect) instead of a sort of every connection: all
-    below the k-th smallest |w| go, and of those equal to it, the ones first by (key, index).
+    in O(nnz) with a partition instead of a sort of every connection: all below the k-th
+    smallest |w| go, and of those equal to it, the ones first by (key, index).
     """
-    keep = np.ones(values.shape[0], dtype=bool)
+    n = values.shape[0]
+    keep = np.ones(n, dtype=bool)
     if k:
-        kernels.weakest(values, rng.random(values.shape[0]), k, keep)
+        key = rng.random(n)
+        mag = np.abs(values)
+        if k >= n:
+            keep[:] = False
+            return keep
+        t = np.partition(mag, k - 1)[k - 1]
+        below = mag < t
+        tied = np.flatnonzero(mag == t)
+        keep[below] = False
+        need = k - int(np.count_nonzero(below))
+        keep[tied[np.lexsort((tied, key[tied]))[:need]]] = False
     return keep
 
 

@@ -939,19 +939,23 @@ def forward_cols(colptr, rowidx, perm, values, bias, x, out, j0, j1, relu, alive
     else 0, as ``relu_alive`` would flag it after the ReLU; a pass over out saved. ``nb``: the
     samples, the first nb columns of x and out (``packed.row_stride``); -1 for all.
 
-    ``rows_out`` (int64, or None): keep only the rows with a value other than 0, packed: the w-th
-    such row of j0:j1 goes to out row j0 + w, and rows_out[j0 + w] = j. A row of zeros is written
-    where the next row goes, so it never leaves the cache. Returns the end of the rows written: j1,
-    or j0 plus the rows kept.
+    ``rows_out`` (int64, or None): if not empty, keep only the rows with a value other than 0,
+    packed: the w-th such row of j0:j1 goes to out row j0 + w, and rows_out[j0 + w] = j. A row of
+    zeros is written where the next row goes, so it never leaves the cache. Returns the end of the
+    rows written: j1, or j0 plus the rows kept. (Empty rather than None where a caller packs some
+    layers and not others: one compiled copy serves both, and each copy costs compile memory.)
     """
     sx, so = x.shape[1], out.shape[1]
     nb = sx if nb < 0 else nb
     flags = alive.shape[0] > 0
+    packing = False
+    if rows_out is not None:
+        packing = rows_out.shape[0] > 0
     w = j0
     for j in range(j0, j1):
         q0, q1, bj = colptr[j], colptr[j + 1], bias[j]
         a = np.uint8(0)
-        r = j if rows_out is None else w
+        r = w if packing else j
         for b0 in range(0, nb, FORWARD_GROUP):
             n = min(FORWARD_GROUP, nb - b0)
             o = r * so + b0
@@ -974,10 +978,11 @@ def forward_cols(colptr, rowidx, perm, values, bias, x, out, j0, j1, relu, alive
                 a |= col_forward6(x, b0, sx, rowidx, perm, values, q0, q1, bj, out, o, n, relu)
         if flags:
             alive[j] = a
-        if rows_out is not None and a:
-            rows_out[w] = j
-            w += 1
-    return j1 if rows_out is None else w
+        if rows_out is not None:
+            if packing and a:
+                rows_out[w] = j
+                w += 1
+    return w if packing else j1
 
 
 @njit(cache=True, parallel=True)
@@ -1561,37 +1566,10 @@ def canonical_scores(a_in, a_out, inv_in, inv_out, rows, cols, out):
     """``out[t] = canonical_score(..., rows[t], cols[t])`` for a list of positions; O(m * S).
 
     Parameters: as ``canonical_score``; ``rows`` int64 (m,), ``cols`` int32 or int64 (m,),
-    ``out`` float32 (m,), written. The pairs whose norms are both nonzero go eight at a time through
-    ``pair_dots8`` (the same bits as one at a time): the dropped connections that a topology
-    update scores (``similarity.merge_dropped``) took 2-3x less time so (a one-off script).
+    ``out`` float32 (m,), written.
     """
-    n_samples = a_in.shape[1]
-    group = np.empty(8, np.int64)
-    n = 0
-    for t in range(rows.shape[0] + 1):
-        if t < rows.shape[0]:
-            if inv_in[rows[t]] == 0.0 or inv_out[cols[t]] == 0.0:
-                out[t] = np.float32(0.0)
-                continue
-            group[n] = t
-            n += 1
-            if n < 8:
-                continue
-        if n == 0:
-            continue
-        g = (group[0], group[min(1, n - 1)], group[min(2, n - 1)], group[min(3, n - 1)], group[min(4, n - 1)],
-             group[min(5, n - 1)], group[min(6, n - 1)], group[min(7, n - 1)])  # a short group repeats its last
-        sums = pair_dots8(a_in, (rows[g[0]] * n_samples, rows[g[1]] * n_samples, rows[g[2]] * n_samples,
-                                 rows[g[3]] * n_samples, rows[g[4]] * n_samples, rows[g[5]] * n_samples,
-                                 rows[g[6]] * n_samples, rows[g[7]] * n_samples),
-                          a_out, (np.int64(cols[g[0]]) * n_samples, np.int64(cols[g[1]]) * n_samples,
-                                  np.int64(cols[g[2]]) * n_samples, np.int64(cols[g[3]]) * n_samples,
-                                  np.int64(cols[g[4]]) * n_samples, np.int64(cols[g[5]]) * n_samples,
-                                  np.int64(cols[g[6]]) * n_samples, np.int64(cols[g[7]]) * n_samples), n_samples)
-        for u in range(n):
-            q = group[u]
-            out[q] = _scaled_score(sums[u], inv_in[rows[q]], inv_out[cols[q]])
-        n = 0
+    for t in range(rows.shape[0]):
+        out[t] = canonical_score(a_in, a_out, inv_in, inv_out, rows[t], cols[t])
 
 
 @njit(cache=True)
@@ -1615,42 +1593,6 @@ def canonical_scores_of_pairs(a_in, a_out, inv_in, inv_out, positions, n, out):
     sums = pair_dots8(a_in, rows, a_out, cols, n_samples)
     for t in range(n):
         out[t] = _scaled_score(sums[t], inv_in[positions[t] // n_out], inv_out[positions[t] % n_out])
-
-
-@njit(cache=True)
-def weakest(values, key, k, keep):
-    """Mark in ``keep`` (bool, written) all but the k connections first in the order (|w|, key, index):
-    the drop of a topology update (``evolve.drop_weakest``, which draws ``key``). All below the k-th
-    smallest |w| go, and of those equal to it, the first by (key, index). O(nnz) on average
-    (``keep_largest``'s quickselect). ``values`` float32 without NaN (training stops on a NaN
-    loss first), ``key`` float64, ``1 <= k``."""
-    n = values.shape[0]
-    if k >= n:
-        keep[:] = False
-        return
-    neg = np.empty(n, np.float64)
-    for i in range(n):
-        neg[i] = -np.float64(abs(values[i]))
-    t = np.float32(-keep_largest(neg, n, k))  # the k-th smallest |w|, exactly (a float32 in float64)
-    tied = np.empty(n, np.int64)
-    n_tied = 0
-    need = k
-    for i in range(n):
-        m = abs(values[i])
-        keep[i] = m > t
-        if m < t:
-            need -= 1
-        elif m == t:
-            tied[n_tied] = i
-            n_tied += 1
-    tied_keys = np.empty(n_tied, np.float64)
-    for q in range(n_tied):
-        tied_keys[q] = key[tied[q]]
-    order = np.argsort(tied_keys, kind="mergesort")  # stable: ties of the key in index order
-    for q in range(need):
-        keep[tied[order[q]]] = False
-    for q in range(need, n_tied):
-        keep[tied[order[q]]] = True
 
 
 @njit(cache=True)
@@ -1959,9 +1901,10 @@ def move_rows(a, src, dst0):
     """``a[dst0 + u] = a[src[u]]`` for each u in ascending order: rows moved down within ``a``, which
     the order makes safe where ``src`` ascends and ``src[u] >= dst0 + u`` (packing the live rows of
     an activation level in place, ``evolve.sample_activations``). ``a`` 2-D, ``src`` int64."""
-    for u in range(src.shape[0]):
+    for u in range(src.shape[0]):  # loops, not a[d, :] = a[s, :]: numba's slice assignment costs compile memory
         if src[u] != dst0 + u:
-            a[dst0 + u, :] = a[src[u], :]
+            for c in range(a.shape[1]):
+                a[dst0 + u, c] = a[src[u], c]
 
 
 @njit(cache=True)
@@ -1984,59 +1927,19 @@ def join_shares(out, kept, held_inv, held_kinds, starts, ends, inv, kinds, slot,
         for u in range(starts[t], ends[t]):
             j = kept[u]
             if u != m:
-                out[m, :] = out[u, :]
+                for c in range(out.shape[1]):  # not a slice assignment: less compile memory
+                    out[m, c] = out[u, c]
             kept[m], inv[j], kinds[j], slot[j] = j, held_inv[u], held_kinds[u], m
             m += 1
     for j in range(n):
         if slot[j] < 0:
             slot[j] = m
     if m < n:
-        out[m, :] = 0.0
+        for c in range(out.shape[1]):
+            out[m, c] = 0.0
     for p in range(next_rowidx.shape[0]):
         next_rows[p] = slot[next_rowidx[p]]
     return m
-
-
-@njit(cache=True)
-def first_fresh_draws(draw, by_value, excluded, chosen, order):
-    """The first round of ``layers.sample_positions``: the first len(chosen) distinct values of
-    ``draw`` not in ``excluded`` (int64, ascending), in draw order, into ``chosen``; returns how many
-    there were (at most len(chosen)). ``by_value``: the draw indices sorted by (value, index). If
-    ``order`` is not empty (as long as chosen) and all were found, ``order`` = np.argsort(chosen).
-    """
-    m, k, n_excl = draw.shape[0], chosen.shape[0], excluded.shape[0]
-    fresh = np.zeros(m, np.bool_)
-    e = 0
-    for q in range(m):
-        i = by_value[q]
-        v = draw[i]
-        if q > 0 and draw[by_value[q - 1]] == v:
-            continue  # a repeat: its first draw comes first in this order
-        while e < n_excl and excluded[e] < v:
-            e += 1
-        fresh[i] = e == n_excl or excluded[e] != v
-    got = 0
-    last = -1
-    for i in range(m):
-        if fresh[i]:
-            if got == k:
-                break
-            chosen[got] = draw[i]
-            got += 1
-            last = i
-    if got == k and order.shape[0] == k:
-        rank = np.empty(m, np.int64)  # each chosen draw's place in draw order
-        r = 0
-        for i in range(last + 1):
-            rank[i] = r
-            r += fresh[i]
-        t = 0
-        for q in range(m):
-            i = by_value[q]
-            if fresh[i] and i <= last:
-                order[t] = rank[i]
-                t += 1
-    return got
 
 
 @njit(cache=True)

@@ -96,27 +96,33 @@ def sample_positions(total: int, k: int, excluded: np.ndarray, rng: np.random.Ge
         if total <= (2**63 - 1) // m:
             # The stable argsort by a plain sort of one int64 key per draw, value * m + draw index
             # (it cannot overflow here): same order, 2.4x faster on 7 million draws.
-            by_value = np.sort(draw * m + np.arange(m, dtype=np.int64)) % m
+            key = np.sort(draw * m + np.arange(m, dtype=np.int64))
+            by_value, in_order = key % m, key // m
         else:
             by_value = np.argsort(draw, kind="stable")
-        if chosen.shape[0] == 0:
-            # First round (nearly always the only one): the rest in one kernel, where a dozen numpy
-            # calls cost 0.1 ms for the few hundred draws of a topology update at epsilon 1.
-            from .kernels import first_fresh_draws  # here: loading a model needs no numba
-
-            chosen, order = np.empty(k, np.int64), np.empty(k if with_order else 0, np.int64)
-            got = first_fresh_draws(draw, by_value, excluded, chosen, order)
-            if got == k:
-                return (chosen, order) if with_order else chosen
-            chosen = chosen[:got]
-            continue
-        in_order = draw[by_value]
+            in_order = draw[by_value]
         if n_excl:
             pos = np.searchsorted(excluded, in_order)
             pos[pos == n_excl] = n_excl - 1
             fresh = excluded[pos] != in_order
         else:
             fresh = np.ones(draw.shape[0], dtype=bool)
+        if chosen.shape[0] == 0:
+            # First round: the stable sort puts each value's first draw first among its repeats, so
+            # the distinct fresh draws and their draw order come out of it without np.unique.
+            fresh[1:] &= in_order[1:] != in_order[:-1]
+            first_draws = by_value[fresh]  # draw indices of the distinct fresh values, in value order
+            drawn = np.zeros(draw.shape[0], dtype=bool)
+            drawn[first_draws] = True
+            kept = np.flatnonzero(drawn)  # the same draw indices, in draw order
+            if kept.shape[0] >= k:
+                chosen = draw[kept[:k]]
+                if not with_order:
+                    return chosen
+                rank = np.cumsum(drawn) - 1  # a kept draw's place in draw order
+                return chosen, rank[first_draws[first_draws <= kept[k - 1]]]
+            chosen = draw[kept]
+            continue
         hit = np.empty(draw.shape[0], dtype=bool)
         hit[by_value] = ~fresh
         pool = np.concatenate([chosen, draw[~hit]])

@@ -298,38 +298,3 @@ def join_shares_ref(out, kept, held_inv, held_kinds, starts, ends, next_rowidx):
     kept[:m] = live
     return out, kept, inv, kinds, slot, slot[next_rowidx], m
 
-
-def weakest_ref(values, key, k):
-    """``kernels.weakest`` in numpy: the keep mask, all but the k first by (|w|, key, index)."""
-    keep = np.ones(values.shape[0], dtype=bool)
-    if k >= values.shape[0]:
-        return ~keep
-    mag = np.abs(values)
-    t = np.partition(mag, k - 1)[k - 1]
-    below = mag < t
-    tied = np.flatnonzero(mag == t)
-    keep[below] = False
-    keep[tied[np.lexsort((tied, key[tied]))[:k - int(np.count_nonzero(below))]]] = False
-    return keep
-
-
-def first_fresh_draws_ref(draw, excluded, k, with_order):
-    """``kernels.first_fresh_draws`` in numpy: (chosen, order or None), as sample_positions had it."""
-    m = draw.shape[0]
-    by_value = np.argsort(draw, kind="stable")
-    in_order = draw[by_value]
-    if excluded.shape[0]:
-        pos = np.searchsorted(excluded, in_order)
-        pos[pos == excluded.shape[0]] = excluded.shape[0] - 1
-        fresh = excluded[pos] != in_order
-    else:
-        fresh = np.ones(m, dtype=bool)
-    fresh[1:] &= in_order[1:] != in_order[:-1]
-    first_draws = by_value[fresh]
-    drawn = np.zeros(m, dtype=bool)
-    drawn[first_draws] = True
-    kept = np.flatnonzero(drawn)
-    if kept.shape[0] < k or not with_order:
-        return draw[kept[:k]], None
-    rank = np.cumsum(drawn) - 1
-    return draw[kept[:k]], rank[first_draws[first_draws <= kept[k - 1]]]

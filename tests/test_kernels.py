@@ -10,7 +10,6 @@ from reference import (
     backward_ref,
     csc_ref,
     dense_weights,
-    first_fresh_draws_ref,
     forward_in_order_ref,
     forward_ref,
     join_shares_ref,
@@ -18,7 +17,6 @@ from reference import (
     predict_proba_ref,
     softmax_ref,
     train_step_ref,
-    weakest_ref,
 )
 
 from ctre_edge import kernels
@@ -491,52 +489,6 @@ def test_forward_rows_in_registers_at_every_batch_size(batch):
             np.testing.assert_array_equal(kept[j0:end], live)
             np.testing.assert_array_equal(out[1 + j0:1 + end].view(np.int32), expect[live].view(np.int32))
             assert np.all(out[:1 + j0] == 7.0) and np.all(out[1 + j1:] == 7.0)
-
-
-@settings(max_examples=80, deadline=None)
-@given(st.integers(1, 60), st.floats(0, 1), st.integers(0, 4), st.integers(0, 2**32 - 1))
-def test_weakest_matches_numpy(n, share, levels, seed):
-    # Few distinct magnitudes (levels > 0), both signs and zeros: many ties, broken by the key.
-    rng = np.random.default_rng(seed)
-    values = rng.normal(size=n).astype(np.float32)
-    if levels:
-        values = (rng.integers(-levels, levels + 1, size=n) * 0.5).astype(np.float32)
-    key = rng.random(n)
-    k = max(1, int(share * n))
-    keep = np.empty(n, bool)
-    kernels.weakest(values, key, k, keep)
-    np.testing.assert_array_equal(keep, weakest_ref(values, key, k))
-    assert np.count_nonzero(~keep) == min(k, n)
-
-
-def test_canonical_scores_in_groups_of_eight_match_one_at_a_time(rng):
-    # Zero norms (no group), and 8 +- 1 pairs with both norms nonzero, in any order.
-    a_in, a_out = rng.normal(size=(6, 37)).astype(np.float32), rng.normal(size=(5, 37)).astype(np.float32)
-    a_in[2], a_out[4] = 0.0, 0.0
-    inv_in = np.array([1 / np.sqrt((a.astype(np.float64) ** 2).sum()) if a.any() else 0.0 for a in a_in])
-    inv_out = np.array([1 / np.sqrt((a.astype(np.float64) ** 2).sum()) if a.any() else 0.0 for a in a_out])
-    for m in (0, 1, 7, 8, 9, 17, 30):
-        rows, cols = rng.integers(0, 6, size=m), rng.integers(0, 5, size=m).astype(np.int32)
-        got = np.full(m, np.nan, np.float32)
-        kernels.canonical_scores(a_in, a_out, inv_in, inv_out, rows, cols, got)
-        want = [kernels.canonical_score(a_in, a_out, inv_in, inv_out, i, j) for i, j in zip(rows, cols)]
-        np.testing.assert_array_equal(got, np.array(want, np.float32))
-
-
-@settings(max_examples=80, deadline=None)
-@given(st.integers(1, 40), st.integers(1, 60), st.integers(0, 30), st.integers(1, 50), st.integers(0, 2**32 - 1))
-def test_first_fresh_draws_matches_numpy(total, m, n_excl, k, seed):
-    rng = np.random.default_rng(seed)
-    draw = rng.integers(0, total, size=m).astype(np.int64)  # repeats, and values excluded
-    excluded = np.unique(rng.integers(0, total, size=n_excl)).astype(np.int64)
-    for with_order in (False, True):
-        want, want_order = first_fresh_draws_ref(draw, excluded, k, with_order)
-        chosen, order = np.empty(k, np.int64), np.empty(k if with_order else 0, np.int64)
-        got = kernels.first_fresh_draws(draw, np.argsort(draw, kind="stable"), excluded, chosen, order)
-        assert got == want.shape[0]
-        np.testing.assert_array_equal(chosen[:got], want)
-        if want_order is not None:
-            np.testing.assert_array_equal(order, want_order)
 
 
 def test_join_shares_matches_numpy(rng):
