@@ -264,13 +264,13 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
     return packed
 
 
-def _packed(a) -> "LiveLevel":
+def _packed(a) -> LiveLevel:
     """A level computed whole, as a ``LiveLevel``: its stats, then its live rows packed in place."""
     inv, kinds = neuron_stats(a)
     return _pack_in_place(a, inv, kinds)
 
 
-def _pack_in_place(a, inv, kinds) -> "LiveLevel":
+def _pack_in_place(a, inv, kinds) -> LiveLevel:
     live = np.flatnonzero(kinds != kernels.KIND_ZERO)
     kernels.move_rows(a, live, 0)
     return LiveLevel(a[:live.shape[0]], live, inv, kinds)
