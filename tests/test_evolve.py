@@ -350,3 +350,35 @@ def test_layers_balance_is_the_longest_share_over_an_even_one():
     assert layers_balance([292, 174, 105, 3], 2) == pytest.approx(292 * 2 / 574)
     assert layers_balance([998, 971, 605, 10], 2) == pytest.approx((971 + 605) * 2 / 2584)
     assert layers_balance([5, 5], 1) == 1.0 and layers_balance([0, 0], 2) == 0.0
+
+
+def test_update_with_a_hidden_level_dead_over_the_whole_sample():
+    # No row of the first hidden level is held: the next layer reads only the row of zeros, and every
+    # pick of the layers beside it is a position of score 0, taken in position order.
+    import numba
+
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            rng = np.random.default_rng(1)
+            layers = [erdos_renyi_layer(20, 30, 5, rng), erdos_renyi_layer(30, 25, 5, rng),
+                      erdos_renyi_layer(25, 3, 3, rng)]
+            layers[0].bias[:] = -100.0
+            net = PackedNet.from_layers(layers)
+            csc = net.csc_buffers()
+            kernels.csc_all(*net[:6], *csc, 10**6)
+            X = np.abs(rng.normal(size=(50, 20))).astype(np.float32)
+            policy = TopologyPolicy(TrainConfig(method="ctre-sim", similarity_samples=40), X, np.arange(50),
+                                    np.zeros(20, np.float32), np.ones(20, np.float32))
+            for epoch in range(3):
+                policy.update(net, epoch, 0.5, np.random.default_rng(epoch), csc)
+                kernels.csc_all(*net[:6], *csc, 10**6)
+            for l in range(3):
+                check_layer(net.layer(l))
+            results.append(net)
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
