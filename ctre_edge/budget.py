@@ -167,8 +167,7 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         # (evolve.TopologyPolicy._whole_layer_pickers).
         workspace = shape.similarity_workspace_mib * MiB
         whole = not shape.sketch_dim and scores_layers_whole(sizes, workspace, shape.threads)
-        pairs = sorted(a + c for a, c in zip(sizes[:-1], sizes[1:]))
-        live = min(workspace, 4 * shape.sketch_dim * pairs[-1])
+        live = min(workspace, 4 * shape.sketch_dim * max(a + c for a, c in zip(sizes[:-1], sizes[1:])))
         topk = 64 * k + (16 * sum(int(0.2 * z) for z in nnz) if whole else 0)
         if shape.threads > 1:
             # Each scoring thread after the first keeps its own top-k (12 bytes per entry) and lower

@@ -1924,11 +1924,9 @@ def join_shares(out, kept, held_inv, held_kinds, starts, ends, inv, kinds, slot,
         kinds[j] = KIND_ZERO
     m = 0
     for t in range(starts.shape[0]):
+        move_rows(out, np.arange(starts[t], ends[t]), m)
         for u in range(starts[t], ends[t]):
             j = kept[u]
-            if u != m:
-                for c in range(out.shape[1]):  # not a slice assignment: less compile memory
-                    out[m, c] = out[u, c]
             kept[m], inv[j], kinds[j], slot[j] = j, held_inv[u], held_kinds[u], m
             m += 1
     for j in range(n):
