@@ -164,7 +164,7 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         # workspace. Exact: none, each level's live rows are packed in place (evolve.sample_activations);
         # where every layer's scores fit a thread's share of the workspace, as many layers as threads
         # may be scored at once, and they keep their picks (16 bytes each) until their drops have run
-        # (evolve.TopologyPolicy._whole_layer_pickers).
+        # (evolve.TopologyPolicy._grow_scored_whole).
         workspace = shape.similarity_workspace_mib * MiB
         whole = not shape.sketch_dim and scores_layers_whole(sizes, workspace, shape.threads)
         live = min(workspace, 4 * shape.sketch_dim * max(a + c for a, c in zip(sizes[:-1], sizes[1:])))

@@ -126,12 +126,17 @@ class TopologyPolicy:
         growth = self.grow(self, epoch, val_acc)
         if growth == NONE:
             return 0, 0, 0
+        totals = np.zeros(3, dtype=np.int64)
+
+        def grow(l, pick):
+            totals[:] += update_layer(net, l, self.zeta, rng, pick, readd=growth == COSINE_READD)
+
         pickers = [None] * net.n_layers
         if growth != RANDOM:
-            pickers = self._sketch_pickers(epoch) if self.sketched else self._exact_pickers(net, rng, csc, scratch)
-        totals = np.zeros(3, dtype=np.int64)
-        for l in range(net.n_layers):
-            totals += update_layer(net, l, self.zeta, rng, pickers[l], readd=growth == COSINE_READD)
+            pickers = self._sketch_pickers(epoch) if self.sketched else self._exact_pickers(net, rng, csc, scratch,
+                                                                                          grow)
+        for l, pick in enumerate(pickers):
+            grow(l, pick)
         return tuple(int(t) for t in totals)
 
     def _sketch_pickers(self, epoch: int) -> list:
@@ -145,7 +150,9 @@ class TopologyPolicy:
                                                              workspace_bytes=self.workspace, threads=threads)[:2]
                 for s in sketches]
 
-    def _exact_pickers(self, net, rng, csc, scratch=None) -> list:
+    def _exact_pickers(self, net, rng, csc, scratch, grow) -> list:
+        """A pick per layer for ``update_layer``; or none where the layers are scored whole, as the
+        scoring calls ``grow(l, pick)`` for every layer itself, in order (``_grow_scored_whole``)."""
         threads = numba.get_num_threads()  # the trainer's, from the device profile
         # Each level holds only its live neurons' rows, packed (``sample_activations``), which the
         # scoring reads as they are: a hidden level is scored against two layers, without a copy.
@@ -154,29 +161,34 @@ class TopologyPolicy:
         if scores_layers_whole(net.sizes, self.workspace, threads):
             costs = [live_positions(levels[l], levels[l + 1]) for l in range(net.n_layers)]
             if layers_balance(costs, threads) <= WHOLE_LAYERS_BALANCE:
-                return self._whole_layer_pickers(net, levels, threads)
+                self._grow_scored_whole(net, levels, threads, grow)
+                return []
         return [lambda ip, ix, k, dropped, l=l: topk_cosine_live(
                     levels[l], levels[l + 1], ip, ix, k, workspace_bytes=self.workspace, threads=threads)[:2]
                 for l in range(net.n_layers)]
 
-    def _whole_layer_pickers(self, net, levels, threads) -> list:
+    def _grow_scored_whole(self, net, levels, threads, grow) -> None:
         # Where every layer's scores fit a thread's share of the workspace, each layer is scored whole
         # on one thread, all layers at once, before any drop: against the topology as it is, whose free
         # positions are those not kept after the drop less the dropped ones, so each layer's picks are
         # its best k free positions merged with the dropped ones, scored when the drop has run
         # (``merge_dropped``): the same picks as scoring after the drop, with one hand-off to the
-        # threads instead of two per layer. No random draw moves, so the model keeps its bits.
+        # threads instead of two per layer. Layer l drops and grows as soon as layers 0..l are
+        # scored, on a scoring thread while the other may still score a later layer; the layers
+        # still grow one at a time in order, so no random draw moves and the model keeps its bits.
         problems = []
         for l in range(net.n_layers):
             layer = net.layer(l)
             k = min(drop_count(layer.nnz, self.zeta), layer.n_in * layer.n_out - layer.nnz)
             problems.append((levels[l], levels[l + 1], layer.indptr, layer.indices, k))
-        found = topk_cosine_layers(problems, workspace_bytes=self.workspace, threads=threads)
-        return [lambda ip, ix, k, dropped, l=l: merge_dropped(levels[l], levels[l + 1], *found[l], dropped, k)
-                for l in range(net.n_layers)]
+
+        def then(l, found):
+            grow(l, lambda ip, ix, k, dropped: merge_dropped(levels[l], levels[l + 1], *found, dropped, k))
+
+        topk_cosine_layers(problems, workspace_bytes=self.workspace, threads=threads, then=then)
 
 
-# Layers are scored whole, one per thread (``_whole_layer_pickers``), only where that splits the work
+# Layers are scored whole, one per thread (``_grow_scored_whole``), only where that splits the work
 # about evenly: on the trained MNIST network at epsilon 1 (live positions 292k, 174k, 105k and 3k:
 # 1.02) the update took 17 against 23 ms in training (tools/bench_update.py); at epsilon 20 (998k,
 # 971k, 605k, 10k: 1.22) one thread had a third more to do than the other, and the k = 8000 dropped

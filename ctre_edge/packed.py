@@ -41,7 +41,7 @@ def uses_csc(layer_nnz) -> bool:
 def scores_layers_whole(sizes, workspace_bytes: int, threads: int) -> bool:
     """Whether the exact topology update may score every layer whole on one of ``threads`` threads:
     every layer's float32 scores fit a thread's share of the scoring workspace
-    (``evolve.TopologyPolicy._whole_layer_pickers``; the planner counts its copies and picks)."""
+    (``evolve.TopologyPolicy._grow_scored_whole``; the planner counts its copies and picks)."""
     return threads > 1 and all(4 * int(a) * int(c) <= workspace_bytes // threads for a, c in zip(sizes[:-1], sizes[1:]))
 
 

@@ -13,6 +13,7 @@ size, thread count and BLAS build, and the dense reference in ``tests/reference.
 """
 
 import itertools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -388,7 +389,7 @@ def _scan_topk(a_in, a_out, indptr, indices, row_of, col_slot, inv_in, kind_in, 
     return rows, cols, best_scores, n_scored
 
 
-def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2):
+def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2, then=None):
     """``topk_cosine_live`` of several layers at once, each layer whole on one of ``threads`` threads.
 
     ``problems``: one ``(level_in, level_out, indptr, indices, k)`` per layer, as
@@ -401,24 +402,47 @@ def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2):
     the next layer not yet taken, largest first by their live neurons' positions (the GEMM's size),
     until none is left; each scores on one BLAS thread with ``workspace_bytes / threads`` of the
     workspace. Which thread scores a layer changes nothing in its result.
+
+    ``then``: called as ``then(l, result)`` for l = 0, 1, ... in that order, one call at a time,
+    each as soon as layers 0..l are scored, by whichever scoring thread is free (the topology
+    update drops and grows layer l there, while the other thread may still score a later layer).
+    A layer's ``indptr`` and ``indices`` may change in its own ``then``: its scoring is done. After
+    a call raises, no later call is made, and the error reaches the caller.
     """
     threads = max(1, min(int(threads), len(problems)))
     order = sorted(range(len(problems)), key=lambda l: -live_positions(*problems[l][:2]))
     taken = itertools.count()  # next() on it is atomic under the GIL
+    found = [None] * len(problems)
+    lock = threading.Lock()
+    handed = [0, False]  # the next layer for ``then``, and whether a thread is in a call of it
+
+    def hand_over():
+        # Whichever thread finds the next layer scored and no call running makes the calls, in
+        # order, until the next is not scored yet; the thread that scores it then finds it so.
+        while then is not None:
+            with lock:
+                l = handed[0]
+                if handed[1] or l == len(problems) or found[l] is None:
+                    return
+                handed[1] = True
+            done = False
+            try:
+                then(l, found[l])
+                done = True
+            finally:
+                with lock:
+                    handed[0], handed[1] = l + 1 if done else len(problems), False
 
     def score(t):
-        done = []
         while (i := next(taken)) < len(order):
             level_in, level_out, indptr, indices, k = problems[order[i]]
-            done.append((order[i], topk_cosine_live(level_in, level_out, indptr, indices, k,
-                                                    workspace_bytes=workspace_bytes // threads)))
-        return done
+            result = topk_cosine_live(level_in, level_out, indptr, indices, k, workspace_bytes=workspace_bytes // threads)
+            with lock:
+                found[order[i]] = result
+            hand_over()
 
-    found = [None] * len(problems)
     with _blas_threads(1):
-        for part in in_threads(score, threads):
-            for l, result in part:
-                found[l] = result
+        in_threads(score, threads)
     return found
 
 

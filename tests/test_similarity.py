@@ -7,6 +7,7 @@ recall-vs-dim table quoted in ``CosineSketch``'s docstring:
     python -m pytest tests/test_similarity.py -k recall -s
 """
 
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -368,6 +369,58 @@ def test_layers_scored_at_once_equal_each_scored_alone(cases, threads):
     got = similarity.topk_cosine_layers(problems, workspace_bytes=1 << 12, threads=threads)
     for result, (a_in, a_out, indptr, indices, k, _) in zip(got, cases):
         assert_same_topk(result, topk_cosine(a_in, a_out, indptr, indices, k))
+
+
+@given(cases=st.lists(layer_cases(), min_size=1, max_size=5), threads=st.integers(1, 4))
+@settings(max_examples=40, deadline=None)
+def test_layers_are_handed_over_in_order_one_at_a_time(cases, threads):
+    # The topology update drops and grows layer l in ``then``: only after layers 0..l are scored,
+    # in layer order, never two calls at once, each with that layer's result.
+    problems = [(packed_level(a_in), packed_level(a_out), indptr, indices, k)
+                for a_in, a_out, indptr, indices, k, _ in cases]
+    calls, running = [], []
+
+    def then(l, result):
+        assert not running
+        running.append(l)
+        calls.append((l, result))
+        time.sleep(0.001)  # long enough for another thread to finish a layer meanwhile
+        running.pop()
+
+    got = similarity.topk_cosine_layers(problems, workspace_bytes=1 << 12, threads=threads, then=then)
+    assert [l for l, _ in calls] == list(range(len(problems)))
+    for (l, result), expected in zip(calls, got):
+        assert result is expected
+
+
+def test_a_failed_hand_over_stops_the_later_ones(monkeypatch):
+    # Layer 3, the largest, is scored first and held until layer 1's hand-over has failed; its
+    # thread then scores layer 2 too, and must not hand it over.
+    rng = np.random.default_rng(3)
+    problems = []
+    for n in (5, 4, 3, 6):
+        a = packed_level(np.abs(rng.normal(size=(n, 20))).astype(np.float32))
+        problems.append((a, a, np.zeros(n + 1, np.int64), np.zeros(0, np.int32), 3))
+    failed, calls = threading.Event(), []
+    score = similarity.topk_cosine_live
+
+    def held(level_in, *args, **kwargs):
+        if level_in is problems[3][0]:
+            assert failed.wait(10)
+            time.sleep(0.02)  # until the failed call has returned
+        return score(level_in, *args, **kwargs)
+
+    def then(l, result):
+        calls.append(l)
+        if l == 1:
+            failed.set()
+            raise RuntimeError("layer 1 failed")
+
+    monkeypatch.setattr(similarity, "topk_cosine_live", held)
+    with pytest.raises(RuntimeError, match="layer 1 failed"):
+        similarity.topk_cosine_layers(problems, threads=2, then=then)
+    time.sleep(0.2)  # the other thread may still be scoring
+    assert calls == [0, 1]
 
 
 def test_scoring_threads_run_blas_on_one_thread_each(monkeypatch):
