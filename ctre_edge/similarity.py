@@ -436,7 +436,8 @@ def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2, then=No
     def score(t):
         while (i := next(taken)) < len(order):
             level_in, level_out, indptr, indices, k = problems[order[i]]
-            result = topk_cosine_live(level_in, level_out, indptr, indices, k, workspace_bytes=workspace_bytes // threads)
+            result = topk_cosine_live(level_in, level_out, indptr, indices, k,
+                                      workspace_bytes=workspace_bytes // threads)
             with lock:
                 found[order[i]] = result
             hand_over()
