@@ -92,6 +92,7 @@ class TopologyPolicy:
         self.sketch_dim = config.sketch_dim
         self.sketches = None
         self.seed = config.seed
+        self.balance = None  # layers_balance of the last exact update's sample, if it scored whole
 
     @property
     def wants_sketch(self) -> bool:
@@ -154,20 +155,28 @@ class TopologyPolicy:
         """A pick per layer for ``update_layer``; or none where the layers are scored whole, as the
         scoring calls ``grow(l, pick)`` for every layer itself, in order (``_grow_scored_whole``)."""
         threads = numba.get_num_threads()  # the trainer's, from the device profile
+        whole = scores_layers_whole(net.sizes, self.workspace, threads)
+        if whole and self.balance is not None and self.balance <= WHOLE_LAYERS_BALANCE:
+            # The last update scored the layers whole: so does this one, with the sample's later
+            # levels computed while the first layer is scored. Whether a layer is scored whole or
+            # split changes no pick, so this memory of the last update changes no bit either.
+            self._grow_scored_whole(net, threads, grow, sample=(rng, csc, scratch))
+            return []
         # Each level holds only its live neurons' rows, packed (``sample_activations``), which the
         # scoring reads as they are: a hidden level is scored against two layers, without a copy.
         levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc,
                                     threads, scratch)
-        if scores_layers_whole(net.sizes, self.workspace, threads):
-            costs = [live_positions(levels[l], levels[l + 1]) for l in range(net.n_layers)]
-            if layers_balance(costs, threads) <= WHOLE_LAYERS_BALANCE:
-                self._grow_scored_whole(net, levels, threads, grow)
+        if whole:
+            self.balance = layers_balance([live_positions(levels[l], levels[l + 1]) for l in range(net.n_layers)],
+                                          threads)
+            if self.balance <= WHOLE_LAYERS_BALANCE:
+                self._grow_scored_whole(net, threads, grow, levels=levels)
                 return []
         return [lambda ip, ix, k, dropped, l=l: topk_cosine_live(
                     levels[l], levels[l + 1], ip, ix, k, workspace_bytes=self.workspace, threads=threads)[:2]
                 for l in range(net.n_layers)]
 
-    def _grow_scored_whole(self, net, levels, threads, grow) -> None:
+    def _grow_scored_whole(self, net, threads, grow, levels=None, sample=None) -> None:
         # Where every layer's scores fit a thread's share of the workspace, each layer is scored whole
         # on one thread, all layers at once, before any drop: against the topology as it is, whose free
         # positions are those not kept after the drop less the dropped ones, so each layer's picks are
@@ -176,16 +185,34 @@ class TopologyPolicy:
         # threads instead of two per layer. Layer l drops and grows as soon as layers 0..l are
         # scored, on a scoring thread while the other may still score a later layer; the layers
         # still grow one at a time in order, so no random draw moves and the model keeps its bits.
-        problems = []
-        for l in range(net.n_layers):
+        # With ``sample`` (rng, csc, scratch) instead of ``levels``, the activation sample is taken
+        # here: levels 0 and 1 on every thread, then the first layer is scored while the last
+        # thread computes the later levels alone (``sample_levels``), each scored once it is done.
+        def problem(l):
             layer = net.layer(l)
             k = min(drop_count(layer.nnz, self.zeta), layer.n_in * layer.n_out - layer.nnz)
-            problems.append((levels[l], levels[l + 1], layer.indptr, layer.indices, k))
+            return levels[l], levels[l + 1], layer.indptr, layer.indices, k
+
+        feed = None
+        if levels is None:
+            rng, csc, scratch = sample
+            later = sample_levels(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc,
+                                  threads, scratch, later_threads=1)
+            levels = [next(later), next(later)]
+
+            def feed(publish):
+                for level in later:
+                    levels.append(level)
+                    publish(len(levels) - 2, problem(len(levels) - 2))
+
+        problems = [problem(l) if l + 1 < len(levels) else None for l in range(net.n_layers)]
 
         def then(l, found):
             grow(l, lambda ip, ix, k, dropped: merge_dropped(levels[l], levels[l + 1], *found, dropped, k))
 
-        topk_cosine_layers(problems, workspace_bytes=self.workspace, threads=threads, then=then)
+        topk_cosine_layers(problems, workspace_bytes=self.workspace, threads=threads, then=then, feed=feed)
+        self.balance = layers_balance([live_positions(levels[l], levels[l + 1]) for l in range(net.n_layers)],
+                                      threads)
 
 
 # Layers are scored whole, one per thread (``_grow_scored_whole``), only where that splits the work
@@ -217,6 +244,16 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
     At epsilon 1 most hidden neurons of a trained MNIST network are zero over the whole sample: a
     level packed as it is written is never written whole, and the scoring needs no copies of it.
     """
+    return list(sample_levels(net, X, train_rows, shift, scale, samples, rng, csc, threads, scratch))
+
+
+def sample_levels(net, X, train_rows, shift, scale, samples: int, rng: np.random.Generator, csc=None,
+                  threads: int = 1, scratch=None, later_threads=None):
+    """``sample_activations`` one level at a time, as each is ready: a generator of the same
+    ``LiveLevel``, the same bits. The rows are drawn from ``rng`` before the first level. On the
+    threaded path, levels 1 and up are computed on ``later_threads`` threads (default ``threads``):
+    the topology update computes them on one thread while the other scores the first layer
+    (``TopologyPolicy._grow_scored_whole``)."""
     s = min(train_rows.shape[0], samples)
     rows = np.sort(rng.choice(train_rows, size=s, replace=False))
     n = int(net.sizes.sum()) * s
@@ -226,7 +263,8 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
     if csc is None or threads == 1 or not all(csc[0].shape[0] and csc[0][unit_off[l + 1] + l] > 0
                                               for l in range(net.n_layers)):
         kernels.forward_all(X, rows, shift, scale, *net.forward, *(no_csc() if csc is None else csc), act)
-        return [_packed(a) for a in levels]
+        yield from (_packed(a) for a in levels)
+        return
     # On Python threads, not numba's: a numba worker keeps spinning for milliseconds after a
     # parallel loop, and took a core from the scoring threads that follow (measured: the update at
     # epsilon 1 was 17-18 ms instead of 12-13 with the pass as a numba parallel kernel).
@@ -234,7 +272,6 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
     no_flags = np.empty(0, np.uint8)
     kernels.gather_scaled(X, rows, shift, scale, levels[0], np.empty((kernels.GATHER_TILE, X.shape[1]), np.float32))
     inv, kinds = np.zeros(int(sizes[0]), np.float64), np.zeros(int(sizes[0]), np.int8)
-    packed = []
     x, x_rows = levels[0], rowidx  # what the layer reads, and the CSC's input rows in it
     for l in range(net.n_layers):
         out, n_out, hidden = levels[l + 1], int(sizes[l + 1]), l < net.n_layers - 1
@@ -242,7 +279,8 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
         cols = colptr[u0 + l:u1 + l + 1]
         kept = np.empty(n_out if hidden else 0, np.int64)  # which neuron each packed row is
         held = (np.zeros(n_out, np.float64), np.zeros(n_out, np.int8))  # stats, by packed row
-        shares = [(t * n_out // threads, (t + 1) * n_out // threads) for t in range(threads)]
+        n_threads = threads if l == 0 or later_threads is None else max(1, int(later_threads))
+        shares = [(t * n_out // n_threads, (t + 1) * n_out // n_threads) for t in range(n_threads)]
 
         def part(t):  # run at once by in_threads, so the loop's names are this layer's
             if l == 0:  # the input level's norms, each thread a share of its rows
@@ -255,14 +293,14 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
                 neuron_stats_of_rows(out, *held, j0, end)
             return end
 
-        ends = in_threads(part, threads)
+        ends = in_threads(part, n_threads)
         if l == 0:
             check_stats(inv)
-            packed.append(_pack_in_place(x, inv, kinds))
+            yield _pack_in_place(x, inv, kinds)
         if not hidden:
             kernels.softmax_inplace(out, s)
-            packed.append(_packed(out))
-            break
+            yield _packed(out)
+            return
         # Join the threads' packed rows, each share's behind the previous share's; the next layer
         # reads them through its CSC's input rows renumbered (a neuron not held reads row m, zeros).
         level_inv, level_kinds, slot = np.empty(n_out, np.float64), np.empty(n_out, np.int8), np.empty(n_out, np.int32)
@@ -271,9 +309,8 @@ def sample_activations(net, X, train_rows, shift, scale, samples: int, rng: np.r
         m = kernels.join_shares(out, kept, *held, np.array([j0 for j0, _ in shares]), np.array(ends), level_inv,
                                 level_kinds, slot, next_rowidx, x_rows)
         check_stats(level_inv)
-        packed.append(LiveLevel(out[:m], kept[:m], level_inv, level_kinds))
+        yield LiveLevel(out[:m], kept[:m], level_inv, level_kinds)
         x = out[:m + 1]
-    return packed
 
 
 def _packed(a) -> LiveLevel:

@@ -12,7 +12,6 @@ that could reach the top-k is rescored canonically. So the result is the same fo
 size, thread count and BLAS build, and the dense reference in ``tests/reference.py`` can check it position for position.
 """
 
-import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -389,7 +388,7 @@ def _scan_topk(a_in, a_out, indptr, indices, row_of, col_slot, inv_in, kind_in, 
     return rows, cols, best_scores, n_scored
 
 
-def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2, then=None):
+def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2, then=None, feed=None):
     """``topk_cosine_live`` of several layers at once, each layer whole on one of ``threads`` threads.
 
     ``problems``: one ``(level_in, level_out, indptr, indices, k)`` per layer, as
@@ -408,13 +407,41 @@ def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2, then=No
     update drops and grows layer l there, while the other thread may still score a later layer).
     A layer's ``indptr`` and ``indices`` may change in its own ``then``: its scoring is done. After
     a call raises, no later call is made, and the error reaches the caller.
+
+    ``feed``: where some problems are None in ``problems``, a function that makes them, called as
+    ``feed(publish)`` on the last thread before it scores, and calling ``publish(l, problem)`` for
+    each as soon as it is ready (the topology update computes the activation levels there, while
+    the other threads score the layers whose levels are done). A thread with no problem ready
+    waits for one. An error in ``feed`` reaches the caller; after it no layer is scored or handed
+    over, but a layer handed over before it stays so (the trainer stops on such an error).
     """
-    threads = max(1, min(int(threads), len(problems)))
-    order = sorted(range(len(problems)), key=lambda l: -live_positions(*problems[l][:2]))
-    taken = itertools.count()  # next() on it is atomic under the GIL
-    found = [None] * len(problems)
-    lock = threading.Lock()
+    problems = list(problems)
+    n = len(problems)
+    threads = max(1, min(int(threads), n))
+    found = [None] * n
+    lock = threading.Condition()
+    taken = [False] * n
+    fed = [feed is None]  # whether every problem has been published (or the feed has failed)
     handed = [0, False]  # the next layer for ``then``, and whether a thread is in a call of it
+
+    def publish(l, problem):
+        with lock:
+            problems[l] = problem
+            lock.notify_all()
+
+    def next_layer():
+        # The largest problem ready and not taken (by its live positions, the GEMM's size); None
+        # once there is none left to take.
+        with lock:
+            while True:
+                ready = [l for l in range(n) if problems[l] is not None and not taken[l]]
+                if ready:
+                    l = max(ready, key=lambda l: (live_positions(*problems[l][:2]), -l))
+                    taken[l] = True
+                    return l
+                if fed[0]:
+                    return None
+                lock.wait()
 
     def hand_over():
         # Whichever thread finds the next layer scored and no call running makes the calls, in
@@ -422,24 +449,37 @@ def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2, then=No
         while then is not None:
             with lock:
                 l = handed[0]
-                if handed[1] or l == len(problems) or found[l] is None:
+                if handed[1] or l == n or found[l] is None:
                     return
                 handed[1] = True
             done = False
             try:
                 then(l, found[l])
                 done = True
-            finally:
+            finally:  # after a failure here or in ``feed`` (which sets n), no further call
                 with lock:
-                    handed[0], handed[1] = l + 1 if done else len(problems), False
+                    handed[0] = n if not done or handed[0] == n else l + 1
+                    handed[1] = False
 
     def score(t):
-        while (i := next(taken)) < len(order):
-            level_in, level_out, indptr, indices, k = problems[order[i]]
+        if t == threads - 1 and feed is not None:
+            failed = True
+            try:
+                feed(publish)
+                failed = False
+            finally:
+                with lock:
+                    if failed:  # nothing more is scored or handed over; a call running ends
+                        taken[:] = [True] * n
+                        handed[0] = n
+                    fed[0] = True
+                    lock.notify_all()
+        while (l := next_layer()) is not None:
+            level_in, level_out, indptr, indices, k = problems[l]
             result = topk_cosine_live(level_in, level_out, indptr, indices, k,
                                       workspace_bytes=workspace_bytes // threads)
             with lock:
-                found[order[i]] = result
+                found[l] = result
             hand_over()
 
     with _blas_threads(1):

@@ -6,7 +6,7 @@ from reference import locate_picks_ref, merged_csr_ref, split_kept_ref
 
 from ctre_edge import kernels, similarity
 from ctre_edge.config import TrainConfig
-from ctre_edge.evolve import TopologyPolicy, drop_weakest, sample_activations, update_layer
+from ctre_edge.evolve import TopologyPolicy, drop_weakest, sample_activations, sample_levels, update_layer
 from ctre_edge.layers import check_layer, csr_from_positions, erdos_renyi_layer, linear_positions, sample_positions
 from ctre_edge.packed import PackedNet, level_views, no_csc
 
@@ -265,9 +265,14 @@ def test_sample_activations_on_threads_give_the_same_bits(csc_for):
     assert [w.live.shape[0] for w in want] == [29, 43, 30, 5]
     for threads in (1, 2, 3):
         got = sample_activations(net, X, np.arange(90), shift, scale, 61, np.random.default_rng(9), csc, threads)
-        for g, w in zip(got, want):
-            for name, x, y in zip(w._fields, g, w):
-                np.testing.assert_array_equal(x, y, err_msg=name)
+        # The pipelined update's way: levels 1 and up on one thread, one level at a time.
+        one_by_one = list(sample_levels(net, X, np.arange(90), shift, scale, 61, np.random.default_rng(9), csc,
+                                        threads, later_threads=1))
+        for levels in (got, one_by_one):
+            assert len(levels) == len(want)
+            for g, w in zip(levels, want):
+                for name, x, y in zip(w._fields, g, w):
+                    np.testing.assert_array_equal(x, y, err_msg=name)
     bad = X.copy()
     bad[7] = np.inf
     with pytest.raises(ValueError, match="Inf or NaN"):
@@ -342,6 +347,45 @@ def test_exact_update_gives_the_same_network_on_any_thread_count(method, whole_l
     assert len(whole) == (3 if whole_layers else 0)  # each update on 2 threads, or none
     for a, b in zip(results[1][:8], results[0][:8]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["ctre-sim", "ctre-seq"])
+def test_pipelined_update_gives_the_same_network(method, monkeypatch):
+    # After an update that scored the layers whole, the next computes the sample's later levels on
+    # one thread while the first layer is scored (evolve.sample_levels, topk_cosine_layers(feed=)):
+    # the same networks as sampling first, and as on 1 thread, with dead neurons.
+    import numba
+
+    from ctre_edge import evolve
+
+    later = []
+    monkeypatch.setattr(evolve, "sample_levels", lambda *a, **kw: later.append(kw.get("later_threads"))
+                        or sample_levels(*a, **kw))
+    rng = np.random.default_rng(12)
+    X = np.maximum(rng.normal(size=(150, 40)), 0).astype(np.float32)
+    X[:, :8] = 0  # dead inputs
+    results = {}
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            for pipelined in (False, True):
+                net, _ = net_of([40, 60, 50, 45, 4], 4, 5)
+                net.bias[:20] = -100.0  # dead neurons in the first hidden level
+                csc = net.csc_buffers()
+                policy = TopologyPolicy(TrainConfig(method=method, similarity_samples=90, patience=5), X,
+                                        np.arange(150), np.zeros(40, np.float32), np.ones(40, np.float32))
+                for epoch in range(4):
+                    kernels.csc_all(*net[:6], *csc, 10**6)
+                    policy.balance = 1.0 if pipelined else None
+                    policy.update(net, epoch, 0.5, np.random.default_rng(epoch), csc)
+                results[threads, pipelined] = net
+    finally:
+        numba.set_num_threads(before)
+    assert later.count(1) == 4  # every pipelined update on 2 threads (on 1, layers are never scored whole)
+    for key, net in results.items():
+        for a, b in zip(net[:8], results[1, False][:8]):
+            np.testing.assert_array_equal(a, b, err_msg=str(key))
 
 
 def test_layers_balance_is_the_longest_share_over_an_even_one():

@@ -423,6 +423,49 @@ def test_a_failed_hand_over_stops_the_later_ones(monkeypatch):
     assert calls == [0, 1]
 
 
+@given(cases=st.lists(layer_cases(), min_size=1, max_size=5), threads=st.integers(1, 4), first=st.integers(0, 5))
+@settings(max_examples=40, deadline=None)
+def test_layers_fed_one_by_one_give_the_same_results(cases, threads, first):
+    # The topology update publishes each layer's problem once its activation level is computed
+    # (``feed``), while the other threads score the layers already there, or wait for one.
+    problems = [(packed_level(a_in), packed_level(a_out), indptr, indices, k)
+                for a_in, a_out, indptr, indices, k, _ in cases]
+    first = min(first, len(problems))
+    calls = []
+
+    def feed(publish):
+        for l in range(first, len(problems)):
+            time.sleep(0.001)
+            publish(l, problems[l])
+
+    got = similarity.topk_cosine_layers(problems[:first] + [None] * (len(problems) - first), threads=threads,
+                                        workspace_bytes=1 << 12, then=lambda l, r: calls.append(l), feed=feed)
+    assert calls == list(range(len(problems)))
+    for result, (a_in, a_out, indptr, indices, k, _) in zip(got, cases):
+        assert_same_topk(result, topk_cosine(a_in, a_out, indptr, indices, k))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_failed_feed_reaches_the_caller_and_stops_the_rest(threads):
+    rng = np.random.default_rng(5)
+    problems = []
+    for n in (5, 4, 3):
+        a = packed_level(np.abs(rng.normal(size=(n, 20))).astype(np.float32))
+        problems.append((a, a, np.zeros(n + 1, np.int64), np.zeros(0, np.int32), 3))
+    calls = []
+
+    def feed(publish):
+        publish(1, problems[1])
+        raise ValueError("level 3 has NaN")
+
+    with pytest.raises(ValueError, match="NaN"):
+        similarity.topk_cosine_layers([problems[0], None, None], threads=threads, then=lambda l, r: calls.append(l),
+                                      feed=feed)
+    # The threads waiting for a problem were woken (no hang); layer 2 was never published, so at
+    # most the layers before it were handed over, in order.
+    assert calls in ([], [0], [0, 1])
+
+
 def test_scoring_threads_run_blas_on_one_thread_each(monkeypatch):
     # A profile's thread cap holds for the scoring's GEMMs too, and BLAS's own workers, which spin
     # after a GEMM, are never woken.
