@@ -18,15 +18,18 @@ The machine's speed drifts too much between runs for two separate runs to compar
     python -m tools.bench_update --data mnist.npz --base ../base [--epsilon 20] [--passes 15]
 
 With ``--phases``, it times this checkout's exact update on such a trained network, --passes times,
-and prints where one update's time goes (medians over the passes): the activation sample; the
-scoring, its wall time and, summed over the calls, the GEMMs with their scans (where the layers are
-scored whole, each call runs on one thread, so that is thread time; else each call splits its layer
-over the threads); and the drops and grows without the scoring inside them.
+and prints where one update's time goes (medians over the passes): the activation sample until the
+first layer's scoring starts; the GEMMs with their scans and the drops and grows (without the
+scoring inside them), each as thread time summed over its calls, since where the layers are scored
+whole these parts overlap on the threads; and the whole update. Each checkout's policy is kept from
+update to update, as the trainer keeps it (an update after one that scored the layers whole
+overlaps the sample with the scoring).
 
     python -m tools.bench_update --data mnist.npz --phases [--epsilon 1] [--passes 15]
 """
 
 import argparse
+import functools
 import importlib
 import inspect
 import platform
@@ -61,9 +64,15 @@ def load_checkout(path: Path) -> dict:
 SCRATCH = {}  # per checkout: the validation buffer a trainer would lend its updates
 
 
+POLICIES = {}  # one per checkout: the trainer keeps its policy, which remembers how the last update scored
+
+
 def timed_update(modules, layers, config, X, rows, shift, scale):
     net = modules["packed"].PackedNet.from_layers(layers)
-    policy = modules["evolve"].TopologyPolicy(config, X, rows, shift, scale)
+    key = (id(modules["evolve"]), id(layers))
+    if key not in POLICIES:
+        POLICIES[key] = modules["evolve"].TopologyPolicy(config, X, rows, shift, scale)
+    policy = POLICIES[key]
     extra = ()
     params = inspect.signature(policy.update).parameters
     if "csc" in params:
@@ -130,59 +139,54 @@ def phases(args, data, hidden):
     model = train(data, config).model
     this = {"packed": packed, "evolve": evolve, "kernels": kernels}
     rows = np.arange(data.X.shape[0])
-    spans = []  # (part, start, seconds) of the current update, from every thread
+    spans = []  # (part, start, seconds, thread) of the current update, from every thread
     lock = threading.Lock()
-    parts = [(evolve, "sample_activations", "sample"), (similarity, "_scan_topk", "gemm"),
+    parts = [(evolve.TopologyPolicy, "update", "update"), (similarity, "_scan_topk", "gemm"),
              (evolve, "update_layer", "drops")]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in parts]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in parts]
 
     def timed(f, part):
+        @functools.wraps(f)  # keeps the signature, which timed_update reads
         def run(*a, **kw):
             t = time.perf_counter()
             try:
                 return f(*a, **kw)
             finally:
                 with lock:
-                    spans.append((part, t, time.perf_counter() - t))
+                    spans.append((part, t, time.perf_counter() - t, threading.get_ident()))
         return run
 
     per_pass = []
     try:
-        for module, name, part in parts:
-            setattr(module, name, timed(getattr(module, name), part))
+        for owner, name, part in parts:
+            setattr(owner, name, timed(getattr(owner, name), part))
         timed_update(this, model.layers, config, data.X, rows, model.shift, model.scale)  # compile or load
         for _ in range(args.passes):
             spans.clear()
-            total, _ = timed_update(this, model.layers, config, data.X, rows, model.shift, model.scale)
-            sums = {part: sum(d for q, _, d in spans if q == part) for _, _, part in parts}
-            # Scoring before the first drop (layers scored whole, all at once), and scoring inside a
-            # drop and grow (layer by layer, each split over the threads): the latter's wall time is
-            # the scoring's, not the drop's.
-            sample_end = max((t + d for q, t, d in spans if q == "sample"), default=0.0)
-            drops = [(t, t + d) for q, t, d in spans if q == "drops"]
-            inside = []
-            for t0, t1 in drops:
-                scoring = [(t, t + d) for q, t, d in spans if q == "gemm" and t0 <= t <= t1]
-                inside.append(max(e for _, e in scoring) - min(b for b, _ in scoring) if scoring else 0.0)
-            sums["scoring wall"] = min((t0 for t0, _ in drops), default=sample_end) - sample_end + sum(inside)
-            sums["drops"] -= sum(inside)
-            sums["other"] = total - sums["sample"] - sums["scoring wall"] - sums["drops"]
-            sums["total"] = total
-            per_pass.append(sums)
+            timed_update(this, model.layers, config, data.X, rows, model.shift, model.scale)
+            (start, total), = [(t, d) for q, t, d, _ in spans if q == "update"]
+            scoring = [(t, t + d, th) for q, t, d, th in spans if q == "gemm"]
+            # Scoring inside a drop and grow (layer by layer, each split over the threads) counts as
+            # scoring, not as the drop's. Where the layers are scored whole, a layer drops and grows
+            # on a scoring thread while the other may still score, and the sample's later levels are
+            # computed while the first layer is scored: the parts overlap, so they are thread time.
+            inside = sum(min(t0 + d, e) - max(t0, b) for q, t0, d, th in spans if q == "drops"
+                         for b, e, on in scoring if on == th and b < t0 + d and e > t0)
+            per_pass.append({"sample": min(b for b, _, _ in scoring) - start,
+                             "gemm": sum(e - b for b, e, _ in scoring),
+                             "drops": sum(d for q, _, d, _ in spans if q == "drops") - inside,
+                             "total": total})
     finally:
-        for module, name, f in saved:
-            setattr(module, name, f)
+        for owner, name, f in saved:
+            setattr(owner, name, f)
     med = {key: statistics.median(p[key] for p in per_pass) * 1e3 for key in per_pass[0]}
-    whole = packed.scores_layers_whole(model.sizes, config.similarity_workspace_mib << 20, numba.get_num_threads())
     print(f"ctre-sim update, exact scoring, after {args.epochs} epochs, on {numba.get_num_threads()} thread(s); "
-          f"medians of {args.passes} updates, ms per update; calls summed "
-          f"({'thread time where the layers are scored whole' if whole else 'each call splits a layer'})\n")
+          f"medians of {args.passes} updates, ms per update\n")
     print("| part | ms |\n|---|---|")
-    for key, label in (("sample", "activation sample: forward pass and norms (wall)"),
-                       ("gemm", "scoring: GEMMs and scans (calls summed)"),
-                       ("scoring wall", "scoring (wall)"),
-                       ("drops", "drops and grows, without the scoring (wall)"),
-                       ("other", "the rest: Python between the parts (wall)"), ("total", "whole update (wall)")):
+    for key, label in (("sample", "activation sample until the first layer's scoring starts (wall)"),
+                       ("gemm", "scoring: GEMMs and scans (thread time, summed over the calls)"),
+                       ("drops", "drops and grows, without the scoring (thread time, summed)"),
+                       ("total", "whole update (wall)")):
         print(f"| {label} | {med[key]:.1f} |")
 
 
