@@ -296,8 +296,9 @@ def sample_levels(net, X, train_rows, shift, scale, samples: int, rng: np.random
         ends = in_threads(part, n_threads)
         if l == 0:
             check_stats(inv)
-            yield _pack_in_place(x, inv, kinds)
         if not hidden:
+            if l == 0:
+                yield _pack_in_place(x, inv, kinds)
             kernels.softmax_inplace(out, s)
             yield _packed(out)
             return
@@ -305,9 +306,18 @@ def sample_levels(net, X, train_rows, shift, scale, samples: int, rng: np.random
         # reads them through its CSC's input rows renumbered (a neuron not held reads row m, zeros).
         level_inv, level_kinds, slot = np.empty(n_out, np.float64), np.empty(n_out, np.int8), np.empty(n_out, np.int32)
         next_rowidx = rowidx[nz_off[l + 1]:nz_off[l + 2]]
-        x_rows = np.empty(next_rowidx.shape[0], np.int32)
-        m = kernels.join_shares(out, kept, *held, np.array([j0 for j0, _ in shares]), np.array(ends), level_inv,
-                                level_kinds, slot, next_rowidx, x_rows)
+        next_rows = np.empty(next_rowidx.shape[0], np.int32)
+        join = (out, kept, *held, np.array([j0 for j0, _ in shares]), np.array(ends), level_inv, level_kinds, slot,
+                next_rowidx, next_rows)
+        if l == 0:
+            # The input level is packed (a copy of most of it, serial) on this thread while another
+            # joins the first hidden level (this path runs on 2 threads or more): move_rows
+            # releases the GIL, join_shares holds it.
+            level_0, m = in_threads(lambda t: kernels.join_shares(*join) if t else _pack_in_place(x, inv, kinds), 2)
+            yield level_0
+        else:
+            m = kernels.join_shares(*join)
+        x_rows = next_rows
         check_stats(level_inv)
         yield LiveLevel(out[:m], kept[:m], level_inv, level_kinds)
         x = out[:m + 1]
