@@ -532,3 +532,49 @@ def test_strategy_rejects_hostile_replies_and_aggregates_the_rest(tmp_path, capl
     for expected in ("checksum", "layer sizes", "round 1, not 2", "sample count", "one ctre-edge model array",
                      "does not fit", "no note"):
         assert expected in text
+
+
+@needs_flwr
+@pytest.mark.parametrize("stage", ["round", "setup"])
+def test_server_stops_when_every_node_fails_again_and_again(stage, tmp_path, monkeypatch):
+    # Every node replies and none validly (its training or its data fails): after HARD_FAILURES such
+    # attempts in a row the server stops with their reasons instead of repeating forever. An attempt
+    # with a node missing does not count: it may come back.
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from ctre_edge.fleet import apps
+    from ctre_edge.fleet.state import RunState
+    from ctre_edge.model import SparseMLP
+    from ctre_edge.train import TrainConfig
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    layers = layers_of([16, 12, 3])
+    settings = {"run_dir": str(tmp_path), "run_id": "t", "train": TrainConfig(seed=1).to_dict(), "rule": "regrow",
+                "min_replies": 1, "min_clients": 2, "targets": [l.nnz for l in layers], "rounds": 3,
+                "local_epochs": 1, "round_timeout": 5.0, "join_timeout": 5.0, "value_dtype": "float32"}
+    run = RunState(settings)
+    run.model = SparseMLP(layers, np.zeros(16, np.float32), np.ones(16, np.float32), [0, 1, 2])
+
+    class Grid:
+        def get_node_ids(self):
+            return [7, 8]
+
+    attempts = []
+
+    def send_and_wait(grid, messages, settings):
+        attempts.append(len(messages))
+        missing = 1 if len(attempts) == 2 else 0  # the second attempt: a node stays silent
+        refusal = RecordDict({"status": ConfigRecord({"error": "MemoryError: out of memory"})})
+        return [Message(refusal, reply_to=m) for m in messages[missing:]], missing
+
+    monkeypatch.setattr(apps, "_send_and_wait", send_and_wait)
+    monkeypatch.setattr(apps.time, "sleep", lambda s: None)
+    with pytest.raises(RuntimeError, match=f"{stage}.*3 times in a row.*out of memory"):
+        if stage == "round":
+            apps._train_rounds(Grid(), run, apps.SparseFleet(run), settings)
+        else:
+            apps._collect_summaries(Grid(), settings)
+    assert len(attempts) == 2 + apps.HARD_FAILURES  # the attempt with a node missing started the count again
+    assert run.round == 0

@@ -5,8 +5,11 @@ connected node; each node trains ``local_epochs`` epochs on its own data with ``
 same engine as ``ctre-edge train``) starting from it, and replies with its sparse model, its
 growth votes and its sample count; the ``SparseFleet`` strategy aggregates (``aggregate.py``).
 A round ends when every node replied or ``round_timeout`` passed; it counts if at least
-``min_replies`` valid replies came, else it is repeated. After each round the global model and
-the history are checkpointed in the run directory, from which ``resume`` continues.
+``min_replies`` valid replies came, else it is repeated: a node may be offline for a while. But
+where every node replied and none validly ``HARD_FAILURES`` times in a row (each node's training or
+data fails, say), repeating will not mend it: the run stops with the nodes' reasons. After each
+round the global model and the history are checkpointed in the run directory, from which
+``resume`` continues.
 
 Nodes learn the run from their ``node_config``: ``data`` (a file any ``--data`` loader reads),
 ``profile`` (optional) and ``state-dir`` (where the input scaling is kept between rounds, since
@@ -52,6 +55,7 @@ class SparseFleet(Strategy):
     def __init__(self, run: RunState):
         self.run = run
         self.has_scaling: set[int] = set()  # nodes known to hold this run's input scaling
+        self.failures: list[str] = []  # why the last round's invalid replies were left out
 
     def configure_train(self, server_round, arrays, config, grid):
         model = self.run.model
@@ -71,18 +75,23 @@ class SparseFleet(Strategy):
         return messages
 
     def aggregate_train(self, server_round, replies):
-        """(new global layers or None, metrics); invalid replies are logged and left out."""
+        """(new global layers or None, metrics); invalid replies are logged and left out, and their
+        reasons kept in ``failures`` (one line per node) for ``_train_rounds``."""
         models, weights, votes, metrics = [], [], [], []
+        self.failures = []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(WARNING, "round %s: node %s failed: %s", server_round, node, reply.error.reason)
+                self.failures.append(f"node {node} failed: {reply.error.reason}")
                 continue
             try:
                 status = reply.content.config_records.get("status")
                 if status is not None and status.get("error"):
                     if status.get("error") == "needs-scaling":
-                        self.has_scaling.discard(node)
+                        self.has_scaling.discard(node)  # a step of the protocol: sent again with the scaling
+                    else:
+                        self.failures.append(f"node {node} refused: {status['error']}")
                     log(WARNING, "round %s: node %s refused: %s", server_round, node, status["error"])
                     continue
                 blob = unpack(reply.content.array_records["model"])
@@ -96,8 +105,9 @@ class SparseFleet(Strategy):
                 if not (np.isfinite(samples) and samples >= 1):
                     raise wire.WireError(f"reply has an invalid sample count {samples!r}")
             except Exception as e:  # noqa: BLE001 - no reply, however malformed, stops the server
-                log(WARNING, "round %s: rejected the reply of node %s: %s", server_round, node,
-                    e if isinstance(e, wire.WireError) else f"{type(e).__name__}: {e}")
+                why = e if isinstance(e, wire.WireError) else f"{type(e).__name__}: {e}"
+                log(WARNING, "round %s: rejected the reply of node %s: %s", server_round, node, why)
+                self.failures.append(f"rejected the reply of node {node}: {why}")
                 continue
             self.has_scaling.add(node)
             models.append(m.layers)
@@ -137,6 +147,27 @@ def _server_main(grid: Grid, context: Context) -> None:
     strategy.summary()
     if run.round == 0:
         run.setup(_collect_summaries(grid, settings))
+    _train_rounds(grid, run, strategy, settings)
+    run.finish()
+
+
+# Attempts in a row in which every node replied and none validly, after which a round or the setup
+# is not asked again: the run stops, naming the nodes' reasons (their training or data fails alike
+# each time). Attempts with a node missing do not count: it may come back.
+HARD_FAILURES = 3
+
+
+def _hard_failures(count: int, sent: int, missing: int, valid: int, failures: list[str], what: str) -> int:
+    """The count of such attempts after this one; raises RuntimeError when it reaches HARD_FAILURES."""
+    count = count + 1 if sent and not missing and not valid and failures else 0
+    if count >= HARD_FAILURES:
+        raise RuntimeError(f"{what}: every node replied and none validly, {count} times in a row, so the run "
+                           f"stops: " + "; ".join(failures[:4]) + ("; ..." if len(failures) > 4 else ""))
+    return count
+
+
+def _train_rounds(grid: Grid, run: RunState, strategy: SparseFleet, settings: dict) -> None:
+    hard = 0
     while run.round < settings["rounds"]:
         r = run.round + 1
         t0, started = time.perf_counter(), time.time()
@@ -148,13 +179,14 @@ def _server_main(grid: Grid, context: Context) -> None:
             log(WARNING, "round %s: %s valid replies of %s (need %s); repeating the round", r, len(metrics),
                 len(messages), settings["min_replies"])
             run.note_failed_round(r, len(metrics), len(messages))
+            hard = _hard_failures(hard, len(messages), missing, len(metrics), strategy.failures, f"round {r}")
             time.sleep(1.0)
             continue
+        hard = 0
         down = sum(len(m.content.array_records["model"]["m"].data) for m in messages)
         run.finish_round(layers, metrics, seconds, sent=len(messages), missing=missing, payload_down=down,
                          started=started)
         log(INFO, "round %s: %s replies, %s missing, %.1f s", r, len(metrics), missing, seconds)
-    run.finish()
 
 
 def _collect_summaries(grid: Grid, settings: dict) -> list[dict]:
@@ -165,14 +197,21 @@ def _collect_summaries(grid: Grid, settings: dict) -> list[dict]:
             raise RuntimeError(f"fewer than {settings['min_clients']} clients joined within "
                                f"{settings['join_timeout']} s")
         time.sleep(0.5)
+    hard = 0
     while True:
         messages = [Message(RecordDict({"config": ConfigRecord({"scaling": settings["train"]["scaling"]})}),
                             dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
-        replies, _ = _send_and_wait(grid, messages, settings)
-        out = []
+        replies, missing = _send_and_wait(grid, messages, settings)
+        out, failures = [], []
         for reply in replies:
             if reply.has_error():
                 log(WARNING, "setup: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                failures.append(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
+                continue
+            status = reply.content.config_records.get("status")
+            if status is not None and status.get("error"):
+                log(WARNING, "setup: node %s refused: %s", reply.metadata.src_node_id, status["error"])
+                failures.append(f"node {reply.metadata.src_node_id} refused: {status['error']}")
                 continue
             try:
                 doc = json.loads(str(reply.content.config_records["summary"]["json"]))
@@ -182,9 +221,11 @@ def _collect_summaries(grid: Grid, settings: dict) -> list[dict]:
                 out.append(doc)
             except (wire.WireError, KeyError, TypeError, ValueError) as e:
                 log(WARNING, "setup: rejected the reply of node %s: %s", reply.metadata.src_node_id, e)
+                failures.append(f"rejected the reply of node {reply.metadata.src_node_id}: {e}")
         if len(out) >= settings["min_replies"]:
             return out
         log(WARNING, "setup: %s valid replies, need %s; asking again", len(out), settings["min_replies"])
+        hard = _hard_failures(hard, len(messages), missing, len(out), failures, "setup")
         time.sleep(1.0)
 
 
