@@ -540,13 +540,21 @@ def _blas_threads(n):
 def in_threads(fn, n):
     """``[fn(t) for t in range(n)]`` with ``fn(0)`` on the calling thread and the rest on worker
     threads at once (``fn`` releases the GIL in its numba kernels and BLAS calls). Share 0 stays
-    here: handed to the pool too, one worker often ran two shares in turn."""
+    here: handed to the pool too, one worker often ran two shares in turn. Where ``fn(0)`` raises,
+    the workers are waited for before the error reaches the caller, so that none still works on
+    (the topology update's threads write into the network) once the caller sees it."""
     if n == 1:
         return [fn(0)]
     if n - 1 not in _POOLS:
         _POOLS[n - 1] = ThreadPoolExecutor(n - 1, thread_name_prefix="ctre-edge")
     others = [_POOLS[n - 1].submit(fn, t) for t in range(1, n)]
-    return [fn(0)] + [f.result() for f in others]
+    try:
+        first = fn(0)
+    except BaseException:
+        for f in others:
+            f.exception()  # waits; its own error, if any, is the lesser news
+        raise
+    return [first] + [f.result() for f in others]
 
 
 class CosineSketch:

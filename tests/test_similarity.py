@@ -822,3 +822,17 @@ def test_given_live_copies_are_used_and_give_the_same_picks(monkeypatch):
         assert seen == [passed[0] is not None]
     with pytest.raises(ValueError, match="live_copies: the copy of a_out must have shape"):
         topk_cosine(a_in, a_out, indptr, indices, 50, stats=stats, live_copies=(None, a_out))
+
+
+def test_in_threads_waits_for_the_workers_before_an_error_reaches_the_caller():
+    done = []
+
+    def fn(t):
+        if t == 0:
+            raise RuntimeError("share 0 failed")
+        time.sleep(0.05)
+        done.append(t)
+
+    with pytest.raises(RuntimeError, match="share 0 failed"):
+        similarity.in_threads(fn, 3)
+    assert sorted(done) == [1, 2]  # nothing still runs once the caller has the error
