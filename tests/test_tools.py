@@ -225,13 +225,14 @@ def test_bench_update_against_itself_gives_the_same_bits():
     assert len(rows) == 1 and rows[0].rstrip().endswith("| yes |"), r.stdout
 
 
-def test_bench_update_phases_add_up():
-    """Where one update's time goes: every part is measured, and the wall-time parts fit in the whole."""
+def test_bench_update_phases_are_measured():
+    """Where one update's time goes: every part is measured, and the sample's start fits in the whole
+    (the other parts overlap on the threads, so they are thread time and need not)."""
     r = run_tool("bench_update.py", "--phases", "--data", "builtin:digits", "--hidden", "60,60", "--epochs", "2",
                  "--passes", "3", "--epsilon", "5")
-    ms = {row[0]: float(row[1]) for row in table_rows(r.stdout)}
-    assert len(ms) == 6 and all(v >= 0 for v in ms.values()), ms  # "the rest" < 0 would count a part twice
-    assert all(v > 0 for k, v in ms.items() if not k.startswith("the rest")), ms
+    ms = [float(row[1]) for row in table_rows(r.stdout)]
+    assert len(ms) == 4 and all(v > 0 for v in ms), ms
+    assert ms[0] < ms[3], ms
 
 
 def test_bench_huge_smoke():
