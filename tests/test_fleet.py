@@ -391,6 +391,20 @@ def test_simulate_trains_and_measures_bytes_at_the_socket(tmp_path):
     assert sum(doc["nnz"]) == sum(round(3 * (a + b)) for a, b in zip([64, 24, 24], [24, 24, 10]))
 
 
+@needs_flwr
+@pytest.mark.slow
+def test_a_fleet_whose_every_client_fails_stops_with_their_reason(tmp_path):
+    # At this learning rate every client's training diverges in every round: the server stops after
+    # three such attempts of round 1 (it used to repeat the round until the simulation's timeout).
+    r = run_cli("fleet", "simulate", "--clients", "2", "--rounds", "2", "--local-epochs", "1", *SMALL[:-2],
+                "--lr", "1e6", "--dir", str(tmp_path / "run"), timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the fleet run ended with status finished:failed"), line
+    assert "round 1: every node replied and none validly, 3 times in a row" in line and "diverged" in line, line
+    assert "Traceback" not in r.stderr
+
+
 def _wait_round(run_dir: Path, r: int, timeout: float) -> dict:
     from ctre_edge.fleet.state import read_checkpoint
 
