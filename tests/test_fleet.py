@@ -314,6 +314,19 @@ def test_fleet_without_the_extra_says_how_to_install(tmp_path):
     assert "pip install 'ctre-edge[fleet]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_free_ports_are_distinct_and_free():
+    # fleet simulate chooses every node's port at once: one at a time, a port released again could be
+    # handed out twice, and a node then failed to bind it.
+    import socket
+
+    from ctre_edge.fleet.runner import free_ports
+
+    ports = free_ports(40)
+    assert len(set(ports)) == 40
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[0]))  # released again: free for the process that takes it
+
+
 @pytest.mark.parametrize("args", [["train", "--epochs", "1", "--hidden", "8", "--no-checkpoint", "--quiet"],
                                   ["profiles", "list"], ["data", "inspect", "builtin:digits"],
                                   ["fleet", "--help"]])

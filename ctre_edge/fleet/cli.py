@@ -376,7 +376,17 @@ def _simulate(run_dir: Path, train: dict, *, clients: int, data: str, partition:
 
     from ..data import load_data
     from .partition import parse_partition, split_clients
-    from .runner import CountingRelay, Server, flower_env, free_port, make_settings, start, stop, supernode_argv
+    from .runner import (
+        CountingRelay,
+        Server,
+        flower_env,
+        free_port,
+        free_ports,
+        make_settings,
+        start,
+        stop,
+        supernode_argv,
+    )
     from .wire import dense_bytes, payload_floor
 
     say = (lambda text: None) if quiet else err.print
@@ -394,14 +404,17 @@ def _simulate(run_dir: Path, train: dict, *, clients: int, data: str, partition:
     rows = []
     try:
         srv.start()
-        for i, f in enumerate(files):
-            relay = CountingRelay(srv.port)
+        # Every relay holds its port before the nodes' ports are chosen, all at once: a port chosen
+        # and released before a relay bound port 0 could be the relay's, and that node then failed
+        # to start (seen in a test run, which then waited for the join timeout).
+        for _ in files:
+            relays.append(CountingRelay(srv.port))  # appended one by one: the cleanup below closes each
+        for i, (f, relay, port) in enumerate(zip(files, relays, free_ports(len(files)))):
             node_config = {"data": f, "state-dir": run_dir / f"node{i}"}
             if profile:
                 node_config["profile"] = profile
-            argv = supernode_argv(f"127.0.0.1:{relay.port}", free_port(), node_config)
+            argv = supernode_argv(f"127.0.0.1:{relay.port}", port, node_config)
             nodes.append(start(argv, run_dir / f"node{i}.log", flower_env(run_dir / f"node{i}" / "flwr-home")))
-            relays.append(relay)
         run_id = srv.submit()
         say(f"fleet run {run_id}: {clients} SuperNodes and a SuperLink on 127.0.0.1, {partition} partition, "
             f"{rounds} rounds x {local_epochs} local epoch(s)")

@@ -84,9 +84,20 @@ def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | Non
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on 127.0.0.1 now, for processes that bind them later. Bound all at once,
+    so none is handed out twice; one at a time, a port closed again could be the next one's too."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def start(argv: list[str], log: Path, env: dict) -> subprocess.Popen:
