@@ -433,10 +433,10 @@ def _wait_round(run_dir: Path, r: int, timeout: float) -> dict:
     raise AssertionError(f"round {r} not reached in {timeout} s; see {run_dir}")
 
 
-def _client(i, port, data, tmp_path):
+def _client(i, port, data, tmp_path, node_port=None):
     log = open(tmp_path / f"client{i}.log", "ab")
     return subprocess.Popen([sys.executable, "-m", "ctre_edge.cli", "fleet", "client", "--data", str(data),
-                             "--superlink", f"127.0.0.1:{port}", "--insecure", "--port", str(_free_port()),
+                             "--superlink", f"127.0.0.1:{port}", "--insecure", "--port", str(node_port or _free_port()),
                              "--state-dir", str(tmp_path / f"state{i}"), *SMALL[:4]],
                             stdout=log, stderr=log, start_new_session=True,
                             env=dict(os.environ, FLWR_HOME=str(tmp_path / f"home{i}")))
@@ -484,7 +484,9 @@ def client_files(tmp_path):
 def test_killed_client_and_killed_server_do_not_stop_the_run(tmp_path, client_files):
     port, run_dir = _free_port(), tmp_path / "run"
     server = _server(run_dir, port, 4)
-    clients = [_client(i, port, f, tmp_path) for i, f in enumerate(client_files)]
+    from ctre_edge.fleet.runner import free_ports
+
+    clients = [_client(i, port, f, tmp_path, p) for (i, f), p in zip(enumerate(client_files), free_ports(3))]
     try:
         first = _wait_round(run_dir, 1, 180)
         _kill(clients[0])  # mid-run: round 2 is under way, and ends at the round timeout with 2 replies
