@@ -167,8 +167,7 @@ class TopologyPolicy:
         levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc,
                                     threads, scratch)
         if whole:
-            self.balance = layers_balance([live_positions(levels[l], levels[l + 1]) for l in range(net.n_layers)],
-                                          threads)
+            self.balance = _levels_balance(levels, threads)
             if self.balance <= WHOLE_LAYERS_BALANCE:
                 self._grow_scored_whole(net, threads, grow, levels=levels)
                 return []
@@ -193,8 +192,8 @@ class TopologyPolicy:
             k = min(drop_count(layer.nnz, self.zeta), layer.n_in * layer.n_out - layer.nnz)
             return levels[l], levels[l + 1], layer.indptr, layer.indices, k
 
-        feed = None
-        if levels is None:
+        feed, sampled = None, levels is None
+        if sampled:
             rng, csc, scratch = sample
             later = sample_levels(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc,
                                   threads, scratch, later_threads=1)
@@ -211,8 +210,13 @@ class TopologyPolicy:
             grow(l, lambda ip, ix, k, dropped: merge_dropped(levels[l], levels[l + 1], *found, dropped, k))
 
         topk_cosine_layers(problems, workspace_bytes=self.workspace, threads=threads, then=then, feed=feed)
-        self.balance = layers_balance([live_positions(levels[l], levels[l + 1]) for l in range(net.n_layers)],
-                                      threads)
+        if sampled:  # else the caller has just measured it on the same levels
+            self.balance = _levels_balance(levels, threads)
+
+
+def _levels_balance(levels, threads):
+    """``layers_balance`` of scoring each layer between these levels whole on one thread."""
+    return layers_balance([live_positions(levels[l], levels[l + 1]) for l in range(len(levels) - 1)], threads)
 
 
 # Layers are scored whole, one per thread (``_grow_scored_whole``), only where that splits the work

@@ -86,13 +86,13 @@ class SparseFleet(Strategy):
                 self.failures.append(f"node {node} failed: {reply.error.reason}")
                 continue
             try:
-                status = reply.content.config_records.get("status")
-                if status is not None and status.get("error"):
-                    if status.get("error") == "needs-scaling":
+                refused = _refused(reply)
+                if refused:
+                    if refused == "needs-scaling":
                         self.has_scaling.discard(node)  # a step of the protocol: sent again with the scaling
                     else:
-                        self.failures.append(f"node {node} refused: {status['error']}")
-                    log(WARNING, "round %s: node %s refused: %s", server_round, node, status["error"])
+                        self.failures.append(f"node {node} refused: {refused}")
+                    log(WARNING, "round %s: node %s refused: %s", server_round, node, refused)
                     continue
                 blob = unpack(reply.content.array_records["model"])
                 m = wire.decode(blob, self.run.model.sizes)
@@ -208,10 +208,10 @@ def _collect_summaries(grid: Grid, settings: dict) -> list[dict]:
                 log(WARNING, "setup: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
                 failures.append(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
                 continue
-            status = reply.content.config_records.get("status")
-            if status is not None and status.get("error"):
-                log(WARNING, "setup: node %s refused: %s", reply.metadata.src_node_id, status["error"])
-                failures.append(f"node {reply.metadata.src_node_id} refused: {status['error']}")
+            refused = _refused(reply)
+            if refused:
+                log(WARNING, "setup: node %s refused: %s", reply.metadata.src_node_id, refused)
+                failures.append(f"node {reply.metadata.src_node_id} refused: {refused}")
                 continue
             try:
                 doc = json.loads(str(reply.content.config_records["summary"]["json"]))
@@ -277,6 +277,12 @@ def _client_train(msg: Message, context: Context) -> Message:
         return _train_round(msg, context)
     except Exception as e:  # noqa: BLE001 - a node reports its failure instead of dying silently
         return _refusal(msg, f"{type(e).__name__}: {e}")
+
+
+def _refused(reply: Message) -> str | None:
+    """The error of a node's refusal (``_refusal``), or None for any other reply."""
+    status = reply.content.config_records.get("status")
+    return status.get("error") if status is not None else None
 
 
 def _refusal(msg: Message, text: str) -> Message:
