@@ -1459,9 +1459,14 @@ KIND_ZERO = 0  # all-zero activation vector: every score is exactly 0
 KIND_NONNEG = 1  # regular range, no negative value (ReLU, softmax): relative error bound
 KIND_SIGNED = 2  # regular range, some negative value: absolute error bound
 KIND_IRREGULAR = 3  # values outside [2**-30, 2**30] or norm > 2**30: always rescored exactly
+KIND_WIDE = 4  # as KIND_NONNEG, but the least nonzero value in [2**-96, 2**-30) (softmax): see neuron_kinds
 
 RANGE_LO = 2.0**-30
 RANGE_HI = 2.0**30
+WIDE_LO = 2.0**-96  # RANGE_LO * WIDE_LO = 2**-126, float32's least normal number
+# Where a neuron is KIND_WIDE, the scaling of a prefilter score (``_row_bounds``) may underflow
+# float32 by less than 2**-119 in all; this covers it.
+WIDE_SLACK = 2.0**-100
 
 
 @njit(cache=True, nogil=True)
@@ -1502,7 +1507,12 @@ def neuron_kinds(a, inv, out):
 
     ``out[i]`` is KIND_ZERO where ``inv[i] == 0``; else KIND_IRREGULAR if ``1/inv[i] > 2**30`` or a
     nonzero ``|a[i, s]|`` lies outside [2**-30, 2**30] (float32 products could underflow or
-    overflow); else KIND_NONNEG if no value is negative; else KIND_SIGNED.
+    overflow); else KIND_NONNEG if no value is negative; else KIND_SIGNED. Except that a neuron
+    with no negative value, whose nonzero values lie in [2**-96, 2**30] and the largest in
+    [2**-30, 2**30], is KIND_WIDE, not KIND_IRREGULAR: a softmax output that is near 0 on some
+    samples. Its products with a neuron of the regular range are float32 normal numbers, so the
+    prefilter's bounds hold for such a pair (with ``WIDE_SLACK`` where the scaling underflows),
+    and only a pair of two KIND_WIDE neurons is always rescored.
 
     Parameters: ``a`` float32 (n, S); ``inv`` float64 (n,) from ``inverse_norms``; ``out`` int8 (n,).
     """
@@ -1516,6 +1526,7 @@ def neuron_kinds(a, inv, out):
     sign = np.int32(-0x80000000)  # the bits of -0.0
     bits = a.view(np.int32)
     lo_bits = np.int32(97 << 23)  # float32 2**-30 (RANGE_LO): exponent 127 - 30, mantissa 0
+    wide_bits = np.int32(31 << 23)  # float32 2**-96 (WIDE_LO)
     hi_bits = np.int32(157 << 23)  # float32 2**30 (RANGE_HI)
     for i in range(a.shape[0]):
         if inv[i] == 0.0:
@@ -1531,8 +1542,10 @@ def neuron_kinds(a, inv, out):
             high = np.int32(max(high, m))
             low = np.int32(min(low, m if m != 0 else big))
             least = np.int32(min(least, v if v != sign else np.int32(0)))  # negative, -0.0 aside
-        if low < lo_bits or high > hi_bits:
+        if high > hi_bits:
             out[i] = KIND_IRREGULAR
+        elif low < lo_bits:
+            out[i] = KIND_WIDE if low >= wide_bits and high >= lo_bits and least >= 0 else KIND_IRREGULAR
         elif least < 0:
             out[i] = KIND_SIGNED
         else:
@@ -1723,7 +1736,8 @@ def _row_bounds(dots_row, i, indptr, indices, row_of, col_slot, v_in, kind_in, v
     """``out[j] = approx + sign * margin`` for row ``i`` of the prefilter (see ``scan_block``).
 
     ``sign`` -1 gives the lower bounds of pass 1 and +1 the upper bounds of pass 2. Pairs with a
-    KIND_IRREGULAR neuron get -inf (pass 1: no lower bound) or +inf (pass 2: always rescored); kept
+    KIND_IRREGULAR neuron, or of two KIND_WIDE ones, get -inf (pass 1: no lower bound) or +inf
+    (pass 2: always rescored); kept
     positions get -inf (never a candidate). The loop over the row is written with selects only, so
     it vectorises. Row i is row ``row_of[i]`` of the CSR, whose column c is column ``col_slot[c]``
     here, or none if that is past the row (see ``scan_block``).
@@ -1735,17 +1749,19 @@ def _row_bounds(dots_row, i, indptr, indices, row_of, col_slot, v_in, kind_in, v
     else:
         v_i = v_in[i]
         zero_i = kind_in[i] == KIND_ZERO
-        nonneg_i = kind_in[i] == KIND_NONNEG
+        wide_i = kind_in[i] == KIND_WIDE
+        nonneg_i = kind_in[i] == KIND_NONNEG or wide_i
         for j in range(dots_row.shape[0]):
             approx = abs(dots_row[j]) * v_i * v_out[j]
             kj = kind_out[j]
-            margin = abs_err
-            if nonneg_i and kj == KIND_NONNEG:
-                margin = rel * approx
+            wide = wide_i or kj == KIND_WIDE
+            margin = abs_err  # at least WIDE_SLACK
+            if nonneg_i and (kj == KIND_NONNEG or kj == KIND_WIDE):
+                margin = rel * approx + (WIDE_SLACK if wide else 0.0)
             if zero_i or kj == KIND_ZERO:
                 margin = 0.0
             value = np.float64(approx) + sign * margin
-            out[j] = odd if kj == KIND_IRREGULAR else value
+            out[j] = odd if kj == KIND_IRREGULAR or (wide_i and kj == KIND_WIDE) else value
     n = out.shape[0]
     for p in range(indptr[row_of[i]], indptr[row_of[i] + 1]):
         c = col_slot[indices[p]]
@@ -1781,10 +1797,10 @@ def scan_block(
     ``dots`` float32 (r, n_out) holds the BLAS products ``a_in[row0:row0+r] @ a_out.T``. The
     prefilter score is ``approx = float32(float32(|dots[r, j]| * v_in[i]) * v_out[j])`` with
     ``v = float32(inv)``; it lies within ``margin`` of the canonical score: ``rel * approx`` for two
-    KIND_NONNEG neurons (no cancellation, so the float32 dot error is relative), ``abs_err`` if one is
-    KIND_SIGNED, 0 if one is KIND_ZERO (both scores are exactly 0), unbounded if one is
-    KIND_IRREGULAR. ``similarity.py`` derives ``rel`` and ``abs_err`` from the float32 error bound
-    ``gamma_S = S u / (1 - S u)``.
+    KIND_NONNEG neurons (no cancellation, so the float32 dot error is relative; ``+ WIDE_SLACK`` where
+    one is KIND_WIDE), ``abs_err`` if one is KIND_SIGNED, 0 if one is KIND_ZERO (both scores are
+    exactly 0), unbounded if one is KIND_IRREGULAR or both are KIND_WIDE. ``similarity.py``
+    derives ``rel`` and ``abs_err`` from the float32 error bound ``gamma_S = S u / (1 - S u)``.
 
     Pass 1 collects every lower bound ``approx - margin`` above the running bound into ``lower``
     (float64, size 2k + n_out; cut back to its k largest by ``keep_largest`` whenever it holds more
@@ -1872,7 +1888,8 @@ def scan_block_rescore(dots, row0, indptr, indices, row_of, col_slot, v_in, v_ou
     got = np.empty(8, np.float32)
     n_cand = 0
     # An upper bound is float64(approx) plus a margin of at most rel * approx + abs_err, rounded
-    # once or twice, unless a neuron is KIND_IRREGULAR (+inf). So where no output neuron is, a row
+    # once or twice, unless a neuron is KIND_IRREGULAR or both are KIND_WIDE (+inf). So where no
+    # output neuron is KIND_IRREGULAR, a row not KIND_IRREGULAR (nor KIND_WIDE, if an output is)
     # whose every approx is below (bound - 2 abs_err) / (1 + 2 rel) has no candidate: the slack
     # (rel >= 2**-24, from the float32 error bound) dwarfs the float64 roundings. Such a row is
     # skipped before its bounds, found by a count in float32 (a loop the compiler vectorises, about
@@ -1880,12 +1897,14 @@ def scan_block_rescore(dots, row0, indptr, indices, row_of, col_slot, v_in, v_ou
     # no such skip: the same loop there raised warmup's compile peak by 8 MiB.
     low = (bound - 2.0 * abs_err) / (1.0 + 2.0 * rel)
     skips = low > 0.0
+    wide_out = False
     for j in range(n_out):
         skips &= kind_out[j] != KIND_IRREGULAR
+        wide_out |= kind_out[j] == KIND_WIDE
     low32 = np.float32(low * (1.0 - 2.0**-20))  # at most low: rounding moves it by at most 2**-24 of itself
     for r in range(n_rows):
         i = row0 + r
-        if skips and kind_in[i] != KIND_IRREGULAR:
+        if skips and kind_in[i] != KIND_IRREGULAR and not (wide_out and kind_in[i] == KIND_WIDE):
             c = 0
             for j in range(n_out):
                 c += abs(dots[r, j]) * v_in[i] * v_out[j] >= low32

@@ -163,7 +163,9 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
     neurons only; where fewer than k free positions score above 0, the rest are the first free
     positions of score 0 in position order (the tie rule), found without a product.
     Neurons with nonzero values outside [2**-30, 2**30] skip the prefilter and are rescored
-    exactly, pair by pair: correct, but slow if there are many.
+    exactly, pair by pair: correct, but slow if there are many. Except nonnegative ones whose
+    values reach down to 2**-96 only (a confident classifier's softmax outputs,
+    ``kernels.KIND_WIDE``): these skip it only when paired with another such neuron.
 
     References
     ----------

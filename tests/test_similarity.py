@@ -62,9 +62,13 @@ def inverse_norms_reference(a):
 
 def neuron_kinds_reference(a, inv):
     m = np.abs(a.astype(np.float64))
-    odd = ((m != 0) & ((m < 2.0**-30) | (m > 2.0**30))).any(axis=1) | (inv < 2.0**-30)
-    kinds = np.where((a < 0).any(axis=1), ks.KIND_SIGNED, ks.KIND_NONNEG)
-    kinds = np.where(odd, ks.KIND_IRREGULAR, kinds)
+    nonzero = np.where(m != 0, m, np.inf)
+    signed = (a < 0).any(axis=1)
+    low, high = nonzero.min(axis=1, initial=np.inf), m.max(axis=1, initial=0.0)
+    odd = (low < 2.0**-30) | (high > 2.0**30) | (inv < 2.0**-30)
+    wide = (low >= 2.0**-96) & (low < 2.0**-30) & (high >= 2.0**-30) & (high <= 2.0**30) & ~signed & (inv >= 2.0**-30)
+    kinds = np.where(signed, ks.KIND_SIGNED, ks.KIND_NONNEG)
+    kinds = np.where(odd, np.where(wide, ks.KIND_WIDE, ks.KIND_IRREGULAR), kinds)
     return np.where(inv == 0, ks.KIND_ZERO, kinds).astype(np.int8)
 
 
@@ -101,10 +105,15 @@ def activations(kind, n, n_samples, rng):
         a = rng.standard_normal((n, n_samples)).astype(np.float32)
         a *= np.float32(2.0) ** rng.choice([0, 0, -45, 40], n)[:, None].astype(np.float32)
         return a
+    if kind == "wide":  # softmax-like: nonnegative, some neurons near 0 on some samples (KIND_WIDE)
+        a = np.abs(rng.standard_normal((n, n_samples))).astype(np.float32)
+        tiny = rng.random((n, n_samples)) < 0.3
+        a[tiny] *= np.float32(2.0) ** -rng.integers(20, 100, int(tiny.sum())).astype(np.float32)
+        return a
     raise AssertionError(kind)
 
 
-KINDS = ["relu", "signed", "integer", "duplicated", "irregular"]
+KINDS = ["relu", "signed", "integer", "duplicated", "irregular", "wide"]
 
 
 # ---------------------------------------------------------------- kernels vs numpy
@@ -135,7 +144,7 @@ def test_neuron_kinds_at_the_edges_of_the_regular_range():
     kinds = np.empty(7, np.int8)
     ks.neuron_kinds(a, inv, kinds)
     np.testing.assert_array_equal(kinds, neuron_kinds_reference(a, inv))
-    np.testing.assert_array_equal(kinds, [ks.KIND_NONNEG, ks.KIND_NONNEG, ks.KIND_IRREGULAR, ks.KIND_NONNEG,
+    np.testing.assert_array_equal(kinds, [ks.KIND_NONNEG, ks.KIND_NONNEG, ks.KIND_WIDE, ks.KIND_NONNEG,
                                           ks.KIND_IRREGULAR, ks.KIND_SIGNED, ks.KIND_ZERO])
 
 
@@ -523,6 +532,74 @@ def test_prefilter_rescores_few_positions():
     *_, n_scored = _topk_cosine(a_in, a_out, indptr, indices, k, block_rows=50, workspace_bytes=0)
     # A streaming top-k over random order admits about k * (1 + ln(N / k)) entries.
     assert n_scored <= 3 * k * (1 + np.log(300 * 300 / k)), n_scored
+
+
+def softmax_outputs(a_in, n_out, rng, temperature):
+    """Class probabilities of a random linear head over ``a_in`` (n_in, S): (n_out, S), float32,
+    near 0 (down to 2**-96 and below at high confidence) where a class is far from the best."""
+    logits = rng.standard_normal((n_out, a_in.shape[0])) @ a_in.astype(np.float64)
+    logits *= temperature / logits.std()
+    p = np.exp(logits - logits.max(axis=0))
+    return (p / p.sum(axis=0)).astype(np.float32)
+
+
+@pytest.mark.parametrize("temperature", [2.0, 8.0, 20.0])
+def test_softmax_outputs_near_zero_are_prefiltered_not_all_rescored(temperature):
+    # A confident classifier's output neurons have probabilities far below 2**-30 (KIND_WIDE, not
+    # KIND_IRREGULAR): the pairs with regular hidden neurons are prefiltered, so about k positions
+    # are rescored instead of all of them, and the top-k is still the reference's.
+    rng = np.random.default_rng(11)
+    a_in = activations("relu", 200, 300, rng)
+    a_out = softmax_outputs(a_in, 10, rng, temperature)
+    inv = np.empty(10)
+    ks.inverse_norms(a_out, np.arange(10, dtype=np.int64), inv)
+    kinds = np.empty(10, np.int8)
+    ks.neuron_kinds(a_out, inv, kinds)
+    if temperature == 8.0:
+        assert (kinds == ks.KIND_WIDE).all()
+    indptr, indices = random_csr(200, 10, 100, rng)
+    k = 60
+    expected = topk_cosine_reference(a_in, a_out, indptr, indices, k)
+    for threads in (None, 2):
+        *got, n_scored = _topk_cosine(a_in, a_out, indptr, indices, k, block_rows=None, workspace_bytes=1 << 20,
+                                      threads=threads)
+        assert_same_topk(got, expected)
+        n_odd = int((kinds == ks.KIND_IRREGULAR).sum()) * 200
+        assert n_scored <= n_odd + 4 * k, (n_scored, n_odd, kinds)
+
+
+def test_wide_neurons_pair_with_regular_ones_only():
+    # Products of two KIND_WIDE neurons can underflow float32: such pairs are always rescored, and
+    # tiny scores whose prefilter underflows still rank exactly.
+    rng = np.random.default_rng(12)
+    a = np.abs(rng.standard_normal((6, 40))).astype(np.float32)
+    a[:3, ::2] = np.float32(2.0**-95)
+    a[3:, 1::2] = np.float32(2.0**-90)
+    a[5] = np.float32(2.0**-30) * (np.arange(40) % 3 == 0)  # regular, its least value at the range's edge
+    inv = np.empty(6)
+    ks.inverse_norms(a, np.arange(6, dtype=np.int64), inv)
+    kinds = np.empty(6, np.int8)
+    ks.neuron_kinds(a, inv, kinds)
+    np.testing.assert_array_equal(kinds, [ks.KIND_WIDE] * 5 + [ks.KIND_NONNEG])
+    np.testing.assert_array_equal(kinds, neuron_kinds_reference(a, inv))
+    indptr, indices = random_csr(6, 6, 4, rng)
+    for k in (1, 5, 32):
+        *got, n_scored = _topk_cosine(a, a, indptr, indices, k, block_rows=None, workspace_bytes=1 << 20)
+        assert_same_topk(got, topk_cosine_reference(a, a, indptr, indices, k))
+        assert n_scored >= min(k, 25 - 4)  # the 25 wide-wide pairs, less at most 4 kept, are rescored
+
+
+def test_neuron_kinds_at_the_edges_of_the_wide_range():
+    lo, wide, hi = np.float32(2.0**-30), np.float32(2.0**-96), np.float32(2.0**30)
+    below = np.nextafter(wide, np.float32(0))
+    a = np.array([[wide, lo], [below, lo], [wide, np.nextafter(lo, np.float32(0))], [wide, hi],
+                  [wide, np.nextafter(hi, np.float32(np.inf))], [-wide, lo], [wide, -1.0]], np.float32)
+    inv = inverse_norms_reference(a)
+    kinds = np.empty(7, np.int8)
+    ks.neuron_kinds(a, inv, kinds)
+    np.testing.assert_array_equal(kinds, neuron_kinds_reference(a, inv))
+    np.testing.assert_array_equal(kinds, [ks.KIND_WIDE, ks.KIND_IRREGULAR, ks.KIND_IRREGULAR, ks.KIND_WIDE,
+                                          ks.KIND_IRREGULAR, ks.KIND_IRREGULAR, ks.KIND_IRREGULAR])
 
 
 def test_all_scores_zero_returns_first_free_positions():
