@@ -515,6 +515,51 @@ def test_topk_is_exact_where_float32_blas_ranks_differently(n_samples):
     assert not np.array_equal(np.argsort(-naive, kind="stable")[:300], expected[0] * 30 + expected[1])
 
 
+def lower_bounds_reference(dots, v_in, v_out, kind_in, kind_out, indptr, indices, rel, abs_err):
+    """Pass 1's lower bound of every position, as ``kernels._row_bounds`` computes it (float32
+    prefilter score, float64 margin), -inf where kept or where the prefilter has no bound."""
+    approx = (np.abs(dots) * v_in[:, None]) * v_out[None, :]  # float32, the kernel's two roundings
+    ki, kj = kind_in[:, None], kind_out[None, :]
+    nonneg = lambda kind: (kind == ks.KIND_NONNEG) | (kind == ks.KIND_WIDE)  # noqa: E731
+    wide = (ki == ks.KIND_WIDE) | (kj == ks.KIND_WIDE)
+    margin = np.where(nonneg(ki) & nonneg(kj), rel * approx.astype(np.float64) + np.where(wide, ks.WIDE_SLACK, 0.0),
+                      abs_err)
+    margin = np.where((ki == ks.KIND_ZERO) | (kj == ks.KIND_ZERO), 0.0, margin)
+    out = approx.astype(np.float64) - margin
+    odd = (ki == ks.KIND_IRREGULAR) | (kj == ks.KIND_IRREGULAR) | ((ki == ks.KIND_WIDE) & (kj == ks.KIND_WIDE))
+    out[odd] = -np.inf
+    out[np.repeat(np.arange(dots.shape[0]), np.diff(indptr)), indices] = -np.inf
+    return out
+
+
+@given(case=layer_cases(), n_blocks=st.integers(1, 4))
+@settings(max_examples=200, deadline=None)
+def test_first_pass_bound_is_the_kth_largest_lower_bound(case, n_blocks):
+    # Pass 1 keeps only lower bounds above its running bound and skips rows whose float32 scores
+    # are all below it: its R must still be the k-th largest lower bound of the whole layer. (A
+    # smaller R would give the same top-k, with more positions rescored: the top-k tests cannot
+    # see it.)
+    a_in, a_out, indptr, indices, k, _ = case
+    if k == 0:
+        return
+    stats = [similarity.neuron_stats(a) for a in (a_in, a_out)]
+    (inv_in, kind_in), (inv_out, kind_out) = stats
+    v_in, v_out = inv_in.astype(np.float32), inv_out.astype(np.float32)
+    rel, abs_err = similarity._prefilter_bounds(a_in.shape[1])
+    dots = np.ascontiguousarray(a_in @ a_out.T, dtype=np.float32)
+    n_in, n_out = dots.shape
+    lower, state = np.empty(2 * k + n_out, np.float64), np.zeros(3, np.int64)
+    args = (indptr, indices, np.arange(n_in, dtype=np.int64), np.arange(n_out, dtype=np.int64), v_in, v_out, kind_in,
+            kind_out, rel, abs_err)
+    edges = np.linspace(0, n_in, n_blocks + 1).astype(int)
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        bound = ks.scan_block_lower(np.ascontiguousarray(dots[r0:r1]), r0, *args, lower, k, state)
+    want = np.sort(lower_bounds_reference(dots, v_in, v_out, kind_in, kind_out, indptr, indices, rel, abs_err),
+                   axis=None)[::-1]
+    expected = want[k - 1] if (want > -np.inf).sum() >= k else -np.inf
+    assert bound == expected
+
+
 def test_workspace_sets_block_rows_and_result_does_not_depend_on_it():
     rng = np.random.default_rng(5)
     a_in, a_out = activations("relu", 50, 32, rng), activations("relu", 40, 32, rng)
