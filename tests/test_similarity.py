@@ -136,16 +136,27 @@ def test_inverse_norms_and_kinds_match_numpy(seed, kind, n, s):
     np.testing.assert_array_equal(kinds, neuron_kinds_reference(a, inv))
 
 
-def test_neuron_kinds_at_the_edges_of_the_regular_range():
-    lo, hi = np.float32(2.0**-30), np.float32(2.0**30)
-    a = np.array([[-0.0, 1.0], [lo, 1.0], [np.nextafter(lo, np.float32(0)), 1.0], [hi, 1.0],
-                  [np.nextafter(hi, np.float32(np.inf)), 1.0], [-lo, 1.0], [0.0, 0.0]], np.float32)
+LO, WIDE, HI = np.float32(2.0**-30), np.float32(2.0**-96), np.float32(2.0**30)
+BELOW_LO, BELOW_WIDE = np.nextafter(LO, np.float32(0)), np.nextafter(WIDE, np.float32(0))
+ABOVE_HI = np.nextafter(HI, np.float32(np.inf))
+
+
+@pytest.mark.parametrize("rows, expected", [
+    # The regular range [2**-30, 2**30]; a value just below it makes a nonnegative neuron wide.
+    ([[-0.0, 1.0], [LO, 1.0], [BELOW_LO, 1.0], [HI, 1.0], [ABOVE_HI, 1.0], [-LO, 1.0], [0.0, 0.0]],
+     [ks.KIND_NONNEG, ks.KIND_NONNEG, ks.KIND_WIDE, ks.KIND_NONNEG, ks.KIND_IRREGULAR, ks.KIND_SIGNED, ks.KIND_ZERO]),
+    # The wide range: least value at least 2**-96, largest in the regular range, none negative.
+    ([[WIDE, LO], [BELOW_WIDE, LO], [WIDE, BELOW_LO], [WIDE, HI], [WIDE, ABOVE_HI], [-WIDE, LO], [WIDE, -1.0]],
+     [ks.KIND_WIDE, ks.KIND_IRREGULAR, ks.KIND_IRREGULAR, ks.KIND_WIDE, ks.KIND_IRREGULAR, ks.KIND_IRREGULAR,
+      ks.KIND_IRREGULAR]),
+])
+def test_neuron_kinds_at_the_edges_of_the_ranges(rows, expected):
+    a = np.array(rows, np.float32)
     inv = inverse_norms_reference(a)
-    kinds = np.empty(7, np.int8)
+    kinds = np.empty(a.shape[0], np.int8)
     ks.neuron_kinds(a, inv, kinds)
     np.testing.assert_array_equal(kinds, neuron_kinds_reference(a, inv))
-    np.testing.assert_array_equal(kinds, [ks.KIND_NONNEG, ks.KIND_NONNEG, ks.KIND_WIDE, ks.KIND_NONNEG,
-                                          ks.KIND_IRREGULAR, ks.KIND_SIGNED, ks.KIND_ZERO])
+    np.testing.assert_array_equal(kinds, expected)
 
 
 def test_inverse_norms_flags_non_finite():
@@ -632,19 +643,6 @@ def test_wide_neurons_pair_with_regular_ones_only():
         *got, n_scored = _topk_cosine(a, a, indptr, indices, k, block_rows=None, workspace_bytes=1 << 20)
         assert_same_topk(got, topk_cosine_reference(a, a, indptr, indices, k))
         assert n_scored >= min(k, 25 - 4)  # the 25 wide-wide pairs, less at most 4 kept, are rescored
-
-
-def test_neuron_kinds_at_the_edges_of_the_wide_range():
-    lo, wide, hi = np.float32(2.0**-30), np.float32(2.0**-96), np.float32(2.0**30)
-    below = np.nextafter(wide, np.float32(0))
-    a = np.array([[wide, lo], [below, lo], [wide, np.nextafter(lo, np.float32(0))], [wide, hi],
-                  [wide, np.nextafter(hi, np.float32(np.inf))], [-wide, lo], [wide, -1.0]], np.float32)
-    inv = inverse_norms_reference(a)
-    kinds = np.empty(7, np.int8)
-    ks.neuron_kinds(a, inv, kinds)
-    np.testing.assert_array_equal(kinds, neuron_kinds_reference(a, inv))
-    np.testing.assert_array_equal(kinds, [ks.KIND_WIDE, ks.KIND_IRREGULAR, ks.KIND_IRREGULAR, ks.KIND_WIDE,
-                                          ks.KIND_IRREGULAR, ks.KIND_IRREGULAR, ks.KIND_IRREGULAR])
 
 
 def test_all_scores_zero_returns_first_free_positions():
