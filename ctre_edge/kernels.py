@@ -1737,10 +1737,9 @@ def _row_bounds(dots_row, i, indptr, indices, row_of, col_slot, v_in, kind_in, v
 
     ``sign`` -1 gives the lower bounds of pass 1 and +1 the upper bounds of pass 2. Pairs with a
     KIND_IRREGULAR neuron, or of two KIND_WIDE ones, get -inf (pass 1: no lower bound) or +inf
-    (pass 2: always rescored); kept
-    positions get -inf (never a candidate). The loop over the row is written with selects only, so
-    it vectorises. Row i is row ``row_of[i]`` of the CSR, whose column c is column ``col_slot[c]``
-    here, or none if that is past the row (see ``scan_block``).
+    (pass 2: always rescored); kept positions get -inf (never a candidate). The loop over the row
+    is written with selects only, so it vectorises. Row i is row ``row_of[i]`` of the CSR, whose
+    column c is column ``col_slot[c]`` here, or none if that is past the row (see ``scan_block``).
     """
     odd = -np.inf if sign < 0.0 else np.inf
     if kind_in[i] == KIND_IRREGULAR:
