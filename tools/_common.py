@@ -31,14 +31,20 @@ LR, MOMENTUM, L2, ZETA, BATCH, EVAL_BATCH = 0.01, 0.9, 1e-4, 0.2, 100, 1000
 # --- machine and versions ----------------------------------------------------------------------------
 
 def cpu_model() -> str:
+    """The CPU's model name, with its x86 family and model numbers where /proc/cpuinfo has them (a
+    guest may see only "AMD EPYC", which names no generation)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("model name", "Model")):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or fields.get("Model") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def meminfo(key: str) -> int | None:
@@ -54,11 +60,22 @@ def meminfo(key: str) -> int | None:
 
 
 def blas_name() -> str:
+    """numpy's BLAS, and the kernel it chose at run time: OpenBLAS picks one per CPU, and
+    ``OPENBLAS_CORETYPE`` can force another (an AVX2 kernel on an AVX-512 CPU halves the float32
+    GEMM that the topology update's scoring runs on), so every table says which one ran."""
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+        name = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
     except Exception:  # noqa: BLE001 - older numpy has no mode="dicts"
-        return "unknown BLAS"
+        name = "unknown BLAS"
+    from threadpoolctl import threadpool_info
+
+    kernels = sorted({i.get("architecture") for i in threadpool_info() if i.get("user_api") == "blas"} - {None})
+    if kernels:
+        name += f", kernel {'/'.join(kernels)}"
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        name += f" (OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']})"
+    return name
 
 
 def machine_header() -> str:
