@@ -42,6 +42,7 @@ import numpy as np
 
 from ctre_edge.data import load_data
 from ctre_edge.train import TrainConfig, train
+from tools._common import machine_header
 
 
 def load_checkout(path: Path) -> dict:
@@ -204,6 +205,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     data = load_data(args.data)
     hidden = tuple(int(h) for h in args.hidden.split(","))
+    print(machine_header())
     print(f"{platform.machine()}, data {args.data}, {data.n_features}-{'-'.join(map(str, hidden))}-"
           f"{len(data.classes)}, epsilon {args.epsilon:g}, S = {args.samples}, sketch dim {args.sketch_dim}\n")
     if args.base:
