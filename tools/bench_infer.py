@@ -30,6 +30,7 @@ import onnxruntime
 from ctre_edge.export import KERNELS, export_onnx
 from ctre_edge.layers import erdos_renyi_layer
 from ctre_edge.model import SparseMLP
+from tools._common import cpu_model
 
 NETWORKS = [[784, 1000, 1000, 1000, 10], [784, 10000, 10000, 10000, 10]]
 EPSILON = 1
@@ -69,16 +70,6 @@ def make_model(sizes, epsilon, seed=0):
     shift = rng.uniform(0, 128, sizes[0]).astype(np.float32)
     scale = np.full(sizes[0], 1 / 64, dtype=np.float32)
     return SparseMLP(layers, shift, scale, list(range(sizes[-1])), {"method": "set", "epsilon": epsilon})
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith(("model name", "Model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(path: Path, threads: int, reps1: int, reps64: int) -> dict:
