@@ -32,7 +32,6 @@ import argparse
 import functools
 import importlib
 import inspect
-import platform
 import statistics
 import sys
 import time
@@ -206,7 +205,7 @@ def main(argv=None):
     data = load_data(args.data)
     hidden = tuple(int(h) for h in args.hidden.split(","))
     print(machine_header())
-    print(f"{platform.machine()}, data {args.data}, {data.n_features}-{'-'.join(map(str, hidden))}-"
+    print(f"data {args.data}, {data.n_features}-{'-'.join(map(str, hidden))}-"
           f"{len(data.classes)}, epsilon {args.epsilon:g}, S = {args.samples}, sketch dim {args.sketch_dim}\n")
     if args.base:
         return compare(args, data, hidden)
