@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from .errors import BudgetError
 from .layers import er_nnz
-from .packed import row_stride, scores_layers_whole, uses_csc
+from .packed import row_stride, scores_layers_whole, uses_csc, uses_int8_codes
 
 MiB = 1 << 20
 # Resident set of `ctre-edge train` with every kernel loaded from a warm numba cache, before the
@@ -28,6 +28,10 @@ RUNTIME_BYTES = 176 * MiB
 # first two rows, in one environment with scikit-learn installed and one without; x86-64, numba
 # 0.68.1, scipy 1.17); rounded up.
 SCIPY_BYTES = 20 * MiB
+# onnxruntime, loaded where the exact topology update uses the 8-bit prefilter
+# (packed.uses_int8_codes), with its one session: 20 MiB for the library and 12 for the session,
+# resident, measured on x86-64 (onnxruntime 1.32, a one-off script reading /proc/self/statm); rounded up.
+INT8_RUNTIME_BYTES = 36 * MiB
 
 
 def scipy_installed() -> bool:
@@ -60,6 +64,7 @@ PART_LABELS = {
     "update": "topology update temporaries (per epoch)",
     "compile": "numba compilation (cold cache only)",
     "scipy": "scipy, which numba imports when it is installed",
+    "onnxruntime": "onnxruntime, for the topology update's 8-bit products",
 }
 
 
@@ -160,6 +165,11 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         # (Exact ones sit in the validation buffer where that holds S rows, evolve.sample_activations;
         # counted here all the same, so the plan never grows when --fit shrinks the evaluation batch.)
         held = 8 * units * shape.sketch_dim if shape.sketch_dim else 4 * s * units
+        if not shape.sketch_dim and uses_int8_codes(sizes, s, shape.similarity_workspace_mib * MiB):
+            # + each level's 8-bit codes and their stats where they fit the workspace
+            # (similarity.with_codes), and onnxruntime, which multiplies them.
+            held += sum((s + 32) * n for n in sizes if s * n <= shape.similarity_workspace_mib * MiB)
+            parts["onnxruntime"] = INT8_RUNTIME_BYTES
         # Sketch: + copies of a layer's live neurons' sketches (similarity._live_levels), at most the
         # workspace. Exact: none, each level's live rows are packed in place (evolve.sample_activations);
         # where every layer's scores fit a thread's share of the workspace, as many layers as threads
@@ -235,6 +245,7 @@ def refuse_unless_fits(plan: MemoryPlan) -> None:
         "update": "lower --epsilon or use narrower --hidden layers",
         "compile": "run `ctre-edge warmup` once so kernels load from the cache",
         "scipy": "train in an environment without scipy (scikit-learn brings it)",
+        "onnxruntime": "lower --similarity-workspace-mib below one level's codes (S bytes a neuron)",
     }[part]
     raise BudgetError(f"the run needs about {plan.total / MiB:.0f} MiB but {plan.profile or 'the budget'} allows "
                       f"{plan.headroom * plan.budget / MiB:.0f} MiB ({plan.headroom:.0%} of its budget); "

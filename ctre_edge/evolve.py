@@ -18,7 +18,7 @@ import numpy as np
 
 from . import kernels
 from .layers import sample_positions
-from .packed import level_views, no_csc, scores_layers_whole
+from .packed import level_views, no_csc, scores_layers_whole, uses_int8_codes
 from .similarity import (
     CosineSketch,
     LiveLevel,
@@ -31,6 +31,7 @@ from .similarity import (
     neuron_stats_of_rows,
     topk_cosine_layers,
     topk_cosine_live,
+    with_codes,
 )
 
 # How each method grows this epoch, given the policy's state and the validation accuracy: not at
@@ -166,6 +167,9 @@ class TopologyPolicy:
         # scoring reads as they are: a hidden level is scored against two layers, without a copy.
         levels = sample_activations(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc,
                                     threads, scratch)
+        if self._int8(net):
+            coded = in_threads(lambda t: [with_codes(v, self.workspace) for v in levels[t::threads]], threads)
+            levels = [coded[l % threads][l // threads] for l in range(len(levels))]
         if whole:
             self.balance = _levels_balance(levels, threads)
             if self.balance <= WHOLE_LAYERS_BALANCE:
@@ -174,6 +178,11 @@ class TopologyPolicy:
         return [lambda ip, ix, k, dropped, l=l: topk_cosine_live(
                     levels[l], levels[l + 1], ip, ix, k, workspace_bytes=self.workspace, threads=threads)[:2]
                 for l in range(net.n_layers)]
+
+    def _int8(self, net) -> bool:
+        # Whether this run's levels get 8-bit codes (similarity.with_codes): decided by the shapes
+        # alone, as the planner decides whether to count onnxruntime's memory.
+        return uses_int8_codes(net.sizes, min(self.train_rows.shape[0], self.samples), self.workspace)
 
     def _grow_scored_whole(self, net, threads, grow, levels=None, sample=None) -> None:
         # Where every layer's scores fit a thread's share of the workspace, each layer is scored whole
@@ -197,11 +206,13 @@ class TopologyPolicy:
             rng, csc, scratch = sample
             later = sample_levels(net, self.X, self.train_rows, self.shift, self.scale, self.samples, rng, csc,
                                   threads, scratch, later_threads=1)
-            levels = [next(later), next(later)]
+            coded = (lambda level: with_codes(level, self.workspace)) if self._int8(net) else (lambda level: level)
+            first = [next(later), next(later)]
+            levels = in_threads(lambda t: coded(first[t]), 2)
 
             def feed(publish):
                 for level in later:
-                    levels.append(level)
+                    levels.append(coded(level))
                     publish(len(levels) - 2, problem(len(levels) - 2))
 
         problems = [problem(l) if l + 1 < len(levels) else None for l in range(net.n_layers)]

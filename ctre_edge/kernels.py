@@ -1574,7 +1574,7 @@ def canonical_score(a_in, a_out, inv_in, inv_out, i, j):
     return _scaled_score(dot, inv_in[i], inv_out[j])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def canonical_scores(a_in, a_out, inv_in, inv_out, rows, cols, out):
     """``out[t] = canonical_score(..., rows[t], cols[t])`` for a list of positions; O(m * S).
 
@@ -1608,7 +1608,7 @@ def canonical_scores_of_pairs(a_in, a_out, inv_in, inv_out, positions, n, out):
         out[t] = _scaled_score(sums[t], inv_in[positions[t] // n_out], inv_out[positions[t] % n_out])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def keep_largest(values, n, k):
     """Reorder ``values[:n]`` so that ``values[:k]`` are its k largest; return the k-th largest.
 
@@ -1704,7 +1704,7 @@ def topk_heap_sort(scores, positions):
         _sift_down(scores, positions, n)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def merge_ranked(scores_a, positions_a, scores_b, positions_b, out_scores, out_positions):
     """The first ``len(out_scores)`` entries of two lists in rank order (score descending, then
     position ascending), merged into ``out_*`` in rank order: the top-k of a union from the top-k of
@@ -1946,6 +1946,172 @@ def scan_block_rescore(dots, row0, indptr, indices, row_of, col_slot, v_in, v_ou
     state[2] = n_scored
 
 
+# --- the 8-bit prefilter: bounds from an exact integer product -------------------------------------
+# Each neuron's activations are rounded to integer codes in [-127, 127] with its own scale,
+# x = (r + e) / g (g = 127 / max|x|, |e| <= 1/2). An integer product of the codes (onnxruntime's
+# MatMulInteger, ``similarity``: several times the float32 GEMM's rate where the CPU has 8-bit dot
+# instructions) is exact, and the rest of <x, y> * g * g' = <r, r'> + <r, e'> + <e, r'> + <e, e'> is
+# at most P Q' + Q P' + Q Q' in size (Cauchy-Schwarz; P = ||r||, Q >= ||e||). So every score
+# lies within alpha alpha' (P Q' + Q P' + Q Q') of alpha alpha' |<r, r'>|, alpha = inv / g, whatever
+# the neuron's range or sign; the canonical rescoring of every position that can reach the top-k
+# then gives the same top-k as the float32 prefilter, bit for bit. Codes stay within 127 on both
+# sides so that no pair of products overflows 16 bits (x86's vpmaddubsw saturates there), and
+# S * 127 * 127 < 2**31 bounds the int32 sums (``packed.INT8_MAX_SAMPLES``).
+Q8_TOP = 127
+# The bounds are computed in float64: relative 2**-20 on either side covers their roundings, the
+# canonical score's float32 rounding (2**-24) and inverse norms' float64 error; 2**-30 absolute
+# covers the canonical float64 dot's rounding where values of both signs cancel (S 2**-53 <= 2**-36).
+Q8_REL = 2.0**-20
+Q8_ABS = 2.0**-30
+
+
+@njit(cache=True, nogil=True)
+def quantize_levels(a, inv, codes, stats):
+    """Round each neuron (row of ``a``) to 8-bit codes and compute its bound numbers.
+
+    ``a`` float32 (m, S); ``inv`` float64 (m,) its inverse norms (``inverse_norms``); ``codes``
+    int8 (m, S), written (where no activation is negative, read as uint8 they are the same codes,
+    as MatMulInteger's first operand takes them); ``stats`` float64 (4, m), written: alpha
+    (``inv / g``), P (``||r||``), Q (an upper bound of ``||e||``) and 1 (0 for a neuron whose
+    activations are all 0, which gets zero codes and stats). Returns a negative activation (as
+    float64) if there is one (-0.0 aside), else 0.
+    """
+    m, n_samples = a.shape
+    # Every reduction over integers, so that the loops over a row vectorise (float reductions do not
+    # without fastmath: 2 ns a code).
+    bits = a.view(np.int32)
+    big = np.int32(0x7FFFFFFF)
+    sign = np.int32(-0x80000000)  # the bits of -0.0
+    top_bits = np.empty(1, np.int32)
+    top_value = top_bits.view(np.float32)
+    least = np.int32(0)
+    for i in range(m):
+        high = np.int32(0)
+        for s in range(n_samples):  # |v| orders as its bits with the sign cleared (finite v)
+            v = bits[i, s]
+            high = np.int32(max(high, np.int32(v & big)))
+            least = np.int32(min(least, v if v != sign else np.int32(0)))  # negative, -0.0 aside
+        top_bits[0] = high
+        top = np.float64(top_value[0])
+        g = Q8_TOP / top if top > 0.0 else 0.0
+        p2 = 0
+        q2 = 0  # sum of ceil(|e| 2**20)**2: e**2 summed exactly, rounded up
+        for s in range(n_samples):
+            t = np.float64(a[i, s]) * g
+            r = np.rint(t)
+            code = np.int32(r)
+            p2 += code * code
+            e = np.int64(np.ceil(abs(t - r) * 1048576.0))
+            q2 += e * e
+            codes[i, s] = code
+        if top > 0.0:
+            stats[0, i] = inv[i] / g
+            stats[1, i] = np.sqrt(np.float64(p2))
+            # t is within 127 * 2**-53 of x g, so e within that of its true value: the second
+            # term covers that error's norm over S samples, the first the roundings.
+            stats[2, i] = np.sqrt(np.float64(q2)) * 2.0**-20 * (1.0 + 2.0**-40) + \
+                np.sqrt(np.float64(n_samples)) * 2.0**-44
+            stats[3, i] = 1.0
+        else:
+            stats[0, i] = 0.0
+            stats[1, i] = 0.0
+            stats[2, i] = 0.0
+            stats[3, i] = 0.0
+    top_bits[0] = least
+    return np.float64(top_value[0]) if least < 0 else 0.0
+
+
+@njit(cache=True)
+def _row_bounds_q8(dots_row, i, indptr, indices, row_of, col_slot, stats_in, stats_out, sign, out):
+    """``out[j]``: the lower (``sign`` -1) or upper (+1) bound of the canonical score of (i, j) from
+    the integer product ``dots_row`` (see ``quantize_levels``); -inf where the position is kept. A
+    branch-free loop, as ``_row_bounds``."""
+    alpha_i, p_i, q_i, live_i = stats_in[0, i], stats_in[1, i], stats_in[2, i], stats_in[3, i]
+    alpha, p, q, live = stats_out[0], stats_out[1], stats_out[2], stats_out[3]
+    for j in range(dots_row.shape[0]):
+        d = abs(np.float64(dots_row[j]))
+        err = p_i * q[j] + q_i * (p[j] + q[j])
+        scale = alpha_i * alpha[j]
+        slack = Q8_ABS * live_i * live[j]
+        if sign < 0.0:
+            out[j] = max(0.0, scale * (d - err)) * (1.0 - Q8_REL) - slack
+        else:
+            out[j] = scale * (d + err) * (1.0 + Q8_REL) + slack
+    n = out.shape[0]
+    for p_ in range(indptr[row_of[i]], indptr[row_of[i] + 1]):
+        c = col_slot[indices[p_]]
+        if c < n:
+            out[c] = -np.inf
+
+
+@njit(cache=True, nogil=True)
+def scan_q8_lower(dots, row0, indptr, indices, row_of, col_slot, stats_in, stats_out, lower, k, state):
+    """Pass 1 of the 8-bit prefilter, as ``scan_block_lower`` over the int32 products ``dots`` of
+    rows ``row0:`` (``quantize_levels``' stats of each side): returns R, the k-th largest lower
+    bound so far."""
+    n_rows, n_out = dots.shape
+    lim = np.empty(n_out, np.float64)
+    n_lower = state[0]
+    bound = lower[k - 1] if n_lower == k else -np.inf
+    for r in range(n_rows):
+        _row_bounds_q8(dots[r], row0 + r, indptr, indices, row_of, col_slot, stats_in, stats_out, -1.0, lim)
+        c = 0
+        for j in range(n_out):
+            c += lim[j] > bound
+        if c == 0:
+            continue
+        if n_lower > 2 * k:
+            bound = keep_largest(lower, n_lower, k)
+            n_lower = k
+        for j in range(n_out):
+            v = lim[j]
+            lower[n_lower] = v
+            n_lower += v > bound
+    if n_lower >= k:
+        bound = keep_largest(lower, n_lower, k)
+        n_lower = k
+    state[0] = n_lower
+    return bound
+
+
+@njit(cache=True, nogil=True)
+def scan_q8_rescore(dots, row0, indptr, indices, row_of, col_slot, stats_in, stats_out, a_in, a_out, inv_in,
+                    inv_out, bound, best_scores, best_positions, state):
+    """Pass 2 of the 8-bit prefilter, as ``scan_block_rescore``: the canonical scores of the
+    positions whose upper bound reaches ``bound`` and the heap's worst score, offered to the heap."""
+    n_rows, n_out = dots.shape
+    k = best_scores.shape[0]
+    lim = np.empty(n_out, np.float64)
+    n_best = state[1]
+    n_scored = state[2]
+    worst = best_scores[0] if n_best == k else -np.inf
+    cand = np.empty(8, np.int64)
+    got = np.empty(8, np.float32)
+    n_cand = 0
+    for r in range(n_rows):
+        i = row0 + r
+        _row_bounds_q8(dots[r], i, indptr, indices, row_of, col_slot, stats_in, stats_out, 1.0, lim)
+        for j in range(n_out):
+            high = lim[j]
+            if high < bound or high <= worst:
+                continue
+            cand[n_cand] = i * n_out + j
+            n_cand += 1
+            if n_cand == 8:
+                n_best = _score_and_offer(a_in, a_out, inv_in, inv_out, cand, n_cand, got,
+                                          best_scores, best_positions, n_best)
+                n_scored += n_cand
+                n_cand = 0
+                if n_best == k:
+                    worst = best_scores[0]
+    if n_cand:
+        n_best = _score_and_offer(a_in, a_out, inv_in, inv_out, cand, n_cand, got, best_scores, best_positions,
+                                  n_best)
+        n_scored += n_cand
+    state[1] = n_best
+    state[2] = n_scored
+
+
 @njit(cache=True, nogil=True)
 def move_rows(a, src, dst0):
     """``a[dst0 + u] = a[src[u]]`` for each u in ascending order: rows moved down within ``a``, which
@@ -1990,7 +2156,7 @@ def join_shares(out, kept, held_inv, held_kinds, starts, ends, inv, kinds, slot,
     return m
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def kept_between(indptr, indices, row_of, col_slot, n_cols):
     """How many kept connections (the CSR) join a row in ``row_of`` to a column c with
     ``col_slot[c] < n_cols``: the kept positions among a layer's live neurons (``scan_block``'s maps)."""
@@ -2001,7 +2167,7 @@ def kept_between(indptr, indices, row_of, col_slot, n_cols):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def first_free_positions(indptr, indices, n_out, taken, count, out):
     """The first ``count`` linear positions ``i * n_out + j`` that are neither kept (the CSR, columns
     ascending in each row) nor in ``taken`` (int64, ascending), in ascending order, into ``out``
@@ -2065,8 +2231,11 @@ def projection_rows(sample_ids, seed, out):
 
 
 # --- the topology update's rebuild (evolve.py) ------------------------------------------------------
+# These, and the scoring's kernels that Python calls, release the GIL (nogil): a layer's drop and
+# grow runs on one scoring thread while the other scores the next layer, and a kernel holding the
+# GIL kept the other thread from returning to Python after each product and scan.
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def split_kept(indptr, indices, values, velocity, keep, n_out, kept_pos, kept_indptr, kept_indices, kept_vals,
                kept_vel):
     """The connections the drop's ``keep`` mask keeps, in one pass: their linear positions
@@ -2086,7 +2255,7 @@ def split_kept(indptr, indices, values, velocity, keep, n_out, kept_pos, kept_in
         kept_indptr[i + 1] = a
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def dropped_positions(indptr, indices, keep, n_out, out):
     """The linear positions ``i * n_out + j`` of the connections the drop removes (``keep[p]`` False),
     ascending, into ``out`` (sized by the caller to their number): the positions whose canonical
@@ -2099,7 +2268,7 @@ def dropped_positions(indptr, indices, keep, n_out, out):
                 a += 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def locate_picks(picks, order, indptr, indices, keep, n_out, where, excluded):
     """Where each cosine pick lies: ``where[t]`` is its index among the removed connections (in
     position order) if the drop just removed it, else -1 (a fresh position). ``excluded`` gets the
@@ -2137,7 +2306,7 @@ def locate_picks(picks, order, indptr, indices, keep, n_out, where, excluded):
     return o - (indptr[n_in] - indptr[0])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def merge_topology(n_out, kept_pos, kept_vals, kept_vel, new_pos, new_order, new_vals, new_vel,
                    indptr, indices, values, velocity):
     """The layer's CSR arrays after an update, in one O(nnz) pass: the kept connections (linear

@@ -45,6 +45,26 @@ def scores_layers_whole(sizes, workspace_bytes: int, threads: int) -> bool:
     return threads > 1 and all(4 * int(a) * int(c) <= workspace_bytes // threads for a, c in zip(sizes[:-1], sizes[1:]))
 
 
+# Where the largest layer's scoring product (n_in x n_out x S) is at least this, the exact topology
+# update quantizes its activation levels for the 8-bit prefilter (similarity.with_codes), which loads
+# onnxruntime into the training process (``budget.INT8_RUNTIME_BYTES``); below it the float32 GEMM
+# takes under about a millisecond per layer on the machines of docs/performance-log.md, and the
+# memory would buy little.
+INT8_MIN_PRODUCT = 1 << 28
+# S * 127 * 127 < 2**31 bounds the 8-bit product's int32 sums (kernels.quantize_levels).
+INT8_MAX_SAMPLES = 1 << 17
+
+
+def uses_int8_codes(sizes, samples: int, workspace_bytes: int) -> bool:
+    """Whether the exact topology update of a network with these level sizes, over ``samples``
+    samples, quantizes its levels for the 8-bit prefilter: the largest layer's product is at least
+    ``INT8_MIN_PRODUCT`` and some level's codes fit the workspace (``similarity.with_codes``)."""
+    sizes = [int(n) for n in sizes]
+    largest = max(a * c for a, c in zip(sizes[:-1], sizes[1:]))
+    return (samples <= INT8_MAX_SAMPLES and largest * samples >= INT8_MIN_PRODUCT
+            and any(n * samples <= workspace_bytes for n in sizes))
+
+
 class PackedNet(NamedTuple):
     """A network packed into flat arrays; the field order is the kernels' argument order.
 

@@ -6,10 +6,12 @@ can be 200,000 x 200,000 with only ~400,000 connections, so nothing here allocat
 position: ``topk_cosine`` scores ``block_rows`` input rows at a time and keeps a running top-k.
 
 Ranking uses one canonical score (see ``ctre_edge.kernels``): float64 dot products
-summed in a fixed order (8 lanes, then a tree), scaled by inverse norms computed once, rounded to float32. numpy BLAS in
-float32 does the bulk of the work as a prefilter; its rounding error is bounded and every position
-that could reach the top-k is rescored canonically. So the result is the same for every block
-size, thread count and BLAS build, and the dense reference in ``tests/reference.py`` can check it position for position.
+summed in a fixed order (8 lanes, then a tree), scaled by inverse norms computed once, rounded to float32. A
+prefilter does the bulk of the work: an exact product of 8-bit codes of the activations
+(onnxruntime's MatMulInteger, ``int8_product``), or where that does not apply a float32 product in
+numpy's BLAS. Either bounds every score, and every position that could reach the top-k is rescored
+canonically. So the result is the same for every prefilter, block size, thread count and BLAS
+build, and the dense reference in ``tests/reference.py`` can check it position for position.
 """
 
 import threading
@@ -20,6 +22,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from ctre_edge import kernels as ks
+from ctre_edge.packed import INT8_MAX_SAMPLES
 
 _U = 2.0**-24  # unit roundoff of float32
 _MAX_SAMPLES = 1 << 20  # keeps S * u < 0.07, so the float32 error bound below stays finite
@@ -102,7 +105,7 @@ def _default_block_rows(n_in, n_out, workspace_bytes):
 
 
 def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_bytes=32 << 20, stats=None,
-                live_copies=None, check_input=True, threads=None):
+                live_copies=None, check_input=True, threads=None, prefilter="auto"):
     """The k missing connections with the largest |cosine| of their neurons' activations.
 
     Score of (i, j): ``|<a_i, a_j>| / (||a_i|| ||a_j||)``, 0 where a norm is 0, computed canonically
@@ -138,6 +141,11 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
         None: one scan, BLAS with as many threads as it has. An int: that many scans at once, each
         over a share of the input rows and the workspace, each on one BLAS thread, so the scoring
         uses exactly ``threads`` cores. The result is the same for every value.
+    prefilter : {"auto", "float32"}, default="auto"
+        "auto": the 8-bit prefilter where it applies (``a_in`` has no negative value, S is at most
+        ``packed.INT8_MAX_SAMPLES``, the codes fit half the workspace, and onnxruntime's product
+        passed its check), else the float32 one. "float32": always the float32 one. The result
+        is the same.
 
     Returns
     -------
@@ -154,16 +162,21 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
 
     Notes
     -----
-    Peak memory is ``block_rows * n_out`` float32 scores plus O(k + n_in + n_out + nnz), on top of
-    the activations. Time is one float32 GEMM (n_in x S x n_out, numpy BLAS), two O(n_in * n_out)
-    scans, and a canonical O(S) rescoring of the positions that survive the prefilter (about k
-    when the scores fit one block). Neurons whose activations are all zero score 0 with everyone:
+    Peak memory is ``block_rows * n_out`` 4-byte scores and the 8-bit codes (S bytes a neuron;
+    together at most ``workspace_bytes``) plus O(k + n_in + n_out + nnz), on top of the
+    activations. Time is one product
+    (n_in x S x n_out: of 8-bit codes, several times faster than float32 where the CPU has 8-bit
+    dot instructions, or a float32 GEMM in numpy's BLAS), two O(n_in * n_out) scans, and a
+    canonical O(S) rescoring of the positions that survive the prefilter (about k with the float32
+    one when the scores fit one block, 1.2-2 k with the 8-bit one on MNIST's levels).
+    Neurons whose activations are all zero score 0 with everyone:
     where they make up enough of the layer (a tenth of its positions or more) and copies of the
     live neurons' activations fit in ``workspace_bytes``, the GEMM and the scans run on the live
     neurons only; where fewer than k free positions score above 0, the rest are the first free
     positions of score 0 in position order (the tie rule), found without a product.
-    Neurons with nonzero values outside [2**-30, 2**30] skip the prefilter and are rescored
-    exactly, pair by pair: correct, but slow if there are many. Except nonnegative ones whose
+    Neurons with nonzero values outside [2**-30, 2**30] skip the float32 prefilter (the 8-bit one
+    bounds them as any other) and are rescored exactly, pair by pair: correct, but slow if there
+    are many. Except nonnegative ones whose
     values reach down to 2**-96 only (a confident classifier's softmax outputs,
     ``kernels.KIND_WIDE``): these skip it only when paired with another such neuron.
 
@@ -174,7 +187,7 @@ def topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows=None, workspace_b
     """
     rows, cols, scores, _ = _topk_cosine(a_in, a_out, indptr, indices, k, block_rows=block_rows,
                                          workspace_bytes=workspace_bytes, stats=stats, live_copies=live_copies,
-                                         check_input=check_input, threads=threads)
+                                         check_input=check_input, threads=threads, prefilter=prefilter)
     return rows, cols, scores
 
 
@@ -185,7 +198,7 @@ def live_rows(a, kinds):
 
 
 def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes, stats=None, live_copies=None,
-                 check_input=True, threads=None):
+                 check_input=True, threads=None, prefilter="auto"):
     """``topk_cosine`` plus the number of canonical scores computed (a measure of the prefilter)."""
     a_in = _as_activations(a_in, "a_in")
     a_out = _as_activations(a_out, "a_out")
@@ -211,7 +224,7 @@ def _topk_cosine(a_in, a_out, indptr, indices, k, *, block_rows, workspace_bytes
         if {inv_in.shape, kind_in.shape} != {(n_in,)} or {inv_out.shape, kind_out.shape} != {(n_out,)}:
             raise ValueError(f"stats must hold ({n_in},) and ({n_out},) arrays, as neuron_stats returns them.")
     levels = _live_levels(a_in, a_out, inv_in, kind_in, inv_out, kind_out, workspace_bytes, live_copies or (None, None))
-    return _topk_live(*levels, indptr, indices, k, block_rows, workspace_bytes, threads)
+    return _topk_live(*levels, indptr, indices, k, block_rows, workspace_bytes, threads, prefilter)
 
 
 class LiveLevel(NamedTuple):
@@ -226,6 +239,7 @@ class LiveLevel(NamedTuple):
     live: np.ndarray
     inv: np.ndarray
     kinds: np.ndarray
+    codes: tuple | None = None  # ``with_codes``: the 8-bit prefilter's codes of the rows of ``a``
 
     @classmethod
     def whole(cls, a, name="activations"):
@@ -269,21 +283,41 @@ def _live_levels(a_in, a_out, inv_in, kind_in, inv_out, kind_out, workspace_byte
 
 
 def topk_cosine_live(level_in, level_out, indptr, indices, k, *, workspace_bytes=32 << 20, threads=None,
-                     block_rows=None):
+                     block_rows=None, prefilter="auto"):
     """``topk_cosine`` of a layer between two ``LiveLevel``, the same (rows, cols, scores).
 
     For the topology update, which packs the levels itself: no checks of the CSR (``check_input``
-    False) or of k, which must be at most the positions not kept.
+    False) or of k, which must be at most the positions not kept. ``prefilter`` "auto": the 8-bit
+    one where both levels carry codes (``with_codes``, which the update decides on once for the
+    run: ``packed.uses_int8_codes``), else the float32 one; "float32": that one always.
     """
-    return _topk_live(level_in, level_out, *_as_csr(indptr, indices, level_in.inv.shape[0], level_out.inv.shape[0],
-                                                     False), int(k), block_rows, workspace_bytes, threads)[:3]
+    csr = _as_csr(indptr, indices, level_in.inv.shape[0], level_out.inv.shape[0], False)
+    prefilter = "levels" if prefilter == "auto" else prefilter
+    return _topk_live(level_in, level_out, *csr, int(k), block_rows, workspace_bytes, threads, prefilter)[:3]
 
 
-def _topk_live(level_in, level_out, indptr, indices, k, block_rows, workspace_bytes, threads):
+def with_codes(level, workspace_bytes=32 << 20):
+    """``level`` with its 8-bit codes (``codes``: ``kernels.quantize_levels``' codes, stats and
+    return value, negative where the level has a negative activation), which
+    ``topk_cosine_live`` then uses for the 8-bit prefilter of both layers it scores (where the
+    input level has no negative activation): the topology update quantizes each level once, where
+    it scores it twice. ``level`` as it is where the 8-bit
+    prefilter does not apply (``_q8_codes``) or the codes of the whole level, S bytes a neuron,
+    would not fit ``workspace_bytes`` (the planner counts them)."""
+    n, (m, n_samples) = level.inv.shape[0], level.a.shape
+    if n_samples > INT8_MAX_SAMPLES or n * n_samples > workspace_bytes or int8_product() is None:
+        return level
+    codes, stats = np.empty((m, n_samples), np.int8), np.empty((4, m), np.float64)
+    least = ks.quantize_levels(level.a, level.inv[level.live], codes, stats)
+    return level._replace(codes=(codes, stats, least))
+
+
+def _topk_live(level_in, level_out, indptr, indices, k, block_rows, workspace_bytes, threads, prefilter="auto"):
     """The top-k over the live neurons' positions (their GEMM only), and, where fewer than k of the
     free positions score above 0, the first free positions of score 0 in position order (the rank
     order's tie rule), which are all the others: ``kernels.first_free_positions``. The result is the
-    top-k of the whole layer, position for position, whichever neurons the levels hold."""
+    top-k of the whole layer, position for position, whichever neurons the levels hold.
+    ``prefilter`` as ``_scan_topk`` takes it, or "levels": the levels' codes or the float32 one."""
     n_out = level_out.inv.shape[0]
     m_in, m_out = level_in.live.shape[0], level_out.live.shape[0]
     row_of, col_slot = level_in.live, level_out.slots()
@@ -294,7 +328,9 @@ def _topk_live(level_in, level_out, indptr, indices, k, block_rows, workspace_by
         live_in, live_out = level_in.live, level_out.live
         rows, cols, scores, n_scored = _scan_topk(
             level_in.a, level_out.a, indptr, indices, row_of, col_slot, level_in.inv[live_in], level_in.kinds[live_in],
-            level_out.inv[live_out], level_out.kinds[live_out], k_live, block_rows, workspace_bytes, threads)
+            level_out.inv[live_out], level_out.kinds[live_out], k_live, block_rows, workspace_bytes, threads,
+            "float32" if prefilter == "levels" else prefilter,
+            _level_codes(level_in, level_out) if prefilter != "float32" else None)
         rows, cols = live_in[rows], live_out[cols]
     if k_live == k and (k == 0 or scores[-1] > 0):
         return rows, cols.astype(np.int32), scores, n_scored
@@ -306,12 +342,24 @@ def _topk_live(level_in, level_out, indptr, indices, k, block_rows, workspace_by
     return rows, cols.astype(np.int32), np.concatenate([scores[:n_pos], np.zeros(k - n_pos, np.float32)]), n_scored
 
 
+def _level_codes(level_in, level_out):
+    # ``_q8_codes`` from the levels' own codes (``with_codes``), if both have them.
+    if level_in.codes is None or level_out.codes is None or level_in.codes[2] < 0.0:
+        return None
+    return level_in.codes[0].view(np.uint8), level_in.codes[1], level_out.codes[0], level_out.codes[1]
+
+
 def _scan_topk(a_in, a_out, indptr, indices, row_of, col_slot, inv_in, kind_in, inv_out, kind_out, k, block_rows,
-               workspace_bytes, threads=None):
-    """Exact top-k by the blocked BLAS prefilter and ``kernels.scan_block`` (module docstring), of
-    the positions between the rows of ``a_in`` and ``a_out`` (``row_of`` and ``col_slot``: where
-    these are in the CSR, as ``scan_block`` takes them; ``inv_*`` and ``kind_*`` of those rows);
+               workspace_bytes, threads=None, prefilter="auto", q8=None):
+    """Exact top-k by the blocked prefilter and the scan kernels (module docstring), of the
+    positions between the rows of ``a_in`` and ``a_out`` (``row_of`` and ``col_slot``: where these
+    are in the CSR, as ``kernels.scan_block`` takes them; ``inv_*`` and ``kind_*`` of those rows);
     rows and cols are of ``a_in`` and ``a_out``.
+
+    ``prefilter``: "float32" bounds the scores from a float32 BLAS product (``scan_block``);
+    "auto" from an exact product of 8-bit codes (``kernels.quantize_levels``, ``scan_q8_*``): those
+    in ``q8`` (as ``_q8_codes`` returns them) if given, else of ``_q8_codes``, and where that
+    returns None as "float32". Both give the same result.
 
     ``threads`` None: one scan over all rows, BLAS with its own threads. An int: that many scans
     at once, each over a contiguous share of the rows with its own share of the workspace and its
@@ -321,17 +369,46 @@ def _scan_topk(a_in, a_out, indptr, indices, row_of, col_slot, inv_in, kind_in, 
     """
     n_in, n_out = a_in.shape[0], a_out.shape[0]
     parts = 1 if threads is None else max(1, min(int(threads), n_in))
+    if q8 is None and prefilter != "float32":
+        q8 = _q8_codes(a_in, a_out, inv_in, kind_in, inv_out, workspace_bytes // 2)
+        if q8 is not None:  # codes made here take their share of the workspace
+            workspace_bytes -= (n_in + n_out) * a_in.shape[1]
     if block_rows is None:
         block_rows = _default_block_rows(n_in, n_out, workspace_bytes // parts)
     block_rows = int(min(max(1, block_rows), n_in))
-    v_in, v_out = inv_in.astype(np.float32), inv_out.astype(np.float32)
-    rel, abs_err = _prefilter_bounds(a_in.shape[1])
+    if q8 is not None:
+        codes_in, stats_in, codes_out, stats_out = q8
+        product = int8_product()
+
+        def gemm(i0, i1, out):
+            product(codes_in[i0:i1], codes_out, out)
+
+        def lower_kernel(dots, row0, lower_t, state_t):
+            return ks.scan_q8_lower(dots, row0, indptr, indices, row_of, col_slot, stats_in, stats_out, lower_t, k,
+                                    state_t)
+
+        def rescore_kernel(dots, row0, bound, best_t, state_t):
+            ks.scan_q8_rescore(dots, row0, indptr, indices, row_of, col_slot, stats_in, stats_out, a_in, a_out,
+                               inv_in, inv_out, bound, *best_t, state_t)
+    else:
+        v_in, v_out = inv_in.astype(np.float32), inv_out.astype(np.float32)
+        rel, abs_err = _prefilter_bounds(a_in.shape[1])
+        kernel_args = (indptr, indices, row_of, col_slot, v_in, v_out, kind_in, kind_out, rel, abs_err)
+
+        def gemm(i0, i1, out):
+            np.matmul(a_in[i0:i1], a_out.T, out=out)  # BLAS, no copy: a_out.T is F-contiguous
+
+        def lower_kernel(dots, row0, lower_t, state_t):
+            return ks.scan_block_lower(dots, row0, *kernel_args, lower_t, k, state_t)
+
+        def rescore_kernel(dots, row0, bound, best_t, state_t):
+            ks.scan_block_rescore(dots, row0, *kernel_args, a_in, a_out, inv_in, inv_out, bound, *best_t, state_t)
+    dots_type = np.int32 if q8 is not None else np.float32
 
     shares = [(n_in * t // parts, n_in * (t + 1) // parts) for t in range(parts)]
     state = [np.zeros(3, np.int64) for _ in range(parts)]
-    lower = [np.empty(2 * k + n_out, np.float64) for _ in range(parts)]  # scan_block's lower bounds
+    lower = [np.empty(2 * k + n_out, np.float64) for _ in range(parts)]  # the scan's lower bounds
     best = [(np.empty(k, np.float32), np.empty(k, np.int64)) for _ in range(parts)]
-    kernel_args = (indptr, indices, row_of, col_slot, v_in, v_out, kind_in, kind_out, rel, abs_err)
 
     def ranked(t):
         n = int(state[t][1])  # below k only where this share has fewer free positions
@@ -339,14 +416,13 @@ def _scan_topk(a_in, a_out, indptr, indices, row_of, col_slot, inv_in, kind_in, 
         return best[t][0][:n], best[t][1][:n], int(state[t][2])
 
     def scan(t):
-        (i_start, i_stop), (best_scores, best_positions) = shares[t], best[t]
-        buffer = np.empty(min(block_rows, i_stop - i_start) * n_out, np.float32)
+        i_start, i_stop = shares[t]
+        buffer = np.empty(min(block_rows, i_stop - i_start) * n_out, dots_type)
         for i0 in range(i_start, i_stop, block_rows):
             i1 = min(i_stop, i0 + block_rows)
             dots = buffer[: (i1 - i0) * n_out].reshape(i1 - i0, n_out)
-            np.matmul(a_in[i0:i1], a_out.T, out=dots)  # BLAS, no copy: a_out.T is F-contiguous
-            ks.scan_block(dots, i0, *kernel_args, a_in, a_out, inv_in, inv_out, lower[t], best_scores,
-                          best_positions, state[t])
+            gemm(i0, i1, dots)
+            rescore_kernel(dots, i0, lower_kernel(dots, i0, lower[t], state[t]), best[t], state[t])
         return ranked(t)
 
     if threads is None:
@@ -362,15 +438,14 @@ def _scan_topk(a_in, a_out, indptr, indices, row_of, col_slot, inv_in, kind_in, 
                 # the k-th largest lower bound of the whole layer, not of the share. A share's
                 # own R admits about k candidates per share for the exact rescoring, which reads
                 # two activation rows each.
-                dots = [np.empty((i1 - i0, n_out), np.float32) for i0, i1 in shares]
+                dots = [np.empty((i1 - i0, n_out), dots_type) for i0, i1 in shares]
 
                 def lower_pass(t):
-                    np.matmul(a_in[shares[t][0]:shares[t][1]], a_out.T, out=dots[t])
-                    ks.scan_block_lower(dots[t], shares[t][0], *kernel_args, lower[t], k, state[t])
+                    gemm(*shares[t], dots[t])
+                    lower_kernel(dots[t], shares[t][0], lower[t], state[t])
 
                 def rescore_pass(t):
-                    ks.scan_block_rescore(dots[t], shares[t][0], *kernel_args, a_in, a_out, inv_in, inv_out,
-                                          bound, *best[t], state[t])
+                    rescore_kernel(dots[t], shares[t][0], bound, best[t], state[t])
                     return ranked(t)
 
                 in_threads(lower_pass, parts)
@@ -388,6 +463,89 @@ def _scan_topk(a_in, a_out, indptr, indices, row_of, col_slot, inv_in, kind_in, 
         n_scored += scored
     rows, cols = best_positions // n_out, (best_positions % n_out).astype(np.int32)
     return rows, cols, best_scores, n_scored
+
+
+def _q8_codes(a_in, a_out, inv_in, kind_in, inv_out, workspace_bytes):
+    """The 8-bit codes and stats of both sides (``kernels.quantize_levels``): ``a_in``'s as uint8
+    (n_in, S), ``a_out``'s as int8 (n_out, S); or None where the 8-bit prefilter does not apply:
+    no checked product (``int8_product``), more than ``packed.INT8_MAX_SAMPLES`` samples, codes
+    that would not fit ``workspace_bytes``, or a negative input activation (the product's first
+    operand is unsigned)."""
+    (n_in, n_samples), n_out = a_in.shape, a_out.shape[0]
+    if (n_samples > INT8_MAX_SAMPLES or (n_in + n_out) * n_samples > workspace_bytes
+            or np.any(kind_in == ks.KIND_SIGNED) or int8_product() is None):
+        return None
+    codes_in, stats_in = np.empty((n_in, n_samples), np.int8), np.empty((4, n_in), np.float64)
+    if ks.quantize_levels(a_in, inv_in, codes_in, stats_in) < 0.0:
+        return None
+    codes_out, stats_out = np.empty((n_out, n_samples), np.int8), np.empty((4, n_out), np.float64)
+    ks.quantize_levels(a_out, inv_out, codes_out, stats_out)
+    return codes_in.view(np.uint8), stats_in, codes_out, stats_out
+
+
+_INT8_PRODUCT = []  # the checked product, or None, made on first use
+
+
+def int8_product():
+    """``product(a, b, out)``: ``out[:] = a @ b.T`` for uint8 ``a`` (m, S), int8 ``b`` (n, S) and
+    int32 ``out`` (m, n), all C-contiguous, by onnxruntime's Transpose and MatMulInteger on the
+    calling thread (which it releases the GIL for; its transpose cost 0.08 ms of 1000 x 1000 codes,
+    a fifth of a numba loop's). None if its result differed from numpy's on a check of
+    extreme codes at first use: the 8-bit prefilter is then not used, and the float32 one is.
+
+    onnxruntime (already needed for export) is where a CPU's 8-bit dot instructions are: on the
+    AMD EPYC Zen 5 of docs/performance-log.md it multiplied 605 x 1000 by 1000 x 473 codes in 0.74
+    ms on one thread, against 2.9 ms for the float32 product in numpy's OpenBLAS (``python
+    tools/bench_q8.py``).
+    """
+    if not _INT8_PRODUCT:
+        _INT8_PRODUCT.append(_checked(_int8_session()))
+    return _INT8_PRODUCT[0]
+
+
+# The product as an ONNX model: Y = MatMulInteger(A, Transpose(B)), A uint8 (m, s), B int8 (n, s), Y
+# int32 (m, n), opset 13, IR version 8. These are the bytes that onnx.helper makes of it
+# (tests/test_similarity.py builds them and compares): written out, so that training loads
+# onnxruntime alone and not the onnx package too (16.5 MiB more resident, measured).
+_PRODUCT_MODEL = (
+    b"\x08\x08\x12\tctre-edge:\x8a\x01\n!\n\x01B\x12\x02Bt\"\tTranspose*\r\n\x04perm@\x01@\x00\xa0\x01\x07\n\x19"
+    b"\n\x01A\n\x02Bt\x12\x01Y\"\rMatMulInteger\x12\x05codesZ\x15\n\x01A\x12\x10\n\x0e\x08\x02\x12\n\n\x03\x12"
+    b"\x01m\n\x03\x12\x01sZ\x15\n\x01B\x12\x10\n\x0e\x08\x03\x12\n\n\x03\x12\x01n\n\x03\x12\x01sb\x15\n\x01Y"
+    b"\x12\x10\n\x0e\x08\x06\x12\n\n\x03\x12\x01m\n\x03\x12\x01nB\x04\n\x00\x10\r"
+)
+
+
+def _int8_session():
+    import onnxruntime as ort  # only where the 8-bit prefilter runs: 20 MiB resident (budget.INT8_RUNTIME_BYTES)
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # the caller's thread only: the scoring's threads are its own
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False  # outputs are bound to the caller's buffers
+    options.log_severity_level = 3
+    session = ort.InferenceSession(_PRODUCT_MODEL, options, providers=["CPUExecutionProvider"])
+
+    def product(a, b, out):
+        binding = session.io_binding()
+        binding.bind_input("A", "cpu", 0, np.uint8, a.shape, a.ctypes.data)
+        binding.bind_input("B", "cpu", 0, np.int8, b.shape, b.ctypes.data)
+        binding.bind_output("Y", "cpu", 0, np.int32, out.shape, out.ctypes.data)
+        session.run_with_iobinding(binding)
+
+    return product
+
+
+def _checked(product):
+    # Extreme codes (127 x +-127 over 1024 samples, where 16-bit pair sums would saturate if codes
+    # exceeded 127) and random ones, against numpy's exact int64 product.
+    rng = np.random.default_rng(0)
+    a = np.full((5, 1024), ks.Q8_TOP, np.uint8)
+    a[1:] = rng.integers(0, ks.Q8_TOP + 1, (4, 1024))
+    b = rng.integers(-ks.Q8_TOP, ks.Q8_TOP + 1, (67, 1024)).astype(np.int8)
+    b[0], b[1] = ks.Q8_TOP, -ks.Q8_TOP
+    out = np.empty((5, 67), np.int32)
+    product(a, b, out)
+    return product if np.array_equal(out, a.astype(np.int64) @ b.T.astype(np.int64)) else None
 
 
 def topk_cosine_layers(problems, *, workspace_bytes=32 << 20, threads=2, then=None, feed=None):

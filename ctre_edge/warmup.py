@@ -224,6 +224,12 @@ def _compile_all(step_done, steps=None) -> list[tuple[str, float]]:
             # by a kernel that a run this small may not reach: all-zero activations do.
             topk_cosine(np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32), np.array([0, 1, 1]),
                         np.array([0], np.int32), 2)
+            # Large networks take the 8-bit prefilter (packed.uses_int8_codes), small ones and signed
+            # inputs the float32 one: both get compiled, the 8-bit one's kernels on a product made
+            # here, without loading onnxruntime (36 MiB) into warmup.
+            a = np.random.default_rng(i).random((4, 9), dtype=np.float32)
+            topk_cosine(a, a, np.zeros(5, np.int64), np.empty(0, np.int32), 3, prefilter="float32")
+            _compile_int8_scan(a)
         name = f"{method} on {dtype} features" + (" (sketch)" if similarity == "sketch" else "")
         timings.append((name, time.perf_counter() - t))
         if step_done is not None:
@@ -231,6 +237,24 @@ def _compile_all(step_done, steps=None) -> list[tuple[str, float]]:
     if steps is None:
         mark_cached()
     return timings
+
+
+def _compile_int8_scan(a) -> None:
+    # The 8-bit prefilter's kernels (similarity._scan_topk with codes), on the codes of ``a`` against
+    # themselves, no position kept, k = 3.
+    from . import kernels as ks
+    from .similarity import neuron_stats
+
+    inv, _ = neuron_stats(a)
+    codes, stats = np.empty(a.shape, np.int8), np.empty((4, a.shape[0]))
+    ks.quantize_levels(a, inv, codes, stats)
+    dots = (codes.astype(np.int64) @ codes.astype(np.int64).T).astype(np.int32)
+    n, k = a.shape[0], 3
+    csr = (np.zeros(n + 1, np.int64), np.empty(0, np.int32), np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64))
+    state = np.zeros(3, np.int64)
+    bound = ks.scan_q8_lower(dots, 0, *csr, stats, stats, np.empty(2 * k + n), k, state)
+    ks.scan_q8_rescore(dots, 0, *csr, stats, stats, a, a, inv, inv, bound, np.empty(k, np.float32),
+                       np.empty(k, np.int64), state)
 
 
 if __name__ == "__main__":  # one image of exec_groups: python -m ctre_edge.warmup "0;1;2" STARTED LOCKFD

@@ -181,3 +181,22 @@ def test_the_plan_counts_scipy_when_numba_will_import_it(monkeypatch):
     monkeypatch.setattr(warmup, "scipy_installed", lambda: True)
     with pytest.raises(BudgetError, match="one step at a time"):
         warmup.plan_warmup(tight)
+
+
+def test_the_8bit_prefilter_is_planned_only_where_the_run_uses_it():
+    from ctre_edge.budget import INT8_RUNTIME_BYTES
+    from ctre_edge.packed import INT8_MIN_PRODUCT, uses_int8_codes
+
+    # MNIST's network at the default S uses it; a small one does not, nor does a sketch run.
+    assert uses_int8_codes([784, 1000, 1000, 1000, 10], 1000, 32 << 20)
+    assert not uses_int8_codes([64, 100, 10], 1000, 32 << 20)
+    assert 784 * 1000 * 1000 >= INT8_MIN_PRODUCT > 64 * 100 * 1000
+    base = plan_training(shape())
+    assert base.parts["onnxruntime"] == INT8_RUNTIME_BYTES
+    sketch = plan_training(shape(sketch_dim=64))
+    assert "onnxruntime" not in sketch.parts
+    # Each level's codes (S bytes a neuron) and stats are held beside its activations; with a
+    # workspace too small for any level's codes, neither they nor onnxruntime.
+    without = plan_training(shape(similarity_workspace_mib=0))
+    assert "onnxruntime" not in without.parts
+    assert base.parts["similarity"] - without.parts["similarity"] >= (1000 + 32) * (784 + 3000 + 10)

@@ -349,6 +349,40 @@ def test_exact_update_gives_the_same_network_on_any_thread_count(method, whole_l
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("whole_layers", [True, False])
+def test_exact_update_gives_the_same_network_with_either_prefilter(whole_layers, monkeypatch):
+    # The 8-bit prefilter (levels quantized once, similarity.with_codes) and the float32 one only
+    # bound the scores; the canonical rescoring picks, so the networks are the same bit for bit.
+    import numba
+
+    from ctre_edge import evolve
+
+    monkeypatch.setattr(evolve, "WHOLE_LAYERS_BALANCE", np.inf if whole_layers else 0.0)
+    monkeypatch.setattr(evolve, "uses_int8_codes", lambda *a: True)  # this network is below the size for it
+    rng = np.random.default_rng(13)
+    X = np.maximum(rng.normal(size=(120, 40)), 0).astype(np.float32)
+    X[:, :10] = 0  # dead inputs
+    product, calls, results = similarity.int8_product(), [], []
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        for counted in ([lambda *a: calls.append(1) or product(*a)], [None]):
+            monkeypatch.setattr(similarity, "_INT8_PRODUCT", counted)
+            net, _ = net_of([40, 60, 50, 45, 4], 4, 5)
+            policy = TopologyPolicy(TrainConfig(method="ctre-sim", similarity_samples=80), X, np.arange(120),
+                                    np.zeros(40, np.float32), np.ones(40, np.float32))
+            for epoch in range(3):
+                policy.update(net, epoch, 0.5, np.random.default_rng(epoch))
+            results.append(net)
+    finally:
+        numba.set_num_threads(before)
+    # The 8-bit path ran in the first run: in every update, on each of the three layers that have
+    # free positions between live neurons before the drop (the output layer is full then).
+    assert len(calls) >= 3 * 3
+    for a, b in zip(results[0][:8], results[1][:8]):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("method", ["ctre-sim", "ctre-seq"])
 def test_pipelined_update_gives_the_same_network(method, monkeypatch):
     # After an update that scored the layers whole, the next computes the sample's later levels on

@@ -501,7 +501,7 @@ def test_scoring_threads_run_blas_on_one_thread_each(monkeypatch):
     a_in, a_out = activations("relu", 30, 16, rng), activations("relu", 20, 16, rng)
     indptr, indices = random_csr(30, 20, 40, rng)
     before = threadpoolctl.threadpool_info()
-    topk_cosine(a_in, a_out, indptr, indices, 50, threads=2)
+    topk_cosine(a_in, a_out, indptr, indices, 50, threads=2, prefilter="float32")  # the 8-bit one: no BLAS
     assert seen and set(seen) == {1}
     assert threadpoolctl.threadpool_info() == before  # restored
 
@@ -950,3 +950,165 @@ def test_in_threads_waits_for_the_workers_before_an_error_reaches_the_caller():
     with pytest.raises(RuntimeError, match="share 0 failed"):
         similarity.in_threads(fn, 3)
     assert sorted(done) == [1, 2]  # nothing still runs once the caller has the error
+
+
+# ---------------------------------------------------------------- the 8-bit prefilter
+
+
+def quantize_levels_reference(a, inv):
+    """``kernels.quantize_levels`` in numpy: (codes int8, stats float64 (4, m), negative?)."""
+    a64 = a.astype(np.float64)
+    n_samples = a.shape[1]
+    top = np.abs(a64).max(axis=1) if n_samples else np.zeros(a.shape[0])
+    with np.errstate(divide="ignore"):
+        g = np.where(top > 0, ks.Q8_TOP / top, 0.0)
+    t = a64 * g[:, None]
+    r = np.rint(t)
+    e = np.ceil(np.abs(t - r) * 2.0**20).astype(np.int64)
+    p = np.sqrt((r.astype(np.int64) ** 2).sum(axis=1).astype(np.float64))
+    q = np.sqrt((e * e).sum(axis=1).astype(np.float64)) * 2.0**-20 * (1.0 + 2.0**-40) + \
+        np.sqrt(np.float64(n_samples)) * 2.0**-44
+    live = top > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stats = np.stack([np.where(live, inv / g, 0.0), np.where(live, p, 0.0), np.where(live, q, 0.0),
+                          live.astype(np.float64)])
+    return r.astype(np.int8), stats, bool((a < 0).any())
+
+
+@given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(KINDS), n=st.integers(1, 9), s=st.integers(0, 70))
+@settings(max_examples=80, deadline=None)
+def test_quantize_levels_matches_numpy(seed, kind, n, s):
+    rng = np.random.default_rng(seed)
+    a = activations(kind, n, s, rng)
+    a[rng.random(n) < 0.3] = 0
+    a = np.where((a == 0) & (rng.random(a.shape) < 0.5), np.float32(-0.0), a)  # -0.0 is not negative
+    inv, _ = similarity.neuron_stats(a)
+    codes, stats = np.empty(a.shape, np.int8), np.empty((4, n))
+    negative = ks.quantize_levels(a, inv, codes, stats)
+    want_codes, want_stats, want_negative = quantize_levels_reference(a, inv)
+    np.testing.assert_array_equal(codes, want_codes)
+    np.testing.assert_array_equal(stats, want_stats)
+    assert (negative < 0) == want_negative and negative <= 0
+    assert np.abs(codes.astype(np.int64)).max(initial=0) <= ks.Q8_TOP
+
+
+def q8_bounds(a_in, a_out, indptr, indices, sign):
+    """Every position's bound from ``kernels._row_bounds_q8`` on the exact product of the codes."""
+    (inv_in, _), (inv_out, _) = similarity.neuron_stats(a_in), similarity.neuron_stats(a_out)
+    codes_in, codes_out = np.empty(a_in.shape, np.int8), np.empty(a_out.shape, np.int8)
+    stats_in, stats_out = np.empty((4, a_in.shape[0])), np.empty((4, a_out.shape[0]))
+    ks.quantize_levels(a_in, inv_in, codes_in, stats_in)
+    ks.quantize_levels(a_out, inv_out, codes_out, stats_out)
+    dots = (codes_in.astype(np.int64) @ codes_out.astype(np.int64).T).astype(np.int32)
+    out = np.empty(dots.shape)
+    n_in, n_out = dots.shape
+    for i in range(n_in):
+        ks._row_bounds_q8(dots[i], i, indptr, indices, np.arange(n_in, dtype=np.int64),
+                          np.arange(n_out, dtype=np.int64), stats_in, stats_out, sign, out[i])
+    return out
+
+
+@given(case=layer_cases())
+@settings(max_examples=200, deadline=None)
+def test_q8_bounds_hold_every_canonical_score(case):
+    # Whatever the neurons' ranges and signs (the codes are signed on both sides here), the lower
+    # and upper bounds from the 8-bit codes enclose the canonical score; kept positions get -inf.
+    a_in, a_out, indptr, indices, _, _ = case
+    score = canonical_scores_reference(a_in, a_out).astype(np.float64)
+    kept = np.zeros(score.shape, bool)
+    kept[np.repeat(np.arange(a_in.shape[0]), np.diff(indptr)), indices] = True
+    lower, upper = q8_bounds(a_in, a_out, indptr, indices, -1.0), q8_bounds(a_in, a_out, indptr, indices, 1.0)
+    assert np.all(lower[kept] == -np.inf) and np.all(upper[kept] == -np.inf)
+    assert np.all(lower[~kept] <= score[~kept]) and np.all(score[~kept] <= upper[~kept])
+
+
+def test_q8_bounds_are_tight_enough_to_rescore_few_positions(monkeypatch):
+    # ReLU levels of 300 neurons over 500 samples, random, so the top scores barely stand out (the
+    # k-th 0.42 against a median of 0.32): the 8-bit product must leave few positions to the exact rescoring
+    # (849 when written, 7k; 1.2-2k on a trained MNIST network's levels, docs/performance-log.md),
+    # and it must be the path taken.
+    calls = []
+    product = similarity.int8_product()
+    monkeypatch.setattr(similarity, "_INT8_PRODUCT", [lambda *a: calls.append(1) or product(*a)])
+    rng = np.random.default_rng(6)
+    a_in, a_out = activations("relu", 300, 500, rng), activations("relu", 300, 500, rng)
+    indptr, indices = random_csr(300, 300, 600, rng)
+    k = 120
+    rows, cols, scores, n_scored = _topk_cosine(a_in, a_out, indptr, indices, k, block_rows=None,
+                                                workspace_bytes=32 << 20)
+    assert calls and n_scored <= 8 * k, n_scored
+    assert_same_topk((rows, cols, scores), topk_cosine_reference(a_in, a_out, indptr, indices, k))
+
+
+@given(case=layer_cases(), threads=st.sampled_from([None, 1, 2, 3]))
+@settings(max_examples=150, deadline=None)
+def test_both_prefilters_give_the_reference_topk(case, threads):
+    # Nonnegative inputs (the 8-bit product's first operand is unsigned) with any outputs, so that
+    # the 8-bit path runs; signed inputs fall back to the float32 one. Both match the reference.
+    a_in, a_out, indptr, indices, k, block_rows = case
+    a_in = np.abs(a_in)
+    expected = topk_cosine_reference(a_in, a_out, indptr, indices, k)
+    for prefilter in ("auto", "float32"):
+        got = topk_cosine(a_in, a_out, indptr, indices, k, block_rows=block_rows, threads=threads,
+                          prefilter=prefilter)
+        assert_same_topk(got, expected)
+
+
+def test_levels_with_codes_give_the_same_picks_and_quantize_once(monkeypatch):
+    # The topology update quantizes each level once (``with_codes``); a hidden level then serves
+    # as the input of one layer and the output of the other, with the same picks as without codes.
+    rng = np.random.default_rng(9)
+    a0, a1, a2 = (activations("relu", n, 64, rng) for n in (40, 30, 20))
+    a1[:5] = 0
+    levels = [packed_level(a) for a in (a0, a1, a2)]
+    coded = [similarity.with_codes(level) for level in levels]
+    assert all(level.codes is not None for level in coded)
+    quantized = []
+    monkeypatch.setattr(ks, "quantize_levels", lambda *a: quantized.append(1) or 0.0)  # must not run again
+    for l, (n_in, n_out) in enumerate(((40, 30), (30, 20))):
+        indptr, indices = random_csr(n_in, n_out, 50, rng)
+        got = similarity.topk_cosine_live(coded[l], coded[l + 1], indptr, indices, 70)
+        want = similarity.topk_cosine_live(levels[l], levels[l + 1], indptr, indices, 70, prefilter="float32")
+        assert_same_topk(got, want)
+    assert not quantized
+    # A level whose codes would not fit the workspace gets none (its layers quantize per call).
+    assert similarity.with_codes(levels[0], workspace_bytes=40 * 64 - 1).codes is None
+
+
+def test_the_written_out_product_model_is_what_onnx_builds():
+    from onnx import TensorProto, checker, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["B"], ["Bt"], perm=[1, 0]),
+         helper.make_node("MatMulInteger", ["A", "Bt"], ["Y"])], "codes",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, ["m", "s"]),
+         helper.make_tensor_value_info("B", TensorProto.INT8, ["n", "s"])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, ["m", "n"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="ctre-edge")
+    model.ir_version = 8
+    checker.check_model(model)
+    assert model.SerializeToString() == similarity._PRODUCT_MODEL
+
+
+def test_int8_product_is_exact_and_a_wrong_one_is_refused(monkeypatch):
+    product = similarity.int8_product()
+    assert product is not None  # onnxruntime's MatMulInteger passed its check on this machine
+    rng = np.random.default_rng(4)
+    a = rng.integers(0, ks.Q8_TOP + 1, (33, 700), dtype=np.uint8)
+    b = rng.integers(-ks.Q8_TOP, ks.Q8_TOP + 1, (21, 700)).astype(np.int8)
+    out = np.empty((33, 21), np.int32)
+    product(a, b, out)
+    np.testing.assert_array_equal(out, a.astype(np.int64) @ b.astype(np.int64).T)
+
+    def saturating(a, b, out):  # what 16-bit pair sums that saturate would give
+        product(a, b, out)
+        np.minimum(out, 30000 * a.shape[1] // 2, out=out)
+
+    assert similarity._checked(saturating) is None
+    # Without a product, the float32 prefilter runs, with the same result.
+    monkeypatch.setattr(similarity, "_INT8_PRODUCT", [None])
+    a_in, a_out = activations("relu", 20, 40, rng), activations("relu", 15, 40, rng)
+    indptr, indices = random_csr(20, 15, 30, rng)
+    assert_same_topk(topk_cosine(a_in, a_out, indptr, indices, 40),
+                     topk_cosine_reference(a_in, a_out, indptr, indices, 40))
+    assert similarity.with_codes(packed_level(a_in)).codes is None

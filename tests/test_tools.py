@@ -235,6 +235,13 @@ def test_bench_update_phases_are_measured():
     assert ms[0] < ms[3], ms
 
 
+def test_bench_scoring_gives_the_same_picks_with_either_prefilter():
+    r = run_tool("bench_scoring.py", "--data", "builtin:digits", "--hidden", "60,60", "--epochs", "2",
+                 "--repeats", "2")
+    rows = table_rows(r.stdout)
+    assert len(rows) == 4 and all(row[-1] == "yes" for row in rows[:3]), r.stdout  # three layers, then the sum
+
+
 def test_bench_huge_smoke():
     r = run_tool("bench_huge.py", "--width", "300", "--epochs", "1", timeout=300)
     rows = table_rows(r.stdout)
