@@ -211,7 +211,7 @@ def main(argv=None):
         return compare(args, data, hidden)
     if args.phases:
         return phases(args, data, hidden)
-    print("| scoring | epoch without update (s) | update (s) | update / epoch |")
+    print("| scoring | epoch without update (s) | update (ms) | update / epoch |")
     print("|---|---|---|---|")
     for similarity in ("exact", "sketch"):
         config = TrainConfig(hidden=hidden, method="ctre-sim", similarity=similarity, epochs=args.epochs, lr=0.01,
@@ -219,7 +219,7 @@ def main(argv=None):
         history = train(data, config).history[1:-1]  # the first epoch compiles, the last has no update
         epoch = statistics.median(h.seconds - h.update_seconds for h in history)
         update = statistics.median(h.update_seconds for h in history)
-        print(f"| {similarity} | {epoch:.3f} | {update:.3f} | {update / epoch:.1%} |", flush=True)
+        print(f"| {similarity} | {epoch:.3f} | {update * 1e3:.1f} | {update / epoch:.1%} |", flush=True)
 
 
 if __name__ == "__main__":
