@@ -107,6 +107,25 @@ def artefacts(tmp_path_factory):
     return {"model": d / "m.ctre", "onnx": d / "m.onnx", "features": d / "features.npy", "out": d / "new.ctre"}
 
 
+def test_a_large_training_loads_onnxruntime_for_its_8bit_products_but_never_onnx(artefacts):
+    # 64-1000-1000-10 over S = 1000 samples: 10**9 multiply-adds in the largest layer's scoring,
+    # above packed.INT8_MIN_PRODUCT, so the topology update multiplies 8-bit codes in onnxruntime
+    # (which the planner counts); the model it runs is written out, so onnx stays out.
+    out = artefacts["out"].with_name("large.ctre")
+    r = run_py(f"""
+        import sys
+        from ctre_edge.cli import app
+        try:
+            app(["train", "--hidden", "1000,1000", "--epochs", "2", "--quiet", "--out", {str(out)!r}],
+                standalone_mode=False)
+        except SystemExit as e:
+            assert not e.code, e.code
+        print("IMPORTED:" + ",".join(sorted(m for m in sys.modules if m in {{"onnx", "onnxruntime"}})))
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "IMPORTED:onnxruntime", r.stdout
+
+
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_commands_import_only_what_they_need(name, artefacts):
     args = [a.format(**artefacts) for a in COMMANDS[name]]
