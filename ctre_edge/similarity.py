@@ -822,7 +822,9 @@ class CosineSketch:
             n_candidates = min(4 * int(k), n_free)
         if n_candidates < k:
             raise ValueError(f"n_candidates must be at least k={k}; got {n_candidates}.")
+        # The float32 prefilter: sketches are signed, and a sketch run never loads onnxruntime
+        # (the planner counts it for exact runs only).
         return topk_cosine(
             self.sketch_in, self.sketch_out, indptr, indices, n_candidates,
-            workspace_bytes=workspace_bytes, threads=threads,
+            workspace_bytes=workspace_bytes, threads=threads, prefilter="float32",
         )  # fmt: skip

@@ -184,7 +184,7 @@ def phases(args, data, hidden):
           f"medians of {args.passes} updates, ms per update\n")
     print("| part | ms |\n|---|---|")
     for key, label in (("sample", "activation sample until the first layer's scoring starts (wall)"),
-                       ("gemm", "scoring: GEMMs and scans (thread time, summed over the calls)"),
+                       ("gemm", "scoring: products and scans (thread time, summed over the calls)"),
                        ("drops", "drops and grows, without the scoring (thread time, summed)"),
                        ("total", "whole update (wall)")):
         print(f"| {label} | {med[key]:.1f} |")
