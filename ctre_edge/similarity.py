@@ -484,6 +484,7 @@ def _q8_codes(a_in, a_out, inv_in, kind_in, inv_out, workspace_bytes):
 
 
 _INT8_PRODUCT = []  # the checked product, or None, made on first use
+_INT8_LOCK = threading.Lock()  # the update's threads quantize levels at once: one session, not two
 
 
 def int8_product():
@@ -500,7 +501,9 @@ def int8_product():
     The transpose in the model cost 0.08 ms of 1000 x 1000 codes, a fifth of a numba loop's.
     """
     if not _INT8_PRODUCT:
-        _INT8_PRODUCT.append(_checked(_int8_session()))
+        with _INT8_LOCK:
+            if not _INT8_PRODUCT:
+                _INT8_PRODUCT.append(_checked(_int8_session()))
     return _INT8_PRODUCT[0]
 
 
