@@ -167,8 +167,10 @@ def plan_training(shape: RunShape, *, budget: int | None = None, profile: str | 
         held = 8 * units * shape.sketch_dim if shape.sketch_dim else 4 * s * units
         if not shape.sketch_dim and uses_int8_codes(sizes, s, shape.similarity_workspace_mib * MiB):
             # + each level's 8-bit codes and their stats where they fit the workspace
-            # (similarity.with_codes), and onnxruntime, which multiplies them.
+            # (similarity.with_codes), the transposed codes onnxruntime makes of each scoring
+            # thread's output level, and onnxruntime itself.
             held += sum((s + 32) * n for n in sizes if s * n <= shape.similarity_workspace_mib * MiB)
+            held += s * widest * shape.threads
             parts["onnxruntime"] = INT8_RUNTIME_BYTES
         # Sketch: + copies of a layer's live neurons' sketches (similarity._live_levels), at most the
         # workspace. Exact: none, each level's live rows are packed in place (evolve.sample_activations);

@@ -47,9 +47,9 @@ def scores_layers_whole(sizes, workspace_bytes: int, threads: int) -> bool:
 
 # Where the largest layer's scoring product (n_in x n_out x S) is at least this, the exact topology
 # update quantizes its activation levels for the 8-bit prefilter (similarity.with_codes), which loads
-# onnxruntime into the training process (``budget.INT8_RUNTIME_BYTES``); below it the float32 GEMM
-# takes under about a millisecond per layer on the machines of docs/performance-log.md, and the
-# memory would buy little.
+# onnxruntime into the training process (``budget.INT8_RUNTIME_BYTES``, 36 MiB); below it the
+# float32 GEMM takes at most about 3 ms a layer (2**28 multiply-adds at the 190 GFLOP/s of one AMD
+# EPYC Zen 5 thread, docs/performance-log.md), and the memory would buy little.
 INT8_MIN_PRODUCT = 1 << 28
 # S * 127 * 127 < 2**31 bounds the 8-bit product's int32 sums (kernels.quantize_levels).
 INT8_MAX_SAMPLES = 1 << 17

@@ -40,11 +40,12 @@ def test_plan_parts_grow_with_what_they_depend_on():
     # Each scoring thread after the first holds its own top-k of the largest layer's k positions,
     # and the threads' lower bounds are joined; layers scored at once keep all their picks. Exact
     # scoring copies no activations (the sample packs each level's live rows in place); sketch
-    # scoring copies the live neurons' sketches of the layer it scores.
+    # scoring copies the live neurons' sketches of the layer it scores. Each scoring thread's
+    # product of 8-bit codes transposes its output level (S bytes a neuron of the widest level).
     k = max(int(0.2 * z) for z in shape().nnz)
     picks = 16 * sum(int(0.2 * z) for z in shape().nnz)
     assert (plan_training(shape(threads=3)).parts["similarity"] - base.parts["similarity"]
-            == (2 * 40 + 3 * 8) * k + picks)
+            == (2 * 40 + 3 * 8) * k + picks + 2 * 1000 * 1000)
     sketch = plan_training(shape(sketch_dim=64)).parts["similarity"]
     assert sketch - plan_training(shape(sketch_dim=32)).parts["similarity"] == 8 * 32 * sum(shape().sizes) + \
         4 * 32 * 2000
