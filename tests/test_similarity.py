@@ -1112,3 +1112,23 @@ def test_int8_product_is_exact_and_a_wrong_one_is_refused(monkeypatch):
     assert_same_topk(topk_cosine(a_in, a_out, indptr, indices, 40),
                      topk_cosine_reference(a_in, a_out, indptr, indices, 40))
     assert similarity.with_codes(packed_level(a_in)).codes is None
+
+
+def test_more_samples_than_int32_sums_allow_take_the_float32_prefilter(monkeypatch):
+    # S * 127 * 127 must stay below 2**31: beyond INT8_MAX_SAMPLES no codes are made, and the
+    # float32 prefilter gives the reference picks.
+    from ctre_edge.packed import INT8_MAX_SAMPLES, uses_int8_codes
+
+    calls = []
+    product = similarity.int8_product()
+    monkeypatch.setattr(similarity, "_INT8_PRODUCT", [lambda *a: calls.append(1) or product(*a)])
+    rng = np.random.default_rng(10)
+    for n_samples, used in ((INT8_MAX_SAMPLES, True), (INT8_MAX_SAMPLES + 1, False)):
+        calls.clear()
+        a_in, a_out = activations("relu", 3, n_samples, rng), activations("relu", 2, n_samples, rng)
+        indptr, indices = random_csr(3, 2, 1, rng)
+        got = topk_cosine(a_in, a_out, indptr, indices, 4, workspace_bytes=64 << 20)
+        assert_same_topk(got, topk_cosine_reference(a_in, a_out, indptr, indices, 4))
+        assert bool(calls) == used
+        assert (similarity.with_codes(packed_level(a_in), 64 << 20).codes is not None) == used
+    assert not uses_int8_codes([10**6, 10**6], INT8_MAX_SAMPLES + 1, 1 << 40)
