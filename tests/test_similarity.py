@@ -1132,3 +1132,46 @@ def test_more_samples_than_int32_sums_allow_take_the_float32_prefilter(monkeypat
         assert bool(calls) == used
         assert (similarity.with_codes(packed_level(a_in), 64 << 20).codes is not None) == used
     assert not uses_int8_codes([10**6, 10**6], INT8_MAX_SAMPLES + 1, 1 << 40)
+
+
+def q8_bounds_reference(dots, stats_in, stats_out, indptr, indices, sign):
+    """``kernels._row_bounds_q8`` of every position in numpy: the same float64 operations in the
+    same order, so the same bits; -inf where kept."""
+    (alpha_i, p_i, q_i, live_i), (alpha, p, q, live) = stats_in[:, :, None], stats_out[:, None, :]
+    d = np.abs(dots.astype(np.float64))
+    err = p_i * q + q_i * (p + q)
+    scale = alpha_i * alpha
+    slack = ks.Q8_ABS * live_i * live
+    if sign < 0:
+        out = np.maximum(0.0, scale * (d - err)) * (1.0 - ks.Q8_REL) - slack
+    else:
+        out = scale * (d + err) * (1.0 + ks.Q8_REL) + slack
+    out[np.repeat(np.arange(dots.shape[0]), np.diff(indptr)), indices] = -np.inf
+    return out
+
+
+@given(case=layer_cases(), n_blocks=st.integers(1, 4))
+@settings(max_examples=150, deadline=None)
+def test_q8_first_pass_bound_is_the_kth_largest_lower_bound(case, n_blocks):
+    # As for the float32 pass 1: with its row skips, R must be the k-th largest lower bound of the
+    # whole layer, and the bounds those of the numpy twin, bit for bit.
+    a_in, a_out, indptr, indices, k, _ = case
+    if k == 0:
+        return
+    (inv_in, _), (inv_out, _) = similarity.neuron_stats(a_in), similarity.neuron_stats(a_out)
+    codes_in, codes_out = np.empty(a_in.shape, np.int8), np.empty(a_out.shape, np.int8)
+    stats_in, stats_out = np.empty((4, a_in.shape[0])), np.empty((4, a_out.shape[0]))
+    ks.quantize_levels(a_in, inv_in, codes_in, stats_in)
+    ks.quantize_levels(a_out, inv_out, codes_out, stats_out)
+    dots = (codes_in.astype(np.int64) @ codes_out.astype(np.int64).T).astype(np.int32)
+    n_in, n_out = dots.shape
+    for sign in (-1.0, 1.0):
+        want = q8_bounds_reference(dots, stats_in, stats_out, indptr, indices, sign)
+        np.testing.assert_array_equal(q8_bounds(a_in, a_out, indptr, indices, sign), want)
+    lower, state = np.empty(2 * k + n_out, np.float64), np.zeros(3, np.int64)
+    args = (indptr, indices, np.arange(n_in, dtype=np.int64), np.arange(n_out, dtype=np.int64), stats_in, stats_out)
+    edges = np.linspace(0, n_in, n_blocks + 1).astype(int)
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        bound = ks.scan_q8_lower(np.ascontiguousarray(dots[r0:r1]), r0, *args, lower, k, state)
+    lows = np.sort(q8_bounds_reference(dots, stats_in, stats_out, indptr, indices, -1.0), axis=None)[::-1]
+    assert bound == (lows[k - 1] if (lows > -np.inf).sum() >= k else -np.inf)
