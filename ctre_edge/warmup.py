@@ -242,7 +242,7 @@ def _compile_all(step_done, steps=None) -> list[tuple[str, float]]:
 def _compile_int8_scan(a) -> None:
     # The 8-bit prefilter's kernels (similarity._scan_topk with codes), on the codes of ``a`` against
     # themselves, no position kept, k = 3.
-    from . import kernels as ks
+    from . import kernels as ks  # as in _compile_all: numba loads here, not when the cache is checked
     from .similarity import neuron_stats
 
     inv, _ = neuron_stats(a)
