@@ -301,9 +301,9 @@ def with_codes(level, workspace_bytes=32 << 20):
     return value, negative where the level has a negative activation), which
     ``topk_cosine_live`` then uses for the 8-bit prefilter of both layers it scores (where the
     input level has no negative activation): the topology update quantizes each level once, where
-    it scores it twice. ``level`` as it is where the 8-bit
-    prefilter does not apply (``_q8_codes``) or the codes of the whole level, S bytes a neuron,
-    would not fit ``workspace_bytes`` (the planner counts them)."""
+    it scores it twice. ``level`` as it is where the 8-bit prefilter does not apply (``_q8_codes``)
+    or the codes of the whole level, S bytes a neuron, would not fit ``workspace_bytes`` (the
+    planner counts them)."""
     n, (m, n_samples) = level.inv.shape[0], level.a.shape
     if n_samples > INT8_MAX_SAMPLES or n * n_samples > workspace_bytes or int8_product() is None:
         return level
@@ -356,10 +356,11 @@ def _scan_topk(a_in, a_out, indptr, indices, row_of, col_slot, inv_in, kind_in, 
     are in the CSR, as ``kernels.scan_block`` takes them; ``inv_*`` and ``kind_*`` of those rows);
     rows and cols are of ``a_in`` and ``a_out``.
 
-    ``prefilter``: "float32" bounds the scores from a float32 BLAS product (``scan_block``);
-    "auto" from an exact product of 8-bit codes (``kernels.quantize_levels``, ``scan_q8_*``): those
-    in ``q8`` (as ``_q8_codes`` returns them) if given, else of ``_q8_codes``, and where that
-    returns None as "float32". Both give the same result.
+    The scores are bounded from an exact product of 8-bit codes (``kernels.quantize_levels``,
+    ``scan_q8_*``): those in ``q8`` (as ``_q8_codes`` returns them) where given, whatever
+    ``prefilter`` says; else, with ``prefilter`` "auto", those ``_q8_codes`` makes here. Where there
+    are none (or ``prefilter`` is "float32"), from a float32 BLAS product (``scan_block``). Both
+    give the same result.
 
     ``threads`` None: one scan over all rows, BLAS with its own threads. An int: that many scans
     at once, each over a contiguous share of the rows with its own share of the workspace and its
