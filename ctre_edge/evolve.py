@@ -326,8 +326,8 @@ def sample_levels(net, X, train_rows, shift, scale, samples: int, rng: np.random
                 next_rowidx, next_rows)
         if l == 0:
             # The input level is packed (a copy of most of it, serial) on this thread while another
-            # joins the first hidden level (this path runs on 2 threads or more): move_rows
-            # releases the GIL, join_shares holds it.
+            # joins the first hidden level (this path runs on 2 threads or more); both kernels
+            # release the GIL.
             level_0, m = in_threads(lambda t: kernels.join_shares(*join) if t else _pack_in_place(x, inv, kinds), 2)
             yield level_0
         else:

@@ -128,7 +128,7 @@ def prefetch(typingctx, a, i, write):
     return None
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def gather_scaled(X, rows, shift, scale, out, tile):
     """out[f, b] = (float32(X[rows[b], f]) - shift[f]) * scale[f] for b < len(rows); out:
     C-contiguous (n_features, >= len(rows)), its other columns untouched.
@@ -1146,7 +1146,7 @@ def relu_alive(h, alive, nb=-1):
         alive[j] = a
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def softmax_inplace(z, nb=-1):
     """Column-wise softmax of logits z (n_classes, B), in place, with the max subtracted first; of
     the first nb columns (-1: all)."""
@@ -2158,7 +2158,7 @@ def move_rows(a, src, dst0):
                 a[dst0 + u, c] = a[src[u], c]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def join_shares(out, kept, held_inv, held_kinds, starts, ends, inv, kinds, slot, next_rowidx, next_rows):
     """Join the packed shares of a level that threads wrote with ``forward_cols(..., rows_out=kept)``:
     share t holds rows starting:ends[t] of ``out``, of neurons kept[starts[t]:ends[t]], with

@@ -100,9 +100,11 @@ def warmup(step_done=None, on_wait=None) -> list[tuple[str, float]]:
 # On 2026-12-07, on a 2-vCPU Intel Xeon (family 6 model 207), the same two ways (`/usr/bin/time -v`
 # around `warmup()` in one process; around `python -m ctre_edge.warmup "0;1;2;3;4" 0 -1`, which execs
 # one image per step): 339 and 265 MiB before the topology update packed its activation levels, 350
-# and 266 after (the ctre-sim step 228 against 215). The one-process figure below is the Zen 3 one
-# plus that 11 MiB.
-WARMUP_PEAK_BYTES = 348 << 20
+# and 266 after (the ctre-sim step 228 against 215). On 2026-12-08, on a 2-vCPU AMD EPYC (Zen 5),
+# the same two ways: 368 and 270 MiB before the 8-bit prefilter's kernels (6c60a4d), 377 and 270
+# after them (twice each; 367 with them before their row skips). The one-process figure below is
+# the Zen 3 one plus those 11 and 10 MiB.
+WARMUP_PEAK_BYTES = 358 << 20
 WARMUP_STEP_PEAK_BYTES = 252 << 20
 
 
