@@ -1731,6 +1731,55 @@ def _score_and_offer(a_in, a_out, inv_in, inv_out, positions, n, got, best_score
 
 
 @njit(cache=True)
+def _admit_lower(lim, bound, lower, n_lower, k):
+    """Pass 1's step for one row, for both prefilters: append the row's lower bounds ``lim`` above
+    ``bound`` to ``lower[:n_lower]``, first cutting ``lower`` back to its k largest (which raises
+    the bound) where it holds more than 2k; returns the new (bound, n_lower).
+
+    Counted first (a vectorised loop), then appended without a branch: while the bound is still
+    rising, admissions are too frequent and too random for a branch per entry, which cost about 2
+    ns an entry (1000 x 1000 at k = 8000, a one-off script). The append writes every entry of the
+    row and keeps the admitted ones, so the buffer holds 2k + n_out.
+    """
+    c = 0
+    for j in range(lim.shape[0]):
+        c += lim[j] > bound
+    if c == 0:
+        return bound, n_lower
+    if n_lower > 2 * k:
+        bound = keep_largest(lower, n_lower, k)
+        n_lower = k
+    for j in range(lim.shape[0]):
+        v = lim[j]
+        lower[n_lower] = v
+        n_lower += v > bound
+    return bound, n_lower
+
+
+@njit(cache=True)
+def _offer_row(lim, i, bound, worst, cand, got, n_cand, n_best, n_scored, a_in, a_out, inv_in, inv_out,
+               best_scores, best_positions):
+    """Pass 2's step for row i, for both prefilters: queue each position whose upper bound ``lim[j]``
+    reaches ``bound`` and beats the heap's ``worst``, rescoring and offering them eight at a time
+    (``_score_and_offer``); returns the new (n_cand, n_best, n_scored, worst)."""
+    n_out = lim.shape[0]
+    for j in range(n_out):
+        high = lim[j]
+        if high < bound or high <= worst:
+            continue
+        cand[n_cand] = i * n_out + j
+        n_cand += 1
+        if n_cand == 8:
+            n_best = _score_and_offer(a_in, a_out, inv_in, inv_out, cand, n_cand, got,
+                                      best_scores, best_positions, n_best)
+            n_scored += n_cand
+            n_cand = 0
+            if n_best == best_scores.shape[0]:
+                worst = best_scores[0]
+    return n_cand, n_best, n_scored, worst
+
+
+@njit(cache=True)
 def _row_bounds(dots_row, i, indptr, indices, row_of, col_slot, v_in, kind_in, v_out, kind_out, rel, abs_err, sign,
                 out):
     """``out[j] = approx + sign * margin`` for row ``i`` of the prefilter (see ``scan_block``).
@@ -1863,22 +1912,7 @@ def scan_block_lower(dots, row0, indptr, indices, row_of, col_slot, v_in, v_out,
             continue
         _row_bounds(dots[r], i, indptr, indices, row_of, col_slot, v_in, kind_in, v_out, kind_out, rel, abs_err,
                     -1.0, lim)
-        # Counted first (a vectorised loop), then appended without a branch: while the bound is
-        # still rising, admissions are too frequent and too random for a branch per entry, which
-        # cost about 2 ns an entry (1000 x 1000 at k = 8000, a one-off script). The append writes
-        # every entry of the row and keeps the admitted ones, so the buffer holds 2k + n_out.
-        c = 0
-        for j in range(n_out):
-            c += lim[j] > bound
-        if c == 0:
-            continue
-        if n_lower > 2 * k:
-            bound = keep_largest(lower, n_lower, k)
-            n_lower = k
-        for j in range(n_out):
-            v = lim[j]
-            lower[n_lower] = v
-            n_lower += v > bound
+        bound, n_lower = _admit_lower(lim, bound, lower, n_lower, k)
     if n_lower >= k:
         bound = keep_largest(lower, n_lower, k)
         n_lower = k
@@ -1925,19 +1959,8 @@ def scan_block_rescore(dots, row0, indptr, indices, row_of, col_slot, v_in, v_ou
                 continue
         _row_bounds(dots[r], i, indptr, indices, row_of, col_slot, v_in, kind_in, v_out, kind_out, rel, abs_err,
                     1.0, lim)
-        for j in range(n_out):
-            high = lim[j]
-            if high < bound or high <= worst:
-                continue
-            cand[n_cand] = i * n_out + j
-            n_cand += 1
-            if n_cand == 8:
-                n_best = _score_and_offer(a_in, a_out, inv_in, inv_out, cand, n_cand, got,
-                                          best_scores, best_positions, n_best)
-                n_scored += n_cand
-                n_cand = 0
-                if n_best == k:
-                    worst = best_scores[0]
+        n_cand, n_best, n_scored, worst = _offer_row(lim, i, bound, worst, cand, got, n_cand, n_best, n_scored,
+                                                     a_in, a_out, inv_in, inv_out, best_scores, best_positions)
     if n_cand:
         n_best = _score_and_offer(a_in, a_out, inv_in, inv_out, cand, n_cand, got, best_scores, best_positions,
                                   n_best)
@@ -2073,18 +2096,7 @@ def scan_q8_lower(dots, row0, indptr, indices, row_of, col_slot, stats_in, stats
                             == 0):
             continue
         _row_bounds_q8(dots[r], row0 + r, indptr, indices, row_of, col_slot, stats_in, stats_out, -1.0, lim)
-        c = 0
-        for j in range(n_out):
-            c += lim[j] > bound
-        if c == 0:
-            continue
-        if n_lower > 2 * k:
-            bound = keep_largest(lower, n_lower, k)
-            n_lower = k
-        for j in range(n_out):
-            v = lim[j]
-            lower[n_lower] = v
-            n_lower += v > bound
+        bound, n_lower = _admit_lower(lim, bound, lower, n_lower, k)
     if n_lower >= k:
         bound = keep_largest(lower, n_lower, k)
         n_lower = k
@@ -2126,19 +2138,8 @@ def scan_q8_rescore(dots, row0, indptr, indices, row_of, col_slot, stats_in, sta
             if t > 0.0 and _count_q8_reaching(dots[r], alpha, t) == 0:
                 continue
         _row_bounds_q8(dots[r], i, indptr, indices, row_of, col_slot, stats_in, stats_out, 1.0, lim)
-        for j in range(n_out):
-            high = lim[j]
-            if high < bound or high <= worst:
-                continue
-            cand[n_cand] = i * n_out + j
-            n_cand += 1
-            if n_cand == 8:
-                n_best = _score_and_offer(a_in, a_out, inv_in, inv_out, cand, n_cand, got,
-                                          best_scores, best_positions, n_best)
-                n_scored += n_cand
-                n_cand = 0
-                if n_best == k:
-                    worst = best_scores[0]
+        n_cand, n_best, n_scored, worst = _offer_row(lim, i, bound, worst, cand, got, n_cand, n_best, n_scored,
+                                                     a_in, a_out, inv_in, inv_out, best_scores, best_positions)
     if n_cand:
         n_best = _score_and_offer(a_in, a_out, inv_in, inv_out, cand, n_cand, got, best_scores, best_positions,
                                   n_best)
