@@ -526,6 +526,28 @@ def test_topk_is_exact_where_float32_blas_ranks_differently(n_samples):
     assert not np.array_equal(np.argsort(-naive, kind="stable")[:300], expected[0] * 30 + expected[1])
 
 
+def without_kept(bounds, indptr, indices):
+    """``bounds`` (n_in, n_out) with -inf at the kept positions, as the scans set them."""
+    bounds[np.repeat(np.arange(bounds.shape[0]), np.diff(indptr)), indices] = -np.inf
+    return bounds
+
+
+def first_pass_in_blocks(scan_lower, dots, n_blocks, k, *args):
+    """R from ``scan_lower`` (a pass-1 kernel, taking ``args`` between its row offset and its
+    lower-bound buffer) run over ``dots`` in ``n_blocks`` blocks of rows, as the blocked scan does."""
+    lower, state = np.empty(2 * k + dots.shape[1], np.float64), np.zeros(3, np.int64)
+    edges = np.linspace(0, dots.shape[0], n_blocks + 1).astype(int)
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        bound = scan_lower(np.ascontiguousarray(dots[r0:r1]), r0, *args, lower, k, state)
+    return bound
+
+
+def kth_largest_bound(bounds, k):
+    """The k-th largest of ``bounds`` (-inf counts as none), or -inf where fewer than k: pass 1's R."""
+    ranked = np.sort(bounds, axis=None)[::-1]
+    return ranked[k - 1] if (ranked > -np.inf).sum() >= k else -np.inf
+
+
 def lower_bounds_reference(dots, v_in, v_out, kind_in, kind_out, indptr, indices, rel, abs_err):
     """Pass 1's lower bound of every position, as ``kernels._row_bounds`` computes it (float32
     prefilter score, float64 margin), -inf where kept or where the prefilter has no bound."""
@@ -539,8 +561,7 @@ def lower_bounds_reference(dots, v_in, v_out, kind_in, kind_out, indptr, indices
     out = approx.astype(np.float64) - margin
     odd = (ki == ks.KIND_IRREGULAR) | (kj == ks.KIND_IRREGULAR) | ((ki == ks.KIND_WIDE) & (kj == ks.KIND_WIDE))
     out[odd] = -np.inf
-    out[np.repeat(np.arange(dots.shape[0]), np.diff(indptr)), indices] = -np.inf
-    return out
+    return without_kept(out, indptr, indices)
 
 
 @given(case=layer_cases(), n_blocks=st.integers(1, 4))
@@ -559,16 +580,11 @@ def test_first_pass_bound_is_the_kth_largest_lower_bound(case, n_blocks):
     rel, abs_err = similarity._prefilter_bounds(a_in.shape[1])
     dots = np.ascontiguousarray(a_in @ a_out.T, dtype=np.float32)
     n_in, n_out = dots.shape
-    lower, state = np.empty(2 * k + n_out, np.float64), np.zeros(3, np.int64)
-    args = (indptr, indices, np.arange(n_in, dtype=np.int64), np.arange(n_out, dtype=np.int64), v_in, v_out, kind_in,
-            kind_out, rel, abs_err)
-    edges = np.linspace(0, n_in, n_blocks + 1).astype(int)
-    for r0, r1 in zip(edges[:-1], edges[1:]):
-        bound = ks.scan_block_lower(np.ascontiguousarray(dots[r0:r1]), r0, *args, lower, k, state)
-    want = np.sort(lower_bounds_reference(dots, v_in, v_out, kind_in, kind_out, indptr, indices, rel, abs_err),
-                   axis=None)[::-1]
-    expected = want[k - 1] if (want > -np.inf).sum() >= k else -np.inf
-    assert bound == expected
+    bound = first_pass_in_blocks(ks.scan_block_lower, dots, n_blocks, k, indptr, indices,
+                                 np.arange(n_in, dtype=np.int64), np.arange(n_out, dtype=np.int64), v_in, v_out,
+                                 kind_in, kind_out, rel, abs_err)
+    assert bound == kth_largest_bound(
+        lower_bounds_reference(dots, v_in, v_out, kind_in, kind_out, indptr, indices, rel, abs_err), k)
 
 
 def test_workspace_sets_block_rows_and_result_does_not_depend_on_it():
@@ -992,14 +1008,19 @@ def test_quantize_levels_matches_numpy(seed, kind, n, s):
     assert np.abs(codes.astype(np.int64)).max(initial=0) <= ks.Q8_TOP
 
 
-def q8_bounds(a_in, a_out, indptr, indices, sign):
-    """Every position's bound from ``kernels._row_bounds_q8`` on the exact product of the codes."""
+def q8_product(a_in, a_out):
+    """Both sides' codes' exact product (int32, as MatMulInteger gives it) and their stats."""
     (inv_in, _), (inv_out, _) = similarity.neuron_stats(a_in), similarity.neuron_stats(a_out)
     codes_in, codes_out = np.empty(a_in.shape, np.int8), np.empty(a_out.shape, np.int8)
     stats_in, stats_out = np.empty((4, a_in.shape[0])), np.empty((4, a_out.shape[0]))
     ks.quantize_levels(a_in, inv_in, codes_in, stats_in)
     ks.quantize_levels(a_out, inv_out, codes_out, stats_out)
-    dots = (codes_in.astype(np.int64) @ codes_out.astype(np.int64).T).astype(np.int32)
+    return (codes_in.astype(np.int64) @ codes_out.astype(np.int64).T).astype(np.int32), stats_in, stats_out
+
+
+def q8_bounds(a_in, a_out, indptr, indices, sign):
+    """Every position's bound from ``kernels._row_bounds_q8`` on the exact product of the codes."""
+    dots, stats_in, stats_out = q8_product(a_in, a_out)
     out = np.empty(dots.shape)
     n_in, n_out = dots.shape
     for i in range(n_in):
@@ -1146,8 +1167,7 @@ def q8_bounds_reference(dots, stats_in, stats_out, indptr, indices, sign):
         out = np.maximum(0.0, scale * (d - err)) * (1.0 - ks.Q8_REL) - slack
     else:
         out = scale * (d + err) * (1.0 + ks.Q8_REL) + slack
-    out[np.repeat(np.arange(dots.shape[0]), np.diff(indptr)), indices] = -np.inf
-    return out
+    return without_kept(out, indptr, indices)
 
 
 @given(case=layer_cases(), n_blocks=st.integers(1, 4))
@@ -1158,20 +1178,12 @@ def test_q8_first_pass_bound_is_the_kth_largest_lower_bound(case, n_blocks):
     a_in, a_out, indptr, indices, k, _ = case
     if k == 0:
         return
-    (inv_in, _), (inv_out, _) = similarity.neuron_stats(a_in), similarity.neuron_stats(a_out)
-    codes_in, codes_out = np.empty(a_in.shape, np.int8), np.empty(a_out.shape, np.int8)
-    stats_in, stats_out = np.empty((4, a_in.shape[0])), np.empty((4, a_out.shape[0]))
-    ks.quantize_levels(a_in, inv_in, codes_in, stats_in)
-    ks.quantize_levels(a_out, inv_out, codes_out, stats_out)
-    dots = (codes_in.astype(np.int64) @ codes_out.astype(np.int64).T).astype(np.int32)
+    dots, stats_in, stats_out = q8_product(a_in, a_out)
     n_in, n_out = dots.shape
     for sign in (-1.0, 1.0):
         want = q8_bounds_reference(dots, stats_in, stats_out, indptr, indices, sign)
         np.testing.assert_array_equal(q8_bounds(a_in, a_out, indptr, indices, sign), want)
-    lower, state = np.empty(2 * k + n_out, np.float64), np.zeros(3, np.int64)
-    args = (indptr, indices, np.arange(n_in, dtype=np.int64), np.arange(n_out, dtype=np.int64), stats_in, stats_out)
-    edges = np.linspace(0, n_in, n_blocks + 1).astype(int)
-    for r0, r1 in zip(edges[:-1], edges[1:]):
-        bound = ks.scan_q8_lower(np.ascontiguousarray(dots[r0:r1]), r0, *args, lower, k, state)
-    lows = np.sort(q8_bounds_reference(dots, stats_in, stats_out, indptr, indices, -1.0), axis=None)[::-1]
-    assert bound == (lows[k - 1] if (lows > -np.inf).sum() >= k else -np.inf)
+    bound = first_pass_in_blocks(ks.scan_q8_lower, dots, n_blocks, k, indptr, indices,
+                                 np.arange(n_in, dtype=np.int64), np.arange(n_out, dtype=np.int64), stats_in,
+                                 stats_out)
+    assert bound == kth_largest_bound(q8_bounds_reference(dots, stats_in, stats_out, indptr, indices, -1.0), k)
