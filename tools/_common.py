@@ -305,3 +305,20 @@ class TimeBox:
                                          self.seconds["validation"], self.done["validation"],
                                          self.total["validation"], stats.update_seconds))
         self._reset()
+
+
+def add_update_network_args(ap) -> None:
+    """The network and sample options of the tools that time the topology update (bench_update,
+    bench_scoring): data, hidden sizes, epochs trained first, epsilon and S."""
+    ap.add_argument("--data", default="builtin:digits")
+    ap.add_argument("--hidden", default="1000,1000,1000")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epsilon", type=float, default=1.0)
+    ap.add_argument("--samples", type=int, default=1000, help="S, samples for the cosine scores")
+
+
+def load_update_network(args):
+    """(data, hidden sizes) from ``add_update_network_args``' options."""
+    from ctre_edge.data import load_data
+
+    return load_data(args.data), tuple(int(h) for h in args.hidden.split(","))

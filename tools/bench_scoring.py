@@ -17,10 +17,9 @@ import time
 import numpy as np
 
 from ctre_edge import evolve, kernels, similarity
-from ctre_edge.data import load_data
 from ctre_edge.packed import PackedNet
 from ctre_edge.train import TrainConfig, train
-from tools._common import machine_header
+from tools._common import add_update_network_args, load_update_network, machine_header
 
 
 def fastest(fn, repeats):
@@ -34,15 +33,10 @@ def fastest(fn, repeats):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="builtin:digits")
-    ap.add_argument("--hidden", default="1000,1000,1000")
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--epsilon", type=float, default=1.0)
-    ap.add_argument("--samples", type=int, default=1000, help="S, samples for the cosine scores")
+    add_update_network_args(ap)
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args(argv)
-    data = load_data(args.data)
-    hidden = tuple(int(h) for h in args.hidden.split(","))
+    data, hidden = load_update_network(args)
     print(machine_header())
     print(f"data {args.data}, {data.n_features}-{'-'.join(map(str, hidden))}-{len(data.classes)}, "
           f"epsilon {args.epsilon:g}, S = {args.samples}, after {args.epochs} epochs; one thread, "

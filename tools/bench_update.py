@@ -39,9 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ctre_edge.data import load_data
 from ctre_edge.train import TrainConfig, train
-from tools._common import machine_header
+from tools._common import add_update_network_args, load_update_network, machine_header
 
 
 def load_checkout(path: Path) -> dict:
@@ -192,18 +191,13 @@ def phases(args, data, hidden):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="builtin:digits")
-    ap.add_argument("--hidden", default="1000,1000,1000")
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--epsilon", type=float, default=1.0)
-    ap.add_argument("--samples", type=int, default=1000, help="S, samples for the cosine scores")
+    add_update_network_args(ap)
     ap.add_argument("--sketch-dim", type=int, default=256)
     ap.add_argument("--base", help="another checkout: time both checkouts' exact update in one process")
     ap.add_argument("--passes", type=int, default=15, help="with --base or --phases: updates per checkout")
     ap.add_argument("--phases", action="store_true", help="where this checkout's exact update spends its time")
     args = ap.parse_args(argv)
-    data = load_data(args.data)
-    hidden = tuple(int(h) for h in args.hidden.split(","))
+    data, hidden = load_update_network(args)
     print(machine_header())
     print(f"data {args.data}, {data.n_features}-{'-'.join(map(str, hidden))}-"
           f"{len(data.classes)}, epsilon {args.epsilon:g}, S = {args.samples}, sketch dim {args.sketch_dim}\n")
