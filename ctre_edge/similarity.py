@@ -304,12 +304,17 @@ def with_codes(level, workspace_bytes=32 << 20):
     it scores it twice. ``level`` as it is where the 8-bit prefilter does not apply (``_q8_codes``)
     or the codes of the whole level, S bytes a neuron, would not fit ``workspace_bytes`` (the
     planner counts them)."""
-    n, (m, n_samples) = level.inv.shape[0], level.a.shape
+    n, n_samples = level.inv.shape[0], level.a.shape[1]
     if n_samples > INT8_MAX_SAMPLES or n * n_samples > workspace_bytes or int8_product() is None:
         return level
-    codes, stats = np.empty((m, n_samples), np.int8), np.empty((4, m), np.float64)
-    least = ks.quantize_levels(level.a, level.inv[level.live], codes, stats)
-    return level._replace(codes=(codes, stats, least))
+    return level._replace(codes=_codes_of(level.a, level.inv[level.live]))
+
+
+def _codes_of(a, inv):
+    """``kernels.quantize_levels`` of the rows of ``a`` (inverse norms ``inv``): (codes int8,
+    stats, its return value: negative where some activation is)."""
+    codes, stats = np.empty(a.shape, np.int8), np.empty((4, a.shape[0]), np.float64)
+    return codes, stats, ks.quantize_levels(a, inv, codes, stats)
 
 
 def _topk_live(level_in, level_out, indptr, indices, k, block_rows, workspace_bytes, threads, prefilter="auto"):
@@ -476,11 +481,10 @@ def _q8_codes(a_in, a_out, inv_in, kind_in, inv_out, workspace_bytes):
     if (n_samples > INT8_MAX_SAMPLES or (n_in + n_out) * n_samples > workspace_bytes
             or np.any(kind_in == ks.KIND_SIGNED) or int8_product() is None):
         return None
-    codes_in, stats_in = np.empty((n_in, n_samples), np.int8), np.empty((4, n_in), np.float64)
-    if ks.quantize_levels(a_in, inv_in, codes_in, stats_in) < 0.0:
+    codes_in, stats_in, least = _codes_of(a_in, inv_in)
+    if least < 0.0:
         return None
-    codes_out, stats_out = np.empty((n_out, n_samples), np.int8), np.empty((4, n_out), np.float64)
-    ks.quantize_levels(a_out, inv_out, codes_out, stats_out)
+    codes_out, stats_out, _ = _codes_of(a_out, inv_out)
     return codes_in.view(np.uint8), stats_in, codes_out, stats_out
 
 
